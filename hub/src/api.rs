@@ -1,0 +1,283 @@
+//! The HTTP API: publish, health, readiness, metrics, the dev login, and the demo page.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use subtle::ConstantTimeEq;
+
+use crate::backplane::{Backplane, BackplaneError, Publish};
+use crate::metrics::Metrics;
+use crate::shutdown::Lifecycle;
+
+/// Largest publish body.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Largest `user_id`, `type` or `idempotency_key`.
+const MAX_FIELD: usize = 256;
+
+/// What the API handlers share; cheap to clone.
+#[derive(Clone)]
+pub struct ApiState {
+    inner: Arc<ApiInner>,
+}
+
+/// The parts of [`ApiState`].
+pub struct ApiInner {
+    /// History and routing.
+    pub backplane: Arc<dyn Backplane>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Drain state.
+    pub lifecycle: Lifecycle,
+    /// Publish API key; `None` refuses every publish.
+    pub api_key: Option<String>,
+    /// Present with `--dev`: the secret the dev login signs with.
+    pub dev_secret: Option<String>,
+}
+
+impl ApiState {
+    /// Wraps the parts.
+    pub fn new(inner: ApiInner) -> Self {
+        ApiState {
+            inner: Arc::new(inner),
+        }
+    }
+}
+
+/// An API error: status and a JSON `{"error": ...}` body that never echoes secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 401.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// 413.
+    #[error("body larger than 64 KiB")]
+    TooLarge,
+    /// 503.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        let mut response = (
+            status,
+            Json(serde_json::json!({ "error": self.to_string() })),
+        )
+            .into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<BackplaneError> for ApiError {
+    fn from(e: BackplaneError) -> Self {
+        tracing::warn!(error = %e, "publish failed");
+        ApiError::Unavailable("backplane unavailable, retry".to_owned())
+    }
+}
+
+/// Extractor: the request carries the publish API key.
+pub struct ApiKey;
+
+impl FromRequestParts<ApiState> for ApiKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
+        let Some(expected) = &state.inner.api_key else {
+            return Err(ApiError::Unauthorized(
+                "publish API disabled: no API key configured",
+            ));
+        };
+        let given = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .ok_or(ApiError::Unauthorized("missing API key"))?;
+        if bool::from(given.trim().as_bytes().ct_eq(expected.as_bytes())) {
+            Ok(ApiKey)
+        } else {
+            Err(ApiError::Unauthorized("wrong API key"))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishRequest {
+    user_id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    data: Box<RawValue>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+fn check_field(name: &str, value: &str) -> Result<(), ApiError> {
+    if value.is_empty() {
+        return Err(ApiError::BadRequest(format!("{name} must not be empty")));
+    }
+    if value.len() > MAX_FIELD {
+        return Err(ApiError::BadRequest(format!(
+            "{name} longer than {MAX_FIELD} bytes"
+        )));
+    }
+    Ok(())
+}
+
+async fn publish(
+    State(state): State<ApiState>,
+    _key: ApiKey,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge
+        } else {
+            ApiError::BadRequest(e.body_text())
+        }
+    })?;
+    let req: PublishRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
+    check_field("user_id", &req.user_id)?;
+    check_field("type", &req.kind)?;
+    if req.kind.starts_with("hub.") {
+        return Err(ApiError::BadRequest(
+            "types starting with \"hub.\" are reserved".to_owned(),
+        ));
+    }
+    if let Some(key) = &req.idempotency_key {
+        check_field("idempotency_key", key)?;
+    }
+    let published = state
+        .inner
+        .backplane
+        .publish(Publish {
+            user: req.user_id,
+            kind: req.kind,
+            data: req.data,
+            idempotency_key: req.idempotency_key,
+        })
+        .await?;
+    if published.duplicate {
+        state.inner.metrics.publish_duplicates().inc();
+    } else {
+        state.inner.metrics.published_api().inc();
+    }
+    Ok(Json(serde_json::json!({ "id": published.id.to_string() })))
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(state): State<ApiState>) -> Response {
+    if state.inner.lifecycle.is_draining() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "status": "draining" })),
+        )
+            .into_response();
+    }
+    let ready = tokio::time::timeout(Duration::from_secs(2), state.inner.backplane.ready())
+        .await
+        .unwrap_or(false);
+    if ready {
+        (
+            StatusCode::OK,
+            Json(serde_json::json!({ "status": "ready" })),
+        )
+            .into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "status": "backplane unavailable" })),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.inner.metrics.render(),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct DevLogin {
+    user_id: String,
+}
+
+async fn dev_token(
+    State(state): State<ApiState>,
+    body: Result<Json<DevLogin>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Some(secret) = &state.inner.dev_secret else {
+        return Err(ApiError::BadRequest("dev login is off".to_owned()));
+    };
+    let Json(login) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    check_field("user_id", &login.user_id)?;
+    let token = crate::auth::sign_hs256(secret, &login.user_id, Duration::from_secs(3600))
+        .map_err(|_| ApiError::Unavailable("cannot sign".to_owned()))?;
+    Ok(Json(serde_json::json!({ "token": token })))
+}
+
+const DEMO_PAGE: &str = include_str!("../../web-demo/index.html");
+const DEMO_CLIENT: &str = include_str!("../../web-demo/hub-client.js");
+
+async fn demo_page() -> Html<&'static str> {
+    Html(DEMO_PAGE)
+}
+
+async fn demo_client() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        DEMO_CLIENT,
+    )
+        .into_response()
+}
+
+/// The API routes (without `/ws` and `/sse`, which the transport adds).
+pub fn router(state: ApiState) -> axum::Router {
+    let mut router = axum::Router::new()
+        .route(
+            "/api/publish",
+            post(publish).layer(DefaultBodyLimit::max(MAX_BODY)),
+        )
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/", get(demo_page))
+        .route("/hub-client.js", get(demo_client));
+    if state.inner.dev_secret.is_some() {
+        router = router.route("/api/dev/token", post(dev_token));
+    }
+    router.with_state(state)
+}

@@ -1,0 +1,214 @@
+//! Builds a node from settings, binds its listener, and runs it until shutdown and drain.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tower_http::trace::TraceLayer;
+
+use crate::api::{self, ApiInner, ApiState};
+use crate::auth::{OriginPolicy, Verifier};
+use crate::backplane::memory::MemoryBackplane;
+use crate::backplane::{Backplane, Sink};
+use crate::config::Settings;
+use crate::envelope::Notification;
+use crate::fanout::{Fanout, Limits};
+use crate::metrics::Metrics;
+use crate::shutdown::Lifecycle;
+use crate::transport::{Context, ContextInner, Timing, front, sse, ws};
+
+/// Options that come from the command line rather than settings.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// `--dev`: a random signing secret and API key unless set, and the dev login.
+    pub dev: bool,
+}
+
+/// Dev-mode credentials generated at start (printed for the newcomer).
+#[derive(Debug, Clone)]
+pub struct DevCredentials {
+    /// The HS256 secret tokens are signed with.
+    pub secret: String,
+    /// The publish API key.
+    pub api_key: String,
+}
+
+/// A bound, ready-to-run hub node.
+pub struct Application {
+    listener: TcpListener,
+    port: u16,
+    ctx: Context,
+    router: Router,
+    lifecycle: Lifecycle,
+    fanout: Fanout,
+    grace: Duration,
+    dev: Option<DevCredentials>,
+    background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Hands backplane notifications to the local registry and counts slow consumers.
+struct FanoutSink {
+    fanout: Fanout,
+    metrics: Metrics,
+}
+
+impl Sink for FanoutSink {
+    fn deliver(&self, user: &str, n: &Arc<Notification>) {
+        let d = self.fanout.deliver(user, n);
+        if d.slow > 0 {
+            self.metrics.slow_consumers().inc_by(d.slow as u64);
+        }
+    }
+}
+
+fn random_hex(bytes: usize) -> String {
+    (0..bytes)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
+impl Application {
+    /// Builds every part and binds the listener (port 0 picks a free port).
+    pub async fn build(settings: Settings, options: Options) -> anyhow::Result<Self> {
+        let has_key = settings.jwt_secret.is_some()
+            || settings.jwt_public_key_file.is_some()
+            || settings.jwt_jwks_url.is_some();
+        let dev = options.dev.then(|| DevCredentials {
+            secret: settings
+                .jwt_secret
+                .clone()
+                .unwrap_or_else(|| random_hex(32)),
+            api_key: settings.api_key.clone().unwrap_or_else(|| random_hex(24)),
+        });
+        let dev_secret = dev
+            .as_ref()
+            .filter(|_| !has_key || settings.jwt_secret.is_some())
+            .map(|d| d.secret.clone());
+        let verifier = Verifier::from_settings(&settings, dev_secret.as_deref())?;
+        let mut background = Vec::new();
+        if let Some(jwks) = verifier.jwks() {
+            background.push(jwks.spawn_refresher(settings.jwt_jwks_refresh));
+        }
+
+        let metrics = Metrics::new();
+        let fanout = Fanout::new(Limits {
+            max_connections: settings.max_connections,
+            max_per_user: settings.max_connections_per_user,
+            queue: settings.send_queue,
+        });
+        let sink = Arc::new(FanoutSink {
+            fanout: fanout.clone(),
+            metrics: metrics.clone(),
+        });
+        let memory = MemoryBackplane::new(sink, settings.history_size, settings.history_ttl);
+        background.push(memory.spawn_sweeper());
+        let backplane: Arc<dyn Backplane> = Arc::new(memory);
+
+        let lifecycle = Lifecycle::new();
+        let ctx = Context::new(ContextInner {
+            verifier,
+            origins: OriginPolicy::new(&settings.allowed_origins),
+            fanout: fanout.clone(),
+            backplane: backplane.clone(),
+            metrics: metrics.clone(),
+            lifecycle: lifecycle.clone(),
+            timing: Timing {
+                ping_interval: settings.ping_interval,
+                pong_timeout: settings.pong_timeout,
+                handshake_timeout: settings.handshake_timeout,
+                write_timeout: settings.write_timeout,
+                sse_retry: settings.sse_retry,
+                drain_window: settings.drain_window,
+            },
+        });
+        let api = api::router(ApiState::new(ApiInner {
+            backplane,
+            metrics,
+            lifecycle: lifecycle.clone(),
+            api_key: dev
+                .as_ref()
+                .map(|d| d.api_key.clone())
+                .or(settings.api_key.clone()),
+            dev_secret: dev_secret.filter(|_| options.dev),
+        }));
+        let transport = Router::new()
+            .route("/ws", get(ws::handler))
+            .route("/sse", get(sse::handler))
+            .with_state(ctx.clone());
+        let router = api.merge(transport).layer(
+            // Spans carry the path only: the query string may hold a token.
+            TraceLayer::new_for_http().make_span_with(|req: &http::Request<_>| {
+                tracing::debug_span!("http", method = %req.method(), path = %req.uri().path())
+            }),
+        );
+
+        let listener = TcpListener::bind(settings.addr)
+            .await
+            .with_context(|| format!("config: HUB_ADDR: cannot listen on {}", settings.addr))?;
+        let port = listener.local_addr()?.port();
+        Ok(Application {
+            listener,
+            port,
+            ctx,
+            router,
+            lifecycle,
+            fanout,
+            grace: settings.shutdown_grace,
+            dev,
+            background,
+        })
+    }
+
+    /// The bound port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Dev credentials, with `--dev`.
+    pub fn dev_credentials(&self) -> Option<&DevCredentials> {
+        self.dev.as_ref()
+    }
+
+    /// The node's drain state.
+    pub fn lifecycle(&self) -> Lifecycle {
+        self.lifecycle.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then drains: readiness 503, new client connections
+    /// refused, open ones closed over the drain window; returns when all are closed or the
+    /// grace period is over.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let server = tokio::spawn(front::serve(
+            self.listener,
+            self.ctx,
+            self.router,
+            stop.clone().cancelled_owned(),
+        ));
+        shutdown.await;
+        tracing::info!(connections = self.fanout.connections(), "draining");
+        self.lifecycle.start_drain();
+        let deadline = tokio::time::Instant::now() + self.grace;
+        while self.fanout.connections() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left = self.fanout.connections();
+        if left > 0 {
+            tracing::warn!(
+                connections = left,
+                "grace period over, exiting with connections open"
+            );
+        }
+        stop.cancel();
+        let _ = server.await;
+        for task in self.background {
+            task.abort();
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

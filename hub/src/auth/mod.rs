@@ -1,0 +1,415 @@
+//! JWT verification at the handshake, key sources, and the origin policy.
+//!
+//! The accepted algorithm is fixed by the configured key, never taken from the token: a secret
+//! means HS256 only; a PEM public key means that key's own algorithm; a JWKS means the
+//! algorithm of the key the `kid` names. `exp` is required and must be a number, `nbf`, `iss`
+//! and `aud` are checked, and the leeway is bounded by configuration (at most 60 s).
+
+mod jwks;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderMap;
+use http::header::{AUTHORIZATION, COOKIE, ORIGIN};
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Settings;
+pub use jwks::Jwks;
+
+/// Query parameter carrying a token.
+pub const TOKEN_PARAM: &str = "token";
+/// Cookie carrying a token (accepted only from an allowed Origin).
+pub const TOKEN_COOKIE: &str = "hub_token";
+
+/// Why a token was refused; `Display` is the reason sent to the client (never the token).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No token in the header, query or an acceptable cookie.
+    #[error("missing token")]
+    Missing,
+    /// Not three base64url parts with JSON header and claims.
+    #[error("malformed token")]
+    Malformed,
+    /// `alg` is `none`, unknown, or not the configured key's algorithm.
+    #[error("algorithm not allowed")]
+    Algorithm,
+    /// Signature does not verify with the configured key.
+    #[error("invalid signature")]
+    Signature,
+    /// `exp` is in the past.
+    #[error("token expired")]
+    Expired,
+    /// `nbf` is in the future.
+    #[error("token not yet valid")]
+    NotYetValid,
+    /// `iss` does not match.
+    #[error("wrong issuer")]
+    Issuer,
+    /// `aud` does not match.
+    #[error("wrong audience")]
+    Audience,
+    /// A required claim is missing or has the wrong type.
+    #[error("invalid claim: {0}")]
+    Claim(&'static str),
+    /// The JWKS has no key with the token's `kid`.
+    #[error("unknown key id")]
+    UnknownKey,
+    /// The key source cannot be reached and holds no usable key.
+    #[error("token keys unavailable")]
+    KeysUnavailable,
+}
+
+/// The verified identity of a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The user (`sub`).
+    pub user: String,
+    /// Expiry (`exp`, seconds since the Unix epoch).
+    pub exp: u64,
+}
+
+/// Claims the hub reads. Typed strictly: a string `exp` or `nbf` fails to decode.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Claims {
+    /// Subject: the user id.
+    pub sub: String,
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: u64,
+    /// Not before, seconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    /// Issued at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+}
+
+enum Keys {
+    Static { key: DecodingKey, alg: Algorithm },
+    Jwks(Jwks),
+}
+
+/// Verifies tokens against the configured key source; cheap to clone.
+#[derive(Clone)]
+pub struct Verifier {
+    inner: Arc<VerifierInner>,
+}
+
+struct VerifierInner {
+    keys: Keys,
+    issuer: Option<String>,
+    audience: Option<String>,
+    leeway: Duration,
+}
+
+/// A key source that could not be loaded at start.
+#[derive(Debug, thiserror::Error)]
+#[error("config: {setting}: {problem}")]
+pub struct KeyError {
+    setting: &'static str,
+    problem: String,
+}
+
+impl Verifier {
+    /// Builds the verifier from settings. `dev_secret` is used when no key is configured.
+    pub fn from_settings(s: &Settings, dev_secret: Option<&str>) -> Result<Self, KeyError> {
+        let keys = if let Some(secret) = s.jwt_secret.as_deref().or(dev_secret) {
+            Keys::Static {
+                key: DecodingKey::from_secret(secret.as_bytes()),
+                alg: Algorithm::HS256,
+            }
+        } else if let Some(path) = &s.jwt_public_key_file {
+            let pem = std::fs::read(path).map_err(|e| KeyError {
+                setting: "HUB_JWT_PUBLIC_KEY_FILE",
+                problem: format!("cannot read {}: {e}", path.display()),
+            })?;
+            let (key, alg) = public_key_from_pem(&pem).ok_or(KeyError {
+                setting: "HUB_JWT_PUBLIC_KEY_FILE",
+                problem: "not a PEM RSA, EC P-256 or Ed25519 public key".to_owned(),
+            })?;
+            Keys::Static { key, alg }
+        } else if let Some(url) = &s.jwt_jwks_url {
+            Keys::Jwks(Jwks::new(
+                url.clone(),
+                s.jwt_issuer.clone().unwrap_or_default(),
+                s.jwt_jwks_min_refresh,
+            ))
+        } else {
+            return Err(KeyError {
+                setting: "HUB_JWT_SECRET",
+                problem: "no token key configured: set HUB_JWT_SECRET, HUB_JWT_PUBLIC_KEY_FILE or HUB_JWT_JWKS_URL (or run with --dev)".to_owned(),
+            });
+        };
+        Ok(Verifier {
+            inner: Arc::new(VerifierInner {
+                keys,
+                issuer: s.jwt_issuer.clone(),
+                audience: s.jwt_audience.clone(),
+                leeway: s.jwt_leeway,
+            }),
+        })
+    }
+
+    /// The JWKS source, when tokens are verified against one.
+    pub fn jwks(&self) -> Option<&Jwks> {
+        match &self.inner.keys {
+            Keys::Jwks(j) => Some(j),
+            Keys::Static { .. } => None,
+        }
+    }
+
+    /// Configured clock leeway.
+    pub fn leeway(&self) -> Duration {
+        self.inner.leeway
+    }
+
+    /// Verifies a token and returns who it names.
+    pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
+            ErrorKind::InvalidAlgorithmName | ErrorKind::UnsupportedAlgorithm => {
+                AuthError::Algorithm
+            }
+            _ => AuthError::Malformed,
+        })?;
+        let (key, alg) = match &self.inner.keys {
+            Keys::Static { key, alg } => (key.clone(), *alg),
+            Keys::Jwks(jwks) => {
+                let kid = header.kid.as_deref().ok_or(AuthError::UnknownKey)?;
+                jwks.key(kid).await?
+            }
+        };
+        if header.alg != alg {
+            return Err(AuthError::Algorithm);
+        }
+        let mut validation = Validation::new(alg);
+        validation.leeway = self.inner.leeway.as_secs();
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        match &self.inner.issuer {
+            Some(iss) => validation.set_issuer(&[iss]),
+            None => validation.iss = None,
+        }
+        match &self.inner.audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(map_error)?;
+        if data.claims.sub.is_empty() || data.claims.sub.len() > 256 {
+            return Err(AuthError::Claim("sub"));
+        }
+        Ok(Identity {
+            user: data.claims.sub,
+            exp: data.claims.exp,
+        })
+    }
+}
+
+fn map_error(e: jsonwebtoken::errors::Error) -> AuthError {
+    match e.kind() {
+        ErrorKind::InvalidSignature => AuthError::Signature,
+        ErrorKind::ExpiredSignature => AuthError::Expired,
+        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+        ErrorKind::InvalidIssuer => AuthError::Issuer,
+        ErrorKind::InvalidAudience => AuthError::Audience,
+        ErrorKind::InvalidAlgorithm
+        | ErrorKind::InvalidAlgorithmName
+        | ErrorKind::UnsupportedAlgorithm
+        | ErrorKind::MissingAlgorithm => AuthError::Algorithm,
+        ErrorKind::MissingRequiredClaim(c) | ErrorKind::InvalidClaimFormat(c) => {
+            AuthError::Claim(match c.as_str() {
+                "exp" => "exp",
+                "nbf" => "nbf",
+                "sub" => "sub",
+                "iss" => "iss",
+                "aud" => "aud",
+                _ => "unknown",
+            })
+        }
+        // Claims that decode as JSON but not into `Claims` (e.g. `"exp": "tomorrow"`).
+        ErrorKind::Json(_) => AuthError::Claim("exp/nbf/sub must be typed per RFC 7519"),
+        _ => AuthError::Malformed,
+    }
+}
+
+/// Reads a PEM public key and the one algorithm it may verify.
+fn public_key_from_pem(pem: &[u8]) -> Option<(DecodingKey, Algorithm)> {
+    if let Ok(k) = DecodingKey::from_rsa_pem(pem) {
+        return Some((k, Algorithm::RS256));
+    }
+    if let Ok(k) = DecodingKey::from_ec_pem(pem) {
+        return Some((k, Algorithm::ES256));
+    }
+    if let Ok(k) = DecodingKey::from_ed_pem(pem) {
+        return Some((k, Algorithm::EdDSA));
+    }
+    None
+}
+
+/// Signs an HS256 token for `sub` valid for `ttl` (for `hub token`, `--dev` and tests).
+pub fn sign_hs256(
+    secret: &str,
+    sub: &str,
+    ttl: Duration,
+) -> Result<String, jsonwebtoken::errors::Error> {
+    let now = crate::envelope::now_micros() / 1_000_000;
+    let claims = Claims {
+        sub: sub.to_owned(),
+        exp: now + ttl.as_secs(),
+        nbf: None,
+        iat: Some(now),
+    };
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+}
+
+/// The request's `Origin` is not in a non-empty allow-list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("origin not allowed")]
+pub struct ForeignOrigin;
+
+/// The origin allow-list.
+#[derive(Debug, Clone, Default)]
+pub struct OriginPolicy {
+    allowed: Arc<[String]>,
+}
+
+/// Where the request's `Origin` stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OriginCheck {
+    /// No `Origin` header (not a browser, or a same-origin request that sends none).
+    Absent,
+    /// Listed in the allow-list.
+    Allowed,
+    /// Present and the list is empty: accepted, but not trusted for the cookie.
+    Unlisted,
+}
+
+impl OriginPolicy {
+    /// A policy allowing exactly these origins (empty: any origin, cookie never).
+    pub fn new(allowed: &[String]) -> Self {
+        OriginPolicy {
+            allowed: allowed.iter().cloned().collect(),
+        }
+    }
+
+    /// Checks the `Origin` header; `Err` means 403.
+    pub fn check(&self, headers: &HeaderMap) -> Result<OriginCheck, ForeignOrigin> {
+        let Some(origin) = headers.get(ORIGIN) else {
+            return Ok(OriginCheck::Absent);
+        };
+        let listed = origin
+            .to_str()
+            .is_ok_and(|o| self.allowed.iter().any(|a| a == o));
+        match (listed, self.allowed.is_empty()) {
+            (true, _) => Ok(OriginCheck::Allowed),
+            (false, true) => Ok(OriginCheck::Unlisted),
+            (false, false) => Err(ForeignOrigin),
+        }
+    }
+}
+
+/// Finds the token: `Authorization: Bearer`, then the `token` query parameter, then the
+/// `hub_token` cookie when the origin is allowed.
+pub fn extract_token<'a>(
+    headers: &'a HeaderMap,
+    query: Option<&'a str>,
+    origin: OriginCheck,
+) -> Option<std::borrow::Cow<'a, str>> {
+    if let Some(value) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        let mut parts = value.splitn(2, ' ');
+        if let (Some(scheme), Some(token)) = (parts.next(), parts.next())
+            && scheme.eq_ignore_ascii_case("bearer")
+            && !token.trim().is_empty()
+        {
+            return Some(token.trim().into());
+        }
+    }
+    if let Some(token) = query_param(query, TOKEN_PARAM) {
+        return Some(token);
+    }
+    if origin == OriginCheck::Allowed {
+        for value in headers.get_all(COOKIE) {
+            let Ok(value) = value.to_str() else { continue };
+            for pair in value.split(';') {
+                if let Some((name, token)) = pair.trim().split_once('=')
+                    && name == TOKEN_COOKIE
+                    && !token.is_empty()
+                {
+                    return Some(token.into());
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Reads one query parameter (percent-decoded); an empty value counts as absent.
+pub fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<std::borrow::Cow<'a, str>> {
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v)
+        .filter(|v| !v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn header_beats_query_beats_cookie() {
+        let mut h = HeaderMap::new();
+        h.insert(COOKIE, HeaderValue::from_static("a=b; hub_token=C"));
+        assert_eq!(
+            extract_token(&h, Some("token=Q"), OriginCheck::Allowed).as_deref(),
+            Some("Q")
+        );
+        assert_eq!(
+            extract_token(&h, None, OriginCheck::Allowed).as_deref(),
+            Some("C")
+        );
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer H"));
+        assert_eq!(
+            extract_token(&h, Some("token=Q"), OriginCheck::Allowed).as_deref(),
+            Some("H")
+        );
+    }
+
+    #[test]
+    fn cookie_only_from_an_allowed_origin() {
+        let mut h = HeaderMap::new();
+        h.insert(COOKIE, HeaderValue::from_static("hub_token=C"));
+        for o in [OriginCheck::Absent, OriginCheck::Unlisted] {
+            assert_eq!(extract_token(&h, None, o), None);
+        }
+    }
+
+    #[test]
+    fn origin_policy() {
+        let p = OriginPolicy::new(&["https://app.example".to_owned()]);
+        let mut h = HeaderMap::new();
+        assert_eq!(p.check(&h), Ok(OriginCheck::Absent));
+        h.insert(ORIGIN, HeaderValue::from_static("https://app.example"));
+        assert_eq!(p.check(&h), Ok(OriginCheck::Allowed));
+        h.insert(ORIGIN, HeaderValue::from_static("https://evil.example"));
+        assert_eq!(p.check(&h), Err(ForeignOrigin));
+        assert_eq!(OriginPolicy::new(&[]).check(&h), Ok(OriginCheck::Unlisted));
+    }
+
+    #[test]
+    fn query_params_are_percent_decoded() {
+        assert_eq!(
+            query_param(Some("since=abc-1&last_event_id=a%2Db%20c"), "last_event_id").as_deref(),
+            Some("a-b c")
+        );
+        assert_eq!(query_param(Some("x=%zz"), "x").as_deref(), Some("%zz"));
+        assert_eq!(query_param(Some("x=%4"), "x").as_deref(), Some("%4"));
+        assert_eq!(query_param(Some("token="), "token"), None);
+    }
+}

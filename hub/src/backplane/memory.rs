@@ -1,0 +1,219 @@
+//! In-process backplane: one node's history and routing, the embedded default.
+//!
+//! Each user's history is a bounded ring of rendered notifications with a random epoch, so a
+//! resume against a restarted node (or an expired history) is detected as a gap. Publishing
+//! appends and hands the notification to the sink under the user's shard lock, so ids and local
+//! delivery order always agree.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use super::{Backplane, BackplaneError, Publish, Published, Replay, Sink};
+use crate::envelope::{Id, Notification, now_micros};
+
+const SHARDS: usize = 64;
+
+/// Cheap-to-clone handle on the in-process history.
+#[derive(Clone)]
+pub struct MemoryBackplane {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// Sharded by user; a shard lock covers append + hand-off to the sink (which only does
+    /// non-blocking queue pushes), never an `.await`.
+    shards: Box<[Mutex<HashMap<String, History>>]>,
+    hasher: RandomState,
+    sink: Arc<dyn Sink>,
+    size: usize,
+    ttl: Duration,
+    idempotency_cap: usize,
+}
+
+struct History {
+    epoch: u64,
+    last_seq: u64,
+    items: VecDeque<Arc<Notification>>,
+    touched: Instant,
+    idempotency: HashMap<String, (Id, Instant)>,
+    /// Keys in insertion order, to expire and cap them without scanning the map.
+    idempotency_order: VecDeque<(Instant, String)>,
+}
+
+impl History {
+    fn new(now: Instant) -> Self {
+        History {
+            // A fresh random epoch per incarnation: a resume id from an earlier one never
+            // matches, even across process restarts.
+            epoch: (rand::random::<u64>() >> 16).max(1),
+            last_seq: 0,
+            items: VecDeque::new(),
+            touched: now,
+            idempotency: HashMap::new(),
+            idempotency_order: VecDeque::new(),
+        }
+    }
+
+    fn expire_keys(&mut self, now: Instant, ttl: Duration, cap: usize) {
+        while let Some((at, key)) = self.idempotency_order.front() {
+            if now.duration_since(*at) < ttl && self.idempotency_order.len() <= cap {
+                break;
+            }
+            self.idempotency.remove(key);
+            self.idempotency_order.pop_front();
+        }
+    }
+}
+
+impl MemoryBackplane {
+    /// A backplane keeping `size` notifications per user for `ttl` after the last one.
+    pub fn new(sink: Arc<dyn Sink>, size: usize, ttl: Duration) -> Self {
+        let shards = (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect();
+        MemoryBackplane {
+            shared: Arc::new(Shared {
+                shards,
+                hasher: RandomState::new(),
+                sink,
+                size,
+                ttl,
+                idempotency_cap: (size * 4).max(1024),
+            }),
+        }
+    }
+
+    fn shard(&self, user: &str) -> &Mutex<HashMap<String, History>> {
+        let h = self.shared.hasher.hash_one(user) as usize;
+        &self.shared.shards[h % SHARDS]
+    }
+
+    /// Drops histories idle for longer than the TTL; call periodically.
+    pub fn sweep(&self) -> usize {
+        let now = Instant::now();
+        let ttl = self.shared.ttl;
+        let mut removed = 0;
+        for shard in self.shared.shards.iter() {
+            let mut shard = shard.lock();
+            shard.retain(|_, h| {
+                let keep = now.duration_since(h.touched) < ttl;
+                removed += usize::from(!keep);
+                keep
+            });
+        }
+        removed
+    }
+
+    /// Runs [`MemoryBackplane::sweep`] in the background for as long as the handle lives.
+    pub fn spawn_sweeper(&self) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(&self.shared);
+        let every = (self.shared.ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(shared) = weak.upgrade() else { return };
+                MemoryBackplane { shared }.sweep();
+            }
+        })
+    }
+}
+
+#[async_trait]
+impl Backplane for MemoryBackplane {
+    async fn publish(&self, msg: Publish) -> Result<Published, BackplaneError> {
+        let now = Instant::now();
+        let shared = &self.shared;
+        let mut shard = self.shard(&msg.user).lock();
+        let expired = shard
+            .get(&msg.user)
+            .is_some_and(|h| now.duration_since(h.touched) >= shared.ttl);
+        if expired {
+            shard.remove(&msg.user);
+        }
+        let history = shard
+            .entry(msg.user.clone())
+            .or_insert_with(|| History::new(now));
+        history.expire_keys(now, shared.ttl, shared.idempotency_cap);
+        if let Some(key) = &msg.idempotency_key
+            && let Some((id, _)) = history.idempotency.get(key)
+        {
+            return Ok(Published {
+                id: *id,
+                duplicate: true,
+            });
+        }
+        history.last_seq += 1;
+        let id = Id {
+            epoch: history.epoch,
+            seq: history.last_seq,
+        };
+        let n = Arc::new(Notification::render(id, &msg.kind, &msg.data, now_micros()));
+        history.items.push_back(n.clone());
+        while history.items.len() > shared.size {
+            history.items.pop_front();
+        }
+        history.touched = now;
+        if let Some(key) = msg.idempotency_key {
+            history.idempotency.insert(key.clone(), (id, now));
+            history.idempotency_order.push_back((now, key));
+        }
+        shared.sink.deliver(&msg.user, &n);
+        Ok(Published {
+            id,
+            duplicate: false,
+        })
+    }
+
+    async fn subscribe(&self, _user: &Arc<str>) -> Result<(), BackplaneError> {
+        // Every publish on this node reaches the sink; there is nothing to route.
+        Ok(())
+    }
+
+    fn unsubscribe(&self, _user: &str) {}
+
+    async fn history_after(&self, user: &str, after: Id) -> Result<Replay, BackplaneError> {
+        let now = Instant::now();
+        let shard = self.shard(user).lock();
+        let Some(history) = shard
+            .get(user)
+            .filter(|h| now.duration_since(h.touched) < self.shared.ttl)
+        else {
+            return Ok(Replay {
+                gap: true,
+                items: Vec::new(),
+            });
+        };
+        let first_seq = history
+            .items
+            .front()
+            .map_or(history.last_seq + 1, |n| n.id.seq);
+        let contiguous = after.epoch == history.epoch
+            && after.seq <= history.last_seq
+            && after.seq + 1 >= first_seq;
+        if !contiguous {
+            return Ok(Replay {
+                gap: true,
+                items: history.items.iter().cloned().collect(),
+            });
+        }
+        Ok(Replay {
+            gap: false,
+            items: history
+                .items
+                .iter()
+                .filter(|n| n.id.seq > after.seq)
+                .cloned()
+                .collect(),
+        })
+    }
+
+    async fn ready(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,84 @@
+//! The backplane: where a notification is accepted (appended to the user's history, which
+//! assigns its id) and from where it reaches every node holding that user's connections.
+//!
+//! [`Backplane`] is implemented in-process by [`memory::MemoryBackplane`] (one node, the
+//! embedded default). A Redis implementation fills the same trait so that nodes share one
+//! history and route through pub/sub. Notifications for subscribed users are handed to a
+//! [`Sink`]; the node wires its local fan-out registry in as that sink.
+
+pub mod memory;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::value::RawValue;
+
+use crate::envelope::{Id, Notification};
+
+/// Receives every notification for users this node subscribed to, per user in id order.
+pub trait Sink: Send + Sync + 'static {
+    /// Called once per notification; must not block.
+    fn deliver(&self, user: &str, notification: &Arc<Notification>);
+}
+
+/// A notification to accept.
+#[derive(Debug)]
+pub struct Publish {
+    /// Recipient.
+    pub user: String,
+    /// Notification type (never `hub.*`).
+    pub kind: String,
+    /// Payload, embedded in the envelope unchanged.
+    pub data: Box<RawValue>,
+    /// Publishing again with the same key (per user, within the history TTL) is a no-op that
+    /// returns the first id.
+    pub idempotency_key: Option<String>,
+}
+
+/// The result of [`Backplane::publish`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// The id the notification has in history.
+    pub id: Id,
+    /// True when the idempotency key had been seen and nothing was published.
+    pub duplicate: bool,
+}
+
+/// What a resuming connection must be sent before live notifications.
+#[derive(Debug, Default)]
+pub struct Replay {
+    /// The resume point is not in the retained history (too old, or the history was lost or
+    /// recreated): the client must be told with `hub.gap` before anything is replayed.
+    pub gap: bool,
+    /// Retained notifications after the resume point (all retained ones after a gap), in order.
+    pub items: Vec<Arc<Notification>>,
+}
+
+/// A backplane operation that failed; the caller answers 503 and nothing half-happened.
+#[derive(Debug, thiserror::Error)]
+pub enum BackplaneError {
+    /// The backing store cannot be reached or answered with an error.
+    #[error("backplane unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Accepts, stores and routes notifications.
+#[async_trait]
+pub trait Backplane: Send + Sync + 'static {
+    /// Appends to the user's history (assigning the id) and routes to subscribed nodes, as one
+    /// atomic step per user so ids and delivery order agree.
+    async fn publish(&self, msg: Publish) -> Result<Published, BackplaneError>;
+
+    /// Makes this node receive the user's notifications; returns once the subscription is live.
+    /// Reference-counted: one call per local connection.
+    async fn subscribe(&self, user: &Arc<str>) -> Result<(), BackplaneError>;
+
+    /// Releases one [`Backplane::subscribe`]; the last release stops routing to this node.
+    fn unsubscribe(&self, user: &str);
+
+    /// Retained notifications after `after` (see [`Replay`]).
+    async fn history_after(&self, user: &str, after: Id) -> Result<Replay, BackplaneError>;
+
+    /// Whether the backing store is reachable (for readiness).
+    async fn ready(&self) -> bool;
+}

@@ -1,0 +1,492 @@
+//! Typed settings from the environment (`HUB_*`) and an optional TOML file, validated at start.
+//!
+//! This is the only module that reads the environment. Every setting has a default so the hub
+//! runs with nothing configured but a token key; a bad or contradictory value stops the process
+//! with one line naming the setting (see [`ConfigError`]).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Shortest accepted HS256 secret, in bytes (RFC 7518 §3.2: at least the hash size).
+pub const MIN_SECRET_LEN: usize = 32;
+/// Largest accepted clock leeway for `exp` / `nbf`.
+pub const MAX_LEEWAY: Duration = Duration::from_secs(60);
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Deployment environment; `production` refuses `--dev`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    /// Local development (the default).
+    Development,
+    /// Production: dev conveniences are refused.
+    Production,
+}
+
+/// Every setting of a hub node. Field `x` is read from `HUB_X` or key `x` of the TOML file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Client and API listener.
+    pub addr: SocketAddr,
+    /// HS256 secret.
+    #[serde(default, deserialize_with = "opt_string")]
+    pub jwt_secret: Option<String>,
+    /// PEM public key (RSA, EC P-256 or Ed25519) for RS256 / ES256 / EdDSA.
+    #[serde(default)]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// JWKS endpoint.
+    #[serde(default, deserialize_with = "opt_string")]
+    pub jwt_jwks_url: Option<String>,
+    /// Required `iss`, when set.
+    #[serde(default, deserialize_with = "opt_string")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud`, when set.
+    #[serde(default, deserialize_with = "opt_string")]
+    pub jwt_audience: Option<String>,
+    /// Clock leeway for `exp` and `nbf` (at most 60 s).
+    #[serde(with = "humantime_serde")]
+    pub jwt_leeway: Duration,
+    /// Shortest interval between two JWKS refreshes triggered by an unknown `kid`.
+    #[serde(with = "humantime_serde")]
+    pub jwt_jwks_min_refresh: Duration,
+    /// Periodic JWKS refresh, so removed keys stop being accepted.
+    #[serde(with = "humantime_serde")]
+    pub jwt_jwks_refresh: Duration,
+    /// Bearer key for the publish API.
+    #[serde(default, deserialize_with = "opt_string")]
+    pub api_key: Option<String>,
+    /// Exact origins allowed to connect (comma-separated in the environment).
+    #[serde(default, deserialize_with = "string_list")]
+    pub allowed_origins: Vec<String>,
+    /// Redis backplane and history.
+    #[serde(default, deserialize_with = "opt_string")]
+    pub redis_url: Option<String>,
+    /// Kafka ingest.
+    #[serde(default, deserialize_with = "opt_string")]
+    pub kafka_brokers: Option<String>,
+    /// Notifications kept per user for resume.
+    pub history_size: usize,
+    /// How long a user's history lives after its last notification.
+    #[serde(with = "humantime_serde")]
+    pub history_ttl: Duration,
+    /// WebSocket ping / SSE heartbeat interval.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// How long a WebSocket may stay silent after a ping before it is closed.
+    #[serde(with = "humantime_serde")]
+    pub pong_timeout: Duration,
+    /// Time allowed to receive a request head and complete the handshake.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// A write to a client that makes no progress for this long closes the connection.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Notifications queued per connection before the client counts as a slow consumer.
+    pub send_queue: usize,
+    /// Open client connections per node (over it: 503).
+    pub max_connections: usize,
+    /// Open client connections per user on one node (over it: 429).
+    pub max_connections_per_user: usize,
+    /// SSE `retry:` hint sent at connect.
+    #[serde(with = "humantime_serde")]
+    pub sse_retry: Duration,
+    /// On SIGTERM, client connections are closed spread over this window.
+    #[serde(with = "humantime_serde")]
+    pub drain_window: Duration,
+    /// On SIGTERM, the process exits at the latest after this long.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Deployment environment.
+    pub env: Environment,
+    /// Tracing filter.
+    pub log: String,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            jwt_secret: None,
+            jwt_public_key_file: None,
+            jwt_jwks_url: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            jwt_leeway: Duration::from_secs(30),
+            jwt_jwks_min_refresh: Duration::from_secs(10),
+            jwt_jwks_refresh: Duration::from_secs(600),
+            api_key: None,
+            allowed_origins: Vec::new(),
+            redis_url: None,
+            kafka_brokers: None,
+            history_size: 100,
+            history_ttl: Duration::from_secs(24 * 3600),
+            ping_interval: Duration::from_secs(25),
+            pong_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
+            send_queue: 256,
+            max_connections: 100_000,
+            max_connections_per_user: 32,
+            sse_retry: Duration::from_secs(2),
+            drain_window: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(30),
+            env: Environment::Development,
+            log: "info".to_owned(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// A setting that cannot be used; `Display` is the one line printed before exiting.
+#[derive(Debug, thiserror::Error)]
+#[error("config: {setting}: {problem}")]
+pub struct ConfigError {
+    /// The environment variable (or TOML key) at fault.
+    pub setting: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(setting: &str, problem: impl Into<String>) -> Self {
+        Self {
+            setting: setting.to_owned(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Environment variables that belong to the hub but are not settings of [`Settings`].
+const NOT_SETTINGS: &[&str] = &["CONFIG"];
+
+impl Settings {
+    /// Loads defaults, then the TOML file (if any), then `HUB_*` variables from the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, Env::prefixed("HUB_").ignore(NOT_SETTINGS))
+    }
+
+    /// Loads from explicit key/value pairs instead of the process environment (for tests).
+    pub fn load_from_pairs<'a>(
+        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        for (key, value) in pairs {
+            let key = key.strip_prefix("HUB_").unwrap_or(key).to_ascii_lowercase();
+            figment = figment.merge((key.as_str(), parse_env_value(value)));
+        }
+        Self::extract(figment)
+    }
+
+    fn load_from(file: Option<&Path>, env: Env) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError::new(
+                    "--config",
+                    format!("{} is not a readable file", path.display()),
+                ));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        Self::extract(figment.merge(env))
+    }
+
+    fn extract(figment: Figment) -> Result<Self, ConfigError> {
+        let settings: Settings = figment.extract().map_err(|e| {
+            let setting = e
+                .path
+                .last()
+                .map(|key| format!("HUB_{}", key.to_ascii_uppercase()))
+                .unwrap_or_else(|| "HUB_*".to_owned());
+            let problem = match &e.kind {
+                figment::error::Kind::UnknownField(field, _) => {
+                    return ConfigError::new(
+                        &format!("HUB_{}", field.to_ascii_uppercase()),
+                        "unknown setting",
+                    );
+                }
+                kind => kind.to_string(),
+            };
+            ConfigError::new(&setting, problem)
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Cross-field and range checks that the types alone do not express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let keys = [
+            self.jwt_secret.is_some(),
+            self.jwt_public_key_file.is_some(),
+            self.jwt_jwks_url.is_some(),
+        ]
+        .iter()
+        .filter(|set| **set)
+        .count();
+        if keys > 1 {
+            return Err(ConfigError::new(
+                "HUB_JWT_SECRET",
+                "set only one of HUB_JWT_SECRET, HUB_JWT_PUBLIC_KEY_FILE and HUB_JWT_JWKS_URL",
+            ));
+        }
+        if let Some(secret) = &self.jwt_secret
+            && secret.len() < MIN_SECRET_LEN
+        {
+            return Err(ConfigError::new(
+                "HUB_JWT_SECRET",
+                format!(
+                    "must be at least {MIN_SECRET_LEN} bytes, got {}",
+                    secret.len()
+                ),
+            ));
+        }
+        if let Some(path) = &self.jwt_public_key_file
+            && !path.is_file()
+        {
+            return Err(ConfigError::new(
+                "HUB_JWT_PUBLIC_KEY_FILE",
+                format!("{} is not a readable file", path.display()),
+            ));
+        }
+        if let Some(url) = &self.jwt_jwks_url
+            && !(url.starts_with("https://") || url.starts_with("http://"))
+        {
+            return Err(ConfigError::new(
+                "HUB_JWT_JWKS_URL",
+                "must be an http:// or https:// URL",
+            ));
+        }
+        if self.jwt_leeway > MAX_LEEWAY {
+            return Err(ConfigError::new("HUB_JWT_LEEWAY", "must be at most 60s"));
+        }
+        if matches!(&self.api_key, Some(k) if k.len() < 16) {
+            return Err(ConfigError::new(
+                "HUB_API_KEY",
+                "must be at least 16 characters",
+            ));
+        }
+        for origin in &self.allowed_origins {
+            if !(origin.starts_with("http://") || origin.starts_with("https://"))
+                || origin.ends_with('/')
+            {
+                return Err(ConfigError::new(
+                    "HUB_ALLOWED_ORIGINS",
+                    format!("{origin:?} is not an origin like https://app.example.com"),
+                ));
+            }
+        }
+        if self.redis_url.is_some() {
+            return Err(ConfigError::new(
+                "HUB_REDIS_URL",
+                "the Redis backplane is not available in this version; unset it to run on the embedded backplane",
+            ));
+        }
+        if self.kafka_brokers.is_some() {
+            return Err(ConfigError::new(
+                "HUB_KAFKA_BROKERS",
+                "Kafka ingest is not available in this version; unset it",
+            ));
+        }
+        positive("HUB_HISTORY_SIZE", self.history_size, 1, 100_000)?;
+        positive("HUB_SEND_QUEUE", self.send_queue, 8, 65_536)?;
+        positive("HUB_MAX_CONNECTIONS", self.max_connections, 1, 10_000_000)?;
+        positive(
+            "HUB_MAX_CONNECTIONS_PER_USER",
+            self.max_connections_per_user,
+            1,
+            100_000,
+        )?;
+        at_least("HUB_HISTORY_TTL", self.history_ttl, Duration::from_secs(1))?;
+        at_least(
+            "HUB_PING_INTERVAL",
+            self.ping_interval,
+            Duration::from_millis(100),
+        )?;
+        at_least(
+            "HUB_PONG_TIMEOUT",
+            self.pong_timeout,
+            Duration::from_millis(100),
+        )?;
+        at_least(
+            "HUB_HANDSHAKE_TIMEOUT",
+            self.handshake_timeout,
+            Duration::from_millis(100),
+        )?;
+        at_least(
+            "HUB_WRITE_TIMEOUT",
+            self.write_timeout,
+            Duration::from_millis(100),
+        )?;
+        if self.drain_window > self.shutdown_grace {
+            return Err(ConfigError::new(
+                "HUB_DRAIN_WINDOW",
+                "must not be longer than HUB_SHUTDOWN_GRACE",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn positive(setting: &str, value: usize, min: usize, max: usize) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(ConfigError::new(
+            setting,
+            format!("must be between {min} and {max}, got {value}"),
+        ));
+    }
+    Ok(())
+}
+
+fn at_least(setting: &str, value: Duration, min: Duration) -> Result<(), ConfigError> {
+    if value < min {
+        return Err(ConfigError::new(
+            setting,
+            format!("must be at least {}", humantime::format_duration(min)),
+        ));
+    }
+    Ok(())
+}
+
+/// Parses a raw value the way figment parses an environment variable.
+fn parse_env_value(value: &str) -> figment::value::Value {
+    value
+        .parse::<figment::value::Value>()
+        .unwrap_or_else(|_| figment::value::Value::from(value.to_owned()))
+}
+
+/// Accepts a string, or a number or boolean the environment parser produced from one
+/// (a numeric API key or secret must stay a string).
+fn opt_string<'de, D: Deserializer<'de>>(de: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Str(String),
+        Int(i64),
+        Uint(u64),
+        Float(f64),
+        Bool(bool),
+    }
+    let value: Option<Scalar> = Option::deserialize(de)?;
+    Ok(value
+        .map(|v| match v {
+            Scalar::Str(s) => s,
+            Scalar::Int(n) => n.to_string(),
+            Scalar::Uint(n) => n.to_string(),
+            Scalar::Float(n) => n.to_string(),
+            Scalar::Bool(b) => b.to_string(),
+        })
+        .filter(|s| !s.is_empty()))
+}
+
+/// Accepts `"a,b"` (environment) or `["a", "b"]` (TOML).
+fn string_list<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum List {
+        One(String),
+        Many(Vec<String>),
+    }
+    let list = match List::deserialize(de)? {
+        List::One(s) => s.split(',').map(str::to_owned).collect(),
+        List::Many(v) => v,
+    };
+    Ok(list
+        .into_iter()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn defaults_with_a_secret_are_valid() {
+        let s = Settings::load_from_pairs([("HUB_JWT_SECRET", SECRET)]).expect("valid");
+        assert_eq!(s.history_size, 100);
+        assert_eq!(s.ping_interval, Duration::from_secs(25));
+        assert_eq!(s.history_ttl, Duration::from_secs(86_400));
+    }
+
+    #[test]
+    fn short_secret_is_refused_naming_the_setting() {
+        let e = Settings::load_from_pairs([("HUB_JWT_SECRET", "short")]).unwrap_err();
+        assert_eq!(e.setting, "HUB_JWT_SECRET");
+        assert!(e.to_string().starts_with("config: HUB_JWT_SECRET:"));
+    }
+
+    #[test]
+    fn numeric_api_key_stays_a_string() {
+        let s = Settings::load_from_pairs([
+            ("HUB_JWT_SECRET", SECRET),
+            ("HUB_API_KEY", "12345678901234567890"),
+        ])
+        .expect("valid");
+        assert_eq!(s.api_key.as_deref(), Some("12345678901234567890"));
+    }
+
+    #[test]
+    fn bad_duration_names_the_setting() {
+        let e = Settings::load_from_pairs([("HUB_PING_INTERVAL", "soon")]).unwrap_err();
+        assert_eq!(e.setting, "HUB_PING_INTERVAL");
+    }
+
+    #[test]
+    fn unknown_setting_is_refused() {
+        let e = Settings::load_from_pairs([("HUB_PING_INTERVALL", "5s")]).unwrap_err();
+        assert_eq!(e.setting, "HUB_PING_INTERVALL");
+        assert!(e.problem.contains("unknown"));
+    }
+
+    #[test]
+    fn origins_split_on_commas() {
+        let s = Settings::load_from_pairs([
+            ("HUB_JWT_SECRET", SECRET),
+            (
+                "HUB_ALLOWED_ORIGINS",
+                "https://a.example, http://localhost:3000",
+            ),
+        ])
+        .expect("valid");
+        assert_eq!(
+            s.allowed_origins,
+            vec!["https://a.example", "http://localhost:3000"]
+        );
+    }
+
+    #[test]
+    fn two_key_sources_contradict() {
+        let e = Settings::load_from_pairs([
+            ("HUB_JWT_SECRET", SECRET),
+            ("HUB_JWT_JWKS_URL", "https://issuer.example/jwks.json"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.setting, "HUB_JWT_SECRET");
+    }
+
+    #[test]
+    fn leeway_over_a_minute_is_refused() {
+        let e = Settings::load_from_pairs([("HUB_JWT_LEEWAY", "2m")]).unwrap_err();
+        assert_eq!(e.setting, "HUB_JWT_LEEWAY");
+    }
+}

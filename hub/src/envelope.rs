@@ -1,0 +1,230 @@
+//! The wire envelope and notification ids, with no I/O.
+//!
+//! A [`Notification`] is rendered once, when the hub accepts it, into every byte form a
+//! transport writes (WebSocket text, SSE event, SSE event framed as an HTTP/1.1 chunk). Every
+//! connection that receives it shares those bytes; nothing is re-encoded per connection.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+/// Position of a notification in one user's history: `(epoch, seq)`.
+///
+/// The epoch names one incarnation of the history; when a history is lost or recreated its
+/// epoch changes, which is how a resume against it is recognised as a gap. Within an epoch,
+/// `seq` increases by one per notification. On the wire the id is the opaque text
+/// `<epoch hex>-<seq>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Id {
+    /// History incarnation.
+    pub epoch: u64,
+    /// Position within the incarnation, starting at 1.
+    pub seq: u64,
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:x}-{}", self.epoch, self.seq)
+    }
+}
+
+/// A resume id that is not one the hub could have issued.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed notification id")]
+pub struct BadId;
+
+impl FromStr for Id {
+    type Err = BadId;
+
+    fn from_str(s: &str) -> Result<Self, BadId> {
+        if s.len() > 64 {
+            return Err(BadId);
+        }
+        let (epoch, seq) = s.split_once('-').ok_or(BadId)?;
+        let epoch = u64::from_str_radix(epoch, 16).map_err(|_| BadId)?;
+        let seq = seq.parse::<u64>().map_err(|_| BadId)?;
+        Ok(Id { epoch, seq })
+    }
+}
+
+/// Microseconds since the Unix epoch, the hub's acceptance clock.
+pub fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// One accepted notification, pre-rendered for every transport.
+#[derive(Debug)]
+pub struct Notification {
+    /// Its position in the user's history.
+    pub id: Id,
+    /// When the hub accepted it (µs since the Unix epoch).
+    pub accepted_us: u64,
+    /// The envelope JSON, ready to be a WebSocket text frame.
+    pub json: Utf8Bytes,
+    /// `id: ..\ndata: ..\n\n`, for an SSE body that a framing layer wraps.
+    pub sse_event: Bytes,
+    /// The same event as one HTTP/1.1 chunk, for the raw SSE path.
+    pub sse_chunk: Bytes,
+}
+
+#[derive(Serialize)]
+struct Envelope<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    data: &'a RawValue,
+    ts: u64,
+}
+
+impl Notification {
+    /// Renders a notification once; `data` is the caller's JSON, embedded unchanged.
+    pub fn render(id: Id, kind: &str, data: &RawValue, accepted_us: u64) -> Self {
+        let json = envelope_json(Some(id), kind, data, accepted_us / 1000);
+        let sse_event = sse_event(Some(id), &json);
+        let sse_chunk = chunk(&sse_event);
+        Notification {
+            id,
+            accepted_us,
+            json: Utf8Bytes::from(json),
+            sse_event,
+            sse_chunk,
+        }
+    }
+}
+
+fn envelope_json(id: Option<Id>, kind: &str, data: &RawValue, ts_ms: u64) -> String {
+    let envelope = Envelope {
+        id: id.map(|id| id.to_string()),
+        kind,
+        data,
+        ts: ts_ms,
+    };
+    // Serialising a struct of strings, a raw JSON value and an integer cannot fail.
+    serde_json::to_string(&envelope).unwrap_or_default()
+}
+
+/// One SSE event: an `id:` line when there is an id, one `data:` line (the JSON has no
+/// newline), and the blank line that ends the event.
+pub fn sse_event(id: Option<Id>, json: &str) -> Bytes {
+    let mut out = BytesMut::with_capacity(json.len() + 40);
+    if let Some(id) = id {
+        out.put_slice(format!("id: {id}\n").as_bytes());
+    }
+    out.put_slice(b"data: ");
+    out.put_slice(json.as_bytes());
+    out.put_slice(b"\n\n");
+    out.freeze()
+}
+
+/// Frames bytes as one HTTP/1.1 chunk (`<hex len>\r\n<bytes>\r\n`).
+pub fn chunk(payload: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(payload.len() + 12);
+    out.put_slice(format!("{:x}\r\n", payload.len()).as_bytes());
+    out.put_slice(payload);
+    out.put_slice(b"\r\n");
+    out.freeze()
+}
+
+/// A control message (`hub.*`): rendered per connection, never stored, carries no id.
+#[derive(Debug, Clone)]
+pub struct Control {
+    /// The envelope JSON.
+    pub json: String,
+}
+
+impl Control {
+    fn new(kind: &str, data: serde_json::Value) -> Self {
+        let envelope = serde_json::json!({ "type": kind, "data": data, "ts": now_micros() / 1000 });
+        Control {
+            json: envelope.to_string(),
+        }
+    }
+
+    /// `hub.connected`: the first message on every connection.
+    pub fn connected(user: &str, resumed: bool) -> Self {
+        Self::new(
+            "hub.connected",
+            serde_json::json!({ "user": user, "resumed": resumed }),
+        )
+    }
+
+    /// `hub.gap`: the resume point is not in the retained history; refetch state.
+    pub fn gap(reason: &str) -> Self {
+        Self::new("hub.gap", serde_json::json!({ "reason": reason }))
+    }
+
+    /// `hub.error`: a client message was refused.
+    pub fn error(reason: &str) -> Self {
+        Self::new("hub.error", serde_json::json!({ "reason": reason }))
+    }
+
+    /// The SSE event form (no `id:` line, so it does not move the browser's Last-Event-ID).
+    pub fn sse_event(&self) -> Bytes {
+        sse_event(None, &self.json)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_round_trips_and_orders_within_an_epoch() {
+        let a = Id {
+            epoch: 0xabc,
+            seq: 9,
+        };
+        let b = Id {
+            epoch: 0xabc,
+            seq: 10,
+        };
+        assert_eq!(a.to_string(), "abc-9");
+        assert_eq!("abc-10".parse::<Id>(), Ok(b));
+        assert!(a < b);
+    }
+
+    #[test]
+    fn malformed_ids_are_refused() {
+        for bad in ["", "abc", "zz-1", "1-x", "1-", "-1", "1-2-3"] {
+            assert_eq!(bad.parse::<Id>(), Err(BadId), "{bad}");
+        }
+    }
+
+    #[test]
+    fn rendering_embeds_data_unchanged_and_frames_sse() {
+        let data = RawValue::from_string(r#"{"a":[1,2],"s":"x\ny"}"#.to_owned()).unwrap();
+        let n = Notification::render(
+            Id { epoch: 1, seq: 2 },
+            "promo",
+            &data,
+            1_700_000_000_123_456,
+        );
+        assert_eq!(
+            n.json.as_str(),
+            r#"{"id":"1-2","type":"promo","data":{"a":[1,2],"s":"x\ny"},"ts":1700000000123}"#
+        );
+        let event = std::str::from_utf8(&n.sse_event).unwrap();
+        assert_eq!(event, format!("id: 1-2\ndata: {}\n\n", n.json.as_str()));
+        let chunk = std::str::from_utf8(&n.sse_chunk).unwrap();
+        assert_eq!(chunk, format!("{:x}\r\n{event}\r\n", event.len()));
+    }
+
+    #[test]
+    fn control_messages_have_no_id() {
+        let c = Control::connected("alice", false);
+        let v: serde_json::Value = serde_json::from_str(&c.json).unwrap();
+        assert_eq!(v["type"], "hub.connected");
+        assert_eq!(v["data"]["user"], "alice");
+        assert!(v.get("id").is_none());
+        assert!(!String::from_utf8_lossy(&c.sse_event()).contains("id:"));
+    }
+}

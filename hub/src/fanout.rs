@@ -1,0 +1,256 @@
+//! The node-local registry user → connections, and delivery into bounded per-connection queues.
+//!
+//! Delivery never blocks and never allocates per connection: a notification is an
+//! `Arc<Notification>` whose bytes were rendered once, and each connection's queue receives a
+//! pointer to it. A queue that is full means the client is not keeping up; its slot is removed,
+//! which closes the queue, and the connection's task ends it as a slow consumer. The client then
+//! resumes from history, so the node never buffers more than `send_queue` notifications per
+//! connection.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+
+use crate::envelope::Notification;
+
+const SHARDS: usize = 64;
+
+type Shard = Mutex<HashMap<Arc<str>, Vec<Slot>>>;
+
+/// The receiving end of one connection's queue.
+pub type Queue = mpsc::Receiver<Arc<Notification>>;
+
+/// Cheap-to-clone handle on the registry.
+#[derive(Clone)]
+pub struct Fanout {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// Sharded so that deliveries to different users rarely contend. A shard lock is held only
+    /// for map updates and non-blocking `try_send`s, never across an `.await`.
+    shards: Box<[Shard]>,
+    hasher: RandomState,
+    next_id: AtomicU64,
+    open: AtomicUsize,
+    limits: Limits,
+}
+
+struct Slot {
+    id: u64,
+    tx: mpsc::Sender<Arc<Notification>>,
+}
+
+/// Capacity settings of the registry.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections on this node.
+    pub max_connections: usize,
+    /// Connections of one user on this node.
+    pub max_per_user: usize,
+    /// Notifications queued per connection.
+    pub queue: usize,
+}
+
+/// Why a connection could not be registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterError {
+    /// The user already has the maximum number of connections here.
+    #[error("too many connections for this user")]
+    UserLimit,
+    /// The node holds the maximum number of connections.
+    #[error("node at connection capacity")]
+    NodeLimit,
+}
+
+/// What one delivery did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    /// Connections whose queue took the notification.
+    pub queued: usize,
+    /// Connections dropped because their queue was full.
+    pub slow: usize,
+}
+
+/// A registered connection; dropping it removes the connection from the registry.
+pub struct Registration {
+    fanout: Fanout,
+    user: Arc<str>,
+    id: u64,
+}
+
+impl Registration {
+    /// The user this connection belongs to.
+    pub fn user(&self) -> &Arc<str> {
+        &self.user
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.fanout.unregister(&self.user, self.id);
+    }
+}
+
+impl Fanout {
+    /// An empty registry.
+    pub fn new(limits: Limits) -> Self {
+        let shards = (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect();
+        Fanout {
+            shared: Arc::new(Shared {
+                shards,
+                hasher: RandomState::new(),
+                next_id: AtomicU64::new(1),
+                open: AtomicUsize::new(0),
+                limits,
+            }),
+        }
+    }
+
+    fn shard(&self, user: &str) -> &Shard {
+        let h = self.shared.hasher.hash_one(user) as usize;
+        &self.shared.shards[h % SHARDS]
+    }
+
+    /// Registers a connection of `user`, enforcing the node and per-user caps atomically.
+    pub fn register(&self, user: Arc<str>) -> Result<(Registration, Queue), RegisterError> {
+        let limits = self.shared.limits;
+        let mut shard = self.shard(&user).lock();
+        let slots = shard.entry(user.clone()).or_default();
+        if slots.len() >= limits.max_per_user {
+            if slots.is_empty() {
+                shard.remove(&user);
+            }
+            return Err(RegisterError::UserLimit);
+        }
+        // Reserve the node-wide slot; give it back if that overshoots the cap.
+        if self.shared.open.fetch_add(1, Ordering::AcqRel) >= limits.max_connections {
+            self.shared.open.fetch_sub(1, Ordering::AcqRel);
+            if slots.is_empty() {
+                shard.remove(&user);
+            }
+            return Err(RegisterError::NodeLimit);
+        }
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(limits.queue);
+        slots.push(Slot { id, tx });
+        drop(shard);
+        Ok((
+            Registration {
+                fanout: self.clone(),
+                user,
+                id,
+            },
+            rx,
+        ))
+    }
+
+    fn unregister(&self, user: &str, id: u64) {
+        self.shared.open.fetch_sub(1, Ordering::AcqRel);
+        let mut shard = self.shard(user).lock();
+        if let Some(slots) = shard.get_mut(user) {
+            slots.retain(|s| s.id != id);
+            if slots.is_empty() {
+                shard.remove(user);
+            }
+        }
+    }
+
+    /// Queues `n` for every local connection of `user`, dropping the ones that are full.
+    pub fn deliver(&self, user: &str, n: &Arc<Notification>) -> Delivered {
+        let mut out = Delivered::default();
+        let mut shard = self.shard(user).lock();
+        let Some(slots) = shard.get_mut(user) else {
+            return out;
+        };
+        slots.retain(|slot| match slot.tx.try_send(n.clone()) {
+            Ok(()) => {
+                out.queued += 1;
+                true
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                out.slow += 1;
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        });
+        out
+    }
+
+    /// Open connections on this node.
+    pub fn connections(&self) -> usize {
+        self.shared.open.load(Ordering::Acquire)
+    }
+
+    /// Local connections of one user.
+    pub fn user_connections(&self, user: &str) -> usize {
+        self.shard(user).lock().get(user).map_or(0, Vec::len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::Id;
+    use serde_json::value::RawValue;
+
+    fn limits(per_user: usize, total: usize, queue: usize) -> Limits {
+        Limits {
+            max_connections: total,
+            max_per_user: per_user,
+            queue,
+        }
+    }
+
+    fn note(seq: u64) -> Arc<Notification> {
+        let data = RawValue::from_string("{}".to_owned()).unwrap();
+        Arc::new(Notification::render(Id { epoch: 1, seq }, "t", &data, 0))
+    }
+
+    #[test]
+    fn delivers_only_to_the_users_connections() {
+        let f = Fanout::new(limits(4, 10, 8));
+        let (_a, mut qa) = f.register("a".into()).unwrap();
+        let (_b, mut qb) = f.register("b".into()).unwrap();
+        assert_eq!(f.deliver("a", &note(1)).queued, 1);
+        assert_eq!(qa.try_recv().unwrap().id.seq, 1);
+        assert!(qb.try_recv().is_err());
+    }
+
+    #[test]
+    fn caps_are_enforced_and_released_on_drop() {
+        let f = Fanout::new(limits(2, 3, 8));
+        let a1 = f.register("a".into()).unwrap();
+        let _a2 = f.register("a".into()).unwrap();
+        assert_eq!(f.register("a".into()).err(), Some(RegisterError::UserLimit));
+        let _b = f.register("b".into()).unwrap();
+        assert_eq!(f.register("c".into()).err(), Some(RegisterError::NodeLimit));
+        assert_eq!(f.connections(), 3);
+        drop(a1);
+        assert_eq!(f.connections(), 2);
+        assert!(f.register("c".into()).is_ok());
+    }
+
+    #[test]
+    fn a_full_queue_is_dropped_as_slow_and_closes() {
+        let f = Fanout::new(limits(2, 10, 8));
+        let (_reg, mut q) = f.register("a".into()).unwrap();
+        for seq in 1..=8 {
+            assert_eq!(f.deliver("a", &note(seq)).queued, 1);
+        }
+        assert_eq!(f.deliver("a", &note(9)), Delivered { queued: 0, slow: 1 });
+        assert_eq!(f.user_connections("a"), 0);
+        // The queued ones still drain, then the queue reports closed.
+        for seq in 1..=8 {
+            assert_eq!(q.try_recv().unwrap().id.seq, seq);
+        }
+        assert!(matches!(
+            q.try_recv(),
+            Err(mpsc::error::TryRecvError::Disconnected)
+        ));
+    }
+}

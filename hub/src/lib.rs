@@ -1,0 +1,26 @@
+//! The notification hub: a node that authenticates clients at the handshake, keeps a short
+//! per-user history, and pushes notifications over WebSocket and Server-Sent Events.
+//!
+//! # Layout
+//!
+//! - [`config`]: typed settings from `HUB_*` variables and an optional TOML file.
+//! - [`auth`]: JWT verification (secret, PEM key, JWKS) and the origin policy.
+//! - [`envelope`]: the wire envelope and notification ids, rendered once per notification.
+//! - [`fanout`]: the local registry user → connections and bounded per-connection queues.
+//! - [`backplane`]: where notifications are accepted, stored and routed (in-memory today).
+//! - [`transport`]: the front door, the handshake, and WebSocket / SSE connections.
+//! - [`api`]: publish API, health, readiness, metrics, dev login, demo page.
+//! - [`metrics`]: every metric, defined once.
+//! - [`shutdown`]: signals and the drain state.
+//! - [`app`]: builds a node from settings and runs it until drained.
+
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod backplane;
+pub mod config;
+pub mod envelope;
+pub mod fanout;
+pub mod metrics;
+pub mod shutdown;
+pub mod transport;

@@ -1,0 +1,133 @@
+//! `hub`: the node binary. Parses the command line, loads settings, starts telemetry, runs.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use hub::app::{Application, Options};
+use hub::config::{Environment, LogFormat, Settings};
+
+#[derive(Parser)]
+#[command(name = "hub", version, about = "Real-time notification hub")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a hub node.
+    Serve {
+        /// TOML settings file (environment variables override it).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Development mode: random secret and API key unless set, dev login, sample token.
+        #[arg(long)]
+        dev: bool,
+    },
+    /// Print a token signed with the configured HS256 secret.
+    Token {
+        /// The user (`sub`).
+        #[arg(long)]
+        sub: String,
+        /// Lifetime, e.g. 30m, 1h, 7d.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// TOML settings file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config, dev } => serve(config, dev),
+        Command::Token { sub, ttl, config } => token(&sub, ttl, config),
+    }
+}
+
+fn load(config: Option<PathBuf>) -> Result<Settings, ExitCode> {
+    Settings::load(config.as_deref()).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(2)
+    })
+}
+
+fn token(sub: &str, ttl: Duration, config: Option<PathBuf>) -> ExitCode {
+    let settings = match load(config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let Some(secret) = settings.jwt_secret else {
+        eprintln!("config: HUB_JWT_SECRET: required to sign tokens");
+        return ExitCode::from(2);
+    };
+    match hub::auth::sign_hs256(&secret, sub, ttl) {
+        Ok(t) => {
+            println!("{t}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cannot sign: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_telemetry(settings: &Settings) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&settings.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    match settings.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn serve(config: Option<PathBuf>, dev: bool) -> ExitCode {
+    let settings = match load(config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    if dev && settings.env == Environment::Production {
+        eprintln!("config: HUB_ENV: --dev is refused when HUB_ENV=production");
+        return ExitCode::from(2);
+    }
+    init_telemetry(&settings);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let app = match Application::build(settings, Options { dev }).await {
+            Ok(app) => app,
+            Err(e) => {
+                eprintln!("{e:#}");
+                return ExitCode::from(2);
+            }
+        };
+        tracing::info!(port = app.port(), "hub listening");
+        if let Some(creds) = app.dev_credentials() {
+            let sample = hub::auth::sign_hs256(&creds.secret, "demo", Duration::from_secs(3600))
+                .unwrap_or_default();
+            println!("hub: dev mode on port {}", app.port());
+            println!("hub: HUB_JWT_SECRET={}", creds.secret);
+            println!("hub: HUB_API_KEY={}", creds.api_key);
+            println!("hub: sample token for user \"demo\" (1h): {sample}");
+        }
+        match app.run_until_stopped(hub::shutdown::signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

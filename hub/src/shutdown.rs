@@ -1,0 +1,72 @@
+//! The node's lifecycle: one signal function (SIGINT + SIGTERM) and the drain state every
+//! connection and the readiness probe watch.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio_util::sync::CancellationToken;
+
+/// Shared drain state; cheap to clone.
+#[derive(Clone, Default)]
+pub struct Lifecycle {
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    draining: AtomicBool,
+    /// Cancelled when draining starts; connections then close themselves over the window.
+    drain: CancellationToken,
+}
+
+impl Lifecycle {
+    /// A running (not draining) node.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts draining: readiness turns 503, new client connections are refused and existing
+    /// ones are told to reconnect elsewhere.
+    pub fn start_drain(&self) {
+        self.inner.draining.store(true, Ordering::Release);
+        self.inner.drain.cancel();
+    }
+
+    /// Whether the node is draining.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Acquire)
+    }
+
+    /// Resolves when draining starts.
+    pub async fn drained(&self) {
+        self.inner.drain.cancelled().await;
+    }
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+pub async fn signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = term => tracing::info!("SIGTERM received"),
+    }
+}

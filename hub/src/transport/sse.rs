@@ -1,0 +1,303 @@
+//! One Server-Sent Events stream: `retry:` and greeting, replay, live notifications as
+//! `id:`/`data:` events, `: ping` heartbeats, and the end of the stream at `exp`, on drain or
+//! for a slow consumer (the browser then reconnects with `Last-Event-ID` and resumes).
+//!
+//! The session is written once over [`SseOut`], with two outputs: the raw socket of the front
+//! door (events pre-framed as HTTP/1.1 chunks, nothing else buffered) and an axum body.
+
+use std::convert::Infallible;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::Future;
+use http::{HeaderMap, Request, StatusCode, header};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+
+use super::handshake::{self, Rejection, RequestInfo, Session};
+use super::http1::{self, Head};
+use super::{Context, drain_delay, expiry_instant};
+use crate::auth::{self, OriginCheck};
+use crate::envelope::{Control, Id, Notification, chunk, now_micros};
+use crate::metrics::Transport;
+
+const HEARTBEAT: &[u8] = b": ping\n\n";
+const BATCH: usize = 64;
+
+/// Where a stream's bytes go.
+pub trait SseOut: Send {
+    /// Writes one pre-rendered notification.
+    fn notification(&mut self, n: &Notification) -> impl Future<Output = io::Result<()>> + Send;
+    /// Writes raw event bytes (greeting, heartbeat).
+    fn event(&mut self, bytes: Bytes) -> impl Future<Output = io::Result<()>> + Send;
+    /// Resolves when the client has gone away.
+    fn gone(&mut self) -> impl Future<Output = ()> + Send;
+    /// Ends the stream cleanly.
+    fn end(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+/// The front door's output: chunked transfer encoding straight onto the socket.
+struct RawOut {
+    stream: TcpStream,
+}
+
+impl SseOut for RawOut {
+    async fn notification(&mut self, n: &Notification) -> io::Result<()> {
+        self.stream.write_all(&n.sse_chunk).await
+    }
+
+    async fn event(&mut self, bytes: Bytes) -> io::Result<()> {
+        self.stream.write_all(&chunk(&bytes)).await
+    }
+
+    async fn gone(&mut self) {
+        // An SSE client sends nothing after its request; reading only notices EOF or reset.
+        let mut scratch = [0u8; 32];
+        loop {
+            match self.stream.read(&mut scratch).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    async fn end(&mut self) {
+        let _ = self.stream.write_all(b"0\r\n\r\n").await;
+        let _ = self.stream.shutdown().await;
+    }
+}
+
+/// The axum path's output: a small channel feeding the response body.
+struct BodyOut {
+    tx: mpsc::Sender<Bytes>,
+}
+
+impl SseOut for BodyOut {
+    async fn notification(&mut self, n: &Notification) -> io::Result<()> {
+        self.event(n.sse_event.clone()).await
+    }
+
+    async fn event(&mut self, bytes: Bytes) -> io::Result<()> {
+        self.tx
+            .send(bytes)
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))
+    }
+
+    async fn gone(&mut self) {
+        self.tx.closed().await;
+    }
+
+    async fn end(&mut self) {}
+}
+
+fn resume_id<'a>(
+    headers: &'a HeaderMap,
+    query: Option<&'a str>,
+) -> Option<std::borrow::Cow<'a, str>> {
+    headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(std::borrow::Cow::Borrowed)
+        .or_else(|| auth::query_param(query, "last_event_id"))
+}
+
+/// CORS headers so `EventSource` works from another origin: echo an accepted origin, and
+/// allow credentials only for a listed one (the only kind whose cookie is used).
+fn cors_headers(headers: &HeaderMap, origin: OriginCheck) -> Vec<(header::HeaderName, String)> {
+    let Some(value) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return Vec::new();
+    };
+    let mut out = vec![
+        (header::ACCESS_CONTROL_ALLOW_ORIGIN, value.to_owned()),
+        (header::VARY, "origin".to_owned()),
+    ];
+    if origin == OriginCheck::Allowed {
+        out.push((header::ACCESS_CONTROL_ALLOW_CREDENTIALS, "true".to_owned()));
+    }
+    out
+}
+
+/// The raw front-door path.
+pub async fn serve_raw(ctx: Context, mut stream: TcpStream, head: Head) {
+    let admitted = async {
+        if head.method != http::Method::GET {
+            return Err(Rejection::bad_request("use GET"));
+        }
+        let req = RequestInfo {
+            headers: &head.headers,
+            query: head.query.as_deref(),
+        };
+        let since = resume_id(&head.headers, head.query.as_deref());
+        handshake::admit(&ctx, &req, Transport::Sse, since.as_deref()).await
+    };
+    let session = match timeout(ctx.timing.handshake_timeout, admitted).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(rejection)) => {
+            tracing::debug!(path = "/sse", status = rejection.status.as_u16(), reason = %rejection.reason, "handshake refused");
+            let _ = stream
+                .write_all(&http1::json_error(rejection.status, &rejection.body()))
+                .await;
+            return;
+        }
+        Err(_) => return,
+    };
+    let mut response = String::from(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\nx-accel-buffering: no\r\n",
+    );
+    for (name, value) in cors_headers(&head.headers, session.origin) {
+        response.push_str(&format!("{name}: {value}\r\n"));
+    }
+    response.push_str("\r\n");
+    drop(head);
+    if stream.write_all(response.as_bytes()).await.is_err() {
+        return;
+    }
+    run(ctx, RawOut { stream }, session).await;
+}
+
+/// The axum path (a kept-alive connection's later request).
+pub async fn handler(State(ctx): State<Context>, req: Request<Body>) -> Response {
+    let query = req.uri().query();
+    let since = resume_id(req.headers(), query);
+    let info = RequestInfo {
+        headers: req.headers(),
+        query,
+    };
+    let session = match handshake::admit(&ctx, &info, Transport::Sse, since.as_deref()).await {
+        Ok(s) => s,
+        Err(r) => return r.into_response(),
+    };
+    let (tx, rx) = mpsc::channel::<Bytes>(2);
+    let mut builder = Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header("x-accel-buffering", "no");
+    for (name, value) in cors_headers(req.headers(), session.origin) {
+        builder = builder.header(name, value);
+    }
+    tokio::spawn(run(ctx, BodyOut { tx }, session));
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+    });
+    builder
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Seam filter: skips what the client already has.
+fn is_new(last: &mut Option<Id>, n: &Notification) -> bool {
+    if let Some(l) = last
+        && l.epoch == n.id.epoch
+        && n.id.seq <= l.seq
+    {
+        return false;
+    }
+    *last = Some(n.id);
+    true
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Clean end of stream (expiry, drain, slow consumer): the browser reconnects.
+    Close,
+    /// The client went away or a write failed.
+    Gone,
+}
+
+async fn run<O: SseOut>(ctx: Context, mut out: O, mut session: Session) {
+    let timing = ctx.timing;
+    let metrics = ctx.metrics.transport(Transport::Sse).clone();
+    let end: Result<Infallible, End> = async {
+        let replay = session.replay.take();
+        let resumed = replay.as_ref().is_some_and(|r| !r.gap);
+        let mut last = session.resume_from;
+        let mut greeting = format!("retry: {}\n\n", timing.sse_retry.as_millis()).into_bytes();
+        greeting.extend_from_slice(&Control::connected(&session.user, resumed).sse_event());
+        if replay.as_ref().is_some_and(|r| r.gap) {
+            greeting.extend_from_slice(&Control::gap("resume point not in history").sse_event());
+        }
+        write_timeout(timing.write_timeout, out.event(Bytes::from(greeting))).await?;
+        if let Some(replay) = replay {
+            for n in &replay.items {
+                if is_new(&mut last, n) {
+                    write_timeout(timing.write_timeout, out.notification(n)).await?;
+                    metrics.delivered.inc();
+                }
+            }
+        }
+
+        let mut close_at = Box::pin(sleep_until(expiry_instant(session.exp, ctx.verifier.leeway())));
+        let heartbeat = sleep(timing.ping_interval);
+        tokio::pin!(heartbeat);
+        let mut draining = false;
+        let mut batch: Vec<Arc<Notification>> = Vec::new();
+        loop {
+            tokio::select! {
+                next = session.queue.recv() => {
+                    let Some(n) = next else {
+                        tracing::debug!("slow consumer disconnected");
+                        return Err(End::Close);
+                    };
+                    batch.push(n);
+                    while batch.len() < BATCH {
+                        match session.queue.try_recv() {
+                            Ok(n) => batch.push(n),
+                            Err(_) => break,
+                        }
+                    }
+                    let now = now_micros();
+                    for n in batch.drain(..) {
+                        if !is_new(&mut last, &n) {
+                            continue;
+                        }
+                        write_timeout(timing.write_timeout, out.notification(&n)).await?;
+                        metrics.delivered.inc();
+                        ctx.metrics
+                            .delivery_latency()
+                            .observe(now.saturating_sub(n.accepted_us) as f64 / 1e6);
+                    }
+                    if batch.capacity() > BATCH {
+                        batch.shrink_to(BATCH);
+                    }
+                }
+                () = out.gone() => return Err(End::Gone),
+                () = &mut heartbeat => {
+                    write_timeout(timing.write_timeout, out.event(Bytes::from_static(HEARTBEAT))).await?;
+                    heartbeat.as_mut().reset(Instant::now() + timing.ping_interval);
+                }
+                () = &mut close_at => return Err(End::Close),
+                () = ctx.lifecycle.drained(), if !draining => {
+                    draining = true;
+                    let at = Instant::now() + drain_delay(timing.drain_window);
+                    if at < close_at.deadline() {
+                        close_at.as_mut().reset(at);
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    if let Err(End::Close) = end {
+        let _ = timeout(Duration::from_secs(1), out.end()).await;
+    }
+}
+
+async fn write_timeout<F>(limit: Duration, f: F) -> Result<(), End>
+where
+    F: Future<Output = io::Result<()>>,
+{
+    match timeout(limit, f).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) | Err(_) => Err(End::Gone),
+    }
+}

@@ -1,0 +1,388 @@
+//! One WebSocket connection: upgrade, greeting and replay, then live notifications, pings with
+//! a pong deadline, token refresh, and the close codes of the protocol.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderMap, Request, StatusCode, header};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes, handshake::derive_accept_key};
+
+use super::handshake::{self, Rejection, RequestInfo, Session};
+use super::http1::{self, Head};
+use super::{Context, drain_delay, expiry_instant};
+use crate::auth;
+use crate::envelope::{Control, Id, Notification, now_micros};
+use crate::metrics::Transport;
+
+/// Largest client → server message.
+pub const MAX_INBOUND: usize = 4096;
+/// Read buffer per connection. Clients send little (a refresh token now and then), so a small
+/// buffer keeps idle connections cheap; a larger frame grows it only while it is read.
+const READ_BUFFER: usize = 1024;
+/// Outbound bytes tungstenite may hold for a socket that is not draining; past it the write
+/// fails and the client is dropped instead of growing memory.
+const MAX_WRITE_BUFFER: usize = 64 * 1024;
+/// Notifications written per flush when several are queued.
+const BATCH: usize = 64;
+/// Time allowed to send a close frame and see the peer's reply.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+fn config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        // Written through on every message: no per-connection buffer retained between bursts.
+        .write_buffer_size(0)
+        .max_write_buffer_size(MAX_WRITE_BUFFER)
+        .max_message_size(Some(MAX_INBOUND))
+        .max_frame_size(Some(MAX_INBOUND))
+}
+
+/// Checks the upgrade headers and returns the `Sec-WebSocket-Accept` value.
+fn accept_key(headers: &HeaderMap) -> Result<String, Rejection> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
+        return Err(Rejection::bad_request("expected a WebSocket upgrade"));
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        return Err(Rejection::bad_request(
+            "unsupported WebSocket version, use 13",
+        ));
+    }
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or_else(|| Rejection::bad_request("missing Sec-WebSocket-Key"))?;
+    Ok(derive_accept_key(key.as_bytes()))
+}
+
+fn resume_id<'a>(query: Option<&'a str>) -> Option<std::borrow::Cow<'a, str>> {
+    auth::query_param(query, "since")
+}
+
+/// The raw front-door path: the head is parsed, the socket is ours.
+pub async fn serve_raw(ctx: Context, mut stream: TcpStream, head: Head, leftover: Vec<u8>) {
+    let admitted = async {
+        let accept = accept_key(&head.headers)?;
+        let req = RequestInfo {
+            headers: &head.headers,
+            query: head.query.as_deref(),
+        };
+        let since = resume_id(head.query.as_deref());
+        let session = handshake::admit(&ctx, &req, Transport::Ws, since.as_deref()).await?;
+        Ok::<_, Rejection>((accept, session))
+    };
+    let (accept, session) = match timeout(ctx.timing.handshake_timeout, admitted).await {
+        Ok(Ok(ok)) => ok,
+        Ok(Err(rejection)) => {
+            tracing::debug!(path = "/ws", status = rejection.status.as_u16(), reason = %rejection.reason, "handshake refused");
+            let _ = stream
+                .write_all(&http1::json_error(rejection.status, &rejection.body()))
+                .await;
+            return;
+        }
+        Err(_) => return,
+    };
+    drop(head);
+    let response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
+    );
+    if stream.write_all(response.as_bytes()).await.is_err() {
+        return;
+    }
+    let ws = if leftover.is_empty() {
+        WebSocketStream::from_raw_socket(stream, Role::Server, Some(config())).await
+    } else {
+        WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(config())).await
+    };
+    run(ctx, ws, session).await;
+}
+
+/// The axum path (a kept-alive connection's later request): same handshake, hyper upgrade.
+pub async fn handler(State(ctx): State<Context>, mut req: Request<Body>) -> Response {
+    let accept = match accept_key(req.headers()) {
+        Ok(a) => a,
+        Err(r) => {
+            ctx.metrics.rejected(r.metric);
+            return r.into_response();
+        }
+    };
+    let query = req.uri().query().map(str::to_owned);
+    let since = resume_id(query.as_deref()).map(|s| s.into_owned());
+    let info = RequestInfo {
+        headers: req.headers(),
+        query: query.as_deref(),
+    };
+    let session = match handshake::admit(&ctx, &info, Transport::Ws, since.as_deref()).await {
+        Ok(s) => s,
+        Err(r) => return r.into_response(),
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(config()),
+                )
+                .await;
+                run(ctx, ws, session).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::UPGRADE, "websocket")
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .body(Body::empty())
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Why a connection ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Token expired: 4001.
+    Expired,
+    /// A refresh was refused: 4003.
+    RefreshRefused,
+    /// Queue overflowed: 4008.
+    Slow,
+    /// Node draining: 1012.
+    Draining,
+    /// Inbound message over 4 KiB: 1009.
+    TooBig,
+    /// The peer closed, vanished, or broke the protocol: nothing more to say.
+    Gone,
+}
+
+impl End {
+    fn close_frame(self) -> Option<CloseFrame> {
+        let (code, reason) = match self {
+            End::Expired => (4001, "token expired"),
+            End::RefreshRefused => (4003, "token refused"),
+            End::Slow => (4008, "slow consumer"),
+            End::Draining => (1012, "node draining, reconnect"),
+            End::TooBig => (1009, "message too big"),
+            End::Gone => return None,
+        };
+        Some(CloseFrame {
+            code: code.into(),
+            reason: Utf8Bytes::from_static(reason),
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct ClientMessage {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    token: Option<String>,
+}
+
+/// Seam filter: skips what the client already has (replayed, or before its resume point).
+fn is_new(last: &mut Option<Id>, n: &Notification) -> bool {
+    if let Some(l) = last
+        && l.epoch == n.id.epoch
+        && n.id.seq <= l.seq
+    {
+        return false;
+    }
+    *last = Some(n.id);
+    true
+}
+
+async fn run<S>(ctx: Context, mut ws: WebSocketStream<S>, mut session: Session)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let timing = ctx.timing;
+    let metrics = ctx.metrics.transport(Transport::Ws).clone();
+    let end: Result<std::convert::Infallible, End> = async {
+        // Greeting, gap notice and replay, in that order, before anything live.
+        let replay = session.replay.take();
+        let resumed = replay.as_ref().is_some_and(|r| !r.gap);
+        let mut last = session.resume_from;
+        let mut greeting = vec![Control::connected(&session.user, resumed)];
+        if replay.as_ref().is_some_and(|r| r.gap) {
+            greeting.push(Control::gap("resume point not in history"));
+        }
+        for c in greeting {
+            write_timeout(timing.write_timeout, ws.feed(Message::text(c.json))).await?;
+        }
+        if let Some(replay) = replay {
+            for n in &replay.items {
+                if is_new(&mut last, n) {
+                    write_timeout(timing.write_timeout, ws.feed(Message::Text(n.json.clone())))
+                        .await?;
+                    metrics.delivered.inc();
+                }
+            }
+        }
+        write_timeout(timing.write_timeout, ws.flush()).await?;
+
+        let mut close_at = Box::pin(sleep_until(expiry_instant(session.exp, ctx.verifier.leeway())));
+        let mut closing = End::Expired;
+        let heartbeat = sleep(timing.ping_interval);
+        tokio::pin!(heartbeat);
+        let mut awaiting_pong = false;
+        let mut draining = false;
+        let mut batch: Vec<Arc<Notification>> = Vec::new();
+        loop {
+            tokio::select! {
+                next = session.queue.recv() => {
+                    let Some(n) = next else { return Err(End::Slow) };
+                    batch.push(n);
+                    while batch.len() < BATCH {
+                        match session.queue.try_recv() {
+                            Ok(n) => batch.push(n),
+                            Err(_) => break,
+                        }
+                    }
+                    let now = now_micros();
+                    for n in batch.drain(..) {
+                        if !is_new(&mut last, &n) {
+                            continue;
+                        }
+                        write_timeout(timing.write_timeout, ws.feed(Message::Text(n.json.clone()))).await?;
+                        metrics.delivered.inc();
+                        ctx.metrics
+                            .delivery_latency()
+                            .observe(now.saturating_sub(n.accepted_us) as f64 / 1e6);
+                    }
+                    write_timeout(timing.write_timeout, ws.flush()).await?;
+                    if batch.capacity() > BATCH {
+                        batch.shrink_to(BATCH);
+                    }
+                }
+                msg = ws.next() => {
+                    if awaiting_pong {
+                        awaiting_pong = false;
+                        heartbeat.as_mut().reset(Instant::now() + timing.ping_interval);
+                    }
+                    match msg {
+                        Some(Ok(Message::Text(text))) => {
+                            match handle_text(&ctx, &session, text.as_str()).await {
+                                Inbound::Refreshed(exp) => {
+                                    if !draining {
+                                        close_at.as_mut().reset(expiry_instant(exp, ctx.verifier.leeway()));
+                                    }
+                                    session.exp = exp;
+                                }
+                                Inbound::Refused => return Err(End::RefreshRefused),
+                                Inbound::Reply(c) => {
+                                    write_timeout(timing.write_timeout, ws.send(Message::text(c.json))).await?;
+                                }
+                            }
+                        }
+                        Some(Ok(Message::Binary(_))) => {
+                            let c = Control::error("binary messages are not accepted");
+                            write_timeout(timing.write_timeout, ws.send(Message::text(c.json))).await?;
+                        }
+                        // tungstenite queues the pong itself; flush so it leaves now.
+                        Some(Ok(Message::Ping(_))) => write_timeout(timing.write_timeout, ws.flush()).await?,
+                        Some(Ok(Message::Pong(_) | Message::Frame(_))) => {}
+                        Some(Ok(Message::Close(_))) | None => return Err(End::Gone),
+                        Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
+                            return Err(End::TooBig);
+                        }
+                        Some(Err(_)) => return Err(End::Gone),
+                    }
+                }
+                () = &mut heartbeat => {
+                    if awaiting_pong {
+                        tracing::debug!("no pong in time");
+                        return Err(End::Gone);
+                    }
+                    write_timeout(timing.write_timeout, ws.send(Message::Ping(Default::default()))).await?;
+                    awaiting_pong = true;
+                    heartbeat.as_mut().reset(Instant::now() + timing.pong_timeout);
+                }
+                () = &mut close_at => return Err(closing),
+                () = ctx.lifecycle.drained(), if !draining => {
+                    draining = true;
+                    let at = Instant::now() + drain_delay(timing.drain_window);
+                    if at < close_at.deadline() {
+                        close_at.as_mut().reset(at);
+                        closing = End::Draining;
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    let end = match end {
+        Err(end) => end,
+        Ok(never) => match never {},
+    };
+    if end == End::Slow {
+        tracing::debug!("slow consumer disconnected");
+    }
+    if let Some(frame) = end.close_frame() {
+        let _ = timeout(CLOSE_GRACE, async {
+            if ws.send(Message::Close(Some(frame))).await.is_ok() {
+                // Wait for the peer's close so our FIN does not race its unread data.
+                while let Some(Ok(_)) = ws.next().await {}
+            }
+        })
+        .await;
+    }
+}
+
+async fn write_timeout<F, T, E>(limit: Duration, f: F) -> Result<T, End>
+where
+    F: Future<Output = Result<T, E>>,
+{
+    match timeout(limit, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(_)) | Err(_) => Err(End::Gone),
+    }
+}
+
+enum Inbound {
+    Refreshed(u64),
+    Refused,
+    Reply(Control),
+}
+
+async fn handle_text(ctx: &Context, session: &Session, text: &str) -> Inbound {
+    let Ok(msg) = serde_json::from_str::<ClientMessage>(text) else {
+        return Inbound::Reply(Control::error("expected JSON with a \"type\""));
+    };
+    match (msg.kind.as_str(), msg.token) {
+        ("refresh", Some(token)) => match ctx.verifier.verify(&token).await {
+            Ok(identity) if *identity.user == *session.user => Inbound::Refreshed(identity.exp),
+            Ok(_) => {
+                tracing::debug!("refresh for another user refused");
+                Inbound::Refused
+            }
+            Err(e) => {
+                tracing::debug!(reason = %e, "refresh refused");
+                Inbound::Refused
+            }
+        },
+        ("refresh", None) => Inbound::Reply(Control::error("refresh needs a token")),
+        _ => Inbound::Reply(Control::error("unknown message type")),
+    }
+}

@@ -1,0 +1,298 @@
+//! What the two transports share: which hub, user, transport and source address each
+//! connection gets, the TCP connect, and decoding of the hub's JSON envelopes.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::sse::SseConn;
+use crate::target::HubAddr;
+use crate::ws::WsConn;
+
+/// Transport choice on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportMode {
+    /// WebSocket only.
+    Ws,
+    /// Server-Sent Events only.
+    Sse,
+    /// Alternate WebSocket and SSE per connection.
+    Mixed,
+}
+
+/// Transport of one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// WebSocket at `/ws`.
+    Ws,
+    /// Server-Sent Events at `/sse`.
+    Sse,
+}
+
+/// How connections are spread over users, hubs, transports and source addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layout {
+    /// Total connections over all workers.
+    pub connections: usize,
+    /// Number of distinct users; connection j belongs to user j % users.
+    pub users: usize,
+    /// Number of hub nodes.
+    pub hubs: usize,
+    /// Spread connections over hubs by index instead of by user.
+    pub publish_any: bool,
+    /// Transport choice.
+    pub mode: TransportMode,
+    /// Number of `--source-ip` addresses (0 = let the kernel choose).
+    pub sources: usize,
+}
+
+/// Where and how one connection is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnPlan {
+    /// Index of the user the connection authenticates as.
+    pub user: usize,
+    /// Index of the hub it connects to.
+    pub hub: usize,
+    /// Its transport.
+    pub transport: Transport,
+    /// Index into the source addresses, if any were given.
+    pub source: Option<usize>,
+}
+
+impl Layout {
+    /// Plans connection `j` (0-based over all workers).
+    pub fn plan(&self, j: usize) -> ConnPlan {
+        let hubs = self.hubs.max(1);
+        let user = j % self.users.max(1);
+        // Without a shared backplane a user's connections and publishes must meet on the
+        // same node, so the hub follows the user; with --publish-any it follows j.
+        let hub = if self.publish_any { j % hubs } else { user % hubs };
+        // Alternate transports and source addresses by the connection's rank among its
+        // hub's connections rather than by j, so that neither lines up with the hub
+        // round-robin (with 2 hubs, j % 2 would give each hub a single transport).
+        let rank = j / hubs;
+        let transport = match self.mode {
+            TransportMode::Ws => Transport::Ws,
+            TransportMode::Sse => Transport::Sse,
+            TransportMode::Mixed if rank % 2 == 0 => Transport::Ws,
+            TransportMode::Mixed => Transport::Sse,
+        };
+        let source = (self.sources > 0).then(|| rank % self.sources);
+        ConnPlan {
+            user,
+            hub,
+            transport,
+            source,
+        }
+    }
+}
+
+/// A failed connection attempt: a short kind for counting and a detail for samples.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// Short, low-cardinality reason such as `"http 503"` or `"tcp connect"`.
+    pub kind: String,
+    /// Full message, e.g. the error body.
+    pub detail: String,
+}
+
+impl Failure {
+    /// Creates a failure of `kind` with `detail`.
+    pub fn new(kind: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self {
+            kind: kind.into(),
+            detail: detail.into(),
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind, self.detail)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// Connects to `addr`, first binding to `source` (port chosen by the kernel) if given.
+pub async fn tcp_connect(addr: SocketAddr, source: Option<IpAddr>) -> Result<TcpStream, Failure> {
+    let io = |kind: &str| {
+        let kind = kind.to_owned();
+        move |e: std::io::Error| Failure::new(kind, e.to_string())
+    };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(io("socket"))?;
+    if let Some(ip) = source {
+        socket
+            .bind(SocketAddr::new(ip, 0))
+            .map_err(io("bind source address"))?;
+    }
+    let stream = socket.connect(addr).await.map_err(io("tcp connect"))?;
+    stream.set_nodelay(true).map_err(io("socket"))?;
+    Ok(stream)
+}
+
+/// An established connection of either transport.
+pub enum Conn {
+    /// WebSocket connection.
+    Ws(Box<WsConn>),
+    /// SSE connection.
+    Sse(Box<SseConn>),
+}
+
+impl Conn {
+    /// Opens a connection with `token` using `transport`.
+    pub async fn open(
+        transport: Transport,
+        hub: &HubAddr,
+        token: &str,
+        source: Option<IpAddr>,
+    ) -> Result<Self, Failure> {
+        Ok(match transport {
+            Transport::Ws => Self::Ws(Box::new(WsConn::connect(hub, token, source).await?)),
+            Transport::Sse => Self::Sse(Box::new(SseConn::connect(hub, token, source).await?)),
+        })
+    }
+
+    /// Waits for the next envelope payload; the connection ending is an error.
+    pub async fn next_payload(&mut self) -> Result<Bytes> {
+        match self {
+            Self::Ws(ws) => ws.next_payload().await,
+            Self::Sse(sse) => sse.next_payload().await,
+        }
+    }
+}
+
+/// What a received envelope turned out to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Envelope {
+    /// The hub's greeting after authentication.
+    Connected,
+    /// A notification published by this tool.
+    Load {
+        /// Publisher's wall clock at send time, µs since the Unix epoch.
+        sent_us: u64,
+        /// Per-user sequence number.
+        seq: u64,
+    },
+    /// Any other envelope type.
+    Other,
+}
+
+#[derive(Deserialize)]
+struct RawEnvelope<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct LoadData {
+    sent_us: u64,
+    seq: u64,
+}
+
+/// Classifies one envelope, `{"id":…,"type":…,"data":{…},"ts":…}`.
+pub fn parse_envelope(payload: &[u8]) -> Result<Envelope> {
+    let envelope: RawEnvelope<'_> =
+        serde_json::from_slice(payload).context("payload is not a JSON envelope")?;
+    Ok(match envelope.kind.as_ref() {
+        "hub.connected" => Envelope::Connected,
+        "load" => {
+            let data = envelope.data.context("load envelope without data")?;
+            let load: LoadData =
+                serde_json::from_str(data.get()).context("load data lacks sent_us/seq")?;
+            Envelope::Load {
+                sent_us: load.sent_us,
+                seq: load.seq,
+            }
+        }
+        _ => Envelope::Other,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(connections: usize, users: usize, hubs: usize, publish_any: bool) -> Layout {
+        Layout {
+            connections,
+            users,
+            hubs,
+            publish_any,
+            mode: TransportMode::Mixed,
+            sources: 2,
+        }
+    }
+
+    #[test]
+    fn hub_follows_user_unless_publish_any() {
+        let by_user = layout(12, 4, 3, false);
+        for j in 0..12 {
+            let plan = by_user.plan(j);
+            assert_eq!(plan.user, j % 4);
+            assert_eq!(plan.hub, (j % 4) % 3, "j={j}");
+        }
+        let any = layout(12, 4, 3, true);
+        for j in 0..12 {
+            assert_eq!(any.plan(j).hub, j % 3);
+        }
+    }
+
+    #[test]
+    fn each_hub_gets_both_transports_and_all_sources() {
+        let l = layout(8, 8, 2, true);
+        for hub in 0..2 {
+            let plans: Vec<_> = (0..8).map(|j| l.plan(j)).filter(|p| p.hub == hub).collect();
+            assert!(plans.iter().any(|p| p.transport == Transport::Ws));
+            assert!(plans.iter().any(|p| p.transport == Transport::Sse));
+            assert!(plans.iter().any(|p| p.source == Some(0)));
+            assert!(plans.iter().any(|p| p.source == Some(1)));
+        }
+        let plain = Layout {
+            mode: TransportMode::Sse,
+            sources: 0,
+            ..l
+        };
+        assert_eq!(plain.plan(3).transport, Transport::Sse);
+        assert_eq!(plain.plan(3).source, None);
+    }
+
+    #[test]
+    fn parses_envelopes() -> Result<()> {
+        let connected = br#"{"type":"hub.connected","data":{"user":"lt-1","resumed":false},"ts":1}"#;
+        assert_eq!(parse_envelope(connected)?, Envelope::Connected);
+
+        let load = br#"{"id":"01J","type":"load","data":{"sent_us":1700000000000000,"seq":42},"ts":5}"#;
+        assert_eq!(
+            parse_envelope(load)?,
+            Envelope::Load {
+                sent_us: 1_700_000_000_000_000,
+                seq: 42
+            }
+        );
+
+        let escaped = br#"{"id":"x","type":"lo\u0061d","data":{"seq":1,"sent_us":2,"extra":[1]}}"#;
+        assert_eq!(parse_envelope(escaped)?, Envelope::Load { sent_us: 2, seq: 1 });
+
+        assert_eq!(parse_envelope(br#"{"type":"news","data":[1,2]}"#)?, Envelope::Other);
+        assert!(parse_envelope(b"not json").is_err());
+        assert!(parse_envelope(br#"{"type":"load"}"#).is_err());
+        assert!(parse_envelope(br#"{"type":"load","data":{"seq":-1,"sent_us":2}}"#).is_err());
+        Ok(())
+    }
+}

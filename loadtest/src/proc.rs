@@ -1,0 +1,100 @@
+//! Process facts from `/proc`: resident memory of any pid, CPU time of this process,
+//! and the open-files limit.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+/// Kernel clock ticks per second as `/proc/<pid>/stat` reports them.
+///
+/// `/proc` always reports in USER_HZ, which is 100 on every mainstream Linux target;
+/// reading it properly needs `sysconf`, which would mean unsafe code.
+const USER_HZ: u64 = 100;
+
+/// Resident set size in KiB of `pid`, or of this process when `pid` is `None`.
+pub fn rss_kib(pid: Option<u32>) -> Result<u64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/status"),
+        None => "/proc/self/status".to_owned(),
+    };
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    parse_vm_rss(&status).with_context(|| format!("no VmRSS line in {path}"))
+}
+
+/// Extracts the `VmRSS:` value (in kB) from the text of `/proc/<pid>/status`.
+fn parse_vm_rss(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// User plus system CPU time consumed so far by this process.
+pub fn cpu_time() -> Result<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").context("reading /proc/self/stat")?;
+    let ticks = parse_cpu_ticks(&stat).context("unexpected format of /proc/self/stat")?;
+    Ok(Duration::from_millis(ticks * 1000 / USER_HZ))
+}
+
+/// Sums utime and stime (fields 14 and 15) from the text of `/proc/<pid>/stat`.
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    // The command name (field 2) may contain spaces and parentheses, so count fields
+    // from the last ')' on; the field after it is field 3 (state).
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit and returns the new soft limit.
+pub fn raise_nofile_limit() -> Result<u64> {
+    rlimit::increase_nofile_limit(u64::MAX).context("raising RLIMIT_NOFILE")
+}
+
+/// Fails unless `needed` file descriptors fit under the current soft RLIMIT_NOFILE.
+pub fn check_nofile(limit: u64, needed: u64) -> Result<()> {
+    if needed > limit {
+        bail!(
+            "this process needs about {needed} open files but RLIMIT_NOFILE is {limit}; \
+             use more --processes"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_vm_rss() {
+        let status = "Name:\thub\nVmPeak:\t  999 kB\nVmRSS:\t   45312 kB\nRssAnon:\t 1 kB\n";
+        assert_eq!(parse_vm_rss(status), Some(45312));
+        assert_eq!(parse_vm_rss("Name:\tkthreadd\n"), None);
+    }
+
+    #[test]
+    fn parses_cpu_ticks_with_odd_command_names() {
+        let stat = "4242 (we ird) name)) S 1 4242 4242 0 -1 4194560 100 0 0 0 \
+                    250 75 0 0 20 0 3 0 12345 1000000 500 18446744073709551615";
+        assert_eq!(parse_cpu_ticks(stat), Some(325));
+        assert_eq!(parse_cpu_ticks("garbage"), None);
+        assert_eq!(parse_cpu_ticks("1 (x) S 1 2"), None);
+    }
+
+    #[test]
+    fn reads_own_process() -> Result<()> {
+        assert!(rss_kib(None)? > 0);
+        assert!(rss_kib(Some(std::process::id()))? > 0);
+        cpu_time()?;
+        Ok(())
+    }
+
+    #[test]
+    fn nofile_check() {
+        assert!(check_nofile(20_000, 18_100).is_ok());
+        assert!(check_nofile(1024, 18_100).is_err());
+    }
+}
