@@ -143,9 +143,20 @@ pub struct Control {
 
 impl Control {
     fn new(kind: &str, data: serde_json::Value) -> Self {
-        let envelope = serde_json::json!({ "type": kind, "data": data, "ts": now_micros() / 1000 });
+        #[derive(Serialize)]
+        struct ControlEnvelope<'a> {
+            #[serde(rename = "type")]
+            kind: &'a str,
+            data: serde_json::Value,
+            ts: u64,
+        }
+        let envelope = ControlEnvelope {
+            kind,
+            data,
+            ts: now_micros() / 1000,
+        };
         Control {
-            json: envelope.to_string(),
+            json: serde_json::to_string(&envelope).unwrap_or_default(),
         }
     }
 

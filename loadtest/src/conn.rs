@@ -74,7 +74,11 @@ impl Layout {
         let user = j % self.users.max(1);
         // Without a shared backplane a user's connections and publishes must meet on the
         // same node, so the hub follows the user; with --publish-any it follows j.
-        let hub = if self.publish_any { j % hubs } else { user % hubs };
+        let hub = if self.publish_any {
+            j % hubs
+        } else {
+            user % hubs
+        };
         // Alternate transports and source addresses by the connection's rank among its
         // hub's connections rather than by j, so that neither lines up with the hub
         // round-robin (with 2 hubs, j % 2 would give each hub a single transport).
@@ -82,7 +86,7 @@ impl Layout {
         let transport = match self.mode {
             TransportMode::Ws => Transport::Ws,
             TransportMode::Sse => Transport::Sse,
-            TransportMode::Mixed if rank % 2 == 0 => Transport::Ws,
+            TransportMode::Mixed if rank.is_multiple_of(2) => Transport::Ws,
             TransportMode::Mixed => Transport::Sse,
         };
         let source = (self.sources > 0).then(|| rank % self.sources);
@@ -274,10 +278,12 @@ mod tests {
 
     #[test]
     fn parses_envelopes() -> Result<()> {
-        let connected = br#"{"type":"hub.connected","data":{"user":"lt-1","resumed":false},"ts":1}"#;
+        let connected =
+            br#"{"type":"hub.connected","data":{"user":"lt-1","resumed":false},"ts":1}"#;
         assert_eq!(parse_envelope(connected)?, Envelope::Connected);
 
-        let load = br#"{"id":"01J","type":"load","data":{"sent_us":1700000000000000,"seq":42},"ts":5}"#;
+        let load =
+            br#"{"id":"01J","type":"load","data":{"sent_us":1700000000000000,"seq":42},"ts":5}"#;
         assert_eq!(
             parse_envelope(load)?,
             Envelope::Load {
@@ -287,9 +293,15 @@ mod tests {
         );
 
         let escaped = br#"{"id":"x","type":"lo\u0061d","data":{"seq":1,"sent_us":2,"extra":[1]}}"#;
-        assert_eq!(parse_envelope(escaped)?, Envelope::Load { sent_us: 2, seq: 1 });
+        assert_eq!(
+            parse_envelope(escaped)?,
+            Envelope::Load { sent_us: 2, seq: 1 }
+        );
 
-        assert_eq!(parse_envelope(br#"{"type":"news","data":[1,2]}"#)?, Envelope::Other);
+        assert_eq!(
+            parse_envelope(br#"{"type":"news","data":[1,2]}"#)?,
+            Envelope::Other
+        );
         assert!(parse_envelope(b"not json").is_err());
         assert!(parse_envelope(br#"{"type":"load"}"#).is_err());
         assert!(parse_envelope(br#"{"type":"load","data":{"seq":-1,"sent_us":2}}"#).is_err());

@@ -214,7 +214,10 @@ mod tests {
             ..Default::default()
         });
         let text = serde_json::to_string(&event)?;
-        assert!(text.starts_with(r#"{"event":"connected","worker":2"#), "{text}");
+        assert!(
+            text.starts_with(r#"{"event":"connected","worker":2"#),
+            "{text}"
+        );
         assert_eq!(decode::<Event>(&text)?, event);
         assert!(decode::<Event>(r#"{"event":"nope"}"#).is_err());
         Ok(())

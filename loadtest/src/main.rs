@@ -1,1 +1,272 @@
-fn main() {}
+//! `hub-loadgen`: load generator for the notification hub.
+//!
+//! `hub-loadgen run` opens many WebSocket/SSE connections through worker processes,
+//! publishes through the hub's HTTP API at a set rate and reports connect speed, server
+//! memory per connection, delivery latency and loss. `hub-loadgen worker` is the
+//! internal mode those worker processes run in.
+
+mod conn;
+mod ipc;
+mod proc;
+mod publish;
+mod report;
+mod run;
+mod sse;
+mod stats;
+mod target;
+mod token;
+mod worker;
+mod ws;
+
+use std::net::IpAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::conn::TransportMode;
+
+/// Command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "hub-loadgen",
+    version,
+    about = "Load generator for the notification hub"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Debug, Subcommand)]
+enum Commands {
+    /// Open connections, publish at a rate, and report.
+    Run(Box<RunArgs>),
+    /// Internal: a worker process driven by `run` over stdin/stdout.
+    #[command(hide = true)]
+    Worker {
+        /// Worker number, 0-based.
+        #[arg(long)]
+        id: usize,
+    },
+}
+
+/// Options of `hub-loadgen run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Hub base URL, e.g. http://127.0.0.1:8080; repeat for several nodes. User i
+    /// connects and is published to via hub i % H.
+    #[arg(long = "hub", value_name = "URL", required = true)]
+    pub hubs: Vec<String>,
+
+    /// Transport of the connections; mixed alternates per connection.
+    #[arg(long, value_enum, default_value_t = TransportMode::Ws)]
+    pub transport: TransportMode,
+
+    /// Connections to open in total.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub connections: usize,
+
+    /// Distinct users; connection j belongs to user j % M [default: N].
+    #[arg(long, value_name = "M")]
+    pub users: Option<usize>,
+
+    /// Prefix of the user names (lt-0, lt-1, …).
+    #[arg(long, value_name = "PREFIX", default_value = "lt-")]
+    pub user_prefix: String,
+
+    /// HS256 secret the hub verifies connection tokens with.
+    #[arg(long, value_name = "SECRET")]
+    pub jwt_secret: String,
+
+    /// API key for POST /api/publish (required when --rate > 0).
+    #[arg(long, value_name = "KEY")]
+    pub api_key: Option<String>,
+
+    /// Lifetime of the minted connection tokens.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub token_ttl: Duration,
+
+    /// Notifications per second in total; 0 publishes nothing and only holds the
+    /// connections (for --duration).
+    #[arg(long, value_name = "R", default_value_t = 0.0, value_parser = parse_rate)]
+    pub rate: f64,
+
+    /// How long to publish.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+
+    /// Idle time after all connections are up, before measuring RSS and publishing.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub hold: Duration,
+
+    /// After publishing, how long to wait at most for in-flight deliveries.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub drain: Duration,
+
+    /// Handshakes in flight at once, per worker process.
+    #[arg(long, value_name = "C", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub connect_concurrency: u32,
+
+    /// Limit for one connection attempt, up to its hub.connected.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Limit for the whole connect phase; connections not up by then count as failed.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub max_connect_time: Duration,
+
+    /// Worker processes holding the connections [default: ceil(N / 15000)]; at most
+    /// 18 000 connections fit in one process.
+    #[arg(long, value_name = "P", value_parser = clap::value_parser!(u32).range(1..))]
+    pub processes: Option<u32>,
+
+    /// Local address to bind connections to, round-robin; repeat to get past the
+    /// ~28k ephemeral ports of one address.
+    #[arg(long = "source-ip", value_name = "IP")]
+    pub source_ips: Vec<IpAddr>,
+
+    /// PID of a hub process whose VmRSS to measure; the k-th pairs with the k-th --hub.
+    #[arg(long = "server-pid", value_name = "PID")]
+    pub server_pids: Vec<u32>,
+
+    /// Publish connections, each with one request in flight.
+    #[arg(long, value_name = "S", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub publish_concurrency: u32,
+
+    /// Publish through the hubs round-robin and spread connection j over hub j % H
+    /// regardless of its user (for nodes that share a backplane).
+    #[arg(long)]
+    pub publish_any: bool,
+
+    /// Print the figures as one JSON object on stdout (the summary goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses `--rate`: a finite, non-negative number.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate >= 0.0 => Ok(rate),
+        _ => Err(format!("{text:?} is not a non-negative number")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = tokio::runtime::Builder::new_multi_thread()
+        // The target machines have two cores; more threads would only add contention.
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
+        .and_then(|runtime| {
+            let result = runtime.block_on(async {
+                match cli.command {
+                    Commands::Run(args) => run::run(*args).await,
+                    Commands::Worker { id } => worker::run(id).await,
+                }
+            });
+            // A worker's stdin reader sits in a blocking read that never returns on its
+            // own; do not let it hold up the exit.
+            runtime.shutdown_timeout(Duration::from_millis(200));
+            result
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hub-loadgen: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_a_full_run_command_line() -> Result<()> {
+        let cli = Cli::try_parse_from([
+            "hub-loadgen",
+            "run",
+            "--hub",
+            "http://127.0.0.1:8080",
+            "--hub",
+            "http://127.0.0.1:8081",
+            "--transport",
+            "mixed",
+            "--connections",
+            "50000",
+            "--users",
+            "100",
+            "--jwt-secret",
+            "s",
+            "--api-key",
+            "k",
+            "--token-ttl",
+            "2h",
+            "--rate",
+            "10000",
+            "--duration",
+            "30s",
+            "--hold",
+            "5s",
+            "--drain",
+            "1s",
+            "--processes",
+            "3",
+            "--source-ip",
+            "127.0.0.2",
+            "--source-ip",
+            "127.0.0.3",
+            "--server-pid",
+            "42",
+            "--publish-any",
+            "--json",
+        ])?;
+        let Commands::Run(args) = cli.command else {
+            anyhow::bail!("expected run");
+        };
+        assert_eq!(args.hubs.len(), 2);
+        assert_eq!(args.transport, TransportMode::Mixed);
+        assert_eq!(args.token_ttl, Duration::from_secs(7200));
+        assert_eq!(args.drain, Duration::from_secs(1));
+        assert_eq!(args.processes, Some(3));
+        assert_eq!(args.source_ips.len(), 2);
+        assert!(args.publish_any && args.json);
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        let base = [
+            "hub-loadgen",
+            "run",
+            "--hub",
+            "http://h:1",
+            "--jwt-secret",
+            "s",
+        ];
+        for extra in [
+            ["--rate", "-1"],
+            ["--rate", "NaN"],
+            ["--processes", "0"],
+            ["--hold", "5 parsecs"],
+        ] {
+            let args = base.iter().chain(extra.iter());
+            assert!(
+                Cli::try_parse_from(args).is_err(),
+                "{extra:?} should be rejected"
+            );
+        }
+        assert!(Cli::try_parse_from(["hub-loadgen", "run", "--jwt-secret", "s"]).is_err());
+    }
+}

@@ -48,6 +48,20 @@ fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// Number of ephemeral ports in `net.ipv4.ip_local_port_range`, if readable.
+pub fn local_port_count() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    parse_port_range(&text)
+}
+
+/// Counts the ports of an `ip_local_port_range` value such as `"32768\t60999"`.
+fn parse_port_range(text: &str) -> Option<u64> {
+    let mut bounds = text.split_whitespace().map(str::parse::<u64>);
+    let low = bounds.next()?.ok()?;
+    let high = bounds.next()?.ok()?;
+    (high >= low).then(|| high - low + 1)
+}
+
 /// Raises the soft RLIMIT_NOFILE to the hard limit and returns the new soft limit.
 pub fn raise_nofile_limit() -> Result<u64> {
     rlimit::increase_nofile_limit(u64::MAX).context("raising RLIMIT_NOFILE")
@@ -90,6 +104,14 @@ mod tests {
         assert!(rss_kib(Some(std::process::id()))? > 0);
         cpu_time()?;
         Ok(())
+    }
+
+    #[test]
+    fn parses_port_range() {
+        assert_eq!(parse_port_range("32768\t60999\n"), Some(28232));
+        assert_eq!(parse_port_range("1024 1024"), Some(1));
+        assert_eq!(parse_port_range("60999 32768"), None);
+        assert_eq!(parse_port_range("x"), None);
     }
 
     #[test]

@@ -167,7 +167,9 @@ impl Shared {
         let auth = HeaderValue::from_str(&format!("Bearer {}", config.api_key))
             .context("--api-key contains characters not allowed in a header")?;
         Ok(Self {
-            user_names: (0..users).map(|i| user_name(&config.user_prefix, i)).collect(),
+            user_names: (0..users)
+                .map(|i| user_name(&config.user_prefix, i))
+                .collect(),
             seqs: (0..users).map(|_| AtomicU64::new(0)).collect(),
             ok: (0..users).map(|_| AtomicU64::new(0)).collect(),
             cursors: config.hubs.iter().map(|_| AtomicU64::new(0)).collect(),
@@ -228,7 +230,12 @@ impl Shared {
     }
 
     /// Publishes one notification via `hub`, reusing or replacing `conn`.
-    async fn publish_one(&self, hub: usize, conn: &mut Option<Sender>, latency: &mut Histogram<u64>) {
+    async fn publish_one(
+        &self,
+        hub: usize,
+        conn: &mut Option<Sender>,
+        latency: &mut Histogram<u64>,
+    ) {
         // Get a usable connection before taking a seq, so that a keep-alive connection
         // the server closed while idle costs a reconnect instead of a failed publish.
         let mut sender = match self.ready(hub, conn.take()).await {
@@ -277,7 +284,10 @@ impl Shared {
 }
 
 /// Sends one request and reads the whole response.
-async fn exchange(sender: &mut Sender, request: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes)> {
+async fn exchange(
+    sender: &mut Sender,
+    request: Request<Full<Bytes>>,
+) -> Result<(StatusCode, Bytes)> {
     let response = sender
         .send_request(request)
         .await
@@ -347,7 +357,11 @@ pub async fn run(config: PublishConfig) -> Result<PublishOutcome> {
     }
     let elapsed = start.elapsed();
 
-    let published: Vec<u64> = shared.ok.iter().map(|n| n.load(Ordering::Relaxed)).collect();
+    let published: Vec<u64> = shared
+        .ok
+        .iter()
+        .map(|n| n.load(Ordering::Relaxed))
+        .collect();
     let errors = shared
         .errors
         .lock()

@@ -57,7 +57,10 @@ pub struct Head {
 pub fn parse_head(buf: &[u8]) -> Result<Option<Head>> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut response = httparse::Response::new(&mut headers);
-    let len = match response.parse(buf).context("malformed HTTP response head")? {
+    let len = match response
+        .parse(buf)
+        .context("malformed HTTP response head")?
+    {
         httparse::Status::Complete(len) => len,
         httparse::Status::Partial => return Ok(None),
     };
@@ -222,7 +225,11 @@ impl BodyDecoder {
     }
 
     /// Decodes `input` into `sink`; returns whether the body has ended.
-    pub fn feed(&mut self, input: &[u8], sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<bool> {
+    pub fn feed(
+        &mut self,
+        input: &[u8],
+        sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Result<bool> {
         match self {
             Self::Chunked(decoder) => decoder.feed(input, sink),
             Self::Length(left) => {
@@ -363,7 +370,11 @@ pub struct SseConn {
 
 impl SseConn {
     /// Connects, sends `GET /sse?token=…` and checks for a 200 response.
-    pub async fn connect(hub: &HubAddr, token: &str, source: Option<IpAddr>) -> Result<Self, Failure> {
+    pub async fn connect(
+        hub: &HubAddr,
+        token: &str,
+        source: Option<IpAddr>,
+    ) -> Result<Self, Failure> {
         let mut stream = tcp_connect(hub.addr, source).await?;
         let request = format!(
             "GET {path}?token={token} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\
@@ -382,10 +393,15 @@ impl SseConn {
                 .read_buf(&mut buf)
                 .await
                 .map_err(|e| Failure::new("sse read", e.to_string()))?;
-            match parse_head(&buf).map_err(|e| Failure::new("sse bad response", format!("{e:#}")))? {
+            match parse_head(&buf)
+                .map_err(|e| Failure::new("sse bad response", format!("{e:#}")))?
+            {
                 Some(head) => break head,
                 None if n == 0 => {
-                    return Err(Failure::new("sse closed", "connection closed before response head"));
+                    return Err(Failure::new(
+                        "sse closed",
+                        "connection closed before response head",
+                    ));
                 }
                 None if buf.len() > MAX_HEAD => {
                     return Err(Failure::new("sse bad response", "response head too large"));
@@ -460,7 +476,11 @@ impl SseConn {
 }
 
 /// Reads what arrives of an error response body within a short time, for the report.
-async fn read_error_body(stream: &mut TcpStream, mut buf: BytesMut, mut body: BodyDecoder) -> String {
+async fn read_error_body(
+    stream: &mut TcpStream,
+    mut buf: BytesMut,
+    mut body: BodyDecoder,
+) -> String {
     let mut text = Vec::new();
     let collect = async {
         loop {
@@ -489,7 +509,11 @@ async fn read_error_body(stream: &mut TcpStream, mut buf: BytesMut, mut body: Bo
 mod tests {
     use super::*;
 
-    fn decode_all(decoder: &mut ChunkedDecoder, input: &[u8], step: usize) -> Result<(Vec<u8>, bool)> {
+    fn decode_all(
+        decoder: &mut ChunkedDecoder,
+        input: &[u8],
+        step: usize,
+    ) -> Result<(Vec<u8>, bool)> {
         let mut out = Vec::new();
         let mut done = false;
         for piece in input.chunks(step) {
@@ -523,8 +547,16 @@ mod tests {
     #[test]
     fn chunked_rejects_malformed_input() {
         let mut sink = |_: &[u8]| Ok(());
-        assert!(ChunkedDecoder::default().feed(b"zz\r\n", &mut sink).is_err());
-        assert!(ChunkedDecoder::default().feed(b"3\r\nabcX\r\n", &mut sink).is_err());
+        assert!(
+            ChunkedDecoder::default()
+                .feed(b"zz\r\n", &mut sink)
+                .is_err()
+        );
+        assert!(
+            ChunkedDecoder::default()
+                .feed(b"3\r\nabcX\r\n", &mut sink)
+                .is_err()
+        );
         assert!(
             ChunkedDecoder::default()
                 .feed(b"fffffffffffffffffffff\r\n", &mut sink)

@@ -116,7 +116,12 @@ pub struct ErrorTally {
 impl ErrorTally {
     /// Records one error of `kind`, keeping `detail` as a sample while there is room.
     pub fn record(&mut self, kind: &str, detail: &str) {
-        self.add_count(kind, 1);
+        self.record_n(kind, detail, 1);
+    }
+
+    /// Records `n` errors of `kind` that share one `detail`.
+    pub fn record_n(&mut self, kind: &str, detail: &str, n: u64) {
+        self.add_count(kind, n);
         let sample = if detail.is_empty() {
             kind.to_owned()
         } else {
@@ -133,11 +138,6 @@ impl ErrorTally {
         for sample in &other.samples {
             self.add_sample(sample.clone());
         }
-    }
-
-    /// Total number of errors recorded.
-    pub fn total(&self) -> u64 {
-        self.counts.values().sum()
     }
 
     /// Whether nothing was recorded.
@@ -195,7 +195,6 @@ pub enum SeqOutcome {
 #[derive(Debug, Default)]
 pub struct SeqTracker {
     bits: Vec<u64>,
-    unique: u64,
 }
 
 impl SeqTracker {
@@ -216,14 +215,8 @@ impl SeqTracker {
             SeqOutcome::Duplicate
         } else {
             *slot |= mask;
-            self.unique += 1;
             SeqOutcome::New
         }
-    }
-
-    /// Number of distinct seqs received.
-    pub fn unique(&self) -> u64 {
-        self.unique
     }
 }
 
@@ -289,7 +282,7 @@ mod tests {
         assert_eq!(t.observe(0), SeqOutcome::OutOfRange);
         assert_eq!(t.observe(MAX_TRACKED_SEQ + 1), SeqOutcome::OutOfRange);
         assert_eq!(t.observe(MAX_TRACKED_SEQ), SeqOutcome::New);
-        assert_eq!(t.unique(), 5);
+        assert_eq!(t.observe(MAX_TRACKED_SEQ), SeqOutcome::Duplicate);
     }
 
     #[test]
@@ -343,7 +336,6 @@ mod tests {
         a.merge(&b);
         assert_eq!(a.counts["http 503"], 3);
         assert_eq!(a.counts["http 401"], 1);
-        assert_eq!(a.total(), 4);
         assert_eq!(
             a.samples,
             vec![
@@ -363,7 +355,11 @@ mod tests {
         assert_eq!(t.counts.len(), MAX_ERROR_KINDS + 1);
         assert_eq!(t.counts["other"], 100 - MAX_ERROR_KINDS as u64);
         assert_eq!(t.samples.len(), MAX_ERROR_SAMPLES);
-        assert!(t.samples.iter().all(|s| s.len() <= MAX_SAMPLE_LEN + '…'.len_utf8()));
+        assert!(
+            t.samples
+                .iter()
+                .all(|s| s.len() <= MAX_SAMPLE_LEN + '…'.len_utf8())
+        );
     }
 
     #[test]

@@ -101,13 +101,22 @@ mod tests {
         let p = parse_url("http://hub.local/notify/")?;
         assert_eq!((p.port, p.prefix.as_str()), (80, "/notify"));
         let p = parse_url("ws://[::1]:9000")?;
-        assert_eq!((p.host.as_str(), p.authority.as_str()), ("::1", "[::1]:9000"));
+        assert_eq!(
+            (p.host.as_str(), p.authority.as_str()),
+            ("::1", "[::1]:9000")
+        );
         Ok(())
     }
 
     #[test]
     fn rejects_unsupported_urls() {
-        for bad in ["127.0.0.1:8080", "https://h:1", "http://u:p@h:1", "http://h:1/?a=b", "::"] {
+        for bad in [
+            "127.0.0.1:8080",
+            "https://h:1",
+            "http://u:p@h:1",
+            "http://h:1/?a=b",
+            "::",
+        ] {
             assert!(parse_url(bad).is_err(), "{bad} should be rejected");
         }
     }

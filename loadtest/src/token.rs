@@ -68,8 +68,12 @@ mod tests {
 
     fn decode(token: &str, secret: &str) -> jsonwebtoken::errors::Result<Claims> {
         let validation = Validation::new(Algorithm::HS256);
-        jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(secret.as_bytes()), &validation)
-            .map(|data| data.claims)
+        jsonwebtoken::decode::<Claims>(
+            token,
+            &DecodingKey::from_secret(secret.as_bytes()),
+            &validation,
+        )
+        .map(|data| data.claims)
     }
 
     #[test]

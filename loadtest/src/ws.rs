@@ -34,13 +34,13 @@ pub struct WsConn {
 
 impl WsConn {
     /// Connects and performs the upgrade handshake for `GET /ws?token=…`.
-    pub async fn connect(hub: &HubAddr, token: &str, source: Option<IpAddr>) -> Result<Self, Failure> {
+    pub async fn connect(
+        hub: &HubAddr,
+        token: &str,
+        source: Option<IpAddr>,
+    ) -> Result<Self, Failure> {
         let tcp = tcp_connect(hub.addr, source).await?;
-        let url = format!(
-            "ws://{}{}?token={token}",
-            hub.authority,
-            hub.path("/ws")
-        );
+        let url = format!("ws://{}{}?token={token}", hub.authority, hub.path("/ws"));
         match tokio_tungstenite::client_async_with_config(url, tcp, Some(config())).await {
             Ok((stream, _response)) => Ok(Self { stream }),
             Err(WsError::Http(response)) => {
@@ -49,7 +49,10 @@ impl WsConn {
                     .as_deref()
                     .map(|b| String::from_utf8_lossy(b).trim().to_owned())
                     .unwrap_or_default();
-                Err(Failure::new(format!("http {}", response.status().as_u16()), body))
+                Err(Failure::new(
+                    format!("http {}", response.status().as_u16()),
+                    body,
+                ))
             }
             Err(e) => Err(Failure::new("ws handshake", e.to_string())),
         }

@@ -171,6 +171,8 @@ impl Verifier {
             ErrorKind::InvalidAlgorithmName | ErrorKind::UnsupportedAlgorithm => {
                 AuthError::Algorithm
             }
+            // A readable header whose `alg` the library does not know (`none`, ...).
+            _ if raw_header_alg(token).is_some() => AuthError::Algorithm,
             _ => AuthError::Malformed,
         })?;
         let (key, alg) = match &self.inner.keys {
@@ -205,6 +207,17 @@ impl Verifier {
             exp: data.claims.exp,
         })
     }
+}
+
+/// The `alg` of a header that is valid base64url JSON, whatever its value.
+fn raw_header_alg(token: &str) -> Option<String> {
+    use base64::Engine;
+    let first = token.split('.').next()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(first)
+        .ok()?;
+    let header: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    header.get("alg")?.as_str().map(str::to_owned)
 }
 
 fn map_error(e: jsonwebtoken::errors::Error) -> AuthError {

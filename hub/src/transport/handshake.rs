@@ -10,7 +10,7 @@ use prometheus::IntGauge;
 use super::Context;
 use crate::auth::{self, AuthError, OriginCheck};
 use crate::backplane::{Backplane, Replay};
-use crate::envelope::Id;
+use crate::envelope::{Id, Notification};
 use crate::fanout::{Queue, RegisterError, Registration};
 use crate::metrics::{Transport, reason};
 
@@ -210,4 +210,18 @@ async fn admit_inner(
         resume_from,
         guard,
     })
+}
+
+/// The seam filter: true for a notification the client does not have yet (it is after the
+/// resume point and after everything replayed), and then records it as the last one sent.
+/// Within one history epoch ids only grow; a new epoch (history recreated) starts afresh.
+pub fn is_new(last: &mut Option<Id>, n: &Notification) -> bool {
+    if let Some(l) = last
+        && l.epoch == n.id.epoch
+        && n.id.seq <= l.seq
+    {
+        return false;
+    }
+    *last = Some(n.id);
+    true
 }

@@ -21,11 +21,11 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 
-use super::handshake::{self, Rejection, RequestInfo, Session};
+use super::handshake::{self, Rejection, RequestInfo, Session, is_new};
 use super::http1::{self, Head};
 use super::{Context, drain_delay, expiry_instant};
 use crate::auth::{self, OriginCheck};
-use crate::envelope::{Control, Id, Notification, chunk, now_micros};
+use crate::envelope::{Control, Notification, chunk, now_micros};
 use crate::metrics::Transport;
 
 const HEARTBEAT: &[u8] = b": ping\n\n";
@@ -192,18 +192,6 @@ pub async fn handler(State(ctx): State<Context>, req: Request<Body>) -> Response
     builder
         .body(Body::from_stream(body))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
-}
-
-/// Seam filter: skips what the client already has.
-fn is_new(last: &mut Option<Id>, n: &Notification) -> bool {
-    if let Some(l) = last
-        && l.epoch == n.id.epoch
-        && n.id.seq <= l.seq
-    {
-        return false;
-    }
-    *last = Some(n.id);
-    true
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

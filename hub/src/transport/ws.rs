@@ -19,11 +19,11 @@ use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes, handshake::derive_accept_key};
 
-use super::handshake::{self, Rejection, RequestInfo, Session};
+use super::handshake::{self, Rejection, RequestInfo, Session, is_new};
 use super::http1::{self, Head};
 use super::{Context, drain_delay, expiry_instant};
 use crate::auth;
-use crate::envelope::{Control, Id, Notification, now_micros};
+use crate::envelope::{Control, Notification, now_micros};
 use crate::metrics::Transport;
 
 /// Largest client → server message.
@@ -199,18 +199,6 @@ struct ClientMessage {
     kind: String,
     #[serde(default)]
     token: Option<String>,
-}
-
-/// Seam filter: skips what the client already has (replayed, or before its resume point).
-fn is_new(last: &mut Option<Id>, n: &Notification) -> bool {
-    if let Some(l) = last
-        && l.epoch == n.id.epoch
-        && n.id.seq <= l.seq
-    {
-        return false;
-    }
-    *last = Some(n.id);
-    true
 }
 
 async fn run<S>(ctx: Context, mut ws: WebSocketStream<S>, mut session: Session)

@@ -1,1 +1,13 @@
+//! Integration tests: real hub nodes on random ports, real WebSocket and SSE clients.
 
+mod auth;
+mod backplane;
+mod drain;
+mod expiry;
+mod helpers;
+mod isolation;
+mod limits;
+mod metrics;
+mod origin;
+mod resume;
+mod slow_consumer;

@@ -1,0 +1,637 @@
+//! Test harness: a hub on a random port (in-process or as a real process), real WebSocket and
+//! SSE clients, token minting, and waiting on conditions with a deadline.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use futures_util::{SinkExt, StreamExt};
+use hmac::{Hmac, Mac};
+use hub::app::{Application, Options};
+use hub::config::Settings;
+use serde_json::{Value, json};
+use sha2::Sha256;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::time::{Instant, timeout};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long any single expected event may take.
+pub const STEP: Duration = Duration::from_secs(10);
+
+/// Path of a test fixture.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn random_hex(n: usize) -> String {
+    (0..n)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_s() -> u64 {
+    hub::envelope::now_micros() / 1_000_000
+}
+
+/// A hub node running inside the test's runtime.
+pub struct TestApp {
+    /// Listener address.
+    pub addr: SocketAddr,
+    /// HS256 secret (empty when another key source is configured).
+    pub secret: String,
+    /// Publish API key.
+    pub api_key: String,
+    stop: Option<oneshot::Sender<()>>,
+    done: Option<tokio::task::JoinHandle<()>>,
+    http: reqwest::Client,
+}
+
+/// Starts a node with test defaults overridden by `pairs` (`HUB_*` names).
+pub async fn spawn_app_with(pairs: &[(&str, &str)]) -> TestApp {
+    let secret = random_hex(24);
+    let api_key = random_hex(16);
+    let other_key_source = pairs
+        .iter()
+        .any(|(k, _)| *k == "HUB_JWT_PUBLIC_KEY_FILE" || *k == "HUB_JWT_JWKS_URL");
+    let mut all: Vec<(&str, &str)> = vec![
+        ("HUB_ADDR", "127.0.0.1:0"),
+        ("HUB_API_KEY", &api_key),
+        ("HUB_JWT_LEEWAY", "0s"),
+        ("HUB_DRAIN_WINDOW", "100ms"),
+    ];
+    if !other_key_source {
+        all.push(("HUB_JWT_SECRET", &secret));
+    }
+    all.extend_from_slice(pairs);
+    let settings = Settings::load_from_pairs(all).expect("test settings are valid");
+    let app = Application::build(settings, Options::default())
+        .await
+        .expect("app builds");
+    let addr: SocketAddr = ([127, 0, 0, 1], app.port()).into();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let done = tokio::spawn(async move {
+        let _ = app
+            .run_until_stopped(async {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    TestApp {
+        addr,
+        secret: if other_key_source {
+            String::new()
+        } else {
+            secret
+        },
+        api_key,
+        stop: Some(stop),
+        done: Some(done),
+        http: reqwest::Client::new(),
+    }
+}
+
+/// Starts a node with test defaults.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&[]).await
+}
+
+impl TestApp {
+    /// `http://127.0.0.1:port`.
+    pub fn base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `ws://127.0.0.1:port/ws?...`.
+    pub fn ws_url(&self, query: &str) -> String {
+        format!("ws://{}/ws?{query}", self.addr)
+    }
+
+    /// A valid HS256 token for `user`, made by the test (not the hub's signer).
+    pub fn token(&self, user: &str) -> String {
+        hs256(&self.secret, &json!({"sub": user, "exp": now_s() + 600}))
+    }
+
+    /// Publishes and returns the id.
+    pub async fn publish(&self, user: &str, kind: &str, data: Value) -> String {
+        let r = self
+            .publish_raw(&json!({"user_id": user, "type": kind, "data": data}))
+            .await;
+        assert_eq!(r.0, 200, "publish failed: {}", r.1);
+        r.1["id"].as_str().expect("id").to_owned()
+    }
+
+    /// Publishes any body; returns status and JSON body.
+    pub async fn publish_raw(&self, body: &Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}/api/publish", self.base()))
+            .bearer_auth(&self.api_key)
+            .json(body)
+            .send()
+            .await
+            .expect("publish request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// GET a path; returns status and body text.
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base()))
+            .send()
+            .await
+            .expect("GET");
+        (r.status().as_u16(), r.text().await.unwrap_or_default())
+    }
+
+    /// The value of one metric series (`name{labels}` as printed), 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let (_, text) = self.get("/metrics").await;
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            })
+            .unwrap_or(0.0)
+    }
+
+    /// Waits until a metric series reaches `at_least`.
+    pub async fn wait_metric(&self, series: &str, at_least: f64) {
+        let deadline = Instant::now() + STEP;
+        loop {
+            let v = self.metric(series).await;
+            if v >= at_least {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{series} stayed at {v}, wanted ≥ {at_least}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the node (drains first) and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(d) = self.done.take() {
+            let _ = timeout(Duration::from_secs(30), d).await;
+        }
+    }
+}
+
+/// Signs HS256 by hand (HMAC-SHA256 over base64url JSON), independent of the hub's library.
+pub fn hs256(secret: &str, claims: &Value) -> String {
+    hs256_with_header(secret, &json!({"alg": "HS256", "typ": "JWT"}), claims)
+}
+
+/// Signs HS256 with an arbitrary header.
+pub fn hs256_with_header(secret: &str, header: &Value, claims: &Value) -> String {
+    let signing_input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("hmac key");
+    mac.update(signing_input.as_bytes());
+    let sig = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+    format!("{signing_input}.{sig}")
+}
+
+/// Signs RS256 with the `openssl` command line tool, an implementation independent of the hub.
+pub fn rs256_openssl(private_pem: &std::path::Path, header: &Value, claims: &Value) -> String {
+    let signing_input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let mut child = Command::new("openssl")
+        .args(["dgst", "-sha256", "-sign"])
+        .arg(private_pem)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("openssl runs");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(signing_input.as_bytes())
+            .expect("write to openssl");
+    }
+    let out = child.wait_with_output().expect("openssl output");
+    assert!(out.status.success(), "openssl failed");
+    format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(out.stdout))
+}
+
+/// What a client saw next.
+#[derive(Debug)]
+pub enum Event {
+    /// One envelope.
+    Envelope(Value),
+    /// The server closed (WS close code, if any) or ended the stream.
+    Closed(Option<u16>),
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A WebSocket client.
+pub struct WsClient {
+    ws: Ws,
+}
+
+/// A refused handshake: status and JSON body.
+#[derive(Debug)]
+pub struct Refused {
+    /// HTTP status.
+    pub status: u16,
+    /// Body text.
+    pub body: String,
+}
+
+impl WsClient {
+    /// Connects to `url` with extra headers.
+    pub async fn connect_with(url: &str, headers: &[(&str, &str)]) -> Result<Self, Refused> {
+        let mut req = url.into_client_request().expect("valid URL");
+        for (k, v) in headers {
+            req.headers_mut().insert(
+                http::HeaderName::from_bytes(k.as_bytes()).expect("header name"),
+                http::HeaderValue::from_str(v).expect("header value"),
+            );
+        }
+        match timeout(STEP, tokio_tungstenite::connect_async(req)).await {
+            Ok(Ok((ws, _))) => Ok(WsClient { ws }),
+            Ok(Err(WsError::Http(resp))) => Err(Refused {
+                status: resp.status().as_u16(),
+                body: resp
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default(),
+            }),
+            Ok(Err(e)) => panic!("ws connect failed: {e}"),
+            Err(_) => panic!("ws connect timed out"),
+        }
+    }
+
+    /// Connects with a token in the query.
+    pub async fn connect(app: &TestApp, token: &str, extra_query: &str) -> Result<Self, Refused> {
+        let mut q = format!("token={token}");
+        if !extra_query.is_empty() {
+            q.push('&');
+            q.push_str(extra_query);
+        }
+        Self::connect_with(&app.ws_url(&q), &[]).await
+    }
+
+    /// The next envelope or close; pings are answered by the library.
+    pub async fn next(&mut self) -> Event {
+        loop {
+            let msg = timeout(STEP, self.ws.next())
+                .await
+                .expect("no WebSocket event within the deadline");
+            match msg {
+                Some(Ok(Message::Text(t))) => {
+                    return Event::Envelope(
+                        serde_json::from_str(t.as_str()).expect("JSON envelope"),
+                    );
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return Event::Closed(frame.map(|f| u16::from(f.code)));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return Event::Closed(None),
+            }
+        }
+    }
+
+    /// The next envelope; panics on close.
+    pub async fn envelope(&mut self) -> Value {
+        match self.next().await {
+            Event::Envelope(v) => v,
+            Event::Closed(c) => panic!("closed ({c:?}) while an envelope was expected"),
+        }
+    }
+
+    /// Waits for the close code.
+    pub async fn closed(&mut self) -> Option<u16> {
+        loop {
+            if let Event::Closed(c) = self.next().await {
+                return c;
+            }
+        }
+    }
+
+    /// Sends a text frame.
+    pub async fn send_text(&mut self, text: String) {
+        self.ws.send(Message::text(text)).await.expect("send");
+    }
+
+    /// Closes politely.
+    pub async fn close(mut self) {
+        let _ = self
+            .ws
+            .close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                code: CloseCode::Normal,
+                reason: "bye".into(),
+            }))
+            .await;
+    }
+}
+
+/// One SSE event.
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    /// `id:` line.
+    pub id: Option<String>,
+    /// `data:` parsed as JSON.
+    pub data: Value,
+}
+
+/// A minimal SSE client over a raw socket (chunked transfer decoding included).
+pub struct SseClient {
+    stream: TcpStream,
+    raw: Vec<u8>,
+    body: Vec<u8>,
+    chunked: bool,
+    ended: bool,
+    /// Response headers (lower-case names).
+    pub headers: Vec<(String, String)>,
+}
+
+impl SseClient {
+    /// Connects to `path_and_query` with extra headers.
+    pub async fn connect_with(
+        app: &TestApp,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Self, Refused> {
+        let mut stream = TcpStream::connect(app.addr).await.expect("connect");
+        let mut req = format!(
+            "GET {path_and_query} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n",
+            app.addr
+        );
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        stream.write_all(req.as_bytes()).await.expect("write");
+        let mut raw = Vec::new();
+        let (status, head_len, hdrs) = loop {
+            let mut buf = [0u8; 4096];
+            let n = timeout(STEP, stream.read(&mut buf))
+                .await
+                .expect("SSE response within the deadline")
+                .expect("read");
+            assert!(n > 0, "closed before a response head");
+            raw.extend_from_slice(&buf[..n]);
+            let mut h = [httparse::EMPTY_HEADER; 32];
+            let mut resp = httparse::Response::new(&mut h);
+            if let httparse::Status::Complete(len) = resp.parse(&raw).expect("HTTP response") {
+                let hdrs: Vec<(String, String)> = resp
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_ascii_lowercase(),
+                            String::from_utf8_lossy(h.value).into_owned(),
+                        )
+                    })
+                    .collect();
+                break (resp.code.unwrap_or(0), len, hdrs);
+            }
+        };
+        raw.drain(..head_len);
+        if status != 200 {
+            // Read the rest of a small refusal body.
+            let _ = timeout(Duration::from_secs(2), stream.read_to_end(&mut raw)).await;
+            return Err(Refused {
+                status,
+                body: String::from_utf8_lossy(&raw).into_owned(),
+            });
+        }
+        let chunked = hdrs
+            .iter()
+            .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+        Ok(SseClient {
+            stream,
+            raw,
+            body: Vec::new(),
+            chunked,
+            ended: false,
+            headers: hdrs,
+        })
+    }
+
+    /// Connects with a token in the query plus `extra_query`.
+    pub async fn connect(app: &TestApp, token: &str, extra_query: &str) -> Result<Self, Refused> {
+        let mut q = format!("/sse?token={token}");
+        if !extra_query.is_empty() {
+            q.push('&');
+            q.push_str(extra_query);
+        }
+        Self::connect_with(app, &q, &[]).await
+    }
+
+    fn decode(&mut self) {
+        if !self.chunked {
+            self.body.append(&mut self.raw);
+            return;
+        }
+        loop {
+            let Some(pos) = self.raw.windows(2).position(|w| w == b"\r\n") else {
+                return;
+            };
+            let size_line = String::from_utf8_lossy(&self.raw[..pos]).into_owned();
+            let size = usize::from_str_radix(size_line.trim(), 16).expect("chunk size");
+            if size == 0 {
+                self.ended = true;
+                self.raw.clear();
+                return;
+            }
+            if self.raw.len() < pos + 2 + size + 2 {
+                return;
+            }
+            self.body
+                .extend_from_slice(&self.raw[pos + 2..pos + 2 + size]);
+            self.raw.drain(..pos + 2 + size + 2);
+        }
+    }
+
+    fn take_event(&mut self) -> Option<SseEvent> {
+        loop {
+            let pos = self.body.windows(2).position(|w| w == b"\n\n")?;
+            let block = String::from_utf8_lossy(&self.body[..pos]).into_owned();
+            self.body.drain(..pos + 2);
+            let mut id = None;
+            let mut data = None;
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("id: ") {
+                    id = Some(v.to_owned());
+                } else if let Some(v) = line.strip_prefix("data: ") {
+                    data = Some(serde_json::from_str(v).expect("JSON data"));
+                }
+            }
+            // Comments (heartbeats) and `retry:` blocks carry no data.
+            if let Some(data) = data {
+                return Some(SseEvent { id, data });
+            }
+        }
+    }
+
+    /// The next event with data, or `None` when the stream ended.
+    pub async fn next_event(&mut self) -> Option<SseEvent> {
+        loop {
+            self.decode();
+            if let Some(e) = self.take_event() {
+                return Some(e);
+            }
+            if self.ended {
+                return None;
+            }
+            let mut buf = [0u8; 8192];
+            let n = timeout(STEP, self.stream.read(&mut buf))
+                .await
+                .expect("no SSE event within the deadline")
+                .unwrap_or(0);
+            if n == 0 {
+                self.ended = true;
+                self.decode();
+                return self.take_event();
+            }
+            self.raw.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// The next event; panics when the stream ended.
+    pub async fn event(&mut self) -> SseEvent {
+        self.next_event()
+            .await
+            .expect("stream ended while an event was expected")
+    }
+}
+
+/// A hub running as its own process (for signals, kill and RSS).
+pub struct HubProcess {
+    child: Child,
+    /// Listener address.
+    pub addr: SocketAddr,
+    /// HS256 secret.
+    pub secret: String,
+    /// API key.
+    pub api_key: String,
+}
+
+impl HubProcess {
+    /// Starts the `hub` binary on a free port with extra environment settings.
+    pub async fn start(env: &[(&str, &str)]) -> HubProcess {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+            l.local_addr().expect("addr").port()
+        };
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let secret = random_hex(24);
+        let api_key = random_hex(16);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hub"));
+        cmd.arg("serve")
+            .env_clear()
+            .env("HUB_ADDR", addr.to_string())
+            .env("HUB_JWT_SECRET", &secret)
+            .env("HUB_API_KEY", &api_key)
+            .env("HUB_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("hub binary starts");
+        let p = HubProcess {
+            child,
+            addr,
+            secret,
+            api_key,
+        };
+        let deadline = Instant::now() + STEP;
+        while TcpStream::connect(addr).await.is_err() {
+            assert!(Instant::now() < deadline, "hub did not start listening");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        p
+    }
+
+    /// The pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident set size in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("/proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// Sends a signal by name (`TERM`, `KILL`).
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill runs")
+            .success();
+        assert!(ok, "kill -{name} failed");
+    }
+
+    /// Waits for the process to exit; returns whether it did within `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A view usable with the clients (shares address, secret and key).
+    pub fn as_app(&self) -> TestApp {
+        TestApp {
+            addr: self.addr,
+            secret: self.secret.clone(),
+            api_key: self.api_key.clone(),
+            stop: None,
+            done: None,
+            http: reqwest::Client::new(),
+        }
+    }
+}
+
+impl Drop for HubProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

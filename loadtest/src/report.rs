@@ -1,0 +1,548 @@
+//! The final report: merging the workers' figures with the parent's, and rendering
+//! them as a human summary ([`fmt::Display`]) or JSON ([`serde::Serialize`]).
+
+use std::fmt;
+use std::time::Duration;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::RunArgs;
+use crate::conn::TransportMode;
+use crate::ipc::{ConnectedReport, FinalReport};
+use crate::publish::PublishOutcome;
+use crate::run::Plan;
+use crate::stats::{
+    DeliveryCounters, ErrorTally, LatencySummary, add_per_hub, decode_histogram, merge_histogram,
+    new_histogram,
+};
+
+/// RSS of one hub process before connecting and after the hold.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerRss {
+    /// Hub index the pid pairs with.
+    pub hub: usize,
+    /// The pid.
+    pub pid: u32,
+    /// VmRSS before connecting, KiB.
+    pub before_kib: u64,
+    /// VmRSS after the hold, KiB.
+    pub after_kib: u64,
+}
+
+/// Everything measured during a run, as input to [`build`].
+pub struct Measurements<'a> {
+    /// The command line.
+    pub args: &'a RunArgs,
+    /// The derived plan.
+    pub plan: &'a Plan,
+    /// Each worker's connect-phase report.
+    pub connected: &'a [ConnectedReport],
+    /// Each worker's final report.
+    pub finals: &'a [FinalReport],
+    /// What publishing achieved.
+    pub publish: &'a PublishOutcome,
+    /// Server memory readings.
+    pub servers: Vec<ServerRss>,
+    /// The parent's own CPU time.
+    pub parent_cpu: Duration,
+    /// The parent's own RSS, KiB.
+    pub parent_rss_kib: u64,
+}
+
+/// The run's settings, echoed for the record.
+#[derive(Debug, Serialize)]
+pub struct Setup {
+    /// Hub URLs.
+    pub hubs: Vec<String>,
+    /// Transport choice.
+    pub transport: TransportMode,
+    /// Connections requested.
+    pub connections: usize,
+    /// Distinct users.
+    pub users: usize,
+    /// Worker processes.
+    pub processes: usize,
+    /// Target publish rate, per second.
+    pub rate: f64,
+    /// Publishing time, s.
+    pub duration_secs: f64,
+    /// Hold time, s.
+    pub hold_secs: f64,
+    /// Drain limit, s.
+    pub drain_secs: f64,
+    /// Whether connections and publishes were spread over hubs regardless of user.
+    pub publish_any: bool,
+    /// Number of source addresses.
+    pub source_ips: usize,
+}
+
+/// Connect-phase figures.
+#[derive(Debug, Serialize)]
+pub struct Connections {
+    /// Connections attempted.
+    pub attempted: u64,
+    /// Connections that received hub.connected.
+    pub established: u64,
+    /// Connections not established.
+    pub failed: u64,
+    /// Why they failed.
+    pub errors: ErrorTally,
+    /// From the first attempt to the last hub.connected, s.
+    pub connect_secs: f64,
+    /// Established connections per second over `connect_secs`.
+    pub connect_rate: f64,
+    /// Established connections per hub index.
+    pub established_per_hub: Vec<u64>,
+}
+
+/// Memory of one hub process.
+#[derive(Debug, Serialize)]
+pub struct ServerMemory {
+    /// Hub URL.
+    pub hub: String,
+    /// Process id.
+    pub pid: u32,
+    /// VmRSS before connecting, KiB.
+    pub rss_before_kib: u64,
+    /// VmRSS after the hold, KiB.
+    pub rss_after_kib: u64,
+    /// Established connections on that hub.
+    pub connections: u64,
+    /// (after − before) / connections, KiB; absent without connections.
+    pub kib_per_connection: Option<f64>,
+}
+
+/// Publishing figures.
+#[derive(Debug, Serialize)]
+pub struct Publishing {
+    /// Target rate, per second.
+    pub target_rate: f64,
+    /// Publishes answered 200.
+    pub ok: u64,
+    /// Publishes that failed.
+    pub failed: u64,
+    /// Why they failed.
+    pub errors: ErrorTally,
+    /// Publishing time, s.
+    pub secs: f64,
+    /// ok / secs.
+    pub achieved_rate: f64,
+    /// Concurrent senders used.
+    pub senders: usize,
+    /// Publish request round trip.
+    pub request_latency: LatencySummary,
+}
+
+/// Delivery figures.
+#[derive(Debug, Serialize)]
+pub struct Delivery {
+    /// Counters merged over all workers.
+    #[serde(flatten)]
+    pub counters: DeliveryCounters,
+    /// Publishing time plus the longest drain, s.
+    pub window_secs: f64,
+    /// The longest worker drain, s.
+    pub drain_secs: f64,
+    /// deliveries / window_secs.
+    pub per_sec: f64,
+    /// Publish-to-receipt latency.
+    pub latency: LatencySummary,
+    /// SSE heartbeat comments received.
+    pub sse_heartbeats: u64,
+}
+
+/// Connections that ended before the run stopped them.
+#[derive(Debug, Serialize)]
+pub struct Disconnects {
+    /// How many.
+    pub count: u64,
+    /// Why.
+    pub errors: ErrorTally,
+}
+
+/// The load generator's own resource use.
+#[derive(Debug, Serialize)]
+pub struct Loadgen {
+    /// CPU time of the parent and all workers, s.
+    pub cpu_secs: f64,
+    /// The parent's RSS at the end, KiB.
+    pub parent_rss_kib: u64,
+    /// The workers' RSS after connecting, summed, KiB.
+    pub workers_rss_kib: u64,
+}
+
+/// All figures of a run.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// Settings.
+    pub setup: Setup,
+    /// Connect phase.
+    pub connections: Connections,
+    /// Hub process memory.
+    pub servers: Vec<ServerMemory>,
+    /// Publishing.
+    pub publish: Publishing,
+    /// Deliveries.
+    pub delivery: Delivery,
+    /// Unexpected disconnects.
+    pub disconnects: Disconnects,
+    /// Own resource use.
+    pub loadgen: Loadgen,
+}
+
+/// `n / secs`, or 0 when no time passed.
+fn per_sec(n: u64, secs: f64) -> f64 {
+    if secs > 0.0 { n as f64 / secs } else { 0.0 }
+}
+
+/// Merges the measurements into a report.
+pub fn build(m: &Measurements<'_>) -> Result<Report> {
+    let mut errors = ErrorTally::default();
+    let mut per_hub = Vec::new();
+    let (mut attempted, mut established, mut failed) = (0, 0, 0);
+    let mut first_attempt = u64::MAX;
+    let mut last_connected = 0;
+    for r in m.connected {
+        attempted += r.attempted;
+        established += r.established;
+        failed += r.failed;
+        errors.merge(&r.errors);
+        add_per_hub(&mut per_hub, &r.established_per_hub);
+        if r.first_attempt_us > 0 {
+            first_attempt = first_attempt.min(r.first_attempt_us);
+        }
+        last_connected = last_connected.max(r.last_connected_us);
+    }
+    let connect_secs = last_connected.saturating_sub(first_attempt) as f64 / 1e6;
+
+    let mut counters = DeliveryCounters::default();
+    let mut latency = new_histogram();
+    let mut disconnects = Disconnects {
+        count: 0,
+        errors: ErrorTally::default(),
+    };
+    let mut drain_ms = 0;
+    let mut sse_heartbeats = 0;
+    let mut cpu = m.parent_cpu;
+    for r in m.finals {
+        counters.merge(&r.delivery);
+        merge_histogram(&mut latency, &decode_histogram(&r.latency)?)?;
+        disconnects.count += r.disconnects;
+        disconnects.errors.merge(&r.disconnect_errors);
+        drain_ms = drain_ms.max(r.drain_ms);
+        sse_heartbeats += r.sse_comments;
+        cpu += Duration::from_millis(r.cpu_ms);
+    }
+
+    let servers = m
+        .servers
+        .iter()
+        .map(|s| {
+            let connections = per_hub.get(s.hub).copied().unwrap_or(0);
+            let grown = s.after_kib as f64 - s.before_kib as f64;
+            ServerMemory {
+                hub: m.args.hubs.get(s.hub).cloned().unwrap_or_default(),
+                pid: s.pid,
+                rss_before_kib: s.before_kib,
+                rss_after_kib: s.after_kib,
+                connections,
+                kib_per_connection: (connections > 0).then(|| grown / connections as f64),
+            }
+        })
+        .collect();
+
+    let publish_secs = m.publish.elapsed.as_secs_f64();
+    let drain_secs = drain_ms as f64 / 1000.0;
+    let window_secs = publish_secs + drain_secs;
+    Ok(Report {
+        setup: Setup {
+            hubs: m.args.hubs.clone(),
+            transport: m.args.transport,
+            connections: m.plan.layout.connections,
+            users: m.plan.layout.users,
+            processes: m.plan.processes,
+            rate: m.args.rate,
+            duration_secs: m.args.duration.as_secs_f64(),
+            hold_secs: m.args.hold.as_secs_f64(),
+            drain_secs: m.args.drain.as_secs_f64(),
+            publish_any: m.args.publish_any,
+            source_ips: m.args.source_ips.len(),
+        },
+        connections: Connections {
+            attempted,
+            established,
+            failed,
+            errors,
+            connect_secs,
+            connect_rate: per_sec(established, connect_secs),
+            established_per_hub: per_hub,
+        },
+        servers,
+        publish: Publishing {
+            target_rate: m.args.rate,
+            ok: m.publish.ok,
+            failed: m.publish.failed,
+            errors: m.publish.errors.clone(),
+            secs: publish_secs,
+            achieved_rate: per_sec(m.publish.ok, publish_secs),
+            senders: m.publish.senders,
+            request_latency: LatencySummary::from_histogram(&m.publish.request_latency),
+        },
+        delivery: Delivery {
+            per_sec: per_sec(counters.deliveries, window_secs),
+            counters,
+            window_secs,
+            drain_secs,
+            latency: LatencySummary::from_histogram(&latency),
+            sse_heartbeats,
+        },
+        disconnects,
+        loadgen: Loadgen {
+            cpu_secs: cpu.as_secs_f64(),
+            parent_rss_kib: m.parent_rss_kib,
+            workers_rss_kib: m.connected.iter().map(|r| r.rss_kib).sum(),
+        },
+    })
+}
+
+/// Formats KiB as MiB with one decimal.
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+/// Writes an error tally as indented lines, if it has anything.
+fn write_errors(f: &mut fmt::Formatter<'_>, errors: &ErrorTally) -> fmt::Result {
+    if errors.is_empty() {
+        return Ok(());
+    }
+    let counts: Vec<String> = errors
+        .counts
+        .iter()
+        .map(|(k, n)| format!("{k} ×{n}"))
+        .collect();
+    writeln!(f, "  errors      {}", counts.join(", "))?;
+    for sample in &errors.samples {
+        writeln!(f, "    e.g.      {sample}")?;
+    }
+    Ok(())
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.setup;
+        writeln!(
+            f,
+            "== hub-loadgen: {} {:?} connections, {} users, {} hub(s), {} process(es) ==",
+            s.connections,
+            s.transport,
+            s.users,
+            s.hubs.len(),
+            s.processes
+        )?;
+        let c = &self.connections;
+        writeln!(
+            f,
+            "connections   {} attempted, {} established, {} failed",
+            c.attempted, c.established, c.failed
+        )?;
+        write_errors(f, &c.errors)?;
+        writeln!(
+            f,
+            "connect       {:.2} s from first attempt to last hub.connected = {:.0} conn/s",
+            c.connect_secs, c.connect_rate
+        )?;
+        for m in &self.servers {
+            let per_conn = m
+                .kib_per_connection
+                .map_or_else(|| "n/a".to_owned(), |k| format!("{k:.1} KiB/conn"));
+            writeln!(
+                f,
+                "server rss    {} (pid {}): {} -> {} = {per_conn} over {} conns",
+                m.hub,
+                m.pid,
+                mib(m.rss_before_kib),
+                mib(m.rss_after_kib),
+                m.connections
+            )?;
+        }
+        let p = &self.publish;
+        if p.ok + p.failed > 0 {
+            writeln!(
+                f,
+                "publish       {} ok, {} failed in {:.2} s = {:.0}/s (target {}/s, {} senders; \
+                 request p50 {:.2} ms, p99 {:.2} ms)",
+                p.ok,
+                p.failed,
+                p.secs,
+                p.achieved_rate,
+                p.target_rate,
+                p.senders,
+                p.request_latency.p50_ms,
+                p.request_latency.p99_ms
+            )?;
+            write_errors(f, &p.errors)?;
+        } else {
+            writeln!(f, "publish       nothing published")?;
+        }
+        let d = &self.delivery;
+        writeln!(
+            f,
+            "deliveries    {} received of {} expected, {:.0}/s over {:.2} s (drain {:.2} s)",
+            d.counters.deliveries, d.counters.expected, d.per_sec, d.window_secs, d.drain_secs
+        )?;
+        let l = &d.latency;
+        if l.count > 0 {
+            writeln!(
+                f,
+                "latency       p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+                l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms
+            )?;
+        }
+        writeln!(
+            f,
+            "loss          missing {}, duplicates {}, unexpected {}, out of range {}, bad messages {}",
+            d.counters.missing,
+            d.counters.duplicates,
+            d.counters.unexpected,
+            d.counters.out_of_range,
+            d.counters.bad_messages
+        )?;
+        writeln!(f, "disconnects   {} during the run", self.disconnects.count)?;
+        write_errors(f, &self.disconnects.errors)?;
+        let g = &self.loadgen;
+        writeln!(
+            f,
+            "loadgen       cpu {:.1} s, rss {} workers + {} parent",
+            g.cpu_secs,
+            mib(g.workers_rss_kib),
+            mib(g.parent_rss_kib)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::run::plan;
+    use crate::stats::encode_histogram;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: RunArgs,
+    }
+
+    #[test]
+    fn merges_worker_figures() -> Result<()> {
+        let args = Wrapper::try_parse_from([
+            "x",
+            "--hub",
+            "http://a:1",
+            "--hub",
+            "http://b:1",
+            "--jwt-secret",
+            "s",
+            "--connections",
+            "4",
+            "--rate",
+            "10",
+            "--api-key",
+            "k",
+        ])?
+        .args;
+        let plan = plan(&args)?;
+        let connected = [
+            ConnectedReport {
+                attempted: 2,
+                established: 2,
+                established_per_hub: vec![1, 1],
+                first_attempt_us: 1_000_000,
+                last_connected_us: 1_500_000,
+                ..Default::default()
+            },
+            ConnectedReport {
+                attempted: 2,
+                established: 1,
+                failed: 1,
+                established_per_hub: vec![1],
+                first_attempt_us: 1_100_000,
+                last_connected_us: 3_000_000,
+                errors: {
+                    let mut e = ErrorTally::default();
+                    e.record("http 503", "busy");
+                    e
+                },
+                ..Default::default()
+            },
+        ];
+        let mut h1 = new_histogram();
+        h1.record(1000)?;
+        let mut h2 = new_histogram();
+        h2.record(3000)?;
+        let finals = [
+            FinalReport {
+                delivery: DeliveryCounters {
+                    deliveries: 10,
+                    expected: 10,
+                    ..Default::default()
+                },
+                drain_ms: 500,
+                latency: encode_histogram(&h1)?,
+                ..Default::default()
+            },
+            FinalReport {
+                delivery: DeliveryCounters {
+                    deliveries: 5,
+                    expected: 6,
+                    missing: 1,
+                    ..Default::default()
+                },
+                disconnects: 1,
+                drain_ms: 1500,
+                latency: encode_histogram(&h2)?,
+                ..Default::default()
+            },
+        ];
+        let mut publish = PublishOutcome::nothing(4);
+        publish.ok = 16;
+        publish.elapsed = Duration::from_secs(2);
+        let report = build(&Measurements {
+            args: &args,
+            plan: &plan,
+            connected: &connected,
+            finals: &finals,
+            publish: &publish,
+            servers: vec![ServerRss {
+                hub: 0,
+                pid: 7,
+                before_kib: 1000,
+                after_kib: 1100,
+            }],
+            parent_cpu: Duration::from_millis(100),
+            parent_rss_kib: 1,
+        })?;
+        assert_eq!(report.connections.established, 3);
+        assert_eq!(report.connections.failed, 1);
+        assert_eq!(report.connections.established_per_hub, vec![2, 1]);
+        assert!((report.connections.connect_secs - 2.0).abs() < 1e-9);
+        assert!((report.connections.connect_rate - 1.5).abs() < 1e-9);
+        assert_eq!(report.servers[0].kib_per_connection, Some(50.0));
+        assert_eq!(report.delivery.counters.deliveries, 15);
+        assert_eq!(report.delivery.counters.missing, 1);
+        assert!((report.delivery.window_secs - 3.5).abs() < 1e-9);
+        assert_eq!(report.delivery.latency.count, 2);
+        assert!((report.delivery.latency.max_ms - 3.0).abs() < 0.01);
+        assert_eq!(report.disconnects.count, 1);
+        assert!((report.publish.achieved_rate - 8.0).abs() < 1e-9);
+
+        let text = report.to_string();
+        assert!(text.contains("3 established, 1 failed"), "{text}");
+        assert!(text.contains("http 503 ×1"), "{text}");
+        let json: serde_json::Value = serde_json::to_value(&report)?;
+        assert_eq!(json["delivery"]["missing"], 1);
+        assert_eq!(json["servers"][0]["kib_per_connection"], 50.0);
+        Ok(())
+    }
+}

@@ -1,0 +1,499 @@
+//! `hub-loadgen run`: the parent process.
+//!
+//! It plans the run, spawns the worker processes, measures server memory around the
+//! connect phase, publishes, collects the workers' reports and prints the result.
+//! Every wait has a deadline, and the workers are killed if the parent bails out, so a
+//! run always ends by itself.
+
+use std::ops::Range;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep, timeout, timeout_at};
+
+use crate::RunArgs;
+use crate::conn::Layout;
+use crate::ipc::{self, Command, ConnectedReport, Event, FinalReport, WorkerSpec};
+use crate::proc;
+use crate::publish::{self, PublishConfig, PublishOutcome};
+use crate::report::{self, Measurements, ServerRss};
+use crate::target::HubAddr;
+
+/// Most connections one worker may hold: each process may have at most 20 000 open
+/// files here, and the worker needs some for itself.
+pub const MAX_PER_PROCESS: usize = 18_000;
+/// Connections per worker when --processes is not given.
+const DEFAULT_PER_PROCESS: usize = 15_000;
+/// Allowance for process start-up, reporting and wind-down in each deadline.
+const SLACK: Duration = Duration::from_secs(30);
+/// How often connect progress is printed.
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+/// How long exiting workers get before they are killed.
+const EXIT_WAIT: Duration = Duration::from_secs(5);
+
+/// The derived shape of a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// Worker processes.
+    pub processes: usize,
+    /// Connection index range of each worker.
+    pub slices: Vec<Range<usize>>,
+    /// Mapping of connections to users, hubs, transports and sources.
+    pub layout: Layout,
+    /// Limit for the whole run; workers exit when it passes.
+    pub deadline: Duration,
+}
+
+/// Validates the arguments and works out processes, slices and deadlines.
+pub fn plan(args: &RunArgs) -> Result<Plan> {
+    ensure!(!args.hubs.is_empty(), "at least one --hub is required");
+    let connections = args.connections;
+    let users = args.users.unwrap_or(connections.max(1));
+    ensure!(users > 0, "--users must be at least 1");
+    ensure!(
+        args.server_pids.len() <= args.hubs.len(),
+        "more --server-pid than --hub: the k-th pid pairs with the k-th hub"
+    );
+    ensure!(
+        args.rate == 0.0 || args.api_key.is_some(),
+        "--api-key is required when --rate is above 0"
+    );
+    let processes = args
+        .processes
+        .map_or_else(|| connections.div_ceil(DEFAULT_PER_PROCESS), |p| p as usize)
+        // A worker without connections would be pointless.
+        .clamp(1, connections.max(1));
+    let per_process = connections.div_ceil(processes);
+    ensure!(
+        per_process <= MAX_PER_PROCESS,
+        "{connections} connections over {processes} process(es) is {per_process} per process, \
+         but at most {MAX_PER_PROCESS} fit under the open-files limit; use --processes {}",
+        connections.div_ceil(MAX_PER_PROCESS)
+    );
+    let slices = (0..processes)
+        .map(|w| w * connections / processes..(w + 1) * connections / processes)
+        .collect();
+    let deadline = args.max_connect_time
+        + args.hold
+        + args.duration
+        + publish::CONNECT_TIMEOUT
+        + publish::REQUEST_TIMEOUT
+        + args.drain
+        + SLACK * 3;
+    Ok(Plan {
+        processes,
+        slices,
+        layout: Layout {
+            connections,
+            users,
+            hubs: args.hubs.len(),
+            publish_any: args.publish_any,
+            mode: args.transport,
+            sources: args.source_ips.len(),
+        },
+        deadline,
+    })
+}
+
+/// Warns when connections to one hub are likely to run out of ephemeral ports.
+fn warn_about_ports(plan: &Plan) {
+    let Some(ports) = proc::local_port_count() else {
+        return;
+    };
+    let per_hub = plan.layout.connections.div_ceil(plan.layout.hubs);
+    let per_source = plan.layout.connections.div_ceil(plan.layout.sources.max(1));
+    // Unbound sockets get ports per destination; bound ones per source address.
+    let (needed, advice) = if plan.layout.sources == 0 {
+        (
+            per_hub,
+            "add --source-ip addresses (e.g. 127.0.0.2, 127.0.0.3)",
+        )
+    } else {
+        (per_source, "add more --source-ip addresses")
+    };
+    if needed as u64 > ports {
+        eprintln!(
+            "warning: about {needed} connections per port pool but only {ports} local ports \
+             are configured; {advice}"
+        );
+    }
+}
+
+/// A line from a worker, or the end of its output.
+#[derive(Debug)]
+enum Incoming {
+    Event(Event),
+    Garbage(anyhow::Error),
+    Closed,
+}
+
+/// The worker processes and their pipes.
+struct WorkerPool {
+    children: Vec<Child>,
+    stdins: Vec<ChildStdin>,
+    events: mpsc::UnboundedReceiver<(usize, Incoming)>,
+}
+
+impl WorkerPool {
+    /// Starts `count` copies of this executable in worker mode.
+    fn spawn(count: usize) -> Result<Self> {
+        let exe = std::env::current_exe().context("locating the hub-loadgen executable")?;
+        let (tx, events) = mpsc::unbounded_channel();
+        let mut children = Vec::with_capacity(count);
+        let mut stdins = Vec::with_capacity(count);
+        for worker in 0..count {
+            let mut child = tokio::process::Command::new(&exe)
+                .args(["worker", "--id", &worker.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                // If the parent bails out, its workers must not linger.
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("starting worker {worker}"))?;
+            stdins.push(child.stdin.take().context("worker stdin not piped")?);
+            let stdout = child.stdout.take().context("worker stdout not piped")?;
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stdout).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let incoming = match ipc::decode::<Event>(&line) {
+                        Ok(event) => Incoming::Event(event),
+                        Err(e) => Incoming::Garbage(e),
+                    };
+                    if tx.send((worker, incoming)).is_err() {
+                        return;
+                    }
+                }
+                // The receiver may be gone at shutdown; nothing to do then.
+                let _ = tx.send((worker, Incoming::Closed));
+            });
+            children.push(child);
+        }
+        Ok(Self {
+            children,
+            stdins,
+            events,
+        })
+    }
+
+    /// Sends `command` to one worker.
+    async fn send(&mut self, worker: usize, command: &Command) -> Result<()> {
+        let mut line = Vec::new();
+        ipc::send_line(&mut line, command)?;
+        let stdin = self
+            .stdins
+            .get_mut(worker)
+            .with_context(|| format!("no worker {worker}"))?;
+        stdin
+            .write_all(&line)
+            .await
+            .with_context(|| format!("writing to worker {worker}"))?;
+        stdin
+            .flush()
+            .await
+            .with_context(|| format!("writing to worker {worker}"))
+    }
+
+    /// Sends `command` to every worker.
+    async fn broadcast(&mut self, command: &Command) -> Result<()> {
+        for worker in 0..self.stdins.len() {
+            self.send(worker, command).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the next event from any worker; a worker failing or exiting is an error.
+    async fn next(&mut self, deadline: Instant, waiting_for: &str) -> Result<(usize, Event)> {
+        let received = timeout_at(deadline, self.events.recv())
+            .await
+            .with_context(|| format!("timed out waiting for {waiting_for}"))?;
+        match received {
+            None => bail!("all workers are gone while waiting for {waiting_for}"),
+            Some((worker, Incoming::Event(Event::Failed { message, .. }))) => {
+                bail!("worker {worker} failed: {message}")
+            }
+            Some((worker, Incoming::Event(event))) => Ok((worker, event)),
+            Some((worker, Incoming::Garbage(e))) => Err(e.context(format!("from worker {worker}"))),
+            Some((worker, Incoming::Closed)) => {
+                bail!("worker {worker} exited while waiting for {waiting_for}")
+            }
+        }
+    }
+
+    /// Waits until every worker has finished connecting, printing progress.
+    async fn wait_connected(
+        &mut self,
+        deadline: Instant,
+        total: usize,
+    ) -> Result<Vec<ConnectedReport>> {
+        let count = self.children.len();
+        let mut reports: Vec<Option<ConnectedReport>> = vec![None; count];
+        let mut progress = vec![(0u64, 0u64); count];
+        let started = Instant::now();
+        let mut last_print = started;
+        while reports.iter().any(Option::is_none) {
+            match self.next(deadline, "workers to connect").await? {
+                (
+                    worker,
+                    Event::Progress {
+                        established,
+                        failed,
+                        ..
+                    },
+                ) => {
+                    progress[worker] = (established, failed);
+                    if last_print.elapsed() >= PROGRESS_EVERY {
+                        last_print = Instant::now();
+                        let (up, failed) = progress
+                            .iter()
+                            .fold((0, 0), |(u, f), (pu, pf)| (u + pu, f + pf));
+                        eprintln!(
+                            "connecting: {up}/{total} established, {failed} failed, {:.1} s",
+                            started.elapsed().as_secs_f64()
+                        );
+                    }
+                }
+                (worker, Event::Connected(report)) => {
+                    progress[worker] = (report.established, report.failed);
+                    reports[worker] = Some(report);
+                }
+                (worker, other) => bail!("worker {worker} sent {other:?} while connecting"),
+            }
+        }
+        Ok(reports.into_iter().flatten().collect())
+    }
+
+    /// Waits for every worker's final report.
+    async fn wait_reports(&mut self, deadline: Instant) -> Result<Vec<FinalReport>> {
+        let mut reports: Vec<Option<FinalReport>> = vec![None; self.children.len()];
+        while reports.iter().any(Option::is_none) {
+            match self.next(deadline, "final reports").await? {
+                (worker, Event::Report(report)) => reports[worker] = Some(*report),
+                // Late progress lines are harmless.
+                (_, Event::Progress { .. }) => {}
+                (worker, other) => bail!("worker {worker} sent {other:?} instead of its report"),
+            }
+        }
+        Ok(reports.into_iter().flatten().collect())
+    }
+
+    /// Closes the pipes and waits briefly for the workers to exit, killing stragglers.
+    async fn shutdown(mut self) {
+        self.stdins.clear();
+        for (worker, child) in self.children.iter_mut().enumerate() {
+            match timeout(EXIT_WAIT, child.wait()).await {
+                Ok(Ok(status)) if status.success() => {}
+                Ok(Ok(status)) => eprintln!("warning: worker {worker} exited with {status}"),
+                Ok(Err(e)) => eprintln!("warning: waiting for worker {worker}: {e}"),
+                Err(_) => {
+                    eprintln!("warning: worker {worker} did not exit; killing it");
+                    if let Err(e) = child.kill().await {
+                        eprintln!("warning: killing worker {worker}: {e}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Reads the VmRSS of each `--server-pid`.
+fn server_rss(pids: &[u32]) -> Result<Vec<u64>> {
+    pids.iter()
+        .map(|&pid| proc::rss_kib(Some(pid)).with_context(|| format!("--server-pid {pid}")))
+        .collect()
+}
+
+/// Runs the whole load test and prints the report.
+pub async fn run(args: RunArgs) -> Result<()> {
+    let plan = plan(&args)?;
+    let started = Instant::now();
+    let deadline = started + plan.deadline;
+    let nofile = proc::raise_nofile_limit()?;
+    proc::check_nofile(
+        nofile,
+        args.publish_concurrency as u64 + 2 * plan.processes as u64 + 64,
+    )?;
+    warn_about_ports(&plan);
+
+    let mut hubs = Vec::with_capacity(args.hubs.len());
+    for url in &args.hubs {
+        hubs.push(HubAddr::resolve(url).await?);
+    }
+    let rss_before = server_rss(&args.server_pids)?;
+
+    let mut pool = WorkerPool::spawn(plan.processes)?;
+    let jwt_secret = args.jwt_secret.clone();
+    for (worker, slice) in plan.slices.iter().enumerate() {
+        let spec = WorkerSpec {
+            worker,
+            first: slice.start,
+            end: slice.end,
+            layout: plan.layout.clone(),
+            hubs: hubs.clone(),
+            source_ips: args.source_ips.clone(),
+            user_prefix: args.user_prefix.clone(),
+            jwt_secret: jwt_secret.clone(),
+            token_ttl_secs: args.token_ttl.as_secs(),
+            connect_concurrency: args.connect_concurrency as usize,
+            connect_timeout_ms: millis(args.connect_timeout),
+            max_connect_ms: millis(args.max_connect_time),
+            deadline_ms: millis(plan.deadline),
+        };
+        pool.send(worker, &Command::Configure(Box::new(spec)))
+            .await?;
+    }
+    eprintln!(
+        "hub-loadgen: {} {:?} connection(s) to {} hub(s) from {} worker process(es)",
+        plan.layout.connections,
+        plan.layout.mode,
+        hubs.len(),
+        plan.processes
+    );
+    let connect_deadline = (started + args.max_connect_time + SLACK).min(deadline);
+    let connected = pool
+        .wait_connected(connect_deadline, plan.layout.connections)
+        .await?;
+    let established: u64 = connected.iter().map(|r| r.established).sum();
+    eprintln!(
+        "connected: {established}/{}; holding for {:?}",
+        plan.layout.connections, args.hold
+    );
+
+    sleep(args.hold).await;
+    let rss_after = server_rss(&args.server_pids)?;
+
+    pool.broadcast(&Command::Start).await?;
+    let outcome = if args.rate > 0.0 {
+        eprintln!("publishing {}/s for {:?}", args.rate, args.duration);
+        publish::run(PublishConfig {
+            hubs: hubs.clone(),
+            api_key: args.api_key.clone().unwrap_or_default(),
+            users: plan.layout.users,
+            user_prefix: args.user_prefix.clone(),
+            rate: args.rate,
+            duration: args.duration,
+            concurrency: args.publish_concurrency as usize,
+            publish_any: args.publish_any,
+        })
+        .await?
+    } else {
+        // Nothing to publish: keep the connections open for the same time anyway, so
+        // that idle stability (pings, heartbeats, disconnects) is observed.
+        sleep(args.duration).await;
+        PublishOutcome::nothing(plan.layout.users)
+    };
+
+    eprintln!("draining for up to {:?}", args.drain);
+    pool.broadcast(&Command::Drain {
+        published: outcome.published.clone(),
+        timeout_ms: millis(args.drain),
+    })
+    .await?;
+    let finals = pool
+        .wait_reports((Instant::now() + args.drain + SLACK).min(deadline))
+        .await?;
+    pool.shutdown().await;
+
+    let servers = args
+        .server_pids
+        .iter()
+        .enumerate()
+        .map(|(hub, &pid)| ServerRss {
+            hub,
+            pid,
+            before_kib: rss_before[hub],
+            after_kib: rss_after[hub],
+        })
+        .collect();
+    let report = report::build(&Measurements {
+        args: &args,
+        plan: &plan,
+        connected: &connected,
+        finals: &finals,
+        publish: &outcome,
+        servers,
+        parent_cpu: proc::cpu_time().unwrap_or_default(),
+        parent_rss_kib: proc::rss_kib(None).unwrap_or(0),
+    })?;
+    if args.json {
+        eprint!("{report}");
+        println!(
+            "{}",
+            serde_json::to_string(&report).context("encoding the JSON report")?
+        );
+    } else {
+        print!("{report}");
+    }
+    Ok(())
+}
+
+/// A duration in whole milliseconds, saturating.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn args(extra: &[&str]) -> Result<RunArgs> {
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: RunArgs,
+        }
+        let base = ["x", "--hub", "http://127.0.0.1:8080", "--jwt-secret", "s"];
+        Ok(Wrapper::try_parse_from(base.iter().chain(extra))?.args)
+    }
+
+    #[test]
+    fn default_processes_follow_connection_count() -> Result<()> {
+        assert_eq!(plan(&args(&["--connections", "10000"])?)?.processes, 1);
+        assert_eq!(plan(&args(&["--connections", "15001"])?)?.processes, 2);
+        assert_eq!(plan(&args(&["--connections", "50000"])?)?.processes, 4);
+        assert_eq!(plan(&args(&["--connections", "0"])?)?.processes, 1);
+        Ok(())
+    }
+
+    #[test]
+    fn slices_cover_all_connections_evenly() -> Result<()> {
+        let p = plan(&args(&["--connections", "50000", "--processes", "3"])?)?;
+        assert_eq!(p.slices, vec![0..16666, 16666..33333, 33333..50000]);
+        let p = plan(&args(&["--connections", "2", "--processes", "5"])?)?;
+        assert_eq!(p.slices, vec![0..1, 1..2]);
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_impossible_plans() -> Result<()> {
+        // 19k in one process exceeds the open-files budget.
+        assert!(plan(&args(&["--connections", "19000", "--processes", "1"])?).is_err());
+        assert!(plan(&args(&["--connections", "0"])?).is_ok());
+        assert!(plan(&args(&["--connections", "0", "--users", "0"])?).is_err());
+        assert!(
+            plan(&args(&["--rate", "10"])?).is_err(),
+            "rate needs an api key"
+        );
+        assert!(plan(&args(&["--server-pid", "1", "--server-pid", "2"])?).is_err());
+        assert!(plan(&args(&["--rate", "10", "--api-key", "k"])?).is_ok());
+        Ok(())
+    }
+
+    #[test]
+    fn users_default_to_connections() -> Result<()> {
+        assert_eq!(plan(&args(&["--connections", "7"])?)?.layout.users, 7);
+        assert_eq!(
+            plan(&args(&["--connections", "7", "--users", "3"])?)?
+                .layout
+                .users,
+            3
+        );
+        Ok(())
+    }
+}
