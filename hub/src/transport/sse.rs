@@ -200,6 +200,8 @@ enum End {
     Close,
     /// The client went away or a write failed.
     Gone,
+    /// A write made no progress within the write timeout.
+    Stalled,
 }
 
 async fn run<O: SseOut>(ctx: Context, mut out: O, mut session: Session) {
@@ -275,8 +277,12 @@ async fn run<O: SseOut>(ctx: Context, mut out: O, mut session: Session) {
         }
     }
     .await;
-    if let Err(End::Close) = end {
-        let _ = timeout(Duration::from_secs(1), out.end()).await;
+    match end {
+        Err(End::Close) => {
+            let _ = timeout(Duration::from_secs(1), out.end()).await;
+        }
+        Err(End::Stalled) => ctx.metrics.write_timeouts().inc(),
+        _ => {}
     }
 }
 
@@ -286,6 +292,7 @@ where
 {
     match timeout(limit, f).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) | Err(_) => Err(End::Gone),
+        Ok(Err(_)) => Err(End::Gone),
+        Err(_) => Err(End::Stalled),
     }
 }

@@ -174,6 +174,8 @@ enum End {
     TooBig,
     /// The peer closed, vanished, or broke the protocol: nothing more to say.
     Gone,
+    /// A write made no progress within the write timeout.
+    Stalled,
 }
 
 impl End {
@@ -184,7 +186,7 @@ impl End {
             End::Slow => (4008, "slow consumer"),
             End::Draining => (1012, "node draining, reconnect"),
             End::TooBig => (1009, "message too big"),
-            End::Gone => return None,
+            End::Gone | End::Stalled => return None,
         };
         Some(CloseFrame {
             code: code.into(),
@@ -324,8 +326,10 @@ where
         Err(end) => end,
         Ok(never) => match never {},
     };
-    if end == End::Slow {
-        tracing::debug!("slow consumer disconnected");
+    match end {
+        End::Slow => tracing::debug!("slow consumer disconnected"),
+        End::Stalled => ctx.metrics.write_timeouts().inc(),
+        _ => {}
     }
     if let Some(frame) = end.close_frame() {
         let _ = timeout(CLOSE_GRACE, async {
@@ -344,7 +348,8 @@ where
 {
     match timeout(limit, f).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(_)) | Err(_) => Err(End::Gone),
+        Ok(Err(_)) => Err(End::Gone),
+        Err(_) => Err(End::Stalled),
     }
 }
 

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what the build and tests need and is missing (idempotent; Debian/Ubuntu).
+set -euo pipefail
+
+need_apt=()
+command -v openssl >/dev/null || need_apt+=(openssl)
+command -v curl >/dev/null || need_apt+=(curl)
+command -v cc >/dev/null || need_apt+=(build-essential)
+
+if ((${#need_apt[@]})); then
+  echo "deps: installing ${need_apt[*]}"
+  SUDO=""
+  [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "deps: cargo not found; install Rust with rustup (https://rustup.rs) and retry" >&2
+  exit 1
+fi
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt 2>/dev/null || true
