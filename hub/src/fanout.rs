@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::envelope::Notification;
 
@@ -43,6 +44,9 @@ struct Shared {
 struct Slot {
     id: u64,
     tx: mpsc::Sender<Arc<Notification>>,
+    /// Cancelled when the slot is dropped for being full, so a connection blocked in a
+    /// socket write learns it at once instead of at its write timeout.
+    evicted: CancellationToken,
 }
 
 /// Capacity settings of the registry.
@@ -81,12 +85,18 @@ pub struct Registration {
     fanout: Fanout,
     user: Arc<str>,
     id: u64,
+    evicted: CancellationToken,
 }
 
 impl Registration {
     /// The user this connection belongs to.
     pub fn user(&self) -> &Arc<str> {
         &self.user
+    }
+
+    /// Resolves when the connection was dropped as a slow consumer.
+    pub async fn evicted(&self) {
+        self.evicted.cancelled().await;
     }
 }
 
@@ -137,13 +147,19 @@ impl Fanout {
         }
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(limits.queue);
-        slots.push(Slot { id, tx });
+        let evicted = CancellationToken::new();
+        slots.push(Slot {
+            id,
+            tx,
+            evicted: evicted.clone(),
+        });
         drop(shard);
         Ok((
             Registration {
                 fanout: self.clone(),
                 user,
                 id,
+                evicted,
             },
             rx,
         ))
@@ -174,6 +190,7 @@ impl Fanout {
             }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 out.slow += 1;
+                slot.evicted.cancel();
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -238,12 +255,13 @@ mod tests {
     #[test]
     fn a_full_queue_is_dropped_as_slow_and_closes() {
         let f = Fanout::new(limits(2, 10, 8));
-        let (_reg, mut q) = f.register("a".into()).unwrap();
+        let (reg, mut q) = f.register("a".into()).unwrap();
         for seq in 1..=8 {
             assert_eq!(f.deliver("a", &note(seq)).queued, 1);
         }
         assert_eq!(f.deliver("a", &note(9)), Delivered { queued: 0, slow: 1 });
         assert_eq!(f.user_connections("a"), 0);
+        assert!(reg.evicted.is_cancelled());
         // The queued ones still drain, then the queue reports closed.
         for seq in 1..=8 {
             assert_eq!(q.try_recv().unwrap().id.seq, seq);

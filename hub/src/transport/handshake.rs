@@ -83,15 +83,20 @@ pub struct Session {
 }
 
 impl Session {
-    /// The transport's metrics gauge handle, for symmetry in logs.
+    /// The transport this session runs on.
     pub fn transport(&self) -> Transport {
         self.guard.transport
+    }
+
+    /// Resolves when the fan-out dropped this connection as a slow consumer.
+    pub async fn evicted(&self) {
+        self.guard.registration.evicted().await;
     }
 }
 
 /// Releases everything the handshake took, whatever way the connection ends.
 struct Guard {
-    _registration: Registration,
+    registration: Registration,
     user: Arc<str>,
     backplane: Arc<dyn Backplane>,
     gauge: IntGauge,
@@ -178,7 +183,7 @@ async fn admit_inner(
     gauge.inc();
     ctx.metrics.transport(transport).connections_total.inc();
     let guard = Guard {
-        _registration: registration,
+        registration,
         user: user.clone(),
         backplane: ctx.backplane.clone(),
         gauge,

@@ -216,11 +216,11 @@ async fn run<O: SseOut>(ctx: Context, mut out: O, mut session: Session) {
         if replay.as_ref().is_some_and(|r| r.gap) {
             greeting.extend_from_slice(&Control::gap("resume point not in history").sse_event());
         }
-        write_timeout(timing.write_timeout, out.event(Bytes::from(greeting))).await?;
+        write_timeout(timing.write_timeout, &session, out.event(Bytes::from(greeting))).await?;
         if let Some(replay) = replay {
             for n in &replay.items {
                 if is_new(&mut last, n) {
-                    write_timeout(timing.write_timeout, out.notification(n)).await?;
+                    write_timeout(timing.write_timeout, &session, out.notification(n)).await?;
                     metrics.delivered.inc();
                 }
             }
@@ -250,7 +250,7 @@ async fn run<O: SseOut>(ctx: Context, mut out: O, mut session: Session) {
                         if !is_new(&mut last, &n) {
                             continue;
                         }
-                        write_timeout(timing.write_timeout, out.notification(&n)).await?;
+                        write_timeout(timing.write_timeout, &session, out.notification(&n)).await?;
                         metrics.delivered.inc();
                         ctx.metrics
                             .delivery_latency()
@@ -262,7 +262,7 @@ async fn run<O: SseOut>(ctx: Context, mut out: O, mut session: Session) {
                 }
                 () = out.gone() => return Err(End::Gone),
                 () = &mut heartbeat => {
-                    write_timeout(timing.write_timeout, out.event(Bytes::from_static(HEARTBEAT))).await?;
+                    write_timeout(timing.write_timeout, &session, out.event(Bytes::from_static(HEARTBEAT))).await?;
                     heartbeat.as_mut().reset(Instant::now() + timing.ping_interval);
                 }
                 () = &mut close_at => return Err(End::Close),
@@ -286,13 +286,18 @@ async fn run<O: SseOut>(ctx: Context, mut out: O, mut session: Session) {
     }
 }
 
-async fn write_timeout<F>(limit: Duration, f: F) -> Result<(), End>
+/// Runs one write with the write timeout, cut short when the connection is evicted as a
+/// slow consumer (it may be blocked on a client that stopped reading).
+async fn write_timeout<F>(limit: Duration, session: &Session, f: F) -> Result<(), End>
 where
     F: Future<Output = io::Result<()>>,
 {
-    match timeout(limit, f).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(End::Gone),
-        Err(_) => Err(End::Stalled),
+    tokio::select! {
+        r = timeout(limit, f) => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::Gone),
+            Err(_) => Err(End::Stalled),
+        },
+        () = session.evicted() => Err(End::Close),
     }
 }

@@ -219,18 +219,18 @@ where
             greeting.push(Control::gap("resume point not in history"));
         }
         for c in greeting {
-            write_timeout(timing.write_timeout, ws.feed(Message::text(c.json))).await?;
+            write_timeout(timing.write_timeout, &session, ws.feed(Message::text(c.json))).await?;
         }
         if let Some(replay) = replay {
             for n in &replay.items {
                 if is_new(&mut last, n) {
-                    write_timeout(timing.write_timeout, ws.feed(Message::Text(n.json.clone())))
+                    write_timeout(timing.write_timeout, &session, ws.feed(Message::Text(n.json.clone())))
                         .await?;
                     metrics.delivered.inc();
                 }
             }
         }
-        write_timeout(timing.write_timeout, ws.flush()).await?;
+        write_timeout(timing.write_timeout, &session, ws.flush()).await?;
 
         let mut close_at = Box::pin(sleep_until(expiry_instant(session.exp, ctx.verifier.leeway())));
         let mut closing = End::Expired;
@@ -255,13 +255,13 @@ where
                         if !is_new(&mut last, &n) {
                             continue;
                         }
-                        write_timeout(timing.write_timeout, ws.feed(Message::Text(n.json.clone()))).await?;
+                        write_timeout(timing.write_timeout, &session, ws.feed(Message::Text(n.json.clone()))).await?;
                         metrics.delivered.inc();
                         ctx.metrics
                             .delivery_latency()
                             .observe(now.saturating_sub(n.accepted_us) as f64 / 1e6);
                     }
-                    write_timeout(timing.write_timeout, ws.flush()).await?;
+                    write_timeout(timing.write_timeout, &session, ws.flush()).await?;
                     if batch.capacity() > BATCH {
                         batch.shrink_to(BATCH);
                     }
@@ -282,16 +282,16 @@ where
                                 }
                                 Inbound::Refused => return Err(End::RefreshRefused),
                                 Inbound::Reply(c) => {
-                                    write_timeout(timing.write_timeout, ws.send(Message::text(c.json))).await?;
+                                    write_timeout(timing.write_timeout, &session, ws.send(Message::text(c.json))).await?;
                                 }
                             }
                         }
                         Some(Ok(Message::Binary(_))) => {
                             let c = Control::error("binary messages are not accepted");
-                            write_timeout(timing.write_timeout, ws.send(Message::text(c.json))).await?;
+                            write_timeout(timing.write_timeout, &session, ws.send(Message::text(c.json))).await?;
                         }
                         // tungstenite queues the pong itself; flush so it leaves now.
-                        Some(Ok(Message::Ping(_))) => write_timeout(timing.write_timeout, ws.flush()).await?,
+                        Some(Ok(Message::Ping(_))) => write_timeout(timing.write_timeout, &session, ws.flush()).await?,
                         Some(Ok(Message::Pong(_) | Message::Frame(_))) => {}
                         Some(Ok(Message::Close(_))) | None => return Err(End::Gone),
                         Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
@@ -305,7 +305,7 @@ where
                         tracing::debug!("no pong in time");
                         return Err(End::Gone);
                     }
-                    write_timeout(timing.write_timeout, ws.send(Message::Ping(Default::default()))).await?;
+                    write_timeout(timing.write_timeout, &session, ws.send(Message::Ping(Default::default()))).await?;
                     awaiting_pong = true;
                     heartbeat.as_mut().reset(Instant::now() + timing.pong_timeout);
                 }
@@ -342,14 +342,19 @@ where
     }
 }
 
-async fn write_timeout<F, T, E>(limit: Duration, f: F) -> Result<T, End>
+/// Runs one write with the write timeout, cut short when the connection is evicted as a
+/// slow consumer (it may be blocked on a client that stopped reading).
+async fn write_timeout<F, T, E>(limit: Duration, session: &Session, f: F) -> Result<T, End>
 where
     F: Future<Output = Result<T, E>>,
 {
-    match timeout(limit, f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(_)) => Err(End::Gone),
-        Err(_) => Err(End::Stalled),
+    tokio::select! {
+        r = timeout(limit, f) => match r {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(_)) => Err(End::Gone),
+            Err(_) => Err(End::Stalled),
+        },
+        () = session.evicted() => Err(End::Slow),
     }
 }
 

@@ -97,6 +97,8 @@ async fn sigterm_turns_unready_refuses_new_clients_closes_open_ones_and_exits() 
         );
     }
 
+    // Clients that got their goodbye go away; the node then has nothing left to wait for.
+    drop((ws, sse));
     let status = hub
         .wait_exit(GRACE.saturating_sub(signalled.elapsed()))
         .await

@@ -195,6 +195,23 @@ impl TestApp {
     }
 }
 
+/// Waits until a series reads exactly `want` (for gauges going down, which `wait_metric`
+/// cannot express).
+pub async fn wait_metric_eq(app: &TestApp, series: &str, want: f64) {
+    let deadline = Instant::now() + STEP;
+    loop {
+        let v = app.metric(series).await;
+        if v == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} stayed at {v}, wanted {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Signs HS256 by hand (HMAC-SHA256 over base64url JSON), independent of the hub's library.
 pub fn hs256(secret: &str, claims: &Value) -> String {
     hs256_with_header(secret, &json!({"alg": "HS256", "typ": "JWT"}), claims)
@@ -312,6 +329,8 @@ impl WsClient {
                     );
                 }
                 Some(Ok(Message::Close(frame))) => {
+                    // Send the queued close reply now, as a browser would.
+                    let _ = self.ws.flush().await;
                     return Event::Closed(frame.map(|f| u16::from(f.code)));
                 }
                 Some(Ok(_)) => {}

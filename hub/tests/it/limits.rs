@@ -98,6 +98,8 @@ async fn ws_message_over_4_kib_closes_with_1009_and_smaller_unknown_ones_get_an_
             .expect("reconnect");
         assert_eq!(ws.envelope().await["type"], "hub.connected");
     }
+    // Clients leave first, so stopping does not wait out the drain window.
+    drop(ws);
     app.stop().await;
 }
 
@@ -158,6 +160,7 @@ async fn per_user_cap_refuses_the_next_connection_with_429_until_one_closes() {
     app.publish("capped", "after.cap", json!({})).await;
     assert_eq!(again.envelope().await["type"], "after.cap");
     assert_eq!(sse.event().await.data["type"], "after.cap");
+    drop((sse, other, again));
     app.stop().await;
 }
 
@@ -193,6 +196,7 @@ async fn node_cap_refuses_the_next_connection_with_503() {
     a.close().await;
     let mut c = ws_connect_eventually(&app, &token).await;
     assert_eq!(c.envelope().await["type"], "hub.connected");
+    drop((b, c));
     app.stop().await;
 }
 
@@ -258,6 +262,7 @@ async fn publish_api_refuses_bad_requests_with_json_errors_and_publishes_nothing
     // None of the refused publishes reached the user: the next envelope is the marker.
     app.publish("api-u", "marker", json!({})).await;
     assert_eq!(ws.envelope().await["type"], "marker");
+    drop(ws);
     app.stop().await;
 }
 
@@ -293,5 +298,6 @@ async fn a_repeated_idempotency_key_returns_the_first_id_and_delivers_once() {
         "marker",
         "the repeated publish was delivered a second time"
     );
+    drop(ws);
     app.stop().await;
 }

@@ -1,10 +1,7 @@
 //! Metrics: `/metrics` exposes every series the contract names (§5) in the Prometheus text
 //! format, the values follow what clients and publishers do, and no label carries a user.
 
-use std::time::Duration;
-
 use serde_json::json;
-use tokio::time::Instant;
 
 use crate::helpers::*;
 
@@ -19,23 +16,6 @@ const LATENCY_COUNT: &str = "hub_delivery_latency_seconds_count";
 const LATENCY_INF: &str = "hub_delivery_latency_seconds_bucket{le=\"+Inf\"}";
 const INVALID_TOKEN: &str = "hub_handshake_rejections_total{reason=\"invalid_token\"}";
 const REPLAYED: &str = "hub_resumes_total{outcome=\"replayed\"}";
-
-/// Waits until a series reads exactly `want` (for gauges going down, which `wait_metric`
-/// cannot express).
-pub(crate) async fn wait_metric_eq(app: &TestApp, series: &str, want: f64) {
-    let deadline = Instant::now() + STEP;
-    loop {
-        let v = app.metric(series).await;
-        if v == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{series} stayed at {v}, wanted {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// The `# TYPE` of a metric family in the exposition.
 fn family_type<'a>(text: &'a str, name: &str) -> Option<&'a str> {
