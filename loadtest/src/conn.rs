@@ -28,6 +28,16 @@ pub enum TransportMode {
     Mixed,
 }
 
+impl fmt::Display for TransportMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Ws => "ws",
+            Self::Sse => "sse",
+            Self::Mixed => "mixed",
+        })
+    }
+}
+
 /// Transport of one connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {

@@ -165,7 +165,9 @@ fn main() -> ExitCode {
             let result = runtime.block_on(async {
                 match cli.command {
                     Commands::Run(args) => run::run(*args).await,
-                    Commands::Worker { id } => worker::run(id).await,
+                    Commands::Worker { id } => worker::run(id)
+                        .await
+                        .with_context(|| format!("worker {id}")),
                 }
             });
             // A worker's stdin reader sits in a blocking read that never returns on its

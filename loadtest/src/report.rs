@@ -333,7 +333,7 @@ impl fmt::Display for Report {
         let s = &self.setup;
         writeln!(
             f,
-            "== hub-loadgen: {} {:?} connections, {} users, {} hub(s), {} process(es) ==",
+            "== hub-loadgen: {} {} connections, {} users, {} hub(s), {} process(es) ==",
             s.connections,
             s.transport,
             s.users,

@@ -5,6 +5,7 @@
 //! Every wait has a deadline, and the workers are killed if the parent bails out, so a
 //! run always ends by itself.
 
+use std::io::Write as _;
 use std::ops::Range;
 use std::process::Stdio;
 use std::time::Duration;
@@ -136,6 +137,8 @@ struct WorkerPool {
     children: Vec<Child>,
     stdins: Vec<ChildStdin>,
     events: mpsc::UnboundedReceiver<(usize, Incoming)>,
+    /// Which workers have sent their final report (and may therefore exit).
+    reported: Vec<bool>,
 }
 
 impl WorkerPool {
@@ -160,17 +163,25 @@ impl WorkerPool {
             let tx = tx.clone();
             tokio::spawn(async move {
                 let mut lines = BufReader::new(stdout).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let incoming = match ipc::decode::<Event>(&line) {
-                        Ok(event) => Incoming::Event(event),
-                        Err(e) => Incoming::Garbage(e),
+                let last = loop {
+                    let incoming = match lines.next_line().await {
+                        Ok(Some(line)) => match ipc::decode::<Event>(&line) {
+                            Ok(event) => Incoming::Event(event),
+                            Err(e) => Incoming::Garbage(e),
+                        },
+                        Ok(None) => break Incoming::Closed,
+                        Err(e) => {
+                            break Incoming::Garbage(
+                                anyhow::Error::new(e).context("reading worker output"),
+                            );
+                        }
                     };
                     if tx.send((worker, incoming)).is_err() {
                         return;
                     }
-                }
+                };
                 // The receiver may be gone at shutdown; nothing to do then.
-                let _ = tx.send((worker, Incoming::Closed));
+                let _ = tx.send((worker, last));
             });
             children.push(child);
         }
@@ -178,6 +189,7 @@ impl WorkerPool {
             children,
             stdins,
             events,
+            reported: vec![false; count],
         })
     }
 
@@ -207,21 +219,49 @@ impl WorkerPool {
         Ok(())
     }
 
-    /// Waits for the next event from any worker; a worker failing or exiting is an error.
+    /// Waits for the next event from any worker; a worker failing, or exiting before its
+    /// final report, is an error.
     async fn next(&mut self, deadline: Instant, waiting_for: &str) -> Result<(usize, Event)> {
-        let received = timeout_at(deadline, self.events.recv())
-            .await
-            .with_context(|| format!("timed out waiting for {waiting_for}"))?;
-        match received {
-            None => bail!("all workers are gone while waiting for {waiting_for}"),
-            Some((worker, Incoming::Event(Event::Failed { message, .. }))) => {
-                bail!("worker {worker} failed: {message}")
+        loop {
+            let received = timeout_at(deadline, self.events.recv())
+                .await
+                .with_context(|| format!("timed out waiting for {waiting_for}"))?;
+            match received {
+                None => bail!("all workers are gone while waiting for {waiting_for}"),
+                Some((worker, Incoming::Event(Event::Failed { message, .. }))) => {
+                    bail!("worker {worker} failed: {message}")
+                }
+                Some((worker, Incoming::Event(event))) => {
+                    if matches!(event, Event::Report(_))
+                        && let Some(done) = self.reported.get_mut(worker)
+                    {
+                        *done = true;
+                    }
+                    return Ok((worker, event));
+                }
+                Some((worker, Incoming::Garbage(e))) => {
+                    return Err(e.context(format!("from worker {worker}")));
+                }
+                // A worker exits right after its final report, possibly while others
+                // are still draining.
+                Some((worker, Incoming::Closed)) if self.reported.get(worker) == Some(&true) => {}
+                Some((worker, Incoming::Closed)) => {
+                    let status = self.exit_status(worker).await;
+                    bail!("worker {worker} exited ({status}) while waiting for {waiting_for}")
+                }
             }
-            Some((worker, Incoming::Event(event))) => Ok((worker, event)),
-            Some((worker, Incoming::Garbage(e))) => Err(e.context(format!("from worker {worker}"))),
-            Some((worker, Incoming::Closed)) => {
-                bail!("worker {worker} exited while waiting for {waiting_for}")
-            }
+        }
+    }
+
+    /// Describes how a worker whose output ended has exited, waiting briefly for it.
+    async fn exit_status(&mut self, worker: usize) -> String {
+        let Some(child) = self.children.get_mut(worker) else {
+            return "unknown worker".to_owned();
+        };
+        match timeout(Duration::from_secs(1), child.wait()).await {
+            Ok(Ok(status)) => status.to_string(),
+            Ok(Err(e)) => format!("status unknown: {e}"),
+            Err(_) => "closed its output but is still running".to_owned(),
         }
     }
 
@@ -270,7 +310,7 @@ impl WorkerPool {
 
     /// Waits for every worker's final report.
     async fn wait_reports(&mut self, deadline: Instant) -> Result<Vec<FinalReport>> {
-        let mut reports: Vec<Option<FinalReport>> = vec![None; self.children.len()];
+        let mut reports: Vec<Option<FinalReport>> = vec![None; self.reported.len()];
         while reports.iter().any(Option::is_none) {
             match self.next(deadline, "final reports").await? {
                 (worker, Event::Report(report)) => reports[worker] = Some(*report),
@@ -327,7 +367,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let rss_before = server_rss(&args.server_pids)?;
 
     let mut pool = WorkerPool::spawn(plan.processes)?;
-    let jwt_secret = args.jwt_secret.clone();
     for (worker, slice) in plan.slices.iter().enumerate() {
         let spec = WorkerSpec {
             worker,
@@ -337,7 +376,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             hubs: hubs.clone(),
             source_ips: args.source_ips.clone(),
             user_prefix: args.user_prefix.clone(),
-            jwt_secret: jwt_secret.clone(),
+            jwt_secret: args.jwt_secret.clone(),
             token_ttl_secs: args.token_ttl.as_secs(),
             connect_concurrency: args.connect_concurrency as usize,
             connect_timeout_ms: millis(args.connect_timeout),
@@ -348,7 +387,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .await?;
     }
     eprintln!(
-        "hub-loadgen: {} {:?} connection(s) to {} hub(s) from {} worker process(es)",
+        "hub-loadgen: {} {} connection(s) to {} hub(s) from {} worker process(es)",
         plan.layout.connections,
         plan.layout.mode,
         hubs.len(),
@@ -360,8 +399,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .await?;
     let established: u64 = connected.iter().map(|r| r.established).sum();
     eprintln!(
-        "connected: {established}/{}; holding for {:?}",
-        plan.layout.connections, args.hold
+        "connected: {established}/{}; holding for {}",
+        plan.layout.connections,
+        humantime::format_duration(args.hold)
     );
 
     sleep(args.hold).await;
@@ -369,7 +409,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     pool.broadcast(&Command::Start).await?;
     let outcome = if args.rate > 0.0 {
-        eprintln!("publishing {}/s for {:?}", args.rate, args.duration);
+        eprintln!(
+            "publishing {}/s for {}",
+            args.rate,
+            humantime::format_duration(args.duration)
+        );
         publish::run(PublishConfig {
             hubs: hubs.clone(),
             api_key: args.api_key.clone().unwrap_or_default(),
@@ -388,7 +432,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         PublishOutcome::nothing(plan.layout.users)
     };
 
-    eprintln!("draining for up to {:?}", args.drain);
+    eprintln!(
+        "draining for up to {}",
+        humantime::format_duration(args.drain)
+    );
     pool.broadcast(&Command::Drain {
         published: outcome.published.clone(),
         timeout_ms: millis(args.drain),
@@ -420,16 +467,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
         parent_cpu: proc::cpu_time().unwrap_or_default(),
         parent_rss_kib: proc::rss_kib(None).unwrap_or(0),
     })?;
+    let mut stdout = std::io::stdout().lock();
     if args.json {
         eprint!("{report}");
-        println!(
-            "{}",
-            serde_json::to_string(&report).context("encoding the JSON report")?
-        );
+        let json = serde_json::to_string(&report).context("encoding the JSON report")?;
+        writeln!(stdout, "{json}").context("writing the report")?;
     } else {
-        print!("{report}");
+        write!(stdout, "{report}").context("writing the report")?;
     }
-    Ok(())
+    stdout.flush().context("writing the report")
 }
 
 /// A duration in whole milliseconds, saturating.
@@ -482,6 +528,58 @@ mod tests {
         );
         assert!(plan(&args(&["--server-pid", "1", "--server-pid", "2"])?).is_err());
         assert!(plan(&args(&["--rate", "10", "--api-key", "k"])?).is_ok());
+        Ok(())
+    }
+
+    /// A pool without processes, fed through its event channel.
+    fn fake_pool(workers: usize) -> (WorkerPool, mpsc::UnboundedSender<(usize, Incoming)>) {
+        let (tx, events) = mpsc::unbounded_channel();
+        let pool = WorkerPool {
+            children: Vec::new(),
+            stdins: Vec::new(),
+            events,
+            reported: vec![false; workers],
+        };
+        (pool, tx)
+    }
+
+    fn final_report(worker: usize) -> Incoming {
+        Incoming::Event(Event::Report(Box::new(FinalReport {
+            worker,
+            ..Default::default()
+        })))
+    }
+
+    #[tokio::test]
+    async fn a_worker_exiting_after_its_report_is_fine() -> Result<()> {
+        let (mut pool, tx) = fake_pool(2);
+        tx.send((1, final_report(1)))?;
+        tx.send((1, Incoming::Closed))?;
+        tx.send((0, final_report(0)))?;
+        let reports = pool
+            .wait_reports(Instant::now() + Duration::from_secs(5))
+            .await?;
+        assert_eq!(reports.iter().map(|r| r.worker).collect::<Vec<_>>(), [0, 1]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_worker_exiting_before_its_report_fails_the_run() -> Result<()> {
+        let (mut pool, tx) = fake_pool(2);
+        tx.send((1, final_report(1)))?;
+        tx.send((0, Incoming::Closed))?;
+        let err = pool
+            .wait_reports(Instant::now() + Duration::from_secs(5))
+            .await
+            .err()
+            .context("expected an error")?;
+        assert!(err.to_string().contains("worker 0 exited"), "{err:#}");
+
+        let (mut pool, _tx) = fake_pool(1);
+        let err = pool
+            .wait_reports(Instant::now() + Duration::from_millis(10))
+            .await;
+        assert!(err.is_err(), "waiting must end at the deadline");
         Ok(())
     }
 

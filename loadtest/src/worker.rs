@@ -24,7 +24,7 @@ use crate::ipc::{self, Command, ConnectedReport, Event, FinalReport, WorkerSpec}
 use crate::proc;
 use crate::stats::{
     DeliveryCounters, ErrorTally, SeqOutcome, SeqTracker, encode_histogram, new_histogram,
-    unix_micros,
+    truncate_on_char_boundary, unix_micros,
 };
 use crate::token::{TokenMinter, user_name};
 
@@ -134,6 +134,13 @@ impl Shared {
             .next_payload()
             .await
             .map_err(|e| Failure::new("closed before hub.connected", format!("{e:#}")))?;
+        // Any envelope proves the connection is subscribed; anything else (say, an
+        // error object before a close) means it is not.
+        if parse_envelope(&first).is_err() {
+            let mut shown = String::from_utf8_lossy(&first).into_owned();
+            truncate_on_char_boundary(&mut shown, 200);
+            return Err(Failure::new("bad first message", shown));
+        }
         Ok((conn, first))
     }
 
@@ -259,7 +266,14 @@ async fn connection(
     if let Some(e) = ended {
         slot.state.store(GONE, Relaxed);
         shared.disconnects.fetch_add(1, Relaxed);
-        lock(&shared.disconnect_errors).record(&e.to_string(), &format!("{e:#}"));
+        // The outermost message is short and stable enough to count by; its cause
+        // (e.g. the I/O error) is the detail.
+        let cause = e
+            .chain()
+            .nth(1)
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        lock(&shared.disconnect_errors).record(&e.to_string(), &cause);
     }
 }
 
