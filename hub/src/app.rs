@@ -65,6 +65,19 @@ impl Sink for FanoutSink {
     }
 }
 
+/// Binds with a deep accept backlog: connection storms (a node restart sends every client
+/// back at once) should queue in the kernel, not be refused.
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
 fn random_hex(bytes: usize) -> String {
     (0..bytes)
         .map(|_| format!("{:02x}", rand::random::<u8>()))
@@ -146,8 +159,7 @@ impl Application {
             }),
         );
 
-        let listener = TcpListener::bind(settings.addr)
-            .await
+        let listener = bind(settings.addr)
             .with_context(|| format!("config: HUB_ADDR: cannot listen on {}", settings.addr))?;
         let port = listener.local_addr()?.port();
         Ok(Application {

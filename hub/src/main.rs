@@ -98,6 +98,11 @@ fn serve(config: Option<PathBuf>, dev: bool) -> ExitCode {
         return ExitCode::from(2);
     }
     init_telemetry(&settings);
+    // Each client is a socket: use every file descriptor the hard limit allows.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(limit = n, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

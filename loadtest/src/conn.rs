@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
@@ -137,7 +137,10 @@ impl fmt::Display for Failure {
 impl std::error::Error for Failure {}
 
 /// Connects to `addr`, first binding to `source` (port chosen by the kernel) if given.
-pub async fn tcp_connect(addr: SocketAddr, source: Option<IpAddr>) -> Result<TcpStream, Failure> {
+pub async fn tcp_connect(
+    addr: SocketAddr,
+    source: Option<SocketAddr>,
+) -> Result<TcpStream, Failure> {
     let io = |kind: &str| {
         let kind = kind.to_owned();
         move |e: std::io::Error| Failure::new(kind, e.to_string())
@@ -148,10 +151,12 @@ pub async fn tcp_connect(addr: SocketAddr, source: Option<IpAddr>) -> Result<Tcp
         TcpSocket::new_v6()
     }
     .map_err(io("socket"))?;
-    if let Some(ip) = source {
-        socket
-            .bind(SocketAddr::new(ip, 0))
-            .map_err(io("bind source address"))?;
+    if let Some(local) = source {
+        if local.port() != 0 {
+            // An explicit port may still have TIME_WAIT entries from an earlier run.
+            socket.set_reuseaddr(true).map_err(io("socket"))?;
+        }
+        socket.bind(local).map_err(io("bind source address"))?;
     }
     let stream = socket.connect(addr).await.map_err(io("tcp connect"))?;
     stream.set_nodelay(true).map_err(io("socket"))?;
@@ -172,7 +177,7 @@ impl Conn {
         transport: Transport,
         hub: &HubAddr,
         token: &str,
-        source: Option<IpAddr>,
+        source: Option<std::net::SocketAddr>,
     ) -> Result<Self, Failure> {
         Ok(match transport {
             Transport::Ws => Self::Ws(Box::new(WsConn::connect(hub, token, source).await?)),

@@ -30,6 +30,9 @@ pub struct WorkerSpec {
     pub hubs: Vec<HubAddr>,
     /// Local addresses to bind, round-robin.
     pub source_ips: Vec<IpAddr>,
+    /// Explicit local port base: connection j binds BASE + j.
+    #[serde(default)]
+    pub source_port_base: Option<u16>,
     /// User name prefix.
     pub user_prefix: String,
     /// HS256 secret for connection tokens.
@@ -180,6 +183,7 @@ mod tests {
                 addr: "127.0.0.1:8080".parse()?,
             }],
             source_ips: vec!["127.0.0.2".parse()?],
+            source_port_base: None,
             user_prefix: "lt-".into(),
             jwt_secret: "s".into(),
             token_ttl_secs: 3600,

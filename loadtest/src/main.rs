@@ -127,6 +127,14 @@ pub struct RunArgs {
     #[arg(long = "source-ip", value_name = "IP")]
     pub source_ips: Vec<IpAddr>,
 
+    /// Bind connection j to local address j % S (S = --source-ip count, or 127.0.0.1) and
+    /// port BASE + j / S instead of letting the kernel search for a free ephemeral port,
+    /// which costs more CPU the more ports are in use (the search, not the hub, then
+    /// dominates the connect rate on loopback). Keep BASE + N / S below 32768, the start of
+    /// the ephemeral range, so no other socket holds those ports.
+    #[arg(long, value_name = "BASE")]
+    pub source_port_base: Option<u16>,
+
     /// PID of a hub process whose VmRSS to measure; the k-th pairs with the k-th --hub.
     #[arg(long = "server-pid", value_name = "PID")]
     pub server_pids: Vec<u32>,

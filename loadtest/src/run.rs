@@ -375,6 +375,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             layout: plan.layout.clone(),
             hubs: hubs.clone(),
             source_ips: args.source_ips.clone(),
+            source_port_base: args.source_port_base,
             user_prefix: args.user_prefix.clone(),
             jwt_secret: args.jwt_secret.clone(),
             token_ttl_secs: args.token_ttl.as_secs(),

@@ -7,7 +7,6 @@
 
 use std::collections::VecDeque;
 use std::mem;
-use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -373,7 +372,7 @@ impl SseConn {
     pub async fn connect(
         hub: &HubAddr,
         token: &str,
-        source: Option<IpAddr>,
+        source: Option<std::net::SocketAddr>,
     ) -> Result<Self, Failure> {
         let mut stream = tcp_connect(hub.addr, source).await?;
         let request = format!(

@@ -115,7 +115,7 @@ impl Shared {
     }
 
     /// Opens the connection for `plan` and waits for its first envelope.
-    async fn open(&self, plan: ConnPlan) -> Result<(Conn, Bytes), Failure> {
+    async fn open(&self, j: usize, plan: ConnPlan) -> Result<(Conn, Bytes), Failure> {
         let hub = self
             .spec
             .hubs
@@ -126,9 +126,25 @@ impl Shared {
             .minter
             .mint(&user)
             .map_err(|e| Failure::new("token", format!("{e:#}")))?;
-        let source = plan
+        let ip = plan
             .source
             .and_then(|i| self.spec.source_ips.get(i).copied());
+        let source = match self.spec.source_port_base {
+            // Explicit ports: connection j takes address j % S and port BASE + j / S, a
+            // distinct (address, port) per connection with no kernel port search.
+            Some(base) => {
+                let ips = &self.spec.source_ips;
+                let (ip, rank) = match ips.len() {
+                    0 => (std::net::Ipv4Addr::LOCALHOST.into(), j),
+                    n => (ips[j % n], j / n),
+                };
+                let port = u16::try_from(usize::from(base) + rank).map_err(|_| {
+                    Failure::new("config", "--source-port-base + N / sources exceeds 65535")
+                })?;
+                Some(std::net::SocketAddr::new(ip, port))
+            }
+            None => ip.map(|ip| std::net::SocketAddr::new(ip, 0)),
+        };
         let mut conn = Conn::open(plan.transport, hub, &token, source).await?;
         let first = conn
             .next_payload()
@@ -229,7 +245,7 @@ async fn connection(
 
     let limit =
         connect_by.min(Instant::now() + Duration::from_millis(shared.spec.connect_timeout_ms));
-    let opened = timeout_at(limit, shared.open(plan)).await;
+    let opened = timeout_at(limit, shared.open(shared.spec.first + local, plan)).await;
     // The permit bounds handshakes in flight, not open connections.
     drop(permit);
     let (mut conn, first) = match opened {
@@ -491,6 +507,7 @@ mod tests {
                 addr: "127.0.0.1:1".parse()?,
             }],
             source_ips: Vec::new(),
+            source_port_base: None,
             user_prefix: "lt-".into(),
             jwt_secret: "s".into(),
             token_ttl_secs: 60,

@@ -1,8 +1,6 @@
 //! WebSocket client: tokio-tungstenite over a TCP stream this crate connects itself,
 //! so that it can bind a source address.
 
-use std::net::IpAddr;
-
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -37,7 +35,7 @@ impl WsConn {
     pub async fn connect(
         hub: &HubAddr,
         token: &str,
-        source: Option<IpAddr>,
+        source: Option<std::net::SocketAddr>,
     ) -> Result<Self, Failure> {
         let tcp = tcp_connect(hub.addr, source).await?;
         let url = format!("ws://{}{}?token={token}", hub.authority, hub.path("/ws"));

@@ -73,7 +73,7 @@ impl Jwks {
         if self.inner.limiter.check().is_err() {
             return Err(AuthError::UnknownKey);
         }
-        match self.fetch().await {
+        match Box::pin(self.fetch()).await {
             Ok(keys) => *self.inner.keys.write() = keys,
             Err(e) => {
                 tracing::warn!(error = %e, "JWKS refresh failed");

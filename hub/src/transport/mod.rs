@@ -100,3 +100,96 @@ fn expiry_instant(exp: u64, leeway: Duration) -> tokio::time::Instant {
     let left = (exp + leeway.as_secs()).saturating_sub(now_s);
     tokio::time::Instant::now() + Duration::from_secs(left)
 }
+
+#[cfg(test)]
+mod tests {
+    //! Per-connection task size is most of an idle connection's memory: keep it in check.
+
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::backplane::memory::MemoryBackplane;
+    use crate::envelope::Notification;
+    use crate::fanout::Limits;
+    use crate::metrics::Transport;
+
+    struct NoSink;
+
+    impl crate::backplane::Sink for NoSink {
+        fn deliver(&self, _: &str, _: &Arc<Notification>) {}
+    }
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn context() -> Context {
+        let settings = crate::config::Settings::load_from_pairs([("HUB_JWT_SECRET", SECRET)])
+            .expect("settings");
+        let second = Duration::from_secs(1);
+        Context::new(ContextInner {
+            verifier: Verifier::from_settings(&settings, None).expect("verifier"),
+            origins: OriginPolicy::new(&[]),
+            fanout: Fanout::new(Limits {
+                max_connections: 10,
+                max_per_user: 10,
+                queue: 10,
+            }),
+            backplane: Arc::new(MemoryBackplane::new(Arc::new(NoSink), 10, second)),
+            metrics: Metrics::new(),
+            lifecycle: Lifecycle::new(),
+            timing: Timing {
+                ping_interval: second,
+                pong_timeout: second,
+                handshake_timeout: second,
+                write_timeout: second,
+                sse_retry: second,
+                drain_window: second,
+            },
+        })
+    }
+
+    async fn session(ctx: &Context, t: Transport) -> handshake::Session {
+        let token = crate::auth::sign_hs256(SECRET, "u", Duration::from_secs(60)).expect("sign");
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().expect("header"),
+        );
+        let req = handshake::RequestInfo {
+            headers: &headers,
+            query: None,
+        };
+        handshake::admit(ctx, &req, t, None)
+            .await
+            .expect("admitted")
+    }
+
+    #[tokio::test]
+    async fn long_lived_connection_tasks_stay_small() {
+        let ctx = context();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let tcp = || tokio::net::TcpStream::connect(addr);
+
+        let ws_stream = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            tcp().await.expect("connect"),
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        let ws_task = ws::run(ctx.clone(), ws_stream, session(&ctx, Transport::Ws).await);
+        let sse_task = sse::run(
+            ctx.clone(),
+            sse::RawOut {
+                stream: tcp().await.expect("connect"),
+            },
+            session(&ctx, Transport::Sse).await,
+        );
+        let (ws_size, sse_size) = (size_of_val(&ws_task), size_of_val(&sse_task));
+        // Measured 2080 and 1432 bytes; the budget leaves room for small changes but catches
+        // a handshake or key-fetch future creeping into the session's state.
+        assert!(ws_size <= 2560, "WebSocket session task is {ws_size} bytes");
+        assert!(sse_size <= 1792, "SSE session task is {sse_size} bytes");
+    }
+}

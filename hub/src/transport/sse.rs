@@ -44,8 +44,8 @@ pub trait SseOut: Send {
 }
 
 /// The front door's output: chunked transfer encoding straight onto the socket.
-struct RawOut {
-    stream: TcpStream,
+pub(super) struct RawOut {
+    pub(super) stream: TcpStream,
 }
 
 impl SseOut for RawOut {
@@ -139,7 +139,9 @@ pub async fn serve_raw(ctx: Context, mut stream: TcpStream, head: Head) {
         let since = resume_id(&head.headers, head.query.as_deref());
         handshake::admit(&ctx, &req, Transport::Sse, since.as_deref()).await
     };
-    let session = match timeout(ctx.timing.handshake_timeout, admitted).await {
+    let session = // Boxed: the handshake's state (token checks, key fetches) is freed once it is done
+    // instead of sizing the connection's task for its whole life.
+    match timeout(ctx.timing.handshake_timeout, Box::pin(admitted)).await {
         Ok(Ok(s)) => s,
         Ok(Err(rejection)) => {
             tracing::debug!(path = "/sse", status = rejection.status.as_u16(), reason = %rejection.reason, "handshake refused");
@@ -161,7 +163,8 @@ pub async fn serve_raw(ctx: Context, mut stream: TcpStream, head: Head) {
     if stream.write_all(response.as_bytes()).await.is_err() {
         return;
     }
-    run(ctx, RawOut { stream }, session).await;
+    // The stream lives on in a task sized for the session alone.
+    tokio::spawn(run(ctx, RawOut { stream }, session));
 }
 
 /// The axum path (a kept-alive connection's later request).
@@ -204,7 +207,7 @@ enum End {
     Stalled,
 }
 
-async fn run<O: SseOut>(ctx: Context, mut out: O, mut session: Session) {
+pub(super) async fn run<O: SseOut>(ctx: Context, mut out: O, mut session: Session) {
     let timing = ctx.timing;
     let metrics = ctx.metrics.transport(Transport::Sse).clone();
     let end: Result<Infallible, End> = async {

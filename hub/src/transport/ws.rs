@@ -90,7 +90,9 @@ pub async fn serve_raw(ctx: Context, mut stream: TcpStream, head: Head, leftover
         let session = handshake::admit(&ctx, &req, Transport::Ws, since.as_deref()).await?;
         Ok::<_, Rejection>((accept, session))
     };
-    let (accept, session) = match timeout(ctx.timing.handshake_timeout, admitted).await {
+    let (accept, session) = // Boxed: the handshake's state (token checks, key fetches) is freed once it is done
+    // instead of sizing the connection's task for its whole life.
+    match timeout(ctx.timing.handshake_timeout, Box::pin(admitted)).await {
         Ok(Ok(ok)) => ok,
         Ok(Err(rejection)) => {
             tracing::debug!(path = "/ws", status = rejection.status.as_u16(), reason = %rejection.reason, "handshake refused");
@@ -113,7 +115,9 @@ pub async fn serve_raw(ctx: Context, mut stream: TcpStream, head: Head, leftover
     } else {
         WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(config())).await
     };
-    run(ctx, ws, session).await;
+    // The connection lives on in a task sized for the session alone; this one, sized for the
+    // handshake as well, ends here.
+    tokio::spawn(run(ctx, ws, session));
 }
 
 /// The axum path (a kept-alive connection's later request): same handshake, hyper upgrade.
@@ -203,7 +207,7 @@ struct ClientMessage {
     token: Option<String>,
 }
 
-async fn run<S>(ctx: Context, mut ws: WebSocketStream<S>, mut session: Session)
+pub(super) async fn run<S>(ctx: Context, mut ws: WebSocketStream<S>, mut session: Session)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -273,7 +277,7 @@ where
                     }
                     match msg {
                         Some(Ok(Message::Text(text))) => {
-                            match handle_text(&ctx, &session, text.as_str()).await {
+                            match Box::pin(handle_text(&ctx, &session, text.as_str())).await {
                                 Inbound::Refreshed(exp) => {
                                     if !draining {
                                         close_at.as_mut().reset(expiry_instant(exp, ctx.verifier.leeway()));
@@ -369,7 +373,9 @@ async fn handle_text(ctx: &Context, session: &Session, text: &str) -> Inbound {
         return Inbound::Reply(Control::error("expected JSON with a \"type\""));
     };
     match (msg.kind.as_str(), msg.token) {
-        ("refresh", Some(token)) => match ctx.verifier.verify(&token).await {
+        // Boxed: refreshes are rare, and verification may fetch keys; its state should not
+        // size every connection's task.
+        ("refresh", Some(token)) => match Box::pin(ctx.verifier.verify(&token)).await {
             Ok(identity) if *identity.user == *session.user => Inbound::Refreshed(identity.exp),
             Ok(_) => {
                 tracing::debug!("refresh for another user refused");
