@@ -559,6 +559,11 @@ pub struct HubProcess {
 impl HubProcess {
     /// Starts the `hub` binary on a free port with extra environment settings.
     pub async fn start(env: &[(&str, &str)]) -> HubProcess {
+        Self::start_with_args(&[], env).await
+    }
+
+    /// Starts `hub serve ARGS` on a free port with extra environment settings.
+    pub async fn start_with_args(args: &[&str], env: &[(&str, &str)]) -> HubProcess {
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
             l.local_addr().expect("addr").port()
@@ -568,6 +573,7 @@ impl HubProcess {
         let api_key = random_hex(16);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hub"));
         cmd.arg("serve")
+            .args(args)
             .env_clear()
             .env("HUB_ADDR", addr.to_string())
             .env("HUB_JWT_SECRET", &secret)

@@ -2,8 +2,10 @@
 
 mod auth;
 mod backplane;
+mod cli;
 mod drain;
 mod expiry;
+mod heartbeat;
 mod helpers;
 mod isolation;
 mod limits;
