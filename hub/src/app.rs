@@ -13,6 +13,7 @@ use tower_http::trace::TraceLayer;
 use crate::api::{self, ApiInner, ApiState};
 use crate::auth::{OriginPolicy, Verifier};
 use crate::backplane::memory::MemoryBackplane;
+use crate::backplane::redis::{RedisBackplane, RedisSettings, RedisTelemetry};
 use crate::backplane::{Backplane, Sink};
 use crate::config::Settings;
 use crate::envelope::Notification;
@@ -117,9 +118,35 @@ impl Application {
             fanout: fanout.clone(),
             metrics: metrics.clone(),
         });
-        let memory = MemoryBackplane::new(sink, settings.history_size, settings.history_ttl);
-        background.push(memory.spawn_sweeper());
-        let backplane: Arc<dyn Backplane> = Arc::new(memory);
+        let backplane: Arc<dyn Backplane> = match &settings.redis_url {
+            Some(url) => {
+                let (redis, task) = RedisBackplane::connect(
+                    RedisSettings {
+                        url: url.clone(),
+                        prefix: settings.redis_prefix.clone(),
+                        pool_size: settings.redis_pool_size,
+                        timeout: settings.redis_timeout,
+                        history_size: settings.history_size,
+                        history_ttl: settings.history_ttl,
+                    },
+                    sink,
+                    RedisTelemetry {
+                        reconnects: metrics.backplane_reconnects().clone(),
+                        lag_seconds: metrics.backplane_lag().clone(),
+                    },
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("config: HUB_REDIS_URL: {e}"))?;
+                background.push(task);
+                Arc::new(redis)
+            }
+            None => {
+                let memory =
+                    MemoryBackplane::new(sink, settings.history_size, settings.history_ttl);
+                background.push(memory.spawn_sweeper());
+                Arc::new(memory)
+            }
+        };
 
         let lifecycle = Lifecycle::new();
         let ctx = Context::new(ContextInner {

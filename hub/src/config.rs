@@ -76,6 +76,14 @@ pub struct Settings {
     /// Redis backplane and history.
     #[serde(default, deserialize_with = "opt_string")]
     pub redis_url: Option<String>,
+    /// Key and channel prefix in Redis (several deployments can share one Redis).
+    pub redis_prefix: String,
+    /// Command connections to Redis per node.
+    pub redis_pool_size: usize,
+    /// A Redis command (or connection attempt) that takes longer fails: publishes answer 503
+    /// instead of hanging while Redis is unreachable.
+    #[serde(with = "humantime_serde")]
+    pub redis_timeout: Duration,
     /// Kafka ingest.
     #[serde(default, deserialize_with = "opt_string")]
     pub kafka_brokers: Option<String>,
@@ -134,6 +142,9 @@ impl Default for Settings {
             api_key: None,
             allowed_origins: Vec::new(),
             redis_url: None,
+            redis_prefix: "hub".to_owned(),
+            redis_pool_size: 16,
+            redis_timeout: Duration::from_secs(2),
             kafka_brokers: None,
             history_size: 100,
             history_ttl: Duration::from_secs(24 * 3600),
@@ -292,12 +303,31 @@ impl Settings {
                 ));
             }
         }
-        if self.redis_url.is_some() {
+        if let Some(url) = &self.redis_url
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        {
             return Err(ConfigError::new(
                 "HUB_REDIS_URL",
-                "the Redis backplane is not available in this version; unset it to run on the embedded backplane",
+                "must be a redis:// or rediss:// URL",
             ));
         }
+        if self.redis_prefix.is_empty()
+            || !self
+                .redis_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+        {
+            return Err(ConfigError::new(
+                "HUB_REDIS_PREFIX",
+                "must be non-empty letters, digits, '-', '_', '.' or ':'",
+            ));
+        }
+        positive("HUB_REDIS_POOL_SIZE", self.redis_pool_size, 1, 1024)?;
+        at_least(
+            "HUB_REDIS_TIMEOUT",
+            self.redis_timeout,
+            Duration::from_millis(50),
+        )?;
         if self.kafka_brokers.is_some() {
             return Err(ConfigError::new(
                 "HUB_KAFKA_BROKERS",

@@ -73,6 +73,9 @@ pub struct Notification {
     pub sse_event: Bytes,
     /// The same event as one HTTP/1.1 chunk, for the raw SSE path.
     pub sse_chunk: Bytes,
+    /// A `hub.gap` marker rather than a notification: the backplane lost the user's history
+    /// while connections were open; the bytes are the control message (no SSE `id:` line).
+    pub gap: bool,
 }
 
 #[derive(Serialize)]
@@ -89,6 +92,11 @@ impl Notification {
     /// Renders a notification once; `data` is the caller's JSON, embedded unchanged.
     pub fn render(id: Id, kind: &str, data: &RawValue, accepted_us: u64) -> Self {
         let json = envelope_json(Some(id), kind, data, accepted_us / 1000);
+        Self::from_json(id, json, accepted_us)
+    }
+
+    /// Wraps an envelope rendered elsewhere (by the backplane's store) with its id.
+    pub fn from_json(id: Id, json: String, accepted_us: u64) -> Self {
         let sse_event = sse_event(Some(id), &json);
         let sse_chunk = chunk(&sse_event);
         Notification {
@@ -97,6 +105,36 @@ impl Notification {
             json: Utf8Bytes::from(json),
             sse_event,
             sse_chunk,
+            gap: false,
+        }
+    }
+
+    /// The envelope minus its opening `{"id":"..",`: what the store prefixes with the id it
+    /// assigns, so the id and the stored bytes come from one atomic step.
+    pub fn envelope_tail(kind: &str, data: &RawValue, accepted_us: u64) -> String {
+        let full = envelope_json(
+            Some(Id { epoch: 0, seq: 0 }),
+            kind,
+            data,
+            accepted_us / 1000,
+        );
+        // `{"id":"0-0",` is 12 bytes; the rest starts with `"type"`.
+        full.get(12..).unwrap_or_default().to_owned()
+    }
+
+    /// A `hub.gap` marker for the user's connections; `epoch` is the new history's epoch,
+    /// so notifications of the new history pass the connections' seam filters.
+    pub fn gap_marker(epoch: u64, reason: &str) -> Self {
+        let control = Control::gap(reason);
+        let sse_event = control.sse_event();
+        let sse_chunk = chunk(&sse_event);
+        Notification {
+            id: Id { epoch, seq: 0 },
+            accepted_us: now_micros(),
+            json: Utf8Bytes::from(control.json),
+            sse_event,
+            sse_chunk,
+            gap: true,
         }
     }
 }
@@ -227,6 +265,21 @@ mod tests {
         assert_eq!(event, format!("id: 1-2\ndata: {}\n\n", n.json.as_str()));
         let chunk = std::str::from_utf8(&n.sse_chunk).unwrap();
         assert_eq!(chunk, format!("{:x}\r\n{event}\r\n", event.len()));
+    }
+
+    #[test]
+    fn the_tail_plus_an_id_is_the_envelope() {
+        let data = RawValue::from_string(r#"{"k":1}"#.to_owned()).unwrap();
+        let id = Id {
+            epoch: 0xab,
+            seq: 7,
+        };
+        let tail = Notification::envelope_tail("t", &data, 5_000);
+        let joined = format!("{{\"id\":\"{id}\",{tail}");
+        assert_eq!(
+            joined,
+            Notification::render(id, "t", &data, 5_000).json.as_str()
+        );
     }
 
     #[test]

@@ -58,6 +58,8 @@ struct Inner {
     slow_consumers: IntCounter,
     resumes: IntCounterVec,
     write_timeouts: IntCounter,
+    backplane_reconnects: IntCounter,
+    backplane_lag: prometheus::Gauge,
 }
 
 /// Reasons a handshake is refused (`hub_handshake_rejections_total{reason}`).
@@ -196,6 +198,20 @@ impl Metrics {
                 "hub_write_timeouts_total",
                 "Connections closed because a socket write made no progress in time",
             ),
+            backplane_reconnects: counter(
+                &registry,
+                "hub_backplane_reconnects_total",
+                "Reconnects of this node's backplane pub/sub connection",
+            ),
+            backplane_lag: {
+                let g = prometheus::Gauge::new(
+                    "hub_backplane_lag_seconds",
+                    "Acceptance to receipt by this node of the latest backplane message",
+                )
+                .unwrap_or_else(|e| panic!("metric hub_backplane_lag_seconds: {e}"));
+                register(&registry, Box::new(g.clone()));
+                g
+            },
             registry,
         };
         Metrics {
@@ -244,6 +260,16 @@ impl Metrics {
     /// Stalled writes.
     pub fn write_timeouts(&self) -> &IntCounter {
         &self.inner.write_timeouts
+    }
+
+    /// Backplane pub/sub reconnects.
+    pub fn backplane_reconnects(&self) -> &IntCounter {
+        &self.inner.backplane_reconnects
+    }
+
+    /// Backplane pub/sub lag.
+    pub fn backplane_lag(&self) -> &prometheus::Gauge {
+        &self.inner.backplane_lag
     }
 
     /// Counts a resume by outcome.

@@ -7,6 +7,7 @@
 //! [`Sink`]; the node wires its local fan-out registry in as that sink.
 
 pub mod memory;
+pub mod redis;
 
 use std::sync::Arc;
 

@@ -254,10 +254,12 @@ pub(super) async fn run<O: SseOut>(ctx: Context, mut out: O, mut session: Sessio
                             continue;
                         }
                         write_timeout(timing.write_timeout, &session, out.notification(&n)).await?;
-                        metrics.delivered.inc();
-                        ctx.metrics
-                            .delivery_latency()
-                            .observe(now.saturating_sub(n.accepted_us) as f64 / 1e6);
+                        if !n.gap {
+                            metrics.delivered.inc();
+                            ctx.metrics
+                                .delivery_latency()
+                                .observe(now.saturating_sub(n.accepted_us) as f64 / 1e6);
+                        }
                     }
                     if batch.capacity() > BATCH {
                         batch.shrink_to(BATCH);

@@ -260,10 +260,12 @@ where
                             continue;
                         }
                         write_timeout(timing.write_timeout, &session, ws.feed(Message::Text(n.json.clone()))).await?;
-                        metrics.delivered.inc();
-                        ctx.metrics
-                            .delivery_latency()
-                            .observe(now.saturating_sub(n.accepted_us) as f64 / 1e6);
+                        if !n.gap {
+                            metrics.delivered.inc();
+                            ctx.metrics
+                                .delivery_latency()
+                                .observe(now.saturating_sub(n.accepted_us) as f64 / 1e6);
+                        }
                     }
                     write_timeout(timing.write_timeout, &session, ws.flush()).await?;
                     if batch.capacity() > BATCH {

@@ -1,0 +1,653 @@
+//! Redis backplane: one per-user history shared by every node, and routing through pub/sub.
+//!
+//! # Keys and channels (user `u`, prefix `P`)
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `P:m:{u}` | hash | `epoch` (hex, random per history incarnation), `seq` (last id's sequence) |
+//! | `P:h:{u}` | stream | entries `<seq>-1` with `e` = envelope JSON, `u` = acceptance time (µs) |
+//! | `P:i:{u}:<key>` | string | the id an idempotency key was first published under |
+//! | `P:c:{u}` | channel | `<id> <µs> <envelope JSON>` for every accepted notification |
+//!
+//! Every key and the channel of one user share the hash tag `{u}`, so in a Redis Cluster they
+//! live in one slot, and a later move to sharded pub/sub (`SSUBSCRIBE`/`SPUBLISH`) needs no
+//! data migration. All keys expire `HUB_HISTORY_TTL` after the user's last notification.
+//!
+//! # Publishing
+//!
+//! One server-side script checks the idempotency key, creates the history with a fresh epoch
+//! if there is none, assigns the next sequence number, appends to the stream (trimmed to about
+//! `HUB_HISTORY_SIZE`), refreshes the TTLs and publishes to the user's channel. So the id a
+//! subscriber sees is the id in history, and per user, ids and channel order agree.
+//!
+//! # Subscribing and failures
+//!
+//! A single task per node owns the pub/sub connection. It subscribes a user's channel when
+//! the user's first local connection arrives and unsubscribes after the last one leaves,
+//! batching whatever changed since its last round into one `SUBSCRIBE` / `UNSUBSCRIBE`. It
+//! remembers, per subscribed user, the last id it handed to the node. When the connection
+//! drops or Redis restarts it reconnects with backoff, resubscribes every local user, and then
+//! reads each user's history after that last id and delivers what was missed; if the history
+//! is gone (a different epoch), the user's connections get `hub.gap` first.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_redis::{Config as PoolSettings, Pool, PoolConfig, Runtime, Timeouts};
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use prometheus::{Gauge, IntCounter};
+use tokio::sync::{mpsc, watch};
+
+use super::{Backplane, BackplaneError, Publish, Published, Replay, Sink};
+use crate::envelope::{Id, Notification, now_micros};
+
+/// Connection and history settings of the Redis backplane.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://` or `rediss://` URL.
+    pub url: String,
+    /// Key and channel prefix.
+    pub prefix: String,
+    /// Command connections.
+    pub pool_size: usize,
+    /// Deadline for one command or connection attempt.
+    pub timeout: Duration,
+    /// Notifications kept per user (approximately; trimming is lazy).
+    pub history_size: usize,
+    /// History lifetime after the last notification.
+    pub history_ttl: Duration,
+}
+
+/// Observability handles the backplane updates.
+#[derive(Clone)]
+pub struct RedisTelemetry {
+    /// Reconnects of the pub/sub connection.
+    pub reconnects: IntCounter,
+    /// Acceptance → receipt by this node of the latest pub/sub message.
+    pub lag_seconds: Gauge,
+}
+
+const PUBLISH_SCRIPT: &str = r#"
+local meta, stream, channel, idem = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local fresh_epoch, maxlen, ttl, us, tail = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+if idem then
+  local first = redis.call('GET', idem)
+  if first then return {0, first} end
+end
+local epoch = redis.call('HGET', meta, 'epoch')
+if not epoch then
+  epoch = fresh_epoch
+  redis.call('DEL', stream)
+  redis.call('HSET', meta, 'epoch', epoch)
+end
+local seq = redis.call('HINCRBY', meta, 'seq', 1)
+local id = epoch .. '-' .. seq
+local env = '{"id":"' .. id .. '",' .. tail
+redis.call('XADD', stream, 'MAXLEN', '~', maxlen, seq .. '-1', 'e', env, 'u', us)
+redis.call('PEXPIRE', meta, ttl)
+redis.call('PEXPIRE', stream, ttl)
+if idem then redis.call('SET', idem, id, 'PX', ttl) end
+redis.call('PUBLISH', channel, id .. ' ' .. us .. ' ' .. env)
+return {1, id}
+"#;
+
+/// Cheap-to-clone handle on the Redis backplane.
+#[derive(Clone)]
+pub struct RedisBackplane {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    settings: RedisSettings,
+    publish: redis::Script,
+    sink: Arc<dyn Sink>,
+    /// Users with local connections: reference count and the last id handed to the sink.
+    /// Locked briefly by handshakes and the pub/sub task, never across `.await`.
+    subs: Mutex<HashMap<Arc<str>, SubState>>,
+    /// Wakes the pub/sub task when `subs` changed.
+    changed: mpsc::Sender<()>,
+    /// Bumped by the pub/sub task whenever a batch of subscriptions is live in Redis;
+    /// handshakes wait on it.
+    live: watch::Sender<u64>,
+    connected: AtomicBool,
+    telemetry: RedisTelemetry,
+}
+
+struct SubState {
+    refs: usize,
+    /// Subscribed in Redis on the current pub/sub connection.
+    live: bool,
+    /// Last id delivered to the sink for this user (from pub/sub or a catch-up read).
+    last: Option<Id>,
+}
+
+/// "The user had no history when this node subscribed."
+const EMPTY: Id = Id { epoch: 0, seq: 0 };
+
+fn unavailable(e: impl std::fmt::Display) -> BackplaneError {
+    BackplaneError::Unavailable(e.to_string())
+}
+
+impl RedisBackplane {
+    /// Connects the command pool and starts the pub/sub task. Fails when Redis cannot be
+    /// reached at start (so a misconfigured URL is reported at once).
+    pub async fn connect(
+        settings: RedisSettings,
+        sink: Arc<dyn Sink>,
+        telemetry: RedisTelemetry,
+    ) -> Result<(Self, tokio::task::JoinHandle<()>), BackplaneError> {
+        let mut pool_settings = PoolSettings::from_url(settings.url.clone());
+        let mut pool_config = PoolConfig::new(settings.pool_size);
+        pool_config.timeouts = Timeouts {
+            wait: Some(settings.timeout),
+            create: Some(settings.timeout),
+            recycle: Some(settings.timeout),
+        };
+        pool_settings.pool = Some(pool_config);
+        let pool = pool_settings
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(unavailable)?;
+        let client = redis::Client::open(settings.url.as_str()).map_err(unavailable)?;
+        let (changed, changes) = mpsc::channel(1);
+        let (live, _) = watch::channel(0);
+        let this = RedisBackplane {
+            inner: Arc::new(Inner {
+                pool,
+                settings,
+                publish: redis::Script::new(PUBLISH_SCRIPT),
+                sink,
+                subs: Mutex::new(HashMap::new()),
+                changed,
+                live,
+                connected: AtomicBool::new(false),
+                telemetry,
+            }),
+        };
+        this.ping().await?;
+        let task = tokio::spawn(this.clone().pubsub_task(client, changes));
+        Ok((this, task))
+    }
+
+    fn key(&self, kind: &str, user: &str) -> String {
+        format!("{}:{kind}:{{{user}}}", self.inner.settings.prefix)
+    }
+
+    fn channel_prefix(&self) -> String {
+        format!("{}:c:{{", self.inner.settings.prefix)
+    }
+
+    async fn ping(&self) -> Result<(), BackplaneError> {
+        let timeout = self.inner.settings.timeout;
+        let result = tokio::time::timeout(timeout, async {
+            let mut conn = self.inner.pool.get().await.map_err(unavailable)?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut *conn)
+                .await
+                .map_err(unavailable)
+        })
+        .await;
+        match result {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(unavailable("timed out")),
+        }
+    }
+
+    async fn with_timeout<T>(
+        &self,
+        f: impl Future<Output = Result<T, BackplaneError>>,
+    ) -> Result<T, BackplaneError> {
+        tokio::time::timeout(self.inner.settings.timeout, f)
+            .await
+            .unwrap_or_else(|_| Err(unavailable("timed out")))
+    }
+
+    /// Reads a user's history: (epoch, items in order). `None` when there is none.
+    async fn read_history(
+        &self,
+        user: &str,
+    ) -> Result<Option<(u64, Vec<Arc<Notification>>)>, BackplaneError> {
+        let meta = self.key("m", user);
+        let stream = self.key("h", user);
+        self.with_timeout(async {
+            let mut conn = self.inner.pool.get().await.map_err(unavailable)?;
+            let (epoch, entries): (Option<String>, redis::streams::StreamRangeReply) =
+                redis::pipe()
+                    .atomic()
+                    .hget(&meta, "epoch")
+                    .xrange_all(&stream)
+                    .query_async(&mut *conn)
+                    .await
+                    .map_err(unavailable)?;
+            let Some(epoch) = epoch.and_then(|e| u64::from_str_radix(&e, 16).ok()) else {
+                return Ok(None);
+            };
+            let mut items = Vec::with_capacity(entries.ids.len());
+            for entry in entries.ids {
+                let seq = entry
+                    .id
+                    .split_once('-')
+                    .and_then(|(s, _)| s.parse::<u64>().ok());
+                let json: Option<String> = entry.get("e");
+                let us: Option<u64> = entry.get("u");
+                if let (Some(seq), Some(json)) = (seq, json) {
+                    items.push(Arc::new(Notification::from_json(
+                        Id { epoch, seq },
+                        json,
+                        us.unwrap_or(0),
+                    )));
+                }
+            }
+            Ok(Some((epoch, items)))
+        })
+        .await
+    }
+
+    /// Hands a pub/sub message to the sink unless a catch-up read already delivered it.
+    fn on_message(&self, channel: &str, payload: &[u8]) {
+        let Some(user) = channel
+            .strip_prefix(&self.channel_prefix())
+            .and_then(|rest| rest.strip_suffix('}'))
+        else {
+            return;
+        };
+        let Some((id, us, json)) = parse_payload(payload) else {
+            tracing::warn!("undecodable pub/sub message skipped");
+            return;
+        };
+        let lag = now_micros().saturating_sub(us) as f64 / 1e6;
+        self.inner.telemetry.lag_seconds.set(lag);
+        {
+            let mut subs = self.inner.subs.lock();
+            let Some(state) = subs.get_mut(user) else {
+                return;
+            };
+            if let Some(last) = state.last
+                && last.epoch == id.epoch
+                && id.seq <= last.seq
+            {
+                return;
+            }
+            state.last = Some(id);
+        }
+        let n = Arc::new(Notification::from_json(id, json.to_owned(), us));
+        self.inner.sink.deliver(user, &n);
+    }
+
+    /// After a reconnect: delivers what each subscribed user missed, or a gap marker.
+    async fn catch_up(&self, users: Vec<(Arc<str>, Option<Id>)>) {
+        for (user, last) in users {
+            let history = match self.read_history(&user).await {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!(error = %e, "catch-up read failed");
+                    continue;
+                }
+            };
+            let (epoch, items) = history.unwrap_or((0, Vec::new()));
+            let lost = match last {
+                Some(l) if l != EMPTY => {
+                    l.epoch != epoch
+                        || items.first().is_some_and(|f| f.id.seq > l.seq + 1)
+                        || items.last().is_none_or(|n| n.id.seq < l.seq)
+                }
+                _ => false,
+            };
+            let mut deliver = Vec::new();
+            {
+                let mut subs = self.inner.subs.lock();
+                let Some(state) = subs.get_mut(&user) else {
+                    continue;
+                };
+                if lost {
+                    deliver.push(Arc::new(Notification::gap_marker(
+                        epoch,
+                        "history lost while connected",
+                    )));
+                    state.last = None;
+                }
+                for n in items {
+                    let new = match state.last {
+                        Some(l) => l.epoch != n.id.epoch || n.id.seq > l.seq,
+                        // After a gap marker, everything retained is new to the connections.
+                        None => lost,
+                    };
+                    if new {
+                        state.last = Some(n.id);
+                        deliver.push(n);
+                    }
+                }
+            }
+            for n in &deliver {
+                self.inner.sink.deliver(&user, n);
+            }
+        }
+    }
+
+    /// Records where each user's history stands before subscribing them, so a catch-up
+    /// after a later reconnect knows what this node has seen. Read before `SUBSCRIBE`: a
+    /// notification published in between then counts as not yet seen (the handshake's own
+    /// history read covers resuming clients), never as seen-but-not-delivered.
+    async fn record_heads(&self, users: &[Arc<str>]) -> Result<(), BackplaneError> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for user in users {
+            pipe.cmd("HMGET")
+                .arg(self.key("m", user))
+                .arg("epoch")
+                .arg("seq");
+        }
+        let heads: Vec<(Option<String>, Option<u64>)> = self
+            .with_timeout(async {
+                let mut conn = self.inner.pool.get().await.map_err(unavailable)?;
+                pipe.query_async(&mut *conn).await.map_err(unavailable)
+            })
+            .await?;
+        let mut subs = self.inner.subs.lock();
+        for (user, (epoch, seq)) in users.iter().zip(heads) {
+            let head = match epoch.and_then(|e| u64::from_str_radix(&e, 16).ok()) {
+                Some(epoch) => Id {
+                    epoch,
+                    seq: seq.unwrap_or(0),
+                },
+                // No history yet: epoch 0 matches none, so whatever comes is new.
+                None => EMPTY,
+            };
+            if let Some(state) = subs.get_mut(user)
+                && state.last.is_none()
+            {
+                state.last = Some(head);
+            }
+        }
+        Ok(())
+    }
+
+    async fn pubsub_task(self, client: redis::Client, mut changes: mpsc::Receiver<()>) {
+        let mut backoff = Duration::from_millis(100);
+        let mut first = true;
+        loop {
+            let connected =
+                tokio::time::timeout(self.inner.settings.timeout, client.get_async_pubsub()).await;
+            let pubsub = match connected {
+                Ok(Ok(p)) => p,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "pub/sub connect failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+                Err(_) => {
+                    tracing::warn!("pub/sub connect timed out");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            if !first {
+                self.inner.telemetry.reconnects.inc();
+                tracing::info!("pub/sub reconnected");
+            }
+            first = false;
+            backoff = Duration::from_millis(100);
+            let (mut sink, mut stream) = pubsub.split();
+            // Everything subscribed before is gone with the old connection.
+            let catch_up: Vec<(Arc<str>, Option<Id>)> = {
+                let mut subs = self.inner.subs.lock();
+                subs.values_mut().for_each(|s| s.live = false);
+                subs.iter().map(|(u, s)| (u.clone(), s.last)).collect()
+            };
+            let mut on_redis: HashSet<Arc<str>> = HashSet::new();
+            if self.sync(&mut sink, &mut on_redis).await.is_err() {
+                continue;
+            }
+            self.inner.connected.store(true, Ordering::Release);
+            // Read while catching up, so messages published meanwhile are not held back; the
+            // last-id check drops whichever copy comes second.
+            let catch_up_done = self.catch_up(catch_up);
+            tokio::pin!(catch_up_done);
+            let mut catching_up = true;
+            loop {
+                tokio::select! {
+                    () = &mut catch_up_done, if catching_up => catching_up = false,
+                    msg = stream.next() => match msg {
+                        Some(msg) => self.on_message(msg.get_channel_name(), msg.get_payload_bytes()),
+                        None => break,
+                    },
+                    changed = changes.recv() => {
+                        if changed.is_none() {
+                            return;
+                        }
+                        if self.sync(&mut sink, &mut on_redis).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            self.inner.connected.store(false, Ordering::Release);
+            tracing::warn!("pub/sub connection lost; reconnecting");
+        }
+    }
+
+    /// Brings Redis' subscriptions in line with `subs`, in batches; marks them live.
+    async fn sync(
+        &self,
+        sink: &mut redis::aio::PubSubSink,
+        on_redis: &mut HashSet<Arc<str>>,
+    ) -> Result<(), ()> {
+        const BATCH: usize = 2000;
+        let (add, remove): (Vec<Arc<str>>, Vec<Arc<str>>) = {
+            let subs = self.inner.subs.lock();
+            let add = subs
+                .keys()
+                .filter(|u| !on_redis.contains(*u))
+                .cloned()
+                .collect();
+            let remove = on_redis
+                .iter()
+                .filter(|u| !subs.contains_key(*u))
+                .cloned()
+                .collect();
+            (add, remove)
+        };
+        let prefix = self.channel_prefix();
+        let channel = |u: &Arc<str>| format!("{prefix}{u}}}");
+        for batch in remove.chunks(BATCH) {
+            let names: Vec<String> = batch.iter().map(channel).collect();
+            self.timed(sink.unsubscribe(&names)).await?;
+            for u in batch {
+                on_redis.remove(u);
+            }
+        }
+        for batch in add.chunks(BATCH) {
+            let fresh: Vec<Arc<str>> = {
+                let subs = self.inner.subs.lock();
+                batch
+                    .iter()
+                    .filter(|u| subs.get(*u).is_some_and(|s| s.last.is_none()))
+                    .cloned()
+                    .collect()
+            };
+            if let Err(e) = self.record_heads(&fresh).await {
+                tracing::warn!(error = %e, "reading history heads failed");
+                return Err(());
+            }
+            let names: Vec<String> = batch.iter().map(channel).collect();
+            self.timed(sink.subscribe(&names)).await?;
+            on_redis.extend(batch.iter().cloned());
+            {
+                let mut subs = self.inner.subs.lock();
+                for u in batch {
+                    if let Some(s) = subs.get_mut(u) {
+                        s.live = true;
+                    }
+                }
+            }
+            self.inner.live.send_modify(|v| *v += 1);
+        }
+        Ok(())
+    }
+
+    async fn timed(&self, f: impl Future<Output = redis::RedisResult<()>>) -> Result<(), ()> {
+        match tokio::time::timeout(self.inner.settings.timeout, f).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "pub/sub command failed");
+                Err(())
+            }
+            Err(_) => {
+                tracing::warn!("pub/sub command timed out");
+                Err(())
+            }
+        }
+    }
+}
+
+/// `<id> <µs> <json>` → parts.
+fn parse_payload(payload: &[u8]) -> Option<(Id, u64, &str)> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let (id, rest) = text.split_once(' ')?;
+    let (us, json) = rest.split_once(' ')?;
+    Some((id.parse().ok()?, us.parse().ok()?, json))
+}
+
+#[async_trait]
+impl Backplane for RedisBackplane {
+    async fn publish(&self, msg: Publish) -> Result<Published, BackplaneError> {
+        let accepted_us = now_micros();
+        let tail = Notification::envelope_tail(&msg.kind, &msg.data, accepted_us);
+        let settings = &self.inner.settings;
+        let mut invocation = self.inner.publish.prepare_invoke();
+        invocation
+            .key(self.key("m", &msg.user))
+            .key(self.key("h", &msg.user))
+            .key(self.key("c", &msg.user));
+        if let Some(key) = &msg.idempotency_key {
+            invocation.key(format!("{}:{key}", self.key("i", &msg.user)));
+        }
+        invocation
+            .arg(format!("{:x}", (rand::random::<u64>() >> 16).max(1)))
+            .arg(settings.history_size)
+            .arg(settings.history_ttl.as_millis() as u64)
+            .arg(accepted_us)
+            .arg(tail);
+        let (fresh, id): (u8, String) = self
+            .with_timeout(async {
+                let mut conn = self.inner.pool.get().await.map_err(unavailable)?;
+                invocation
+                    .invoke_async(&mut *conn)
+                    .await
+                    .map_err(unavailable)
+            })
+            .await?;
+        let id = id
+            .parse::<Id>()
+            .map_err(|_| unavailable("store returned a malformed id"))?;
+        Ok(Published {
+            id,
+            duplicate: fresh == 0,
+        })
+    }
+
+    async fn subscribe(&self, user: &Arc<str>) -> Result<(), BackplaneError> {
+        let mut live = self.inner.live.subscribe();
+        {
+            let mut subs = self.inner.subs.lock();
+            let state = subs.entry(user.clone()).or_insert(SubState {
+                refs: 0,
+                live: false,
+                last: None,
+            });
+            state.refs += 1;
+            if state.live {
+                return Ok(());
+            }
+        }
+        let _ = self.inner.changed.try_send(());
+        let wait = async {
+            loop {
+                if self.inner.subs.lock().get(user).is_some_and(|s| s.live) {
+                    return Ok(());
+                }
+                if live.changed().await.is_err() {
+                    return Err(unavailable("pub/sub task stopped"));
+                }
+            }
+        };
+        match tokio::time::timeout(self.inner.settings.timeout, wait).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                self.unsubscribe(user);
+                Err(e)
+            }
+            Err(_) => {
+                self.unsubscribe(user);
+                Err(unavailable("subscribe timed out"))
+            }
+        }
+    }
+
+    fn unsubscribe(&self, user: &str) {
+        let mut subs = self.inner.subs.lock();
+        let Some(state) = subs.get_mut(user) else {
+            return;
+        };
+        state.refs = state.refs.saturating_sub(1);
+        if state.refs == 0 {
+            subs.remove(user);
+            drop(subs);
+            let _ = self.inner.changed.try_send(());
+        }
+    }
+
+    async fn history_after(&self, user: &str, after: Id) -> Result<Replay, BackplaneError> {
+        let Some((epoch, items)) = self.read_history(user).await? else {
+            return Ok(Replay {
+                gap: true,
+                items: Vec::new(),
+            });
+        };
+        let last_seq = items.last().map_or(0, |n| n.id.seq);
+        let first_seq = items.first().map_or(last_seq + 1, |n| n.id.seq);
+        let contiguous =
+            after.epoch == epoch && after.seq <= last_seq && after.seq + 1 >= first_seq;
+        if !contiguous {
+            return Ok(Replay { gap: true, items });
+        }
+        Ok(Replay {
+            gap: false,
+            items: items.into_iter().filter(|n| n.id.seq > after.seq).collect(),
+        })
+    }
+
+    async fn ready(&self) -> bool {
+        self.inner.connected.load(Ordering::Acquire) && self.ping().await.is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_parse_and_garbage_does_not() {
+        let (id, us, json) = parse_payload(b"ab-3 1700 {\"id\":\"ab-3\"}").unwrap();
+        assert_eq!(
+            id,
+            Id {
+                epoch: 0xab,
+                seq: 3
+            }
+        );
+        assert_eq!(us, 1700);
+        assert_eq!(json, "{\"id\":\"ab-3\"}");
+        assert!(parse_payload(b"nonsense").is_none());
+        assert!(parse_payload(&[0xff, 0x20, 0x31]).is_none());
+    }
+}
