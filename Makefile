@@ -2,11 +2,22 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: test deps fmt-check clippy unit demo stop build-release loadtest-build
+# Local Redis port (infra/local/redis.sh reads it) and the URL the integration tests use.
+export HUB_REDIS_PORT ?= 6379
+HUB_TEST_REDIS_URL ?= redis://127.0.0.1:$(HUB_REDIS_PORT)
 
-## test: install what is missing, then format check, lints, and every test.
+.PHONY: test deps fmt-check clippy demo stop build-release infra-up infra-down
+
+## test: install what is missing, then format check, lints, and every test against a local
+## Redis. Stops afterwards only what this run started (also when tests fail); a Redis already
+## running, e.g. from `make infra-up`, is left running. Exits non-zero on any failure.
 test: deps fmt-check clippy
-	$(CARGO) test --workspace --all-targets
+	@rec=$$(mktemp); \
+	trap 'infra/local/infra.sh down --record "$$rec"' EXIT; \
+	trap 'exit 130' INT; trap 'exit 143' TERM; \
+	infra/local/infra.sh up --record "$$rec" && \
+	echo "HUB_TEST_REDIS_URL=$(HUB_TEST_REDIS_URL) $(CARGO) test --workspace --all-targets" && \
+	HUB_TEST_REDIS_URL=$(HUB_TEST_REDIS_URL) $(CARGO) test --workspace --all-targets
 
 deps:
 	@infra/local/deps.sh
@@ -20,10 +31,18 @@ clippy:
 build-release:
 	$(CARGO) build --release -p hub -p loadtest
 
+## infra-up / infra-down: start / stop the local Redis (Kafka and PostgreSQL to come); idempotent.
+infra-up:
+	@infra/local/infra.sh up
+
+infra-down:
+	@infra/local/infra.sh down
+
 ## demo: start a hub node in dev mode in the background and print the URL and a token.
 demo: deps build-release
 	@infra/local/demo.sh start
 
-## stop: stop everything `make demo` started.
+## stop: stop everything `make demo` or `make infra-up` started (the hub first, then the infrastructure).
 stop:
 	@infra/local/demo.sh stop
+	@infra/local/infra.sh down

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Starts / stops the local infrastructure (no Docker): `make infra-up` / `make infra-down`.
+#
+#   infra/local/infra.sh up   [--record FILE]   start every service (each is a no-op when it runs)
+#   infra/local/infra.sh down [--record FILE]   stop every service this project's scripts started
+#   infra/local/infra.sh status                 one line per service
+#
+# With --record, `up` writes to FILE the services it actually started (not those already
+# running), and `down` stops only the services listed in FILE, then removes FILE. `make test`
+# uses this so it stops what it started and leaves running what `make infra-up` had started.
+#
+# Each service is a script infra/local/<name>.sh with start|stop|status that honours
+# INFRA_RECORD (see redis.sh). Add Kafka and PostgreSQL here, in start order.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+
+SERVICES=(
+  redis
+  # kafka
+  # postgres
+)
+
+cmd=${1:-}
+shift || true
+record=""
+while (($#)); do
+  case $1 in
+    --record) record=${2:?--record needs a file}; shift 2 ;;
+    *) echo "infra: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+
+up() {
+  local rec=$record tmp=""
+  if [[ -z $rec ]]; then tmp=$(mktemp); rec=$tmp; fi
+  : > "$rec"
+  for s in "${SERVICES[@]}"; do
+    INFRA_RECORD=$rec "$HERE/$s.sh" start
+  done
+  local started
+  started=$(paste -sd' ' "$rec")
+  [[ -n $tmp ]] && rm -f "$tmp"
+  echo "infra: up (${SERVICES[*]}); started now: ${started:-nothing, all were already running}"
+}
+
+down() {
+  local stopped=() i s
+  if [[ -n $record && ! -s $record ]]; then
+    rm -f "$record"
+    echo "infra: down; nothing to stop (this run started nothing)"
+    return 0
+  fi
+  # Reverse start order; with --record only what that run started.
+  for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do
+    s=${SERVICES[i]}
+    if [[ -n $record ]] && ! grep -qx "$s" "$record"; then continue; fi
+    "$HERE/$s.sh" stop
+    stopped+=("$s")
+  done
+  [[ -n $record ]] && rm -f "$record"
+  echo "infra: down (${stopped[*]})"
+}
+
+status() {
+  local rc=0
+  for s in "${SERVICES[@]}"; do "$HERE/$s.sh" status || rc=$?; done
+  return "$rc"
+}
+
+case $cmd in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  *) echo "usage: $0 up|down [--record FILE] | status" >&2; exit 2 ;;
+esac
