@@ -38,8 +38,9 @@ infra-up:
 infra-down:
 	@infra/local/infra.sh down
 
-## demo: start a hub node in dev mode in the background and print the URL and a token.
+## demo: start Redis and two hub nodes in dev mode in the background; print the URL and a token.
 demo: deps build-release
+	@infra/local/infra.sh up
 	@infra/local/demo.sh start
 
 ## stop: stop everything `make demo` or `make infra-up` started (the hub first, then the infrastructure).
