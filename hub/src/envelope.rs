@@ -122,14 +122,15 @@ impl Notification {
         full.get(12..).unwrap_or_default().to_owned()
     }
 
-    /// A `hub.gap` marker for the user's connections; `epoch` is the new history's epoch,
-    /// so notifications of the new history pass the connections' seam filters.
-    pub fn gap_marker(epoch: u64, reason: &str) -> Self {
+    /// A `hub.gap` marker for the user's connections, positioned at `id`: just before the
+    /// first retained notification, so a connection that already has everything up to there
+    /// drops it (seam filter) and any other is told and then takes what follows.
+    pub fn gap_marker(id: Id, reason: &str) -> Self {
         let control = Control::gap(reason);
         let sse_event = control.sse_event();
         let sse_chunk = chunk(&sse_event);
         Notification {
-            id: Id { epoch, seq: 0 },
+            id,
             accepted_us: now_micros(),
             json: Utf8Bytes::from(control.json),
             sse_event,

@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_redis::{Config as PoolSettings, Pool, PoolConfig, Runtime, Timeouts};
+use deadpool_redis::{Pool, Runtime, Timeouts};
 use futures_util::StreamExt;
 use parking_lot::Mutex;
 use prometheus::{Gauge, IntCounter};
@@ -124,6 +124,10 @@ struct SubState {
     live: bool,
     /// Last id delivered to the sink for this user (from pub/sub or a catch-up read).
     last: Option<Id>,
+    /// From a pub/sub reconnect until this user's catch-up ran: live messages wait in `held`,
+    /// so none overtakes (and hides) the missed ones the catch-up reads from history.
+    catching_up: bool,
+    held: Vec<Arc<Notification>>,
 }
 
 /// "The user had no history when this node subscribed."
@@ -141,16 +145,23 @@ impl RedisBackplane {
         sink: Arc<dyn Sink>,
         telemetry: RedisTelemetry,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), BackplaneError> {
-        let mut pool_settings = PoolSettings::from_url(settings.url.clone());
-        let mut pool_config = PoolConfig::new(settings.pool_size);
-        pool_config.timeouts = Timeouts {
-            wait: Some(settings.timeout),
-            create: Some(settings.timeout),
-            recycle: Some(settings.timeout),
-        };
-        pool_settings.pool = Some(pool_config);
-        let pool = pool_settings
-            .create_pool(Some(Runtime::Tokio1))
+        // redis-rs 1.x gives every connection a 500 ms response timeout of its own; the
+        // configured deadline must be the one that applies.
+        let connection_config = redis::AsyncConnectionConfig::new()
+            .set_response_timeout(Some(settings.timeout))
+            .set_connection_timeout(Some(settings.timeout));
+        let manager =
+            deadpool_redis::Manager::new_with_config(settings.url.as_str(), connection_config)
+                .map_err(unavailable)?;
+        let pool = Pool::builder(manager)
+            .max_size(settings.pool_size)
+            .timeouts(Timeouts {
+                wait: Some(settings.timeout),
+                create: Some(settings.timeout),
+                recycle: Some(settings.timeout),
+            })
+            .runtime(Runtime::Tokio1)
+            .build()
             .map_err(unavailable)?;
         let client = redis::Client::open(settings.url.as_str()).map_err(unavailable)?;
         let (changed, changes) = mpsc::channel(1);
@@ -267,6 +278,12 @@ impl RedisBackplane {
             let Some(state) = subs.get_mut(user) else {
                 return;
             };
+            if state.catching_up {
+                state
+                    .held
+                    .push(Arc::new(Notification::from_json(id, json.to_owned(), us)));
+                return;
+            }
             if let Some(last) = state.last
                 && last.epoch == id.epoch
                 && id.seq <= last.seq
@@ -279,43 +296,67 @@ impl RedisBackplane {
         self.inner.sink.deliver(user, &n);
     }
 
-    /// After a reconnect: delivers what each subscribed user missed, or a gap marker.
+    /// After a reconnect: delivers what each subscribed user missed, or a gap marker, then
+    /// the live messages held meanwhile.
     async fn catch_up(&self, users: Vec<(Arc<str>, Option<Id>)>) {
         for (user, last) in users {
-            let history = match self.read_history(&user).await {
-                Ok(h) => h,
-                Err(e) => {
-                    tracing::warn!(error = %e, "catch-up read failed");
-                    continue;
-                }
-            };
-            let (epoch, items) = history.unwrap_or((0, Vec::new()));
-            let lost = match last {
-                Some(l) if l != EMPTY => {
-                    l.epoch != epoch
-                        || items.first().is_some_and(|f| f.id.seq > l.seq + 1)
-                        || items.last().is_none_or(|n| n.id.seq < l.seq)
-                }
-                _ => false,
-            };
+            let history = self.read_history(&user).await;
             let mut deliver = Vec::new();
             {
                 let mut subs = self.inner.subs.lock();
                 let Some(state) = subs.get_mut(&user) else {
                     continue;
                 };
-                if lost {
-                    deliver.push(Arc::new(Notification::gap_marker(
-                        epoch,
-                        "history lost while connected",
-                    )));
-                    state.last = None;
+                let held = std::mem::take(&mut state.held);
+                state.catching_up = false;
+                match history {
+                    Err(e) => {
+                        // What was missed is unknown: the client must refetch.
+                        tracing::warn!(error = %e, "catch-up read failed");
+                        deliver.push(Arc::new(Notification::gap_marker(
+                            Id { epoch: 0, seq: 0 },
+                            "history unavailable after reconnect",
+                        )));
+                        state.last = None;
+                    }
+                    Ok(history) => {
+                        let (epoch, items) = history.unwrap_or((0, Vec::new()));
+                        let lost = match last {
+                            Some(l) if l != EMPTY => {
+                                l.epoch != epoch
+                                    || items.first().is_some_and(|f| f.id.seq > l.seq + 1)
+                                    || items.last().is_none_or(|n| n.id.seq < l.seq)
+                            }
+                            _ => false,
+                        };
+                        if lost {
+                            // Positioned just before the first retained one: a connection
+                            // that already has everything up to there ignores it (the seam
+                            // filter), any other is told and takes what follows.
+                            let before = items.first().map_or(0, |f| f.id.seq.saturating_sub(1));
+                            deliver.push(Arc::new(Notification::gap_marker(
+                                Id { epoch, seq: before },
+                                "history lost while connected",
+                            )));
+                            state.last = None;
+                        }
+                        for n in items {
+                            let new = match state.last {
+                                Some(l) => l.epoch != n.id.epoch || n.id.seq > l.seq,
+                                // After a gap marker, everything retained is new.
+                                None => lost,
+                            };
+                            if new {
+                                state.last = Some(n.id);
+                                deliver.push(n);
+                            }
+                        }
+                    }
                 }
-                for n in items {
+                for n in held {
                     let new = match state.last {
                         Some(l) => l.epoch != n.id.epoch || n.id.seq > l.seq,
-                        // After a gap marker, everything retained is new to the connections.
-                        None => lost,
+                        None => true,
                     };
                     if new {
                         state.last = Some(n.id);
@@ -400,7 +441,10 @@ impl RedisBackplane {
             // Everything subscribed before is gone with the old connection.
             let catch_up: Vec<(Arc<str>, Option<Id>)> = {
                 let mut subs = self.inner.subs.lock();
-                subs.values_mut().for_each(|s| s.live = false);
+                subs.values_mut().for_each(|s| {
+                    s.live = false;
+                    s.catching_up = true;
+                });
                 subs.iter().map(|(u, s)| (u.clone(), s.last)).collect()
             };
             let mut on_redis: HashSet<Arc<str>> = HashSet::new();
@@ -444,10 +488,12 @@ impl RedisBackplane {
         const BATCH: usize = 2000;
         let (add, remove): (Vec<Arc<str>>, Vec<Arc<str>>) = {
             let subs = self.inner.subs.lock();
+            // Not yet live includes a user who left and came back before this task saw it
+            // leave: still subscribed on Redis, but its new state waits to be marked live.
             let add = subs
-                .keys()
-                .filter(|u| !on_redis.contains(*u))
-                .cloned()
+                .iter()
+                .filter(|(u, s)| !s.live || !on_redis.contains(*u))
+                .map(|(u, _)| u.clone())
                 .collect();
             let remove = on_redis
                 .iter()
@@ -563,6 +609,8 @@ impl Backplane for RedisBackplane {
                 refs: 0,
                 live: false,
                 last: None,
+                catching_up: false,
+                held: Vec::new(),
             });
             state.refs += 1;
             if state.live {

@@ -757,3 +757,55 @@ impl Drop for RedisServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// The signing secret and publish API key of a cluster: every node sharing a backplane must
+/// verify the same tokens and accept the same key.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// HS256 secret.
+    pub secret: String,
+    /// Publish API key.
+    pub api_key: String,
+}
+
+impl Credentials {
+    /// Fresh random credentials.
+    pub fn random() -> Self {
+        Credentials {
+            secret: random_hex(24),
+            api_key: random_hex(16),
+        }
+    }
+}
+
+impl HubProcess {
+    /// Starts the `hub` binary with the given credentials (instead of random ones) plus extra
+    /// environment settings; several nodes started with the same credentials form a cluster.
+    pub async fn start_with_credentials(creds: &Credentials, env: &[(&str, &str)]) -> HubProcess {
+        let mut all: Vec<(&str, &str)> = vec![
+            ("HUB_JWT_SECRET", &creds.secret),
+            ("HUB_API_KEY", &creds.api_key),
+        ];
+        all.extend_from_slice(env);
+        let mut p = Self::start(&all).await;
+        p.secret = creds.secret.clone();
+        p.api_key = creds.api_key.clone();
+        p
+    }
+}
+
+/// Waits until `GET path` answers `status`; panics with the last answer after `limit`.
+pub async fn wait_status(app: &TestApp, path: &str, status: u16, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (got, body) = app.get(path).await;
+        if got == status {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} stayed at {got} ({body}), wanted {status} within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

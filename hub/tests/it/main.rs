@@ -3,6 +3,7 @@
 mod auth;
 mod backplane;
 mod cli;
+mod cluster;
 mod drain;
 mod expiry;
 mod heartbeat;
