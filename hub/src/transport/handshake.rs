@@ -88,6 +88,23 @@ impl Session {
         self.guard.transport
     }
 
+    /// Moves `first` and whatever else is already queued (up to `max` in all) into `batch`,
+    /// so a burst is written with one flush.
+    pub fn fill_batch(
+        &mut self,
+        first: Arc<Notification>,
+        batch: &mut Vec<Arc<Notification>>,
+        max: usize,
+    ) {
+        batch.push(first);
+        while batch.len() < max {
+            match self.queue.try_recv() {
+                Ok(n) => batch.push(n),
+                Err(_) => break,
+            }
+        }
+    }
+
     /// Resolves when the fan-out dropped this connection as a slow consumer.
     pub async fn evicted(&self) {
         self.guard.registration.evicted().await;

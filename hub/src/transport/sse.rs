@@ -241,13 +241,7 @@ pub(super) async fn run<O: SseOut>(ctx: Context, mut out: O, mut session: Sessio
                         tracing::debug!("slow consumer disconnected");
                         return Err(End::Close);
                     };
-                    batch.push(n);
-                    while batch.len() < BATCH {
-                        match session.queue.try_recv() {
-                            Ok(n) => batch.push(n),
-                            Err(_) => break,
-                        }
-                    }
+                    session.fill_batch(n, &mut batch, BATCH);
                     let now = now_micros();
                     for n in batch.drain(..) {
                         if !is_new(&mut last, &n) {

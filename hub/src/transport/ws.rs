@@ -247,13 +247,7 @@ where
             tokio::select! {
                 next = session.queue.recv() => {
                     let Some(n) = next else { return Err(End::Slow) };
-                    batch.push(n);
-                    while batch.len() < BATCH {
-                        match session.queue.try_recv() {
-                            Ok(n) => batch.push(n),
-                            Err(_) => break,
-                        }
-                    }
+                    session.fill_batch(n, &mut batch, BATCH);
                     let now = now_micros();
                     for n in batch.drain(..) {
                         if !is_new(&mut last, &n) {

@@ -212,6 +212,44 @@ pub async fn wait_metric_eq(app: &TestApp, series: &str, want: f64) {
     }
 }
 
+/// Asserts that a refusal body is JSON with a non-empty `error` string.
+pub fn assert_json_error(body: &str, what: &str) {
+    let v: serde_json::Value = serde_json::from_str(body)
+        .unwrap_or_else(|e| panic!("{what}: body is not JSON ({e}): {body:?}"));
+    assert!(
+        v["error"].as_str().is_some_and(|s| !s.is_empty()),
+        "{what}: no \"error\" string in {body}"
+    );
+}
+
+/// Asserts that both transports refuse `token` with `status` and a JSON error, and that the
+/// refusals were counted under the rejection `reason` (`expected_count` in total).
+pub async fn refused_on_both(
+    app: &TestApp,
+    token: &str,
+    status: u16,
+    reason: &str,
+    expected_count: f64,
+    what: &str,
+) {
+    let Err(r) = WsClient::connect(app, token, "").await else {
+        panic!("{what}: a WebSocket was accepted");
+    };
+    assert_eq!(r.status, status, "{what}, WS: {}", r.body);
+    assert_json_error(&r.body, &format!("{what}, WS"));
+    let Err(r) = SseClient::connect(app, token, "").await else {
+        panic!("{what}: an SSE stream was accepted");
+    };
+    assert_eq!(r.status, status, "{what}, SSE: {}", r.body);
+    assert_json_error(&r.body, &format!("{what}, SSE"));
+    let series = format!("hub_handshake_rejections_total{{reason=\"{reason}\"}}");
+    assert_eq!(
+        app.metric(&series).await,
+        expected_count,
+        "{what}: {series}"
+    );
+}
+
 /// Signs HS256 by hand (HMAC-SHA256 over base64url JSON), independent of the hub's library.
 pub fn hs256(secret: &str, claims: &Value) -> String {
     hs256_with_header(secret, &json!({"alg": "HS256", "typ": "JWT"}), claims)
