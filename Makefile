@@ -15,7 +15,7 @@ test: deps fmt-check clippy
 	@rec=$$(mktemp); \
 	trap 'infra/local/infra.sh down --record "$$rec"' EXIT; \
 	trap 'exit 130' INT; trap 'exit 143' TERM; \
-	infra/local/infra.sh up --record "$$rec" && \
+	infra/local/infra.sh up --only redis --record "$$rec" && \
 	echo "HUB_TEST_REDIS_URL=$(HUB_TEST_REDIS_URL) $(CARGO) test --workspace --all-targets" && \
 	HUB_TEST_REDIS_URL=$(HUB_TEST_REDIS_URL) $(CARGO) test --workspace --all-targets
 

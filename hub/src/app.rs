@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use axum::Router;
 use axum::routing::get;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
 
 use crate::api::{self, ApiInner, ApiState};
@@ -18,6 +19,7 @@ use crate::backplane::{Backplane, Sink};
 use crate::config::Settings;
 use crate::envelope::Notification;
 use crate::fanout::{Fanout, Limits};
+use crate::ingest::{self, IngestMetrics, IngestSettings, Routes};
 use crate::metrics::Metrics;
 use crate::shutdown::Lifecycle;
 use crate::transport::{Context, ContextInner, Timing, front, sse, ws};
@@ -49,6 +51,7 @@ pub struct Application {
     grace: Duration,
     dev: Option<DevCredentials>,
     background: Vec<tokio::task::JoinHandle<()>>,
+    ingest: Option<(IngestSettings, Arc<dyn Backplane>, IngestMetrics)>,
 }
 
 /// Hands backplane notifications to the local registry and counts slow consumers.
@@ -63,6 +66,80 @@ impl Sink for FanoutSink {
         if d.slow > 0 {
             self.metrics.slow_consumers().inc_by(d.slow as u64);
         }
+    }
+}
+
+/// Routes and Kafka settings when `HUB_KAFKA_BROKERS` is set; bad routes stop the start.
+fn ingest_settings(settings: &Settings) -> anyhow::Result<Option<IngestSettings>> {
+    let Some(brokers) = &settings.kafka_brokers else {
+        return Ok(None);
+    };
+    let pool = prost_reflect::DescriptorPool::decode(proto::FILE_DESCRIPTOR_SET)
+        .map_err(|e| anyhow::anyhow!("event contracts: {e}"))?;
+    let routes = Routes::load(&pool, settings.ingest_routes.as_deref())?;
+    Ok(Some(IngestSettings {
+        brokers: brokers.clone(),
+        group: settings.kafka_group.clone(),
+        routes: Arc::new(routes),
+    }))
+}
+
+/// `hub ingest`: Kafka ingest alone, publishing into the Redis backplane, until `shutdown`.
+pub async fn run_ingest_only(
+    settings: Settings,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let Some(ingest) = ingest_settings(&settings)? else {
+        anyhow::bail!("config: HUB_KAFKA_BROKERS: required by `hub ingest`");
+    };
+    let Some(url) = &settings.redis_url else {
+        anyhow::bail!(
+            "config: HUB_REDIS_URL: required by `hub ingest` (nodes read history from Redis)"
+        );
+    };
+    struct Discard;
+    impl Sink for Discard {
+        fn deliver(&self, _: &str, _: &Arc<Notification>) {}
+    }
+    let metrics = Metrics::new();
+    let (redis, task) = RedisBackplane::connect(
+        redis_settings(&settings, url),
+        Arc::new(Discard),
+        RedisTelemetry {
+            reconnects: metrics.backplane_reconnects().clone(),
+            lag_seconds: metrics.backplane_lag().clone(),
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("config: HUB_REDIS_URL: {e}"))?;
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(ingest::run(
+        ingest,
+        Arc::new(redis),
+        metrics.ingest(),
+        stop.clone(),
+    ));
+    shutdown.await;
+    stop.cancel();
+    let result = tokio::time::timeout(settings.shutdown_grace, run).await;
+    task.abort();
+    match result {
+        Ok(Ok(r)) => r.map_err(Into::into),
+        Ok(Err(e)) => Err(anyhow::anyhow!("ingest task: {e}")),
+        Err(_) => Err(anyhow::anyhow!(
+            "ingest did not stop within HUB_SHUTDOWN_GRACE"
+        )),
+    }
+}
+
+fn redis_settings(settings: &Settings, url: &str) -> RedisSettings {
+    RedisSettings {
+        url: url.to_owned(),
+        prefix: settings.redis_prefix.clone(),
+        pool_size: settings.redis_pool_size,
+        timeout: settings.redis_timeout,
+        history_size: settings.history_size,
+        history_ttl: settings.history_ttl,
     }
 }
 
@@ -121,14 +198,7 @@ impl Application {
         let backplane: Arc<dyn Backplane> = match &settings.redis_url {
             Some(url) => {
                 let (redis, task) = RedisBackplane::connect(
-                    RedisSettings {
-                        url: url.clone(),
-                        prefix: settings.redis_prefix.clone(),
-                        pool_size: settings.redis_pool_size,
-                        timeout: settings.redis_timeout,
-                        history_size: settings.history_size,
-                        history_ttl: settings.history_ttl,
-                    },
+                    redis_settings(&settings, url),
                     sink,
                     RedisTelemetry {
                         reconnects: metrics.backplane_reconnects().clone(),
@@ -147,6 +217,8 @@ impl Application {
                 Arc::new(memory)
             }
         };
+
+        let ingest = ingest_settings(&settings)?.map(|i| (i, backplane.clone(), metrics.ingest()));
 
         let lifecycle = Lifecycle::new();
         let ctx = Context::new(ContextInner {
@@ -199,6 +271,7 @@ impl Application {
             grace: settings.shutdown_grace,
             dev,
             background,
+            ingest,
         })
     }
 
@@ -221,16 +294,34 @@ impl Application {
     /// refused, open ones closed over the drain window; returns when all are closed or the
     /// grace period is over.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let stop = tokio_util::sync::CancellationToken::new();
+        let stop = CancellationToken::new();
         let server = tokio::spawn(front::serve(
             self.listener,
             self.ctx,
             self.router,
             stop.clone().cancelled_owned(),
         ));
+        let ingest_stop = CancellationToken::new();
+        let ingest = self.ingest.map(|(settings, backplane, metrics)| {
+            tokio::spawn(ingest::run(
+                settings,
+                backplane,
+                metrics,
+                ingest_stop.clone(),
+            ))
+        });
         shutdown.await;
         tracing::info!(connections = self.fanout.connections(), "draining");
         self.lifecycle.start_drain();
+        // Ingest finishes its in-flight records, commits and stops while clients drain.
+        ingest_stop.cancel();
+        if let Some(task) = ingest {
+            match tokio::time::timeout(self.grace, task).await {
+                Ok(Ok(Err(e))) => tracing::error!(error = %e, "ingest failed"),
+                Err(_) => tracing::warn!("ingest did not stop within the grace period"),
+                _ => {}
+            }
+        }
         let deadline = tokio::time::Instant::now() + self.grace;
         while self.fanout.connections() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -84,9 +84,14 @@ pub struct Settings {
     /// instead of hanging while Redis is unreachable.
     #[serde(with = "humantime_serde")]
     pub redis_timeout: Duration,
-    /// Kafka ingest.
+    /// Kafka ingest: bootstrap brokers (`host:port,...`).
     #[serde(default, deserialize_with = "opt_string")]
     pub kafka_brokers: Option<String>,
+    /// Kafka consumer group of ingest.
+    pub kafka_group: String,
+    /// A TOML file of routes beyond the built-in ones.
+    #[serde(default)]
+    pub ingest_routes: Option<PathBuf>,
     /// Notifications kept per user for resume.
     pub history_size: usize,
     /// How long a user's history lives after its last notification.
@@ -146,6 +151,8 @@ impl Default for Settings {
             redis_pool_size: 16,
             redis_timeout: Duration::from_secs(2),
             kafka_brokers: None,
+            kafka_group: "hub-ingest".to_owned(),
+            ingest_routes: None,
             history_size: 100,
             history_ttl: Duration::from_secs(24 * 3600),
             ping_interval: Duration::from_secs(25),
@@ -328,11 +335,22 @@ impl Settings {
             self.redis_timeout,
             Duration::from_millis(50),
         )?;
-        if self.kafka_brokers.is_some() {
-            return Err(ConfigError::new(
-                "HUB_KAFKA_BROKERS",
-                "Kafka ingest is not available in this version; unset it",
-            ));
+        if self.kafka_group.is_empty() {
+            return Err(ConfigError::new("HUB_KAFKA_GROUP", "must not be empty"));
+        }
+        if let Some(path) = &self.ingest_routes {
+            if self.kafka_brokers.is_none() {
+                return Err(ConfigError::new(
+                    "HUB_INGEST_ROUTES",
+                    "needs HUB_KAFKA_BROKERS (routes only apply to Kafka ingest)",
+                ));
+            }
+            if !path.is_file() {
+                return Err(ConfigError::new(
+                    "HUB_INGEST_ROUTES",
+                    format!("{} is not a readable file", path.display()),
+                ));
+            }
         }
         positive("HUB_HISTORY_SIZE", self.history_size, 1, 100_000)?;
         positive("HUB_SEND_QUEUE", self.send_queue, 8, 65_536)?;

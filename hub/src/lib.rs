@@ -9,6 +9,7 @@
 //! - [`fanout`]: the local registry user → connections and bounded per-connection queues.
 //! - [`backplane`]: where notifications are accepted, stored and routed (in-memory today).
 //! - [`transport`]: the front door, the handshake, and WebSocket / SSE connections.
+//! - [`ingest`]: Kafka consumer, config-driven routes, dedupe, DLQ, commits.
 //! - [`api`]: publish API, health, readiness, metrics, dev login, demo page.
 //! - [`metrics`]: every metric, defined once.
 //! - [`shutdown`]: signals and the drain state.
@@ -21,6 +22,7 @@ pub mod backplane;
 pub mod config;
 pub mod envelope;
 pub mod fanout;
+pub mod ingest;
 pub mod metrics;
 pub mod shutdown;
 pub mod transport;

@@ -26,6 +26,12 @@ enum Command {
         #[arg(long)]
         dev: bool,
     },
+    /// Run Kafka ingest alone (publishing into the Redis backplane), to scale it separately.
+    Ingest {
+        /// TOML settings file (environment variables override it).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Print a token signed with the configured HS256 secret.
     Token {
         /// The user (`sub`).
@@ -44,6 +50,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config, dev } => serve(config, dev),
+        Command::Ingest { config } => ingest(config),
         Command::Token { sub, ttl, config } => token(&sub, ttl, config),
     }
 }
@@ -72,6 +79,28 @@ fn token(sub: &str, ttl: Duration, config: Option<PathBuf>) -> ExitCode {
         Err(e) => {
             eprintln!("cannot sign: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn ingest(config: Option<PathBuf>) -> ExitCode {
+    let settings = match load(config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    init_telemetry(&settings);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(hub::app::run_ingest_only(settings, hub::shutdown::signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e:#}");
+            ExitCode::from(2)
         }
     }
 }

@@ -60,6 +60,10 @@ struct Inner {
     write_timeouts: IntCounter,
     backplane_reconnects: IntCounter,
     backplane_lag: prometheus::Gauge,
+    ingest_events: IntCounterVec,
+    ingest_dlq: IntCounterVec,
+    ingest_lag: IntGaugeVec,
+    ingest_latency: Histogram,
 }
 
 /// Reasons a handshake is refused (`hub_handshake_rejections_total{reason}`).
@@ -212,6 +216,44 @@ impl Metrics {
                 register(&registry, Box::new(g.clone()));
                 g
             },
+            ingest_events: counter_vec(
+                &registry,
+                "hub_ingest_events_total",
+                "Kafka records handled by ingest, by outcome (published, duplicate, filtered, dlq)",
+                &["topic", "outcome"],
+            ),
+            ingest_dlq: counter_vec(
+                &registry,
+                "hub_ingest_dlq_total",
+                "Kafka records sent to the topic's DLQ",
+                &["topic"],
+            ),
+            ingest_lag: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "hub_ingest_consumer_lag",
+                        "Records behind the partition's end",
+                    ),
+                    &["topic", "partition"],
+                )
+                .unwrap_or_else(|e| panic!("metric hub_ingest_consumer_lag: {e}"));
+                register(&registry, Box::new(g.clone()));
+                g
+            },
+            ingest_latency: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new(
+                        "hub_ingest_latency_seconds",
+                        "From the Kafka record's timestamp to the notification in history",
+                    )
+                    .buckets(vec![
+                        0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+                    ]),
+                )
+                .unwrap_or_else(|e| panic!("metric hub_ingest_latency_seconds: {e}"));
+                register(&registry, Box::new(h.clone()));
+                h
+            },
             registry,
         };
         Metrics {
@@ -270,6 +312,17 @@ impl Metrics {
     /// Backplane pub/sub lag.
     pub fn backplane_lag(&self) -> &prometheus::Gauge {
         &self.inner.backplane_lag
+    }
+
+    /// Handles for Kafka ingest.
+    pub fn ingest(&self) -> crate::ingest::IngestMetrics {
+        crate::ingest::IngestMetrics {
+            events: self.inner.ingest_events.clone(),
+            dlq: self.inner.ingest_dlq.clone(),
+            lag: self.inner.ingest_lag.clone(),
+            latency: self.inner.ingest_latency.clone(),
+            published: self.inner.published_kafka.clone(),
+        }
     }
 
     /// Counts a resume by outcome.

@@ -1,34 +1,59 @@
 #!/usr/bin/env bash
 # Starts / stops the local infrastructure (no Docker): `make infra-up` / `make infra-down`.
 #
-#   infra/local/infra.sh up   [--record FILE]   start every service (each is a no-op when it runs)
-#   infra/local/infra.sh down [--record FILE]   stop every service this project's scripts started
-#   infra/local/infra.sh status                 one line per service
+#   infra/local/infra.sh up   [--only LIST] [--record FILE]   start every service (each is a
+#                                                           no-op when it runs)
+#   infra/local/infra.sh down [--only LIST] [--record FILE]   stop every service this project's
+#                                                           scripts started
+#   infra/local/infra.sh status [--only LIST]               one line per service
 #
+# --only takes a comma-separated subset of SERVICES (e.g. `--only redis`); INFRA_ONLY in the
+# environment does the same when --only is not given. `make test` starts only what the tests
+# need (`--only redis` for now); `make infra-up` starts everything.
 # With --record, `up` writes to FILE the services it actually started (not those already
 # running), and `down` stops only the services listed in FILE, then removes FILE. `make test`
 # uses this so it stops what it started and leaves running what `make infra-up` had started.
 #
 # Each service is a script infra/local/<name>.sh with start|stop|status that honours
-# INFRA_RECORD (see redis.sh). Add Kafka and PostgreSQL here, in start order.
+# INFRA_RECORD (see redis.sh). Add PostgreSQL here, in start order.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 
 SERVICES=(
   redis
-  # kafka
+  kafka
   # postgres
 )
 
 cmd=${1:-}
 shift || true
 record=""
+only=${INFRA_ONLY:-}
 while (($#)); do
   case $1 in
     --record) record=${2:?--record needs a file}; shift 2 ;;
+    --only) only=${2:?--only needs a comma-separated list of services}; shift 2 ;;
+    --only=*) only=${1#*=}; shift ;;
     *) echo "infra: unknown argument $1" >&2; exit 2 ;;
   esac
 done
+
+# Narrow SERVICES to --only (keeping the start order); an unknown name is an error.
+if [[ -n $only ]]; then
+  declare -A wanted=()
+  IFS=', ' read -r -a names <<< "$only"
+  for n in "${names[@]}"; do
+    [[ -z $n ]] && continue
+    found=0
+    for s in "${SERVICES[@]}"; do [[ $s == "$n" ]] && found=1; done
+    ((found)) || { echo "infra: unknown service '$n' in --only (known: ${SERVICES[*]})" >&2; exit 2; }
+    wanted[$n]=1
+  done
+  selected=()
+  for s in "${SERVICES[@]}"; do [[ -n ${wanted[$s]:-} ]] && selected+=("$s"); done
+  ((${#selected[@]})) || { echo "infra: --only names no service" >&2; exit 2; }
+  SERVICES=("${selected[@]}")
+fi
 
 up() {
   local rec=$record tmp=""
@@ -71,5 +96,5 @@ case $cmd in
   up) up ;;
   down) down ;;
   status) status ;;
-  *) echo "usage: $0 up|down [--record FILE] | status" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down [--only LIST] [--record FILE] | status [--only LIST]" >&2; exit 2 ;;
 esac

@@ -1,0 +1,367 @@
+//! Kafka ingest: consume domain events, route them into per-user notifications, publish them
+//! through the backplane, and only then let the offsets move.
+//!
+//! - **At least once, no duplicates:** a record's offset is stored (and later committed, every
+//!   second, on revoke and at shutdown) only after every notification it produces is durable
+//!   in history, or the record is safely in the DLQ. A redelivered record publishes with the
+//!   same idempotency key (route name + `event_id`), so it makes no second notification.
+//! - **Order:** one worker task per partition processes that partition's records in order;
+//!   partitions proceed in parallel.
+//! - **Failures:** a transient failure (the backplane unreachable) retries the same record with
+//!   backoff, never skipping it; its worker's queue fills and consumption pauses until it
+//!   recovers. A record that cannot be decoded or routed goes to `<topic>.dlq` with headers
+//!   naming the error and its source topic, partition and offset, and the partition moves on.
+
+pub mod routes;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::{Histogram, IntCounterVec, IntGaugeVec};
+use rdkafka::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::statistics::Statistics;
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::backplane::{Backplane, Publish};
+use crate::envelope::now_micros;
+pub use routes::{RouteError, Routed, Routes, RoutesError};
+
+/// What ingest needs to run.
+#[derive(Clone)]
+pub struct IngestSettings {
+    /// `host:port,...`.
+    pub brokers: String,
+    /// Consumer group.
+    pub group: String,
+    /// Validated routes.
+    pub routes: Arc<Routes>,
+}
+
+/// Observability handles.
+#[derive(Clone)]
+pub struct IngestMetrics {
+    /// `hub_ingest_events_total{topic,outcome}`.
+    pub events: IntCounterVec,
+    /// `hub_ingest_dlq_total{topic}`.
+    pub dlq: IntCounterVec,
+    /// `hub_ingest_consumer_lag{topic,partition}`.
+    pub lag: IntGaugeVec,
+    /// Kafka record timestamp → notification in history.
+    pub latency: Histogram,
+    /// Notifications published from Kafka.
+    pub published: prometheus::IntCounter,
+}
+
+/// Ingest could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The Kafka client could not be created or subscribe.
+    #[error("config: HUB_KAFKA_BROKERS: {0}")]
+    Kafka(String),
+}
+
+struct Context {
+    metrics: IngestMetrics,
+}
+
+impl ClientContext for Context {
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                if p.partition >= 0 && p.consumer_lag >= 0 {
+                    self.metrics
+                        .lag
+                        .with_label_values(&[topic.as_str(), &partition.to_string()])
+                        .set(p.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for Context {
+    fn pre_rebalance(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
+        // Hand over what is done before the partitions move to another instance.
+        if let Rebalance::Revoke(_) = rebalance
+            && let Err(e) = consumer.commit_consumer_state(CommitMode::Sync)
+        {
+            tracing::debug!(error = %e, "commit on revoke");
+        }
+    }
+}
+
+type Ingestor = StreamConsumer<Context>;
+
+/// Builds the consumer with low-latency settings.
+fn consumer(settings: &IngestSettings, metrics: IngestMetrics) -> Result<Ingestor, IngestError> {
+    ClientConfig::new()
+        .set("bootstrap.servers", &settings.brokers)
+        .set("group.id", &settings.group)
+        // Offsets are stored by hand after the history append and committed by the client
+        // every second (plus on revoke and shutdown).
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        // Latency: answer fetches as soon as one record is there, no Nagle delay.
+        .set("fetch.wait.max.ms", "10")
+        .set("fetch.min.bytes", "1")
+        .set("socket.nagle.disable", "true")
+        // Notice a dead instance within seconds so its partitions move.
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("statistics.interval.ms", "5000")
+        .create_with_context(Context { metrics })
+        .map_err(|e| IngestError::Kafka(e.to_string()))
+}
+
+fn producer(settings: &IngestSettings) -> Result<FutureProducer, IngestError> {
+    ClientConfig::new()
+        .set("bootstrap.servers", &settings.brokers)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "0")
+        .set("message.timeout.ms", "30000")
+        .create()
+        .map_err(|e| IngestError::Kafka(e.to_string()))
+}
+
+/// Runs ingest until `stop` is cancelled, then finishes in-flight records, commits and returns.
+pub async fn run(
+    settings: IngestSettings,
+    backplane: Arc<dyn Backplane>,
+    metrics: IngestMetrics,
+    stop: CancellationToken,
+) -> Result<(), IngestError> {
+    let consumer = Arc::new(consumer(&settings, metrics.clone())?);
+    let dlq = producer(&settings)?;
+    let topics = settings.routes.topics();
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&names)
+        .map_err(|e| IngestError::Kafka(e.to_string()))?;
+    tracing::info!(topics = ?topics, group = %settings.group, "ingest started");
+
+    let worker = Worker {
+        consumer: consumer.clone(),
+        dlq,
+        backplane,
+        routes: settings.routes.clone(),
+        metrics,
+        stop: stop.clone(),
+    };
+    let mut partitions: HashMap<(String, i32), mpsc::Sender<OwnedMessage>> = HashMap::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        let received = tokio::select! {
+            () = stop.cancelled() => break,
+            r = consumer.recv() => r,
+        };
+        let message = match received {
+            Ok(m) => m.detach(),
+            Err(e) => {
+                tracing::warn!(error = %e, "kafka receive error");
+                continue;
+            }
+        };
+        let key = (message.topic().to_owned(), message.partition());
+        let tx = partitions.entry(key).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(256);
+            tasks.spawn(worker.clone().partition(rx));
+            tx
+        });
+        // A full queue means that partition's worker is retrying: wait, which pauses intake.
+        tokio::select! {
+            () = stop.cancelled() => break,
+            sent = tx.send(message) => {
+                if sent.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    drop(partitions);
+    // Finish what was handed to workers (they stop retrying once `stop` is cancelled).
+    while tasks.join_next().await.is_some() {}
+    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+        tracing::debug!(error = %e, "final commit");
+    }
+    tracing::info!("ingest stopped");
+    Ok(())
+}
+
+#[derive(Clone)]
+struct Worker {
+    consumer: Arc<Ingestor>,
+    dlq: FutureProducer,
+    backplane: Arc<dyn Backplane>,
+    routes: Arc<Routes>,
+    metrics: IngestMetrics,
+    stop: CancellationToken,
+}
+
+/// Whether a record's processing finished (offset may move) or was abandoned at shutdown.
+enum Done {
+    Yes,
+    Abandoned,
+}
+
+impl Worker {
+    async fn partition(self, mut rx: mpsc::Receiver<OwnedMessage>) {
+        while let Some(message) = rx.recv().await {
+            match self.process(&message).await {
+                Done::Yes => {
+                    if let Err(e) = self.consumer.store_offset(
+                        message.topic(),
+                        message.partition(),
+                        message.offset(),
+                    ) {
+                        // The partition was revoked meanwhile; its new owner re-reads the
+                        // record and the idempotency key absorbs the repeat.
+                        tracing::debug!(error = %e, "offset not stored");
+                    }
+                }
+                // Not stored: the record is read again after a restart.
+                Done::Abandoned => return,
+            }
+        }
+    }
+
+    async fn process(&self, message: &OwnedMessage) -> Done {
+        let topic = message.topic();
+        let json = message.headers().is_some_and(|h| {
+            h.iter().any(|header| {
+                header.key.eq_ignore_ascii_case("content-type")
+                    && header
+                        .value
+                        .is_some_and(|v| v.starts_with(b"application/json"))
+            })
+        });
+        let payload = message.payload().unwrap_or_default();
+        let routed = match self.routes.route(topic, payload, json) {
+            Ok(r) => r,
+            Err(e) => return self.to_dlq(message, &e).await,
+        };
+        if routed.is_empty() {
+            self.metrics
+                .events
+                .with_label_values(&[topic, "filtered"])
+                .inc();
+            return Done::Yes;
+        }
+        let kafka_ms = message.timestamp().to_millis();
+        for r in routed {
+            let Ok(data) = RawValue::from_string(r.data.to_string()) else {
+                return self
+                    .to_dlq(message, &RouteError::Decode("data is not JSON".to_owned()))
+                    .await;
+            };
+            let publish = || Publish {
+                user: r.user.clone(),
+                kind: r.kind.clone(),
+                data: data.clone(),
+                idempotency_key: Some(r.idempotency_key.clone()),
+            };
+            let mut backoff = Duration::from_millis(50);
+            let published = loop {
+                match self.backplane.publish(publish()).await {
+                    Ok(p) => break p,
+                    Err(e) => {
+                        tracing::warn!(error = %e, topic, "publish failed, retrying the record");
+                        tokio::select! {
+                            () = self.stop.cancelled() => return Done::Abandoned,
+                            () = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                }
+            };
+            let outcome = if published.duplicate {
+                "duplicate"
+            } else {
+                self.metrics.published.inc();
+                if let Some(ms) = kafka_ms {
+                    let lag = (now_micros() / 1000).saturating_sub(ms.max(0) as u64);
+                    self.metrics.latency.observe(lag as f64 / 1000.0);
+                }
+                "published"
+            };
+            self.metrics
+                .events
+                .with_label_values(&[topic, outcome])
+                .inc();
+        }
+        Done::Yes
+    }
+
+    async fn to_dlq(&self, message: &OwnedMessage, error: &RouteError) -> Done {
+        let topic = message.topic();
+        let dlq_topic = format!("{topic}.dlq");
+        let partition = message.partition().to_string();
+        let offset = message.offset().to_string();
+        let reason = error.to_string();
+        tracing::warn!(topic, partition = message.partition(), offset = message.offset(), %reason, "record to DLQ");
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let mut headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "hub-error",
+                    value: Some(reason.as_str()),
+                })
+                .insert(Header {
+                    key: "hub-source-topic",
+                    value: Some(topic),
+                })
+                .insert(Header {
+                    key: "hub-source-partition",
+                    value: Some(partition.as_str()),
+                })
+                .insert(Header {
+                    key: "hub-source-offset",
+                    value: Some(offset.as_str()),
+                });
+            if let Some(original) = message.headers() {
+                for h in original.iter() {
+                    headers = headers.insert(Header {
+                        key: h.key,
+                        value: h.value,
+                    });
+                }
+            }
+            let mut record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(&dlq_topic).headers(headers);
+            if let Some(key) = message.key() {
+                record = record.key(key);
+            }
+            if let Some(payload) = message.payload() {
+                record = record.payload(payload);
+            }
+            match self.dlq.send(record, Duration::from_secs(10)).await {
+                Ok(_) => {
+                    self.metrics.dlq.with_label_values(&[topic]).inc();
+                    self.metrics.events.with_label_values(&[topic, "dlq"]).inc();
+                    return Done::Yes;
+                }
+                Err((e, _)) => {
+                    tracing::warn!(error = %e, dlq = %dlq_topic, "DLQ write failed, retrying");
+                    tokio::select! {
+                        () = self.stop.cancelled() => return Done::Abandoned,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}

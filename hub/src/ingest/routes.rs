@@ -1,0 +1,559 @@
+//! Routing as configuration: which Kafka topics become which notifications, for whom.
+//!
+//! A route names a topic, how its records are decoded (a protobuf message type from the
+//! contract crate's descriptors, which also reads proto3 JSON records, or plain JSON), where
+//! the recipient user id(s) sit, an optional filter, the notification `type`, and which fields
+//! go into `data`. Two routes are built in (order status changes; moderation results to the
+//! reporter and, when the target was removed, to its owner); a TOML file adds more without
+//! code. Every route is checked against the message descriptors at start, so a typo in a field
+//! path stops the process with one line instead of sending records to the DLQ at run time.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use prost_reflect::{
+    DescriptorPool, DynamicMessage, Kind, MessageDescriptor, ReflectMessage, Value as PValue,
+};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+/// How a topic's record values are encoded.
+#[derive(Debug, Clone)]
+pub enum Format {
+    /// A protobuf message (or its proto3 JSON form, by `content-type: application/json`).
+    Protobuf(MessageDescriptor),
+    /// Any JSON object.
+    Json,
+}
+
+/// A condition on one field.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Filter {
+    /// Field path (`a.b.c`).
+    pub field: String,
+    /// The field's value (as text, enums without their prefix) must be one of these.
+    #[serde(rename = "in")]
+    pub one_of: Vec<String>,
+}
+
+/// One route as written in the routes file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    /// A name for logs, metrics-free; also scopes idempotency keys.
+    pub name: String,
+    /// Kafka topic.
+    pub topic: String,
+    /// `"json"` or a fully qualified protobuf message name.
+    pub message: String,
+    /// Notification type (never `hub.*`).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Field paths holding recipient user ids (a string, or a list of strings).
+    pub recipients: Vec<String>,
+    /// Field path of the event id that deduplicates redeliveries.
+    #[serde(default = "default_event_id")]
+    pub event_id: String,
+    /// Only records matching every filter become notifications.
+    #[serde(default)]
+    pub filter: Vec<Filter>,
+    /// `data` key → field path.
+    #[serde(default)]
+    pub data: BTreeMap<String, String>,
+    /// `data` key → constant string.
+    #[serde(default)]
+    pub constants: BTreeMap<String, String>,
+}
+
+fn default_event_id() -> String {
+    "event_id".to_owned()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoutesFile {
+    #[serde(default, rename = "route")]
+    routes: Vec<RouteSpec>,
+}
+
+/// A validated route.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The spec it came from.
+    pub spec: RouteSpec,
+    /// Decoder.
+    pub format: Format,
+}
+
+/// One notification a record produces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routed {
+    /// Recipient.
+    pub user: String,
+    /// Notification type.
+    pub kind: String,
+    /// Payload.
+    pub data: Value,
+    /// Idempotency key (route name + event id): a redelivered record publishes nothing new.
+    pub idempotency_key: String,
+}
+
+/// Why a record cannot become notifications (it goes to the DLQ with this reason).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// The value could not be decoded.
+    #[error("undecodable: {0}")]
+    Decode(String),
+    /// A recipient or the event id is missing or empty.
+    #[error("unroutable: {0}")]
+    Unroutable(String),
+}
+
+/// A bad routes file or route; `Display` is the one line printed at start.
+#[derive(Debug, thiserror::Error)]
+#[error("config: HUB_INGEST_ROUTES: {0}")]
+pub struct RoutesError(pub String);
+
+/// All routes, by topic.
+#[derive(Debug, Clone, Default)]
+pub struct Routes {
+    routes: Vec<Route>,
+}
+
+/// The two routes every hub has.
+pub fn builtin() -> Vec<RouteSpec> {
+    let map = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let moderation_data = map(&[
+        ("report_id", "report_id"),
+        ("target_type", "target_type"),
+        ("target_id", "target_id"),
+        ("decision", "decision"),
+    ]);
+    vec![
+        RouteSpec {
+            name: "order-status".to_owned(),
+            topic: "order.status.changed".to_owned(),
+            message: "notifications.orders.v1.OrderStatusChanged".to_owned(),
+            kind: "order.status".to_owned(),
+            recipients: vec!["user_id".to_owned()],
+            event_id: default_event_id(),
+            filter: Vec::new(),
+            data: map(&[
+                ("order_id", "order_id"),
+                ("status", "status"),
+                ("previous_status", "previous_status"),
+            ]),
+            constants: BTreeMap::new(),
+        },
+        RouteSpec {
+            name: "moderation-reporter".to_owned(),
+            topic: "moderation.results".to_owned(),
+            message: "notifications.moderation.v1.ModerationResult".to_owned(),
+            kind: "moderation.result".to_owned(),
+            recipients: vec!["reporter_id".to_owned()],
+            event_id: default_event_id(),
+            filter: Vec::new(),
+            data: moderation_data.clone(),
+            constants: map(&[("role", "reporter")]),
+        },
+        RouteSpec {
+            name: "moderation-owner".to_owned(),
+            topic: "moderation.results".to_owned(),
+            message: "notifications.moderation.v1.ModerationResult".to_owned(),
+            kind: "moderation.result".to_owned(),
+            recipients: vec!["target_owner_id".to_owned()],
+            event_id: default_event_id(),
+            filter: vec![Filter {
+                field: "decision".to_owned(),
+                one_of: vec!["REMOVED".to_owned()],
+            }],
+            data: moderation_data,
+            constants: map(&[("role", "owner")]),
+        },
+    ]
+}
+
+impl Routes {
+    /// The built-in routes plus those of `file`, validated against `pool`.
+    pub fn load(pool: &DescriptorPool, file: Option<&Path>) -> Result<Self, RoutesError> {
+        let mut specs = builtin();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| RoutesError(format!("cannot read {}: {e}", path.display())))?;
+            let parsed: RoutesFile = toml::from_str(&text)
+                .map_err(|e| RoutesError(format!("{}: {}", path.display(), e.message().trim())))?;
+            specs.extend(parsed.routes);
+        }
+        Self::from_specs(pool, specs)
+    }
+
+    /// Validates specs.
+    pub fn from_specs(pool: &DescriptorPool, specs: Vec<RouteSpec>) -> Result<Self, RoutesError> {
+        let mut routes = Vec::with_capacity(specs.len());
+        let mut names = std::collections::HashSet::new();
+        for spec in specs {
+            let bad = |what: String| RoutesError(format!("route {:?}: {what}", spec.name));
+            if spec.name.is_empty() || !names.insert(spec.name.clone()) {
+                return Err(bad("name must be non-empty and unique".to_owned()));
+            }
+            if spec.topic.is_empty() {
+                return Err(bad("topic must not be empty".to_owned()));
+            }
+            if spec.kind.is_empty() || spec.kind.starts_with("hub.") {
+                return Err(bad(
+                    "type must be non-empty and not start with \"hub.\"".to_owned()
+                ));
+            }
+            if spec.recipients.is_empty() {
+                return Err(bad("recipients must name at least one field".to_owned()));
+            }
+            let format = if spec.message == "json" {
+                Format::Json
+            } else {
+                let desc = pool
+                    .get_message_by_name(&spec.message)
+                    .ok_or_else(|| bad(format!("unknown message type {:?}", spec.message)))?;
+                let paths = spec
+                    .recipients
+                    .iter()
+                    .chain(std::iter::once(&spec.event_id))
+                    .chain(spec.filter.iter().map(|f| &f.field))
+                    .chain(spec.data.values());
+                for path in paths {
+                    check_path(&desc, path).map_err(&bad)?;
+                }
+                Format::Protobuf(desc)
+            };
+            routes.push(Route { spec, format });
+        }
+        Ok(Routes { routes })
+    }
+
+    /// Every topic some route reads.
+    pub fn topics(&self) -> Vec<String> {
+        let mut t: Vec<String> = self.routes.iter().map(|r| r.spec.topic.clone()).collect();
+        t.sort();
+        t.dedup();
+        t
+    }
+
+    /// The notifications one record becomes (none when filtered out).
+    pub fn route(&self, topic: &str, value: &[u8], json: bool) -> Result<Vec<Routed>, RouteError> {
+        let mut out = Vec::new();
+        // Decode once per distinct format of the topic's routes.
+        let mut decoded: Option<(String, Value)> = None;
+        for route in self.routes.iter().filter(|r| r.spec.topic == topic) {
+            let key = route.spec.message.clone();
+            let doc = match &decoded {
+                Some((k, v)) if *k == key => v.clone(),
+                _ => {
+                    let v = decode(&route.format, value, json)?;
+                    decoded = Some((key, v.clone()));
+                    v
+                }
+            };
+            out.extend(apply(route, &doc)?);
+        }
+        Ok(out)
+    }
+}
+
+/// Checks that `path` names a field (through nested messages) of `desc`.
+fn check_path(desc: &MessageDescriptor, path: &str) -> Result<(), String> {
+    let mut current = desc.clone();
+    let mut parts = path.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let field = current.get_field_by_name(part).ok_or_else(|| {
+            format!(
+                "{} has no field {part:?} (in {path:?})",
+                current.full_name()
+            )
+        })?;
+        if parts.peek().is_some() {
+            match field.kind() {
+                Kind::Message(m) => current = m,
+                _ => return Err(format!("{part:?} in {path:?} is not a message")),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Decodes a record value into JSON with proto field names and enum names without their
+/// type prefix (`ORDER_STATUS_PAID` → `PAID`).
+fn decode(format: &Format, value: &[u8], json: bool) -> Result<Value, RouteError> {
+    match format {
+        Format::Json => {
+            let v: Value = serde_json::from_slice(value)
+                .map_err(|e| RouteError::Decode(format!("JSON: {e}")))?;
+            if v.is_object() {
+                Ok(v)
+            } else {
+                Err(RouteError::Decode("JSON value is not an object".to_owned()))
+            }
+        }
+        Format::Protobuf(desc) => {
+            let msg = if json {
+                let mut de = serde_json::Deserializer::from_slice(value);
+                // Readers ignore unknown fields (forward compatibility), as over protobuf.
+                let options = prost_reflect::DeserializeOptions::new().deny_unknown_fields(false);
+                let msg = DynamicMessage::deserialize_with_options(desc.clone(), &mut de, &options)
+                    .map_err(|e| {
+                        RouteError::Decode(format!("proto3 JSON {}: {e}", desc.full_name()))
+                    })?;
+                de.end().map_err(|e| {
+                    RouteError::Decode(format!("proto3 JSON {}: {e}", desc.full_name()))
+                })?;
+                msg
+            } else {
+                DynamicMessage::decode(desc.clone(), value).map_err(|e| {
+                    RouteError::Decode(format!("protobuf {}: {e}", desc.full_name()))
+                })?
+            };
+            Ok(message_to_json(&msg))
+        }
+    }
+}
+
+fn message_to_json(msg: &DynamicMessage) -> Value {
+    let desc = msg.descriptor();
+    if desc.full_name() == "google.protobuf.Timestamp" {
+        let seconds = msg
+            .get_field_by_name("seconds")
+            .and_then(|v| v.as_i64())
+            .unwrap_or(0);
+        let nanos = msg
+            .get_field_by_name("nanos")
+            .and_then(|v| v.as_i32())
+            .unwrap_or(0);
+        let millis = seconds.saturating_mul(1000) + i64::from(nanos) / 1_000_000;
+        return Value::from(millis);
+    }
+    let mut out = Map::new();
+    // Every declared field, present or default, so filters and data see proto3 defaults.
+    for field in desc.fields() {
+        let value = msg.get_field(&field);
+        out.insert(
+            field.name().to_owned(),
+            value_to_json(&value, &field.kind()),
+        );
+    }
+    Value::Object(out)
+}
+
+fn value_to_json(value: &PValue, kind: &Kind) -> Value {
+    match value {
+        PValue::Bool(b) => Value::from(*b),
+        PValue::I32(n) => Value::from(*n),
+        PValue::I64(n) => Value::from(*n),
+        PValue::U32(n) => Value::from(*n),
+        PValue::U64(n) => Value::from(*n),
+        PValue::F32(n) => Value::from(f64::from(*n)),
+        PValue::F64(n) => Value::from(*n),
+        PValue::String(s) => Value::from(s.clone()),
+        PValue::Bytes(b) => {
+            use base64::Engine;
+            Value::from(base64::engine::general_purpose::STANDARD.encode(b))
+        }
+        PValue::EnumNumber(n) => match kind {
+            Kind::Enum(e) => match e.get_value(*n) {
+                Some(v) => Value::from(strip_enum_prefix(e.name(), v.name())),
+                None => Value::from(*n),
+            },
+            _ => Value::from(*n),
+        },
+        PValue::Message(m) => message_to_json(m),
+        PValue::List(items) => Value::Array(items.iter().map(|v| value_to_json(v, kind)).collect()),
+        PValue::Map(map) => {
+            let mut out = Map::new();
+            for (k, v) in map {
+                let key = match k {
+                    prost_reflect::MapKey::String(s) => s.clone(),
+                    other => format!("{other:?}"),
+                };
+                out.insert(key, value_to_json(v, kind));
+            }
+            Value::Object(out)
+        }
+    }
+}
+
+/// `OrderStatus` + `ORDER_STATUS_PAID` → `PAID`.
+fn strip_enum_prefix(enum_name: &str, value: &str) -> String {
+    let mut prefix = String::new();
+    for (i, c) in enum_name.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            prefix.push('_');
+        }
+        prefix.push(c.to_ascii_uppercase());
+    }
+    prefix.push('_');
+    value.strip_prefix(&prefix).unwrap_or(value).to_owned()
+}
+
+fn get<'a>(doc: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.').try_fold(doc, |v, part| v.get(part))
+}
+
+fn as_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn apply(route: &Route, doc: &Value) -> Result<Vec<Routed>, RouteError> {
+    for f in &route.spec.filter {
+        let value = get(doc, &f.field).and_then(as_text).unwrap_or_default();
+        if !f.one_of.contains(&value) {
+            return Ok(Vec::new());
+        }
+    }
+    let event_id = get(doc, &route.spec.event_id)
+        .and_then(as_text)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| RouteError::Unroutable(format!("no {}", route.spec.event_id)))?;
+    let mut users = Vec::new();
+    for path in &route.spec.recipients {
+        match get(doc, path) {
+            Some(Value::Array(items)) => users.extend(items.iter().filter_map(as_text)),
+            Some(v) => users.extend(as_text(v)),
+            None => {}
+        }
+    }
+    users.retain(|u| !u.is_empty() && u.len() <= 256);
+    users.sort();
+    users.dedup();
+    if users.is_empty() {
+        return Err(RouteError::Unroutable(format!(
+            "no recipient in {}",
+            route.spec.recipients.join(", ")
+        )));
+    }
+    let mut data = Map::new();
+    for (key, path) in &route.spec.data {
+        data.insert(key.clone(), get(doc, path).cloned().unwrap_or(Value::Null));
+    }
+    for (key, value) in &route.spec.constants {
+        data.insert(key.clone(), Value::from(value.clone()));
+    }
+    let data = Value::Object(data);
+    Ok(users
+        .into_iter()
+        .map(|user| Routed {
+            user,
+            kind: route.spec.kind.clone(),
+            data: data.clone(),
+            idempotency_key: format!("{}:{event_id}", route.spec.name),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enum_prefixes_are_stripped() {
+        assert_eq!(
+            strip_enum_prefix("OrderStatus", "ORDER_STATUS_PAID"),
+            "PAID"
+        );
+        assert_eq!(strip_enum_prefix("Decision", "DECISION_REMOVED"), "REMOVED");
+        assert_eq!(strip_enum_prefix("TargetType", "TARGET_TYPE_AD"), "AD");
+        assert_eq!(strip_enum_prefix("X", "OTHER"), "OTHER");
+    }
+
+    fn json_route(toml_text: &str) -> Result<Routes, RoutesError> {
+        let file: RoutesFile = toml::from_str(toml_text).map_err(|e| RoutesError(e.to_string()))?;
+        Routes::from_specs(&DescriptorPool::new(), file.routes)
+    }
+
+    #[test]
+    fn a_json_route_selects_recipients_filters_and_data() {
+        let routes = json_route(
+            r#"
+            [[route]]
+            name = "promo"
+            topic = "promotions"
+            message = "json"
+            type = "promo"
+            recipients = ["audience.users"]
+            event_id = "id"
+            filter = [{ field = "kind", in = ["flash"] }]
+            data = { title = "title", until = "window.end" }
+            constants = { source = "marketing" }
+            "#,
+        )
+        .unwrap();
+        assert_eq!(routes.topics(), vec!["promotions"]);
+        let doc = br#"{"id":"e1","kind":"flash","title":"50% off","window":{"end":99},"audience":{"users":["u1","u2","u1"]}}"#;
+        let out = routes.route("promotions", doc, true).unwrap();
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].user, "u1");
+        assert_eq!(
+            out[0].data,
+            serde_json::json!({"title":"50% off","until":99,"source":"marketing"})
+        );
+        assert_eq!(out[0].idempotency_key, "promo:e1");
+        let filtered = br#"{"id":"e2","kind":"weekly","audience":{"users":["u1"]}}"#;
+        assert!(
+            routes
+                .route("promotions", filtered, true)
+                .unwrap()
+                .is_empty()
+        );
+        let nobody = br#"{"id":"e3","kind":"flash","audience":{"users":[]}}"#;
+        assert!(matches!(
+            routes.route("promotions", nobody, true),
+            Err(RouteError::Unroutable(_))
+        ));
+        assert!(matches!(
+            routes.route("promotions", b"\xff", true),
+            Err(RouteError::Decode(_))
+        ));
+        assert!(routes.route("other", doc, true).unwrap().is_empty());
+    }
+
+    #[test]
+    fn bad_routes_are_refused_with_the_route_named() {
+        let e = json_route(
+            r#"
+            [[route]]
+            name = "x"
+            topic = "t"
+            message = "json"
+            type = "hub.sneaky"
+            recipients = ["u"]
+            "#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("\"x\""), "{e}");
+        let e = json_route("[[route]]\nname = 'y'\n").unwrap_err();
+        assert!(e.to_string().contains("missing field"), "{e}");
+        let e = Routes::from_specs(
+            &DescriptorPool::new(),
+            vec![RouteSpec {
+                name: "z".into(),
+                topic: "t".into(),
+                message: "no.such.Message".into(),
+                kind: "k".into(),
+                recipients: vec!["u".into()],
+                event_id: "event_id".into(),
+                filter: vec![],
+                data: BTreeMap::new(),
+                constants: BTreeMap::new(),
+            }],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown message type"), "{e}");
+    }
+}

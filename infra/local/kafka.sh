@@ -1,0 +1,480 @@
+#!/usr/bin/env bash
+# Local Apache Kafka (KRaft, one combined broker + controller) for tests and the demo, without
+# Docker, systemd or a Kafka download: the jars come from Maven Central (infra/kafka/pom.xml).
+#
+#   infra/local/kafka.sh start  [--port 9092]  install a JRE / Maven if missing, resolve the jars
+#                                              (once), format the storage (once), start our broker
+#                                              and wait (up to 60 s) until it lists topics
+#   infra/local/kafka.sh stop   [--port 9092]  stop the broker this script started (nothing else)
+#   infra/local/kafka.sh status [--port 9092]  one line; exit 0 when a Kafka answers, 3 when not
+#   infra/local/kafka.sh topics-create NAME PARTITIONS [--port 9092]
+#                                              create a topic (replication 1) unless it exists;
+#                                              fails if it exists with another partition count
+#   infra/local/kafka.sh topics-list [--port 9092]
+#   infra/local/kafka.sh run-class CLASS [ARGS...]
+#                                              run a Kafka main class on the same classpath (what
+#                                              the distribution's kafka-run-class.sh does), e.g.
+#                                              org.apache.kafka.tools.ConsoleProducer
+#
+# The port is --port, else HUB_KAFKA_PORT, else 9092; the controller listens on the next port
+# (HUB_KAFKA_CONTROLLER_PORT or --controller-port to change). Both bind 127.0.0.1 only.
+# Our broker keeps its config, pid file, logs and data under .run/kafka/ (git-ignored):
+#   classpath.txt            runtime classpath, re-resolved when infra/kafka/pom.xml changes
+#   server-PORT.properties   broker config, rewritten at each start
+#   kafka-PORT.log           broker log (Log4j 2, rolls at 20 MB); kafka-PORT.out: JVM stdout/stderr
+#   data/PORT/               log.dirs (formatted once with a random cluster id; delete it to reset)
+# Topics are not auto-created (auto.create.topics.enable=false): create them with topics-create.
+# If something already answers the Kafka protocol on the port, `start` reuses it and `stop`
+# leaves it alone. When INFRA_RECORD names a file, `start` appends "kafka" to it if it launched a
+# new broker, so a caller (infra.sh up --record) can stop only what it started.
+# JVM heap: KAFKA_HEAP_OPTS (default -Xms256m -Xmx512m). Java 17 or newer is required; JAVA_HOME
+# is honoured.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+HOST=127.0.0.1
+POM=$ROOT/infra/kafka/pom.xml
+DIR=$ROOT/.run/kafka
+CPFILE=$DIR/classpath.txt
+CPKEY=$DIR/classpath.key
+RESOLVE_LOG=$DIR/resolve.log
+TOOLS_LOG4J=$DIR/tools-log4j2.properties
+CLIENT_CONF=$DIR/tools-client.properties
+START_SECONDS=${HUB_KAFKA_START_TIMEOUT:-60} # bound for start (after the jars are resolved)
+STOP_SECONDS=30                              # SIGTERM, then SIGKILL after this
+
+say() { echo "kafka: $*"; }
+die() { echo "kafka: $*" >&2; exit 1; }
+
+usage() {
+  echo "usage: $0 start|stop|status [--port N] | topics-create NAME PARTITIONS [--port N] | topics-list [--port N] | run-class CLASS [ARGS...]" >&2
+  exit 2
+}
+
+cmd=${1:-}
+shift || true
+PORT=${HUB_KAFKA_PORT:-9092}
+CPORT=${HUB_KAFKA_CONTROLLER_PORT:-}
+args=()
+while (($#)); do
+  case $1 in
+    --port) PORT=${2:?--port needs a number}; shift 2 ;;
+    --port=*) PORT=${1#*=}; shift ;;
+    --controller-port) CPORT=${2:?--controller-port needs a number}; shift 2 ;;
+    --controller-port=*) CPORT=${1#*=}; shift ;;
+    *)
+      # run-class passes everything after the class name through untouched.
+      if [[ $cmd == run-class ]]; then args+=("$@"); break; fi
+      args+=("$1"); shift ;;
+  esac
+done
+[[ $PORT =~ ^[0-9]+$ ]] || die "--port must be a number, got '$PORT'"
+CPORT=${CPORT:-$((PORT + 1))}
+[[ $CPORT =~ ^[0-9]+$ && $CPORT != "$PORT" ]] || die "bad controller port '$CPORT'"
+
+PIDFILE=$DIR/kafka-$PORT.pid
+LOG=$DIR/kafka-$PORT.log
+OUT=$DIR/kafka-$PORT.out
+CONF=$DIR/server-$PORT.properties
+LOG4J=$DIR/log4j2-$PORT.properties
+DATA=$DIR/data/$PORT
+BOOTSTRAP=$HOST:$PORT
+KAFKA_VERSION=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$POM" | head -n 1)
+
+# --- installing what is missing ------------------------------------------------------------
+
+apt_install() {
+  command -v apt-get >/dev/null || die "$1 is missing and apt-get is not available; install it and retry"
+  local sudo="" rc=0
+  if [[ $(id -u) -ne 0 ]]; then sudo=sudo; fi
+  say "installing the Debian package(s): $*"
+  $sudo apt-get update -qq || rc=$?
+  if ((rc == 0)); then
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" || rc=$?
+  fi
+  ((rc == 0)) || die "apt-get failed (exit $rc) while installing $*"
+}
+
+# The major version of the Java runtime $1 ("17"), empty when it cannot tell.
+java_major() {
+  "$1" -XshowSettings:properties -version 2>&1 \
+    | sed -n 's/^ *java\.specification\.version = \([0-9.]*\).*/\1/p' | sed 's/^1\.//; s/\..*//' | head -n 1
+}
+
+# Sets JAVA to a Java 17+ runtime, installing openjdk-17-jre-headless when there is no java.
+JAVA=""
+find_java() {
+  [[ -n $JAVA ]] && return 0
+  if [[ -n ${JAVA_HOME:-} && -x $JAVA_HOME/bin/java ]]; then
+    JAVA=$JAVA_HOME/bin/java
+  elif command -v java >/dev/null; then
+    JAVA=$(command -v java)
+  else
+    say "java not found; installing a Java runtime (Kafka 4 needs Java 17+)"
+    if apt-cache show openjdk-17-jre-headless >/dev/null 2>&1 || { apt-get update -qq 2>/dev/null; apt-cache show openjdk-17-jre-headless >/dev/null 2>&1; }; then
+      apt_install openjdk-17-jre-headless
+    else
+      apt_install default-jre-headless
+    fi
+    JAVA=$(command -v java) || die "java still missing after the install"
+  fi
+  local major
+  major=$(java_major "$JAVA")
+  if [[ -z $major ]] || ((major < 17)); then
+    die "Kafka $KAFKA_VERSION needs Java 17 or newer; $JAVA is ${major:-of unknown version} (set JAVA_HOME)"
+  fi
+}
+
+ensure_maven() {
+  command -v mvn >/dev/null && return 0
+  say "mvn not found; installing Maven to resolve the Kafka jars from Maven Central"
+  apt_install maven
+  command -v mvn >/dev/null || die "mvn still missing after installing maven"
+}
+
+# --- the classpath (resolved once, again when pom.xml changes) --------------------------------
+
+CP=""
+classpath_complete() {
+  local f IFS=:
+  for f in $(<"$CPFILE"); do [[ -f $f ]] || return 1; done
+}
+
+resolve_classpath() {
+  [[ -n $CP ]] && return 0
+  mkdir -p "$DIR"
+  local key
+  key=$(sha256sum "$POM" | cut -d' ' -f1)
+  if [[ -s $CPFILE && -f $CPKEY && $(<"$CPKEY") == "$key" ]] && classpath_complete; then
+    CP=$(<"$CPFILE")
+    return 0
+  fi
+  find_java
+  ensure_maven
+  say "resolving Kafka $KAFKA_VERSION jars from Maven Central into the local Maven repository (the first run downloads ~45 MB; log $RESOLVE_LOG)"
+  local tmp=$CPFILE.tmp t0=$SECONDS
+  rm -f "$tmp"
+  if ! JAVA_HOME=${JAVA_HOME:-$(dirname "$(dirname "$(readlink -f "$JAVA")")")} \
+      mvn -B -f "$POM" validate -Dkafka.classpath.file="$tmp" > "$RESOLVE_LOG" 2>&1 || [[ ! -s $tmp ]]; then
+    tail -n 30 "$RESOLVE_LOG" >&2
+    die "resolving the Kafka jars with Maven failed; full log: $RESOLVE_LOG"
+  fi
+  mv -f "$tmp" "$CPFILE"
+  echo "$key" > "$CPKEY"
+  CP=$(<"$CPFILE")
+  say "resolved $(tr ':' '\n' < "$CPFILE" | wc -l) jars in $((SECONDS - t0)) s -> $CPFILE"
+}
+
+# --- running Kafka classes -------------------------------------------------------------------
+
+write_tools_config() {
+  mkdir -p "$DIR"
+  cat > "$TOOLS_LOG4J" <<'EOF'
+# Log4j 2 config for the command-line tools (topics-create, run-class): warnings to stderr.
+status = error
+appender.err.type = Console
+appender.err.name = stderr
+appender.err.target = SYSTEM_ERR
+appender.err.layout.type = PatternLayout
+appender.err.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = warn
+rootLogger.appenderRef.err.ref = stderr
+EOF
+  cat > "$CLIENT_CONF" <<'EOF'
+# Admin client settings for the readiness check and topics-*: fail fast instead of the
+# default 60 s when the broker is not (yet) there.
+request.timeout.ms=5000
+default.api.timeout.ms=10000
+EOF
+}
+
+# Runs a Kafka main class ($1) with its arguments, on our classpath, with a small heap;
+# killed after TOOL_TIMEOUT seconds when that is set.
+run_tool() {
+  # Messages about installing or resolving go to stderr: stdout is the tool's own.
+  find_java >&2
+  resolve_classpath >&2
+  [[ -f $TOOLS_LOG4J && -f $CLIENT_CONF ]] || write_tools_config
+  local cls=$1 limit=()
+  shift
+  if [[ -n ${TOOL_TIMEOUT:-} ]]; then limit=(timeout "$TOOL_TIMEOUT"); fi
+  "${limit[@]}" "$JAVA" -Xms32m -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$TOOLS_LOG4J" -cp "$CP" "$cls" "$@"
+}
+
+# --- probes ----------------------------------------------------------------------------------
+
+port_open() { timeout 2 bash -c "exec 3<>/dev/tcp/$HOST/$1" 2>/dev/null; }
+
+# True when the port answers a Kafka ApiVersions request (v0, correlation id 42) with the same
+# correlation id and error code NONE (0) or UNSUPPORTED_VERSION (35): that is a Kafka broker.
+# Pure bash, no JVM: fast enough for status and for the wait loop.
+speaks_kafka() {
+  local hex
+  hex=$(timeout 3 bash -c "exec 3<>/dev/tcp/$HOST/$1 || exit 1
+    printf '\x00\x00\x00\x0a\x00\x12\x00\x00\x00\x00\x00\x2a\xff\xff' >&3
+    head -c 10 <&3" 2>/dev/null | od -An -tx1 | tr -d ' \n') || true
+  [[ ${hex:8:8} == 0000002a && (${hex:16:4} == 0000 || ${hex:16:4} == 0023) ]]
+}
+
+# True when the broker serves metadata: the topic list comes back (one short-lived JVM).
+lists_topics() {
+  TOOL_TIMEOUT=25 run_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$BOOTSTRAP" \
+    --command-config "$CLIENT_CONF" --list > /dev/null 2>&1
+}
+
+# The pid of the broker this script started on this port, when it still runs.
+our_pid() {
+  [[ -f $PIDFILE ]] || return 1
+  local pid
+  pid=$(tr -dc '0-9' < "$PIDFILE")
+  [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 1
+  # Guard against a reused pid: it must still be our kafka.Kafka with our config.
+  tr '\0' ' ' 2>/dev/null < "/proc/$pid/cmdline" | grep -qF -- "kafka.Kafka $CONF" || return 1
+  echo "$pid"
+}
+
+show_log_tail() {
+  if [[ -s $LOG ]]; then
+    echo "kafka: last lines of $LOG:" >&2
+    tail -n 30 "$LOG" >&2
+  fi
+  if [[ -s $OUT ]]; then
+    echo "kafka: last lines of $OUT:" >&2
+    tail -n 15 "$OUT" >&2
+  fi
+}
+
+# Waits until our broker (pid $1) answers ApiVersions and lists topics, at most until $2 (SECONDS).
+wait_ready() {
+  local pid=$1 deadline=$2
+  while ((SECONDS < deadline)); do
+    kill -0 "$pid" 2>/dev/null || { echo "kafka: the broker (pid $pid) exited during start" >&2; return 1; }
+    if speaks_kafka "$PORT" && lists_topics; then return 0; fi
+    sleep 0.5
+  done
+  echo "kafka: not ready on $BOOTSTRAP after $START_SECONDS s" >&2
+  return 1
+}
+
+# --- config and storage ----------------------------------------------------------------------
+
+write_broker_config() {
+  mkdir -p "$DIR" "$DATA"
+  cat > "$CONF" <<EOF
+# Written by infra/local/kafka.sh at each start; edit the script, not this file.
+# One combined KRaft broker + controller for local tests and the demo.
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@$HOST:$CPORT
+listeners=PLAINTEXT://$HOST:$PORT,CONTROLLER://$HOST:$CPORT
+advertised.listeners=PLAINTEXT://$HOST:$PORT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+controller.listener.names=CONTROLLER
+log.dirs=$DATA
+
+# Topics are created explicitly (kafka.sh topics-create), never by a producer's typo.
+auto.create.topics.enable=false
+num.partitions=3
+default.replication.factor=1
+min.insync.replicas=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=5
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+# Consumer groups start consuming at once (tests).
+group.initial.rebalance.delay.ms=0
+
+log.retention.hours=24
+log.segment.bytes=67108864
+num.network.threads=2
+num.io.threads=4
+EOF
+  cat > "$LOG4J" <<EOF
+# Written by infra/local/kafka.sh: the broker logs to $LOG (rolls at 20 MB, keeps 3).
+status = warn
+appender.file.type = RollingFile
+appender.file.name = file
+appender.file.fileName = $LOG
+appender.file.filePattern = $LOG.%i
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+appender.file.policies.type = Policies
+appender.file.policies.size.type = SizeBasedTriggeringPolicy
+appender.file.policies.size.size = 20MB
+appender.file.strategy.type = DefaultRolloverStrategy
+appender.file.strategy.max = 3
+rootLogger.level = info
+rootLogger.appenderRef.file.ref = file
+logger.request.name = kafka.request.logger
+logger.request.level = warn
+logger.request.additivity = false
+logger.request.appenderRef.file.ref = file
+EOF
+}
+
+format_storage() {
+  [[ -f $DATA/meta.properties ]] && return 0
+  local id
+  id=$(run_tool kafka.tools.StorageTool random-uuid 2>>"$OUT" | tail -n 1)
+  [[ -n $id ]] || { show_log_tail; die "could not generate a cluster id"; }
+  say "formatting the KRaft storage in $DATA (cluster id $id)"
+  if ! run_tool kafka.tools.StorageTool format -t "$id" -c "$CONF" --ignore-formatted >> "$OUT" 2>&1; then
+    tail -n 20 "$OUT" >&2
+    die "formatting the storage failed; see $OUT"
+  fi
+}
+
+# --- commands --------------------------------------------------------------------------------
+
+lock() {
+  mkdir -p "$DIR"
+  exec 9> "$DIR/.lock-$PORT"
+  flock -w 120 9 || die "another kafka.sh holds $DIR/.lock-$PORT"
+}
+
+start() {
+  lock
+  local pid
+  if pid=$(our_pid); then
+    # Ours runs: a no-op once it answers (it may still be starting).
+    if ! speaks_kafka "$PORT"; then
+      wait_ready "$pid" $((SECONDS + START_SECONDS)) || { show_log_tail; die "our broker (pid $pid) does not answer on $BOOTSTRAP"; }
+    fi
+    say "already running (pid $pid) on $BOOTSTRAP"
+    return 0
+  fi
+  rm -f "$PIDFILE" # stale
+  if port_open "$PORT"; then
+    if speaks_kafka "$PORT"; then
+      say "$BOOTSTRAP already answers as a Kafka broker this script did not start; reusing it"
+      return 0
+    fi
+    die "something on $BOOTSTRAP is not a Kafka broker; free the port or use --port / HUB_KAFKA_PORT"
+  fi
+  port_open "$CPORT" && die "controller port $HOST:$CPORT is in use; free it or set --controller-port"
+
+  find_java
+  resolve_classpath
+  write_tools_config
+  write_broker_config
+  format_storage
+
+  local t0=$SECONDS
+  echo "--- $(date -Is) start Kafka $KAFKA_VERSION on $BOOTSTRAP (controller $CPORT)" >> "$OUT"
+  # The pid file gets the pid of the bash that then execs java (setsid: its own session, so a
+  # Ctrl-C in the caller's terminal does not reach the broker; fd 9, the lock, is not inherited).
+  # shellcheck disable=SC2016,SC2086 # $$ is the inner bash's; KAFKA_HEAP_OPTS is a list of options
+  (
+    cd "$DIR"
+    exec setsid bash -c 'echo $$ > "$0"; exec "$@"' "$PIDFILE" \
+      "$JAVA" ${KAFKA_HEAP_OPTS:--Xms256m -Xmx512m} \
+      -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 \
+      -XX:+ExplicitGCInvokesConcurrent -Djava.awt.headless=true \
+      -Dlog4j2.configurationFile="$LOG4J" -Dkafka.logs.dir="$DIR" \
+      -cp "$CP" kafka.Kafka "$CONF"
+  ) < /dev/null >> "$OUT" 2>&1 9>&- &
+  local deadline=$((SECONDS + START_SECONDS)) launched
+  while ! pid=$(our_pid); do
+    launched=$(tr -dc '0-9' 2>/dev/null < "$PIDFILE" || true)
+    if [[ -n $launched ]] && ! kill -0 "$launched" 2>/dev/null; then
+      show_log_tail; rm -f "$PIDFILE"; die "the broker JVM (pid $launched) exited at once"
+    fi
+    if ((SECONDS >= deadline)); then show_log_tail; die "the broker process did not come up"; fi
+    sleep 0.1
+  done
+  if wait_ready "$pid" "$deadline"; then
+    say "started Kafka $KAFKA_VERSION (pid $pid) on $BOOTSTRAP, controller $HOST:$CPORT, in $((SECONDS - t0)) s; log $LOG"
+    if [[ -n ${INFRA_RECORD:-} ]]; then echo kafka >> "$INFRA_RECORD"; fi
+    return 0
+  fi
+  show_log_tail
+  if pid=$(our_pid); then kill -TERM "$pid" 2>/dev/null || true; fi
+  exit 1
+}
+
+stop() {
+  lock
+  local pid
+  if ! pid=$(our_pid); then
+    rm -f "$PIDFILE"
+    if speaks_kafka "$PORT"; then
+      say "not started by this script on $BOOTSTRAP; leaving the Kafka there running"
+    else
+      say "not running on $BOOTSTRAP; nothing to stop"
+    fi
+    return 0
+  fi
+  kill -TERM "$pid" 2>/dev/null || true
+  local deadline=$((SECONDS + STOP_SECONDS))
+  while ((SECONDS < deadline)); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.2
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    say "pid $pid still running after $STOP_SECONDS s; sending SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+    sleep 0.5
+  fi
+  rm -f "$PIDFILE"
+  say "stopped (pid $pid) on $BOOTSTRAP"
+}
+
+status() {
+  local pid
+  if pid=$(our_pid); then
+    if speaks_kafka "$PORT"; then
+      say "running (pid $pid, started by this script, Kafka $KAFKA_VERSION) on $BOOTSTRAP, controller $HOST:$CPORT"
+    else
+      say "pid $pid (started by this script) does not answer on $BOOTSTRAP (starting, or stuck: see $LOG)"
+      return 3
+    fi
+  elif speaks_kafka "$PORT"; then
+    say "$BOOTSTRAP answers as a Kafka broker (one this script did not start)"
+  elif port_open "$PORT"; then
+    say "not running on $BOOTSTRAP (the port is taken by something that is not Kafka)"
+    return 3
+  else
+    say "not running on $BOOTSTRAP"
+    return 3
+  fi
+}
+
+topics_create() {
+  ((${#args[@]} == 2)) || usage
+  local name=${args[0]} parts=${args[1]}
+  [[ $name =~ ^[A-Za-z0-9._-]+$ ]] || die "bad topic name '$name'"
+  [[ $parts =~ ^[1-9][0-9]*$ ]] || die "PARTITIONS must be a positive number, got '$parts'"
+  run_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$BOOTSTRAP" --command-config "$CLIENT_CONF" \
+    --create --if-not-exists --topic "$name" --partitions "$parts" --replication-factor 1 >/dev/null \
+    || die "could not create topic '$name' on $BOOTSTRAP (is the broker up? kafka.sh status)"
+  local have
+  have=$(run_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$BOOTSTRAP" --command-config "$CLIENT_CONF" \
+    --describe --topic "$name" | sed -n 's/.*PartitionCount: *\([0-9]*\).*/\1/p' | head -n 1)
+  [[ -n $have ]] || die "topic '$name' not found after creating it on $BOOTSTRAP"
+  [[ $have == "$parts" ]] || die "topic '$name' already exists on $BOOTSTRAP with $have partitions, not $parts"
+  say "topic $name ready on $BOOTSTRAP ($have partitions, replication 1)"
+}
+
+topics_list() {
+  ((${#args[@]} == 0)) || usage
+  run_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$BOOTSTRAP" --command-config "$CLIENT_CONF" --list
+}
+
+run_class() {
+  ((${#args[@]} >= 1)) || usage
+  run_tool "${args[@]}"
+}
+
+case $cmd in
+  start) ((${#args[@]} == 0)) || usage; start ;;
+  stop) ((${#args[@]} == 0)) || usage; stop ;;
+  status) ((${#args[@]} == 0)) || usage; status ;;
+  topics-create) topics_create ;;
+  topics-list) topics_list ;;
+  run-class) run_class ;;
+  *) usage ;;
+esac
