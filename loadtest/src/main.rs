@@ -148,6 +148,17 @@ pub struct RunArgs {
     #[arg(long)]
     pub publish_any: bool,
 
+    /// Publish by producing JSON records to this Kafka cluster instead of the HTTP API
+    /// (`{"event_id","user_id","sent_us","seq"}`, key = user, `content-type:
+    /// application/json`); the hub must route the topic to `type = "load"` with
+    /// `data = {sent_us, seq}` (see docs/benchmarks.md). Latency is then Kafka → client.
+    #[arg(long, value_name = "HOST:PORT", requires = "kafka_topic")]
+    pub kafka_brokers: Option<String>,
+
+    /// Topic for --kafka-brokers.
+    #[arg(long, value_name = "TOPIC")]
+    pub kafka_topic: Option<String>,
+
     /// Print the figures as one JSON object on stdout (the summary goes to stderr).
     #[arg(long)]
     pub json: bool,

@@ -19,6 +19,9 @@ use http::{HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
@@ -58,6 +61,25 @@ pub struct PublishConfig {
     pub concurrency: usize,
     /// Publish through any hub, round-robin, instead of the user's own.
     pub publish_any: bool,
+    /// Produce to Kafka instead of calling the HTTP API.
+    pub kafka: Option<KafkaTarget>,
+}
+
+/// Where Kafka-mode publishing produces to.
+#[derive(Debug, Clone)]
+pub struct KafkaTarget {
+    /// Bootstrap brokers.
+    pub brokers: String,
+    /// Topic.
+    pub topic: String,
+}
+
+#[derive(Serialize)]
+struct KafkaEvent<'a> {
+    event_id: String,
+    user_id: &'a str,
+    sent_us: u64,
+    seq: u64,
 }
 
 /// What publishing achieved.
@@ -148,6 +170,7 @@ struct Shared {
     cursors: Vec<AtomicU64>,
     failed: AtomicU64,
     errors: Mutex<ErrorTally>,
+    producer: Option<FutureProducer>,
     paths: Vec<String>,
     hosts: Vec<HeaderValue>,
     auth: HeaderValue,
@@ -166,7 +189,21 @@ impl Shared {
             .collect::<Result<_>>()?;
         let auth = HeaderValue::from_str(&format!("Bearer {}", config.api_key))
             .context("--api-key contains characters not allowed in a header")?;
+        let producer = match &config.kafka {
+            Some(k) => Some(
+                ClientConfig::new()
+                    .set("bootstrap.servers", &k.brokers)
+                    .set("acks", "all")
+                    .set("enable.idempotence", "true")
+                    .set("linger.ms", "0")
+                    .set("socket.nagle.disable", "true")
+                    .create::<FutureProducer>()
+                    .context("creating the Kafka producer")?,
+            ),
+            None => None,
+        };
         Ok(Self {
+            producer,
             user_names: (0..users)
                 .map(|i| user_name(&config.user_prefix, i))
                 .collect(),
@@ -229,6 +266,49 @@ impl Shared {
         self.connect(hub).await
     }
 
+    /// Produces one event to Kafka (Kafka mode).
+    async fn produce_one(
+        &self,
+        producer: &FutureProducer,
+        hub: usize,
+        latency: &mut Histogram<u64>,
+    ) {
+        let Some(target) = &self.config.kafka else {
+            return;
+        };
+        let user = self.pick_user(hub);
+        let seq = self.seqs[user].fetch_add(1, Ordering::Relaxed) + 1;
+        let name = &self.user_names[user];
+        let event = KafkaEvent {
+            event_id: format!("{name}-{seq}"),
+            user_id: name,
+            sent_us: unix_micros(),
+            seq,
+        };
+        let body = match serde_json::to_vec(&event) {
+            Ok(b) => b,
+            Err(e) => return self.fail("encode", &e.to_string()),
+        };
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "content-type",
+            value: Some("application/json"),
+        });
+        // Keyed by user: one user's events stay in one partition, so in order.
+        let record = FutureRecord::to(&target.topic)
+            .key(name.as_str())
+            .payload(&body)
+            .headers(headers);
+        let started = Instant::now();
+        match producer.send(record, REQUEST_TIMEOUT).await {
+            Ok(_) => {
+                self.ok[user].fetch_add(1, Ordering::Relaxed);
+                let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                latency.saturating_record(us);
+            }
+            Err((e, _)) => self.fail("kafka produce", &e.to_string()),
+        }
+    }
+
     /// Publishes one notification via `hub`, reusing or replacing `conn`.
     async fn publish_one(
         &self,
@@ -236,6 +316,9 @@ impl Shared {
         conn: &mut Option<Sender>,
         latency: &mut Histogram<u64>,
     ) {
+        if let Some(producer) = &self.producer {
+            return self.produce_one(producer, hub, latency).await;
+        }
         // Get a usable connection before taking a seq, so that a keep-alive connection
         // the server closed while idle costs a reconnect instead of a failed publish.
         let mut sender = match self.ready(hub, conn.take()).await {
@@ -428,6 +511,7 @@ mod tests {
             duration: Duration::ZERO,
             concurrency: 1,
             publish_any,
+            kafka: None,
         })
     }
 
@@ -459,6 +543,7 @@ mod tests {
             duration: Duration::ZERO,
             concurrency: 1,
             publish_any: false,
+            kafka: None,
         };
         assert!(Shared::new(config).is_err());
     }

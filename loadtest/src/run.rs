@@ -60,7 +60,7 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
         "more --server-pid than --hub: the k-th pid pairs with the k-th hub"
     );
     ensure!(
-        args.rate == 0.0 || args.api_key.is_some(),
+        args.rate == 0.0 || args.api_key.is_some() || args.kafka_brokers.is_some(),
         "--api-key is required when --rate is above 0"
     );
     let processes = args
@@ -424,6 +424,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
             duration: args.duration,
             concurrency: args.publish_concurrency as usize,
             publish_any: args.publish_any,
+            kafka: args
+                .kafka_brokers
+                .clone()
+                .zip(args.kafka_topic.clone())
+                .map(|(brokers, topic)| publish::KafkaTarget { brokers, topic }),
         })
         .await?
     } else {

@@ -22,6 +22,7 @@ use prometheus::{Histogram, IntCounterVec, IntGaugeVec};
 use rdkafka::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
@@ -71,7 +72,21 @@ struct Context {
     metrics: IngestMetrics,
 }
 
+/// A subscribed topic that does not exist yet (a built-in route's topic on a cluster that
+/// does not carry it): expected, and retried by the client, so not an error worth shouting.
+fn is_missing_topic(e: &KafkaError) -> bool {
+    e.rdkafka_error_code() == Some(RDKafkaErrorCode::UnknownTopicOrPartition)
+}
+
 impl ClientContext for Context {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if is_missing_topic(&error) {
+            tracing::debug!(%reason, "subscribed topic not available yet");
+        } else {
+            tracing::error!(%error, %reason, "kafka client error");
+        }
+    }
+
     fn stats(&self, statistics: Statistics) {
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
@@ -170,6 +185,10 @@ pub async fn run(
         };
         let message = match received {
             Ok(m) => m.detach(),
+            Err(e) if is_missing_topic(&e) => {
+                tracing::debug!(error = %e, "subscribed topic not available yet");
+                continue;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "kafka receive error");
                 continue;
