@@ -9,13 +9,13 @@ HUB_TEST_REDIS_URL ?= redis://127.0.0.1:$(HUB_REDIS_PORT)
 .PHONY: test deps fmt-check clippy demo stop build-release infra-up infra-down
 
 ## test: install what is missing, then format check, lints, and every test against a local
-## Redis. Stops afterwards only what this run started (also when tests fail); a Redis already
-## running, e.g. from `make infra-up`, is left running. Exits non-zero on any failure.
+## Redis and Kafka. Stops afterwards only what this run started (also when tests fail); services already
+## running, e.g. from `make infra-up`, are left running. Exits non-zero on any failure.
 test: deps fmt-check clippy
 	@rec=$$(mktemp); \
 	trap 'infra/local/infra.sh down --record "$$rec"' EXIT; \
 	trap 'exit 130' INT; trap 'exit 143' TERM; \
-	infra/local/infra.sh up --only redis --record "$$rec" && \
+	infra/local/infra.sh up --only redis,kafka --record "$$rec" && \
 	echo "HUB_TEST_REDIS_URL=$(HUB_TEST_REDIS_URL) $(CARGO) test --workspace --all-targets" && \
 	HUB_TEST_REDIS_URL=$(HUB_TEST_REDIS_URL) $(CARGO) test --workspace --all-targets
 
@@ -31,7 +31,7 @@ clippy:
 build-release:
 	$(CARGO) build --release -p hub -p loadtest
 
-## infra-up / infra-down: start / stop the local Redis (Kafka and PostgreSQL to come); idempotent.
+## infra-up / infra-down: start / stop the local Redis and Kafka (PostgreSQL to come); idempotent.
 infra-up:
 	@infra/local/infra.sh up
 

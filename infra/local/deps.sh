@@ -6,6 +6,8 @@ need_apt=()
 command -v openssl >/dev/null || need_apt+=(openssl)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v cc >/dev/null || need_apt+=(build-essential)
+# kcat: the independent JSON producer of the Kafka ingest tests (and handy by hand).
+command -v kcat >/dev/null || need_apt+=(kcat)
 
 if ((${#need_apt[@]})); then
   echo "deps: installing ${need_apt[*]}"

@@ -9,7 +9,7 @@
 #
 # --only takes a comma-separated subset of SERVICES (e.g. `--only redis`); INFRA_ONLY in the
 # environment does the same when --only is not given. `make test` starts only what the tests
-# need (`--only redis` for now); `make infra-up` starts everything.
+# need (`--only redis,kafka`); `make infra-up` starts everything.
 # With --record, `up` writes to FILE the services it actually started (not those already
 # running), and `down` stops only the services listed in FILE, then removes FILE. `make test`
 # uses this so it stops what it started and leaves running what `make infra-up` had started.

@@ -259,14 +259,17 @@ impl Worker {
 
     async fn process(&self, message: &OwnedMessage) -> Done {
         let topic = message.topic();
-        let json = message.headers().is_some_and(|h| {
-            h.iter().any(|header| {
-                header.key.eq_ignore_ascii_case("content-type")
-                    && header
-                        .value
-                        .is_some_and(|v| v.starts_with(b"application/json"))
-            })
+        // Read as the contract crate reads it: case and parameters ignored. An unknown
+        // content type is left to the decoder (protobuf), as before.
+        let content_type = message.headers().and_then(|h| {
+            h.iter()
+                .find(|header| header.key.eq_ignore_ascii_case("content-type"))
+                .map(|header| header.value.unwrap_or_default())
         });
+        let json = matches!(
+            proto::ContentType::from_header(content_type),
+            Ok(proto::ContentType::Json)
+        );
         let payload = message.payload().unwrap_or_default();
         let routed = match self.routes.route(topic, payload, json) {
             Ok(r) => r,

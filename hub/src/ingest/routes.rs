@@ -186,8 +186,8 @@ impl Routes {
         if let Some(path) = file {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| RoutesError(format!("cannot read {}: {e}", path.display())))?;
-            let parsed: RoutesFile = toml::from_str(&text)
-                .map_err(|e| RoutesError(format!("{}: {}", path.display(), e.message().trim())))?;
+            let parsed: RoutesFile =
+                toml::from_str(&text).map_err(|e| RoutesError(toml_error(path, &text, &e)))?;
             specs.extend(parsed.routes);
         }
         Self::from_specs(pool, specs)
@@ -264,6 +264,27 @@ impl Routes {
     }
 }
 
+/// A TOML error on one line (toml's messages may span several), with where it is.
+fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> String {
+    let message = e
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    let at = e
+        .span()
+        .and_then(|span| text.get(..span.start))
+        .map(|before| {
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!(" line {line}, column {column}")
+        })
+        .unwrap_or_default();
+    format!("{}:{at}: {message}", path.display())
+}
+
 /// Checks that `path` names a field (through nested messages) of `desc`.
 fn check_path(desc: &MessageDescriptor, path: &str) -> Result<(), String> {
     let mut current = desc.clone();
@@ -300,23 +321,63 @@ fn decode(format: &Format, value: &[u8], json: bool) -> Result<Value, RouteError
         }
         Format::Protobuf(desc) => {
             let msg = if json {
-                let mut de = serde_json::Deserializer::from_slice(value);
-                // Readers ignore unknown fields (forward compatibility), as over protobuf.
-                let options = prost_reflect::DeserializeOptions::new().deny_unknown_fields(false);
-                let msg = DynamicMessage::deserialize_with_options(desc.clone(), &mut de, &options)
-                    .map_err(|e| {
-                        RouteError::Decode(format!("proto3 JSON {}: {e}", desc.full_name()))
-                    })?;
-                de.end().map_err(|e| {
+                let bad = |e: serde_json::Error| {
                     RouteError::Decode(format!("proto3 JSON {}: {e}", desc.full_name()))
-                })?;
-                msg
+                };
+                let mut doc: Value = serde_json::from_slice(value).map_err(bad)?;
+                // Readers ignore unknown fields (forward compatibility), as over protobuf, but
+                // an unknown enum name is an error (proto/README.md, rule 4). prost-reflect
+                // has one switch for both, so the unknown fields go first and the decode is
+                // strict.
+                drop_unknown_fields(desc, &mut doc);
+                DynamicMessage::deserialize(desc.clone(), doc).map_err(bad)?
             } else {
                 DynamicMessage::decode(desc.clone(), value).map_err(|e| {
                     RouteError::Decode(format!("protobuf {}: {e}", desc.full_name()))
                 })?
             };
             Ok(message_to_json(&msg))
+        }
+    }
+}
+
+/// Removes, at every level, the members of a proto3 JSON document that name no field of
+/// their message, so that a strict decode fails only on what is wrong in known fields.
+fn drop_unknown_fields(desc: &MessageDescriptor, doc: &mut Value) {
+    // Well-known types have JSON forms of their own (a Timestamp is a string, a Struct any
+    // object): left to the decoder.
+    if desc.package_name() == "google.protobuf" {
+        return;
+    }
+    let Value::Object(members) = doc else {
+        return;
+    };
+    let field = |key: &str| {
+        desc.get_field_by_json_name(key)
+            .or_else(|| desc.get_field_by_name(key))
+    };
+    members.retain(|key, _| field(key).is_some());
+    for (key, value) in members.iter_mut() {
+        let Some(f) = field(key) else { continue };
+        let Kind::Message(inner) = f.kind() else {
+            continue;
+        };
+        if f.is_map() {
+            if let (Kind::Message(m), Value::Object(entries)) =
+                (inner.map_entry_value_field().kind(), value)
+            {
+                entries
+                    .values_mut()
+                    .for_each(|v| drop_unknown_fields(&m, v));
+            }
+        } else if f.is_list() {
+            if let Value::Array(items) = value {
+                items
+                    .iter_mut()
+                    .for_each(|v| drop_unknown_fields(&inner, v));
+            }
+        } else {
+            drop_unknown_fields(&inner, value);
         }
     }
 }
@@ -521,6 +582,36 @@ mod tests {
             Err(RouteError::Decode(_))
         ));
         assert!(routes.route("other", doc, true).unwrap().is_empty());
+    }
+
+    fn order_routes() -> Routes {
+        let pool = DescriptorPool::decode(proto::FILE_DESCRIPTOR_SET).unwrap();
+        Routes::from_specs(&pool, vec![builtin().remove(0)]).unwrap()
+    }
+
+    #[test]
+    fn proto3_json_ignores_unknown_fields_but_not_unknown_enum_names() {
+        let routes = order_routes();
+        let doc = br#"{"eventId":"e1","orderId":"o1","userId":"u1","status":"ORDER_STATUS_PAID",
+            "carrier":{"name":"x","legs":[1,"two"]},"occurredAt":"2026-01-01T00:00:00Z"}"#;
+        let out = routes.route("order.status.changed", doc, true).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].data["status"], "PAID");
+        let unknown =
+            br#"{"eventId":"e2","orderId":"o1","userId":"u1","status":"ORDER_STATUS_TELEPORTED"}"#;
+        match routes.route("order.status.changed", unknown, true) {
+            Err(RouteError::Decode(e)) => assert!(e.contains("ORDER_STATUS_TELEPORTED"), "{e}"),
+            other => panic!("an unknown enum name must be refused, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_toml_error_is_one_line_with_its_position() {
+        let text = "[[route]\nname = 'x'\n";
+        let e = toml::from_str::<RoutesFile>(text).unwrap_err();
+        let line = toml_error(Path::new("routes.toml"), text, &e);
+        assert!(!line.contains('\n'), "{line:?}");
+        assert!(line.starts_with("routes.toml: line 1, column "), "{line:?}");
     }
 
     #[test]

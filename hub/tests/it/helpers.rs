@@ -847,3 +847,59 @@ pub async fn wait_status(app: &TestApp, path: &str, status: u16, limit: Duration
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// `hub ingest` running as its own process: Kafka ingest alone, publishing into Redis. It has
+/// no listener, so there is nothing to wait for at start; what it ingests shows at the clients.
+pub struct IngestProcess {
+    child: Child,
+}
+
+impl IngestProcess {
+    /// Starts `hub ingest` with exactly these settings (plus `HUB_LOG=warn`).
+    pub fn start(env: &[(&str, &str)]) -> IngestProcess {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hub"));
+        cmd.arg("ingest")
+            .env_clear()
+            .env("HUB_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        IngestProcess {
+            child: cmd.spawn().expect("hub binary starts"),
+        }
+    }
+
+    /// Sends a signal by name (`TERM`, `KILL`).
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill runs")
+            .success();
+        assert!(ok, "kill -{name} failed");
+    }
+
+    /// Waits for the process to exit; `None` when it is still running after `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for IngestProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -8,6 +8,7 @@ mod drain;
 mod expiry;
 mod heartbeat;
 mod helpers;
+mod ingest;
 mod isolation;
 mod limits;
 mod metrics;
