@@ -3,8 +3,8 @@ SHELL := /bin/bash
 CARGO ?= cargo
 
 # Local Redis port (infra/local/redis.sh reads it) and the URL the integration tests use.
-export HUB_REDIS_PORT ?= 6379
-HUB_TEST_REDIS_URL ?= redis://127.0.0.1:$(HUB_REDIS_PORT)
+export LOCAL_REDIS_PORT ?= 6379
+HUB_TEST_REDIS_URL ?= redis://127.0.0.1:$(LOCAL_REDIS_PORT)
 
 .PHONY: test deps fmt-check clippy demo stop build-release infra-up infra-down
 

@@ -17,8 +17,12 @@ start_node() {
     echo "demo: node $name already running (pid $(cat "$RUN/hub-$name.pid"))"
     return
   fi
-  HUB_ADDR=127.0.0.1:$port HUB_REDIS_URL=redis://127.0.0.1:${HUB_REDIS_PORT:-6379} HUB_LOG=info \
-    nohup "$HUB" serve --dev > "$RUN/hub-$name.log" 2>&1 &
+  # Node A also runs Kafka ingest (the built-in routes), so events produced to
+  # order.status.changed and moderation.results reach the users on either node.
+  local kafka=()
+  [[ $name == a ]] && kafka=(HUB_KAFKA_BROKERS=127.0.0.1:${LOCAL_KAFKA_PORT:-9092})
+  env "${kafka[@]}" HUB_ADDR=127.0.0.1:$port HUB_REDIS_URL=redis://127.0.0.1:${LOCAL_REDIS_PORT:-6379} \
+    HUB_LOG=info nohup "$HUB" serve --dev > "$RUN/hub-$name.log" 2>&1 &
   echo $! > "$RUN/hub-$name.pid"
 }
 
@@ -45,6 +49,10 @@ start() {
     } > "$RUN/demo.env"
   fi
   set -a; source "$RUN/demo.env"; set +a
+  for topic in order.status.changed moderation.results; do
+    infra/local/kafka.sh topics-create "$topic" 3 >/dev/null
+    infra/local/kafka.sh topics-create "$topic.dlq" 3 >/dev/null
+  done
   for node in "${NODES[@]}"; do start_node "${node%%:*}" "${node##*:}"; done
   for node in "${NODES[@]}"; do wait_ready "${node%%:*}" "${node##*:}"; done
   token=$("$HUB" token --sub alice --ttl 1h)
@@ -59,6 +67,8 @@ start() {
                        -d '{"user_id":"alice","type":"promo","data":{"text":"hello"}}' \\
                        http://127.0.0.1:8080/api/publish
                      (HUB_API_KEY and HUB_JWT_SECRET are in .run/demo.env)
+  Or through Kafka:  echo 'o-1:{"eventId":"e-1","orderId":"o-1","userId":"alice","status":"ORDER_STATUS_PAID","previousStatus":"ORDER_STATUS_CREATED"}' |
+                       kcat -P -b 127.0.0.1:9092 -t order.status.changed -H content-type=application/json -K:
   Stop:              make stop
 
 MSG

@@ -16,7 +16,7 @@
 #                                              the distribution's kafka-run-class.sh does), e.g.
 #                                              org.apache.kafka.tools.ConsoleProducer
 #
-# The port is --port, else HUB_KAFKA_PORT, else 9092; the controller listens on the next port
+# The port is --port, else LOCAL_KAFKA_PORT, else 9092; the controller listens on the next port
 # (HUB_KAFKA_CONTROLLER_PORT or --controller-port to change). Both bind 127.0.0.1 only.
 # Our broker keeps its config, pid file, logs and data under .run/kafka/ (git-ignored):
 #   classpath.txt            runtime classpath, re-resolved when infra/kafka/pom.xml changes
@@ -53,7 +53,7 @@ usage() {
 
 cmd=${1:-}
 shift || true
-PORT=${HUB_KAFKA_PORT:-9092}
+PORT=${LOCAL_KAFKA_PORT:-9092}
 CPORT=${HUB_KAFKA_CONTROLLER_PORT:-}
 args=()
 while (($#)); do
@@ -353,7 +353,7 @@ start() {
       say "$BOOTSTRAP already answers as a Kafka broker this script did not start; reusing it"
       return 0
     fi
-    die "something on $BOOTSTRAP is not a Kafka broker; free the port or use --port / HUB_KAFKA_PORT"
+    die "something on $BOOTSTRAP is not a Kafka broker; free the port or use --port / LOCAL_KAFKA_PORT"
   fi
   port_open "$CPORT" && die "controller port $HOST:$CPORT is in use; free it or set --controller-port"
 

@@ -2,7 +2,7 @@
 # Local Redis for tests and the demo, without Docker or systemd (Debian/Ubuntu).
 #
 #   infra/local/redis.sh start   install redis-server if missing, start our own instance on
-#                                127.0.0.1:${HUB_REDIS_PORT:-6379} and wait until it answers PONG
+#                                127.0.0.1:${LOCAL_REDIS_PORT:-6379} and wait until it answers PONG
 #   infra/local/redis.sh stop    stop the instance this script started (nothing else)
 #   infra/local/redis.sh status  one line; exit 0 when the port answers PONG, 3 when not
 #
@@ -14,7 +14,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-PORT=${HUB_REDIS_PORT:-6379}
+PORT=${LOCAL_REDIS_PORT:-6379}
 HOST=127.0.0.1
 DIR=$ROOT/.run/redis
 PIDFILE=$DIR/redis-$PORT.pid
@@ -83,7 +83,7 @@ start() {
     say "$HOST:$PORT already answers PONG (a Redis this script did not start); reusing it"
     return 0
   elif [[ -n $reply ]]; then
-    die "something on $HOST:$PORT answers PING with '$reply'; free the port or set HUB_REDIS_PORT"
+    die "something on $HOST:$PORT answers PING with '$reply'; free the port or set LOCAL_REDIS_PORT"
   fi
 
   echo "--- $(date -Is) start on $HOST:$PORT" >> "$LOG"
@@ -153,5 +153,5 @@ case "${1:-}" in
   start) start ;;
   stop) stop ;;
   status) status ;;
-  *) echo "usage: $0 start|stop|status   (port: HUB_REDIS_PORT, default 6379)" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|status   (port: LOCAL_REDIS_PORT, default 6379)" >&2; exit 2 ;;
 esac
