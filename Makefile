@@ -6,12 +6,12 @@ CARGO ?= cargo
 export LOCAL_REDIS_PORT ?= 6379
 HUB_TEST_REDIS_URL ?= redis://127.0.0.1:$(LOCAL_REDIS_PORT)
 
-.PHONY: test deps fmt-check clippy demo stop build-release infra-up infra-down
+.PHONY: test deps fmt-check clippy k6-check demo stop build-release infra-up infra-down
 
 ## test: install what is missing, then format check, lints, and every test against a local
 ## Redis and Kafka. Stops afterwards only what this run started (also when tests fail); services already
 ## running, e.g. from `make infra-up`, are left running. Exits non-zero on any failure.
-test: deps fmt-check clippy
+test: deps fmt-check clippy k6-check
 	@rec=$$(mktemp); \
 	trap 'infra/local/infra.sh down --record "$$rec"' EXIT; \
 	trap 'exit 130' INT; trap 'exit 143' TERM; \
@@ -27,6 +27,11 @@ fmt-check:
 
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## k6-check: type-check the k6 scripts (loadtest/k6) against @types/k6; needs node and npm.
+k6-check:
+	@command -v npm >/dev/null || { echo "k6-check: npm not found; install Node.js 18+ with npm (e.g. apt-get install nodejs npm) and retry" >&2; exit 1; }
+	cd loadtest/k6 && npm ci --no-audit --no-fund && npx --no-install tsc -p .
 
 build-release:
 	$(CARGO) build --release -p hub -p loadtest
