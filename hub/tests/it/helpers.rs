@@ -656,27 +656,12 @@ impl HubProcess {
 
     /// Sends a signal by name (`TERM`, `KILL`).
     pub fn signal(&self, name: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.pid().to_string())
-            .status()
-            .expect("kill runs")
-            .success();
-        assert!(ok, "kill -{name} failed");
+        signal_child(&self.child, name);
     }
 
-    /// Waits for the process to exit; returns whether it did within `limit`.
+    /// Waits for the process to exit; `None` when it is still running after `limit`.
     pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_child_exit(&mut self.child, limit).await
     }
 
     /// A view usable with the clients (shares address, secret and key).
@@ -873,27 +858,12 @@ impl IngestProcess {
 
     /// Sends a signal by name (`TERM`, `KILL`).
     pub fn signal(&self, name: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill runs")
-            .success();
-        assert!(ok, "kill -{name} failed");
+        signal_child(&self.child, name);
     }
 
     /// Waits for the process to exit; `None` when it is still running after `limit`.
     pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_child_exit(&mut self.child, limit).await
     }
 }
 
@@ -901,5 +871,30 @@ impl Drop for IngestProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Sends a signal by name (`TERM`, `KILL`) to a child process.
+fn signal_child(child: &Child, name: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(child.id().to_string())
+        .status()
+        .expect("kill runs")
+        .success();
+    assert!(ok, "kill -{name} failed");
+}
+
+/// Waits for a child to exit; `None` when it is still running after `limit`.
+async fn wait_child_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
