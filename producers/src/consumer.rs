@@ -1,0 +1,287 @@
+//! The Kafka consumer loop every service uses.
+//!
+//! One record at a time per process, in partition order: the [`Handler`] runs in a database
+//! transaction that also claims the event id in `processed_events`; the transaction commits,
+//! then the offset is committed (manual commits only). A redelivered record finds its claim and
+//! changes nothing. A record that can never be handled (undecodable, unknown order, ...) goes
+//! to `<topic>.dlq` with headers naming the error and the source, and the partition moves on.
+//! A transient failure (database down) retries the same record with backoff.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::ClientConfig;
+use rdkafka::Message as _;
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::outbox::sleep_or_stop;
+
+/// One consumed record, as a handler sees it.
+pub struct Record<'a> {
+    /// Topic (with the configured prefix).
+    pub topic: &'a str,
+    /// Value.
+    pub payload: &'a [u8],
+    /// Protobuf unless the record says `content-type: application/json`.
+    pub content_type: proto::ContentType,
+}
+
+impl Record<'_> {
+    /// Decodes the value as `T`; a failure is a poison record.
+    pub fn decode<T>(&self) -> Result<T, HandleError>
+    where
+        T: prost::Message + prost::Name + Default + serde::de::DeserializeOwned,
+    {
+        proto::decode(self.content_type, self.payload)
+            .map_err(|e| HandleError::Poison(format!("undecodable: {e}")))
+    }
+}
+
+/// What a handler did with a record.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Handled {
+    /// The effect was written; commit.
+    Applied,
+    /// Already handled before (or nothing to do twice); roll back.
+    Duplicate,
+}
+
+/// Why a handler did not apply a record.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    /// The record can never be handled: it goes to the DLQ.
+    #[error("{0}")]
+    Poison(String),
+    /// Try the same record again later.
+    #[error("database: {0}")]
+    Transient(#[from] sqlx::Error),
+}
+
+/// A service's reaction to the records of its topics.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Applies `record` inside `tx`. Must call [`crate::db::claim`] with the event's id before
+    /// any effect and return [`Handled::Duplicate`] when the claim fails.
+    async fn handle(
+        &self,
+        tx: &mut PgConnection,
+        record: &Record<'_>,
+    ) -> Result<Handled, HandleError>;
+}
+
+/// The consumer of one service process.
+pub struct Consumer {
+    consumer: StreamConsumer,
+    dlq: FutureProducer,
+    pool: PgPool,
+    metrics: Metrics,
+}
+
+impl Consumer {
+    /// Subscribes `group` to `topics`.
+    pub fn new(
+        settings: &Settings,
+        group: &str,
+        topics: &[String],
+        pool: PgPool,
+        dlq: FutureProducer,
+        metrics: Metrics,
+    ) -> anyhow::Result<Self> {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", settings.kafka_brokers())
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            // Low latency on a quiet topic: do not wait to fill a fetch.
+            .set("fetch.wait.max.ms", "10")
+            .set("socket.nagle.disable", "true")
+            .create()?;
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&names)?;
+        Ok(Consumer {
+            consumer,
+            dlq,
+            pool,
+            metrics,
+        })
+    }
+
+    /// Consumes until `stop` is cancelled, then commits what was handled.
+    pub async fn run<H: Handler>(self, handler: H, stop: CancellationToken) {
+        loop {
+            let message = tokio::select! {
+                () = stop.cancelled() => break,
+                m = self.consumer.recv() => m,
+            };
+            let message = match message {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka: consume error");
+                    if sleep_or_stop(Duration::from_millis(500), &stop).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            if !self.process(&handler, &message, &stop).await {
+                break;
+            }
+            if let Err(e) = self.consumer.commit_message(&message, CommitMode::Async) {
+                tracing::warn!(error = %e, "kafka: offset commit failed (the record may be redelivered, which is harmless)");
+            }
+        }
+        if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
+            tracing::debug!(error = %e, "kafka: final commit");
+        }
+    }
+
+    /// Handles one record until it is applied, a duplicate, or in the DLQ. False when the
+    /// process is stopping before that (the record is then redelivered later).
+    async fn process<H: Handler>(
+        &self,
+        handler: &H,
+        message: &BorrowedMessage<'_>,
+        stop: &CancellationToken,
+    ) -> bool {
+        let topic = message.topic();
+        let content_type = message
+            .headers()
+            .and_then(|h| {
+                h.iter()
+                    .find(|h| h.key.eq_ignore_ascii_case("content-type"))
+            })
+            .and_then(|h| h.value);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let content_type = match proto::ContentType::from_header(content_type) {
+                Ok(c) => c,
+                Err(e) => {
+                    return self
+                        .to_dlq(message, &format!("bad content-type: {e}"), stop)
+                        .await;
+                }
+            };
+            let record = Record {
+                topic,
+                payload: message.payload().unwrap_or_default(),
+                content_type,
+            };
+            let outcome = async {
+                let mut tx = self.pool.begin().await?;
+                let handled = handler.handle(&mut tx, &record).await?;
+                match handled {
+                    Handled::Applied => tx.commit().await?,
+                    Handled::Duplicate => tx.rollback().await?,
+                }
+                Ok::<_, HandleError>(handled)
+            }
+            .await;
+            match outcome {
+                Ok(handled) => {
+                    let outcome = match handled {
+                        Handled::Applied => "applied",
+                        Handled::Duplicate => "duplicate",
+                    };
+                    self.metrics
+                        .consumed
+                        .with_label_values(&[topic, outcome])
+                        .inc();
+                    return true;
+                }
+                Err(HandleError::Poison(reason)) => {
+                    return self.to_dlq(message, &reason, stop).await;
+                }
+                Err(HandleError::Transient(e)) => {
+                    self.metrics
+                        .consumed
+                        .with_label_values(&[topic, "retry"])
+                        .inc();
+                    tracing::warn!(topic, error = %e, retry_in = ?backoff, "kafka: record not handled; retrying");
+                    if sleep_or_stop(backoff, stop).await {
+                        return false;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Copies the record to `<topic>.dlq` (retrying until Kafka takes it).
+    async fn to_dlq(
+        &self,
+        message: &BorrowedMessage<'_>,
+        reason: &str,
+        stop: &CancellationToken,
+    ) -> bool {
+        let topic = message.topic();
+        let dlq = crate::topics::dlq(topic);
+        tracing::warn!(
+            topic,
+            partition = message.partition(),
+            offset = message.offset(),
+            reason,
+            "kafka: record to the DLQ"
+        );
+        let partition = message.partition().to_string();
+        let offset = message.offset().to_string();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let mut headers = OwnedHeaders::new();
+            if let Some(original) = message.headers() {
+                for h in original.iter() {
+                    headers = headers.insert(Header {
+                        key: h.key,
+                        value: h.value,
+                    });
+                }
+            }
+            let headers = headers
+                .insert(Header {
+                    key: "dlq-error",
+                    value: Some(reason.as_bytes()),
+                })
+                .insert(Header {
+                    key: "dlq-source-topic",
+                    value: Some(topic.as_bytes()),
+                })
+                .insert(Header {
+                    key: "dlq-source-partition",
+                    value: Some(partition.as_bytes()),
+                })
+                .insert(Header {
+                    key: "dlq-source-offset",
+                    value: Some(offset.as_bytes()),
+                });
+            let mut record = FutureRecord::to(&dlq).headers(headers);
+            if let Some(key) = message.key() {
+                record = record.key(key);
+            }
+            if let Some(payload) = message.payload() {
+                record = record.payload(payload);
+            }
+            match self.dlq.send(record, rdkafka::util::Timeout::Never).await {
+                Ok(_) => {
+                    self.metrics
+                        .consumed
+                        .with_label_values(&[topic, "dlq"])
+                        .inc();
+                    return true;
+                }
+                Err((e, _)) => {
+                    tracing::warn!(dlq, error = %e, "kafka: DLQ write failed; retrying (the partition waits)");
+                    if sleep_or_stop(backoff, stop).await {
+                        return false;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}

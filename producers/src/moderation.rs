@@ -1,0 +1,278 @@
+//! The moderation service: `POST /reports` writes the report and a `ModerationTask` (keyed by
+//! report id) in one transaction; workers — every moderation process, one consumer group —
+//! share `moderation.tasks`, each task decided by one of them with the word-list rule, and
+//! emit `moderation.results`, which the hub delivers to the reporter (and to the target's owner
+//! when it was removed).
+
+use async_trait::async_trait;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRef, Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use proto::moderation::v1::{Decision, ModerationResult, ModerationTask, TargetType};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sqlx::{PgConnection, PgPool, Row};
+use uuid::Uuid;
+
+use crate::auth::{User, Verifier};
+use crate::consumer::{HandleError, Handled, Handler, Record};
+use crate::http::{ApiError, body};
+use crate::service::Builder;
+use crate::topics;
+
+/// Adds the report API and a worker to `builder`.
+pub async fn build(builder: Builder) -> anyhow::Result<Builder> {
+    let ctx = builder.context().clone();
+    let state = ApiState {
+        pool: ctx.pool.clone(),
+        verifier: Verifier::hs256(ctx.settings.jwt_secret.as_deref().unwrap_or_default()),
+        topic: ctx.settings.topic(topics::MODERATION_TASKS),
+    };
+    let worker = Worker {
+        rule: Rule::new(&ctx.settings.blocked_words),
+        topic: ctx.settings.topic(topics::MODERATION_RESULTS),
+        name: ctx
+            .settings
+            .worker_id
+            .clone()
+            .unwrap_or_else(|| format!("{}-{:04x}", std::process::id(), rand::random::<u16>())),
+    };
+    builder
+        .api(router(state))
+        .consume(&[topics::MODERATION_TASKS], worker)
+}
+
+/// State of the REST handlers.
+#[derive(Clone)]
+pub struct ApiState {
+    pool: PgPool,
+    verifier: Verifier,
+    topic: String,
+}
+
+impl FromRef<ApiState> for Verifier {
+    fn from_ref(state: &ApiState) -> Verifier {
+        state.verifier.clone()
+    }
+}
+
+/// The REST routes.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/reports", post(create))
+        .route("/reports/{id}", get(fetch))
+        .with_state(state)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewReport {
+    target_type: String,
+    target_id: String,
+    target_owner_id: String,
+    reason: String,
+}
+
+fn required(field: &str, value: &str, max: usize) -> Result<String, ApiError> {
+    let v = value.trim();
+    if v.is_empty() || v.len() > max {
+        return Err(ApiError::BadRequest(format!(
+            "{field}: required, at most {max} bytes"
+        )));
+    }
+    Ok(v.to_owned())
+}
+
+async fn create(
+    State(state): State<ApiState>,
+    User(reporter): User,
+    report: Result<Json<NewReport>, JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let report = body(report)?;
+    let target_type = match report.target_type.as_str() {
+        "ad" => TargetType::Ad,
+        "user" => TargetType::User,
+        _ => {
+            return Err(ApiError::BadRequest(
+                "target_type: must be \"ad\" or \"user\"".into(),
+            ));
+        }
+    };
+    let target_id = required("target_id", &report.target_id, 128)?;
+    let owner = required("target_owner_id", &report.target_owner_id, 128)?;
+    let reason = required("reason", &report.reason, 1000)?;
+    let id = Uuid::now_v7();
+    let mut tx = state.pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO reports (id, reporter_id, target_type, target_id, target_owner_id, reason) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(id)
+    .bind(&reporter)
+    .bind(&report.target_type)
+    .bind(&target_id)
+    .bind(&owner)
+    .bind(&reason)
+    .execute(&mut *tx)
+    .await?;
+    let task = ModerationTask {
+        event_id: crate::event_id(),
+        report_id: id.to_string(),
+        reporter_id: reporter,
+        target_type: target_type.into(),
+        target_id,
+        target_owner_id: owner,
+        reason,
+        occurred_at: Some(crate::now()),
+    };
+    crate::outbox::enqueue(
+        &mut tx,
+        &state.topic,
+        &task.report_id,
+        &task.event_id,
+        proto::encode_protobuf(&task),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"report_id": task.report_id})),
+    ))
+}
+
+async fn fetch(
+    State(state): State<ApiState>,
+    User(user): User,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound("no such report"))?;
+    let row = sqlx::query(
+        "SELECT r.id, r.target_type, r.target_id, d.decision FROM reports r \
+         LEFT JOIN decisions d ON d.report_id = r.id::text WHERE r.id = $1 AND r.reporter_id = $2",
+    )
+    .bind(id)
+    .bind(&user)
+    .fetch_optional(&state.pool)
+    .await?
+    .ok_or(ApiError::NotFound("no such report"))?;
+    Ok(Json(json!({
+        "report_id": row.try_get::<Uuid, _>("id")?.to_string(),
+        "target_type": row.try_get::<String, _>("target_type")?,
+        "target_id": row.try_get::<String, _>("target_id")?,
+        "decision": row.try_get::<Option<String>, _>("decision")?.unwrap_or_else(|| "PENDING".to_owned()),
+    })))
+}
+
+/// The decision rule: a reason containing a blocked word (whole word, any case) removes the
+/// target; anything else is dismissed.
+pub struct Rule {
+    words: Vec<String>,
+}
+
+impl Rule {
+    /// A rule over `words`.
+    pub fn new(words: &[String]) -> Self {
+        Rule {
+            words: words.iter().map(|w| w.to_lowercase()).collect(),
+        }
+    }
+
+    /// The decision and the rule that made it.
+    pub fn decide(&self, reason: &str) -> (Decision, String) {
+        let lower = reason.to_lowercase();
+        let hit = lower
+            .split(|c: char| !c.is_alphanumeric())
+            .find(|w| self.words.iter().any(|b| b == w));
+        match hit {
+            Some(word) => (Decision::Removed, format!("blocked word: {word}")),
+            None => (Decision::Dismissed, "no rule matched".to_owned()),
+        }
+    }
+}
+
+struct Worker {
+    rule: Rule,
+    topic: String,
+    name: String,
+}
+
+const CONSUMER: &str = "moderation-worker";
+
+#[async_trait]
+impl Handler for Worker {
+    async fn handle(
+        &self,
+        tx: &mut PgConnection,
+        record: &Record<'_>,
+    ) -> Result<Handled, HandleError> {
+        let task: ModerationTask = record.decode()?;
+        if task.event_id.is_empty() || task.report_id.is_empty() || task.reporter_id.is_empty() {
+            return Err(HandleError::Poison(
+                "event_id, report_id and reporter_id are required".into(),
+            ));
+        }
+        if !crate::db::claim(tx, CONSUMER, &task.event_id).await? {
+            return Ok(Handled::Duplicate);
+        }
+        let (decision, rule) = self.rule.decide(&task.reason);
+        let first = sqlx::query(
+            "INSERT INTO decisions (report_id, decision, rule, worker) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (report_id) DO NOTHING",
+        )
+        .bind(&task.report_id)
+        .bind(decision.short_name())
+        .bind(&rule)
+        .bind(&self.name)
+        .execute(&mut *tx)
+        .await?;
+        if first.rows_affected() == 0 {
+            tracing::warn!(
+                report_id = task.report_id,
+                "report already decided; ignored"
+            );
+            return Ok(Handled::Applied);
+        }
+        let result = ModerationResult {
+            event_id: crate::event_id(),
+            report_id: task.report_id.clone(),
+            reporter_id: task.reporter_id,
+            target_type: task.target_type,
+            target_id: task.target_id,
+            target_owner_id: task.target_owner_id,
+            decision: decision.into(),
+            reason: rule,
+            occurred_at: Some(crate::now()),
+        };
+        crate::outbox::enqueue(
+            tx,
+            &self.topic,
+            &result.report_id,
+            &result.event_id,
+            proto::encode_protobuf(&result),
+        )
+        .await?;
+        tracing::info!(
+            report_id = result.report_id,
+            decision = decision.short_name(),
+            worker = self.name,
+            "moderation decision"
+        );
+        Ok(Handled::Applied)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_word_list_decides_on_whole_words_in_any_case() {
+        let rule = Rule::new(&["scam".to_owned(), "Spam".to_owned()]);
+        assert_eq!(rule.decide("This ad is a SCAM!").0, Decision::Removed);
+        assert_eq!(rule.decide("spam, spam").1, "blocked word: spam");
+        assert_eq!(rule.decide("scampi is tasty").0, Decision::Dismissed);
+        assert_eq!(rule.decide("rude seller").1, "no rule matched");
+    }
+}

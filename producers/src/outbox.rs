@@ -1,0 +1,243 @@
+//! The transactional outbox. [`enqueue`] writes an event in the caller's transaction, so the
+//! event exists exactly when the state change it announces was committed. The [`Relay`]
+//! publishes waiting events to Kafka and deletes them.
+//!
+//! Order: only the oldest waiting row of each key is eligible (`min(id) GROUP BY key`), locked
+//! with `FOR UPDATE SKIP LOCKED`. Several relays (one per process) therefore never publish two
+//! rows of one key at once, and a key's next row is published only after the previous one was
+//! acknowledged: each order's events reach its partition in the order they were written.
+//!
+//! Delivery: at least once. The producer is idempotent with `acks=all`; a row is deleted in the
+//! same transaction that locked it, after Kafka acknowledged it. A crash between the
+//! acknowledgement and the commit publishes the row again with the same `event_id`, which every
+//! consumer (and the hub) deduplicates. While Kafka is unreachable rows simply wait.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sqlx::postgres::PgListener;
+use sqlx::{PgConnection, PgPool, Row};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::metrics::Metrics;
+
+/// PostgreSQL channel the relay listens on; a transaction that enqueues notifies it.
+const CHANNEL: &str = "outbox";
+
+/// Writes `payload` for `topic` under `key`, in the caller's transaction.
+pub async fn enqueue(
+    conn: &mut PgConnection,
+    topic: &str,
+    key: &str,
+    event_id: &str,
+    payload: Vec<u8>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO outbox (topic, key, event_id, payload) VALUES ($1, $2, $3, $4)")
+        .bind(topic)
+        .bind(key)
+        .bind(event_id)
+        .bind(payload)
+        .execute(&mut *conn)
+        .await?;
+    // Delivered at commit (and coalesced within the transaction): wakes the relay at once.
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(CHANNEL)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// An idempotent producer with `acks=all`, shared by the relay and the DLQ writer.
+pub fn producer(settings: &Settings, client_id: &str) -> anyhow::Result<FutureProducer> {
+    let timeout_ms = settings.kafka_timeout.as_millis().to_string();
+    let producer = ClientConfig::new()
+        .set("bootstrap.servers", settings.kafka_brokers())
+        .set("client.id", client_id)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "1")
+        .set("message.timeout.ms", &timeout_ms)
+        .set("socket.nagle.disable", "true")
+        .create()?;
+    Ok(producer)
+}
+
+/// Publishes the outbox of one database.
+pub struct Relay {
+    pool: PgPool,
+    producer: FutureProducer,
+    batch: i64,
+    poll: Duration,
+    metrics: Metrics,
+}
+
+struct Waiting {
+    id: i64,
+    topic: String,
+    key: String,
+    event_id: String,
+    payload: Vec<u8>,
+}
+
+impl Relay {
+    /// A relay for the outbox in `pool`.
+    pub fn new(
+        pool: PgPool,
+        producer: FutureProducer,
+        settings: &Settings,
+        metrics: Metrics,
+    ) -> Self {
+        Relay {
+            pool,
+            producer,
+            batch: i64::from(settings.outbox_batch),
+            poll: settings.outbox_poll,
+            metrics,
+        }
+    }
+
+    /// Publishes until `stop` is cancelled; errors are logged and retried with backoff.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut listener = self.listen().await;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            match self.publish_batch().await {
+                Ok(Batch {
+                    published,
+                    failed: 0,
+                }) if published > 0 => {
+                    backoff = Duration::from_millis(100);
+                    continue;
+                }
+                Ok(Batch { failed: 0, .. }) => backoff = Duration::from_millis(100),
+                Ok(Batch { failed, .. }) => {
+                    tracing::warn!(failed, retry_in = ?backoff, "outbox: events not published; retrying");
+                    if sleep_or_stop(backoff, &stop).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "outbox: database error; retrying");
+                    listener = None;
+                    if sleep_or_stop(backoff, &stop).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    if listener.is_none() {
+                        listener = self.listen().await;
+                    }
+                    continue;
+                }
+            }
+            // Nothing waiting: sleep until a transaction notifies, the poll interval passes
+            // (a missed notification costs at most that), or the process stops.
+            let notified = async {
+                match listener.as_mut() {
+                    Some(l) => l.try_recv().await.map(|_| ()).map_err(|_| ()),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(self.poll) => {}
+                r = notified => if r.is_err() { listener = None; },
+            }
+            if listener.is_none() {
+                listener = self.listen().await;
+            }
+        }
+    }
+
+    async fn listen(&self) -> Option<PgListener> {
+        let mut listener = PgListener::connect_with(&self.pool).await.ok()?;
+        listener.listen(CHANNEL).await.ok()?;
+        Some(listener)
+    }
+
+    /// One transaction: lock the head row of each key, publish them, delete what Kafka
+    /// acknowledged, commit.
+    async fn publish_batch(&self) -> Result<Batch, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "SELECT id, topic, key, event_id, payload FROM outbox \
+             WHERE id IN (SELECT min(id) FROM outbox GROUP BY key) \
+             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(self.batch)
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            return Ok(Batch::default());
+        }
+        let waiting = rows
+            .iter()
+            .map(|r| {
+                Ok(Waiting {
+                    id: r.try_get("id")?,
+                    topic: r.try_get("topic")?,
+                    key: r.try_get("key")?,
+                    event_id: r.try_get("event_id")?,
+                    payload: r.try_get("payload")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        let sends = waiting.iter().map(|w| {
+            let headers = OwnedHeaders::new().insert(Header {
+                key: "event-id",
+                value: Some(w.event_id.as_bytes()),
+            });
+            let record = FutureRecord::to(&w.topic)
+                .key(&w.key)
+                .payload(&w.payload)
+                .headers(headers);
+            // The producer's own message timeout bounds the wait.
+            self.producer.send(record, rdkafka::util::Timeout::Never)
+        });
+        let results = join_all(sends).await;
+        let mut done = Vec::with_capacity(waiting.len());
+        let mut failed = 0;
+        for (w, result) in waiting.iter().zip(results) {
+            match result {
+                Ok(_) => done.push(w.id),
+                Err((e, _)) => {
+                    failed += 1;
+                    tracing::debug!(topic = %w.topic, event_id = %w.event_id, error = %e, "outbox: publish failed");
+                }
+            }
+        }
+        sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+            .bind(&done)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        self.metrics.outbox_published.inc_by(done.len() as u64);
+        self.metrics.outbox_failures.inc_by(failed as u64);
+        Ok(Batch {
+            published: done.len(),
+            failed,
+        })
+    }
+}
+
+#[derive(Default)]
+struct Batch {
+    published: usize,
+    failed: usize,
+}
+
+/// Sleeps for `d`; true when `stop` was cancelled first.
+pub async fn sleep_or_stop(d: Duration, stop: &CancellationToken) -> bool {
+    tokio::select! {
+        () = stop.cancelled() => true,
+        () = tokio::time::sleep(d) => false,
+    }
+}

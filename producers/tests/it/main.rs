@@ -1,0 +1,1 @@
+//! Integration tests of the producer services (filled in below).
