@@ -102,6 +102,10 @@ impl Consumer {
             // Low latency on a quiet topic: do not wait to fill a fetch.
             .set("fetch.wait.max.ms", "10")
             .set("socket.nagle.disable", "true")
+            // A member killed without leaving is noticed within 6 s (the broker's minimum), so
+            // a restarted or surviving instance takes its partitions over quickly.
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "1000")
             .create()?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&names)?;

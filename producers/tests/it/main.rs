@@ -1,1 +1,9 @@
-//! Integration tests of the producer services (filled in below).
+//! Integration tests of the producer services on real PostgreSQL and Kafka, with a real hub
+//! and real WebSocket / SSE clients (and, in `browser`, headless Chromium).
+
+mod browser;
+mod consumers;
+mod helpers;
+mod moderation;
+mod outbox;
+mod saga;
