@@ -772,10 +772,10 @@ impl Inbox {
                     .expect("WS connect");
                 tokio::spawn(async move {
                     while let Some(Ok(m)) = ws.next().await {
-                        if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
-                            if let Ok(v) = serde_json::from_str::<Value>(&t) {
-                                sink.lock().push(v);
-                            }
+                        if let tokio_tungstenite::tungstenite::Message::Text(t) = m
+                            && let Ok(v) = serde_json::from_str::<Value>(&t)
+                        {
+                            sink.lock().push(v);
                         }
                     }
                 })
@@ -791,10 +791,10 @@ impl Inbox {
                         while let Some(end) = buf.find("\n\n") {
                             let event: String = buf.drain(..end + 2).collect();
                             for line in event.lines() {
-                                if let Some(data) = line.strip_prefix("data: ") {
-                                    if let Ok(v) = serde_json::from_str::<Value>(data) {
-                                        sink.lock().push(v);
-                                    }
+                                if let Some(data) = line.strip_prefix("data: ")
+                                    && let Ok(v) = serde_json::from_str::<Value>(data)
+                                {
+                                    sink.lock().push(v);
                                 }
                             }
                         }
