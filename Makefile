@@ -2,22 +2,26 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-# Local Redis port (infra/local/redis.sh reads it) and the URL the integration tests use.
+# Local ports (infra/local/*.sh read them) and the URLs the integration tests use.
 export LOCAL_REDIS_PORT ?= 6379
+export LOCAL_PG_PORT ?= 5432
 HUB_TEST_REDIS_URL ?= redis://127.0.0.1:$(LOCAL_REDIS_PORT)
+PRODUCERS_TEST_DATABASE_URL ?= postgres://notify:notify@127.0.0.1:$(LOCAL_PG_PORT)/postgres
 
-.PHONY: test deps fmt-check clippy k6-check demo stop build-release infra-up infra-down
+.PHONY: test deps fmt-check clippy k6-check browser-deps demo stop build-release infra-up infra-down
 
-## test: install what is missing, then format check, lints, and every test against a local
-## Redis and Kafka. Stops afterwards only what this run started (also when tests fail); services already
-## running, e.g. from `make infra-up`, are left running. Exits non-zero on any failure.
-test: deps fmt-check clippy k6-check
+## test: install what is missing, then format check, lints, and every test (Rust unit and
+## integration, the browser test in headless Chromium) against a local Redis, Kafka and
+## PostgreSQL. Stops afterwards only what this run started (also when tests fail); services
+## already running, e.g. from `make infra-up`, are left running. Exits non-zero on any failure.
+test: deps fmt-check clippy k6-check browser-deps
 	@rec=$$(mktemp); \
 	trap 'infra/local/infra.sh down --record "$$rec"' EXIT; \
 	trap 'exit 130' INT; trap 'exit 143' TERM; \
-	infra/local/infra.sh up --only redis,kafka --record "$$rec" && \
-	echo "HUB_TEST_REDIS_URL=$(HUB_TEST_REDIS_URL) $(CARGO) test --workspace --all-targets" && \
-	HUB_TEST_REDIS_URL=$(HUB_TEST_REDIS_URL) $(CARGO) test --workspace --all-targets
+	infra/local/infra.sh up --only redis,kafka,postgres --record "$$rec" && \
+	echo "HUB_TEST_REDIS_URL=$(HUB_TEST_REDIS_URL) PRODUCERS_TEST_DATABASE_URL=$(PRODUCERS_TEST_DATABASE_URL) $(CARGO) test --workspace --all-targets" && \
+	HUB_TEST_REDIS_URL=$(HUB_TEST_REDIS_URL) PRODUCERS_TEST_DATABASE_URL=$(PRODUCERS_TEST_DATABASE_URL) \
+	  $(CARGO) test --workspace --all-targets
 
 deps:
 	@infra/local/deps.sh
@@ -33,22 +37,28 @@ k6-check:
 	@command -v npm >/dev/null || { echo "k6-check: npm not found; install Node.js 18+ with npm (e.g. apt-get install nodejs npm) and retry" >&2; exit 1; }
 	cd loadtest/k6 && npm ci --no-audit --no-fund && npx --no-install tsc -p .
 
-build-release:
-	$(CARGO) build --release -p hub -p loadtest
+## browser-deps: playwright-core for the browser test (web-demo/tests; it drives Debian's chromium).
+browser-deps:
+	@command -v npm >/dev/null || { echo "browser-deps: npm not found; install Node.js 18+ with npm and retry" >&2; exit 1; }
+	cd web-demo/tests && npm ci --no-audit --no-fund
 
-## infra-up / infra-down: start / stop the local Redis and Kafka (PostgreSQL to come); idempotent.
+build-release:
+	$(CARGO) build --release -p hub -p loadtest -p producers
+
+## infra-up / infra-down: start / stop the local Redis, Kafka and PostgreSQL; idempotent.
 infra-up:
 	@infra/local/infra.sh up
 
 infra-down:
 	@infra/local/infra.sh down
 
-## demo: start Redis and two hub nodes in dev mode in the background; print the URL and a token.
+## demo: start Redis, Kafka, PostgreSQL, two hub nodes (dev mode), the order, payment, delivery and
+## moderation services in the background; wait until all are ready; print the URL and a token.
 demo: deps build-release
 	@infra/local/infra.sh up
 	@infra/local/demo.sh start
 
-## stop: stop everything `make demo` or `make infra-up` started (the hub first, then the infrastructure).
+## stop: stop everything `make demo` or `make infra-up` started (hub and services first, then the infrastructure).
 stop:
 	@infra/local/demo.sh stop
 	@infra/local/infra.sh down

@@ -1,47 +1,82 @@
 #!/usr/bin/env bash
-# Starts / stops the local demo: two hub nodes in dev mode sharing the local Redis
-# (node A 127.0.0.1:8080, which also serves the page, and node B 127.0.0.1:8082), in the
-# background. Credentials are written to .run/demo.env (git-ignored) so scripts can mint
-# tokens (`hub token`) and publish. `make demo` starts Redis first (infra/local/infra.sh up).
+# Starts / stops the local demo in the background (`make demo` / `make stop`):
+#   hub node A   127.0.0.1:8080  dev mode, Kafka ingest, serves the page at /
+#   hub node B   127.0.0.1:8082  dev mode
+#   order        127.0.0.1:8081  REST orders; consumes payment.completed, delivery.status.updated
+#   moderation   127.0.0.1:8083  REST reports; moderation worker
+#   payment      127.0.0.1:8084  (health and metrics only)
+#   delivery     127.0.0.1:8085  (health and metrics only)
+# on the local Redis, Kafka and PostgreSQL that `make demo` starts first (infra/local/infra.sh).
+# Each service gets its own database (created and migrated at start). The hub's signing secret
+# and API key are written to .run/demo.env (git-ignored); the services verify the same tokens.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUN=.run
 mkdir -p "$RUN"
-HUB=target/release/hub
+BIN=target/release
+PG=infra/local/postgres.sh
+KAFKA=127.0.0.1:${LOCAL_KAFKA_PORT:-9092}
+REDIS=redis://127.0.0.1:${LOCAL_REDIS_PORT:-6379}
+ORIGINS=http://127.0.0.1:8080,http://localhost:8080
 
-NODES=("a:8080" "b:8082")
+# name:port, in start order (stopped in reverse).
+PROCS=("hub-a:8080" "hub-b:8082" "order:8081" "payment:8084" "delivery:8085" "moderation:8083")
 
-start_node() {
-  local name=$1 port=$2
-  if [[ -f $RUN/hub-$name.pid ]] && kill -0 "$(cat "$RUN/hub-$name.pid")" 2>/dev/null; then
-    echo "demo: node $name already running (pid $(cat "$RUN/hub-$name.pid"))"
+# Topics and their partition counts (every one also gets a .dlq with the same count).
+TOPICS=(order.created payment.completed delivery.status.updated order.status.changed moderation.tasks moderation.results)
+PARTITIONS=3
+
+running() { [[ -f $RUN/$1.pid ]] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
+
+launch() {
+  local name=$1; shift
+  if running "$name"; then
+    echo "demo: $name already running (pid $(cat "$RUN/$name.pid"))"
     return
   fi
-  # Node A also runs Kafka ingest (the built-in routes), so events produced to
-  # order.status.changed and moderation.results reach the users on either node.
-  local kafka=()
-  [[ $name == a ]] && kafka=(HUB_KAFKA_BROKERS=127.0.0.1:${LOCAL_KAFKA_PORT:-9092})
-  env "${kafka[@]}" HUB_ADDR=127.0.0.1:$port HUB_REDIS_URL=redis://127.0.0.1:${LOCAL_REDIS_PORT:-6379} \
-    HUB_LOG=info nohup "$HUB" serve --dev > "$RUN/hub-$name.log" 2>&1 &
-  echo $! > "$RUN/hub-$name.pid"
+  env "$@" > "$RUN/$name.log" 2>&1 &
+  echo $! > "$RUN/$name.pid"
+}
+
+start_proc() {
+  local name=$1 port=$2
+  case $name in
+    hub-a) launch "$name" HUB_KAFKA_BROKERS="$KAFKA" HUB_ADDR=127.0.0.1:$port HUB_REDIS_URL="$REDIS" \
+             HUB_LOG=info nohup "$BIN/hub" serve --dev ;;
+    hub-b) launch "$name" HUB_ADDR=127.0.0.1:$port HUB_REDIS_URL="$REDIS" HUB_LOG=info nohup "$BIN/hub" serve --dev ;;
+    order) launch "$name" ORDER_ADDR=127.0.0.1:$port ORDER_DATABASE_URL="$($PG url orders)" \
+             ORDER_KAFKA_BROKERS="$KAFKA" ORDER_JWT_SECRET="$HUB_JWT_SECRET" ORDER_ALLOWED_ORIGINS="$ORIGINS" \
+             nohup "$BIN/order-service" ;;
+    payment) launch "$name" PAYMENT_ADDR=127.0.0.1:$port PAYMENT_DATABASE_URL="$($PG url payments)" \
+               PAYMENT_KAFKA_BROKERS="$KAFKA" nohup "$BIN/payment-service" ;;
+    delivery) launch "$name" DELIVERY_ADDR=127.0.0.1:$port DELIVERY_DATABASE_URL="$($PG url deliveries)" \
+                DELIVERY_KAFKA_BROKERS="$KAFKA" DELIVERY_STEP_INTERVAL="${DEMO_STEP_INTERVAL:-2s}" \
+                nohup "$BIN/delivery-service" ;;
+    moderation) launch "$name" MODERATION_ADDR=127.0.0.1:$port MODERATION_DATABASE_URL="$($PG url moderation)" \
+                  MODERATION_KAFKA_BROKERS="$KAFKA" MODERATION_JWT_SECRET="$HUB_JWT_SECRET" \
+                  MODERATION_ALLOWED_ORIGINS="$ORIGINS" nohup "$BIN/moderation-service" ;;
+  esac
 }
 
 wait_ready() {
   local name=$1 port=$2
-  for _ in $(seq 1 100); do
+  for _ in $(seq 1 300); do
     if curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1; then return 0; fi
-    if ! kill -0 "$(cat "$RUN/hub-$name.pid")" 2>/dev/null; then
-      echo "demo: node $name exited; see $RUN/hub-$name.log:" >&2
-      tail -5 "$RUN/hub-$name.log" >&2
+    if ! running "$name"; then
+      echo "demo: $name exited; see $RUN/$name.log:" >&2
+      tail -5 "$RUN/$name.log" >&2
       exit 1
     fi
     sleep 0.1
   done
-  echo "demo: node $name not ready on port $port; see $RUN/hub-$name.log" >&2
+  echo "demo: $name not ready on port $port within 30 s; see $RUN/$name.log" >&2
   exit 1
 }
 
 start() {
+  for b in hub order-service payment-service delivery-service moderation-service; do
+    [[ -x $BIN/$b ]] || { echo "demo: $BIN/$b missing; run make build-release (make demo does)" >&2; exit 1; }
+  done
   if [[ ! -f $RUN/demo.env ]]; then
     {
       echo "HUB_JWT_SECRET=$(openssl rand -hex 32)"
@@ -49,46 +84,53 @@ start() {
     } > "$RUN/demo.env"
   fi
   set -a; source "$RUN/demo.env"; set +a
-  for topic in order.status.changed moderation.results; do
-    infra/local/kafka.sh topics-create "$topic" 3 >/dev/null
-    infra/local/kafka.sh topics-create "$topic.dlq" 3 >/dev/null
+  for db in orders payments deliveries moderation; do "$PG" createdb "$db" >/dev/null; done
+  for topic in "${TOPICS[@]}"; do
+    infra/local/kafka.sh topics-create "$topic" "$PARTITIONS" >/dev/null
+    infra/local/kafka.sh topics-create "$topic.dlq" "$PARTITIONS" >/dev/null
   done
-  for node in "${NODES[@]}"; do start_node "${node%%:*}" "${node##*:}"; done
-  for node in "${NODES[@]}"; do wait_ready "${node%%:*}" "${node##*:}"; done
-  token=$("$HUB" token --sub alice --ttl 1h)
+  for p in "${PROCS[@]}"; do start_proc "${p%%:*}" "${p##*:}"; done
+  for p in "${PROCS[@]}"; do wait_ready "${p%%:*}" "${p##*:}"; done
+  token=$("$BIN/hub" token --sub alice --ttl 1h)
   cat <<MSG
 
-  The hub is running: two nodes on Redis (dev mode).   Open:   http://127.0.0.1:8080/
+  The demo is running: two hub nodes on Redis, the order, payment, delivery and moderation
+  services on PostgreSQL and Kafka (${#TOPICS[@]} topics × $PARTITIONS partitions, each with a .dlq).
+
+  Open:  http://127.0.0.1:8080/
+         Sign in (alice, or "broke" who cannot pay), place an order, watch it travel.
 
   A token for user "alice":  $token
 
+  Place an order:    curl -H "Authorization: Bearer $token" -H 'content-type: application/json' \\
+                       -d '{"items":[{"product_id":"p1","quantity":2,"price_cents":14999}],"delivery_address":"1 Main St"}' \\
+                       http://127.0.0.1:8081/orders
   Listen on node B:  curl -N "http://127.0.0.1:8082/sse?token=$token"
   Publish on node A: curl -H "Authorization: Bearer \$HUB_API_KEY" \\
                        -d '{"user_id":"alice","type":"promo","data":{"text":"hello"}}' \\
                        http://127.0.0.1:8080/api/publish
                      (HUB_API_KEY and HUB_JWT_SECRET are in .run/demo.env)
-  Or through Kafka:  echo 'o-1:{"eventId":"e-1","orderId":"o-1","userId":"alice","status":"ORDER_STATUS_PAID","previousStatus":"ORDER_STATUS_CREATED"}' |
-                       kcat -P -b 127.0.0.1:9092 -t order.status.changed -H content-type=application/json -K:
+  Logs:              .run/<name>.log (hub-a, hub-b, order, payment, delivery, moderation)
   Stop:              make stop
 
 MSG
 }
 
 stop() {
-  local any=0
-  for node in "${NODES[@]}"; do
-    local name=${node%%:*}
-    [[ -f $RUN/hub-$name.pid ]] || continue
+  local any=0 i name pid
+  for ((i = ${#PROCS[@]} - 1; i >= 0; i--)); do
+    name=${PROCS[i]%%:*}
+    [[ -f $RUN/$name.pid ]] || continue
     any=1
-    pid=$(cat "$RUN/hub-$name.pid")
+    pid=$(cat "$RUN/$name.pid")
     if kill -0 "$pid" 2>/dev/null; then
       kill -TERM "$pid"
       for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
       kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" || true
     fi
-    rm -f "$RUN/hub-$name.pid"
+    rm -f "$RUN/$name.pid"
   done
-  if ((any)); then echo "demo: hub nodes stopped"; else echo "demo: no hub node running"; fi
+  if ((any)); then echo "demo: hub nodes and services stopped"; else echo "demo: nothing running"; fi
 }
 
 case "${1:-}" in

@@ -8,6 +8,14 @@ command -v curl >/dev/null || need_apt+=(curl)
 command -v cc >/dev/null || need_apt+=(build-essential)
 # kcat: the independent JSON producer of the Kafka ingest tests (and handy by hand).
 command -v kcat >/dev/null || need_apt+=(kcat)
+# The browser test: headless Chromium (Debian's package, /usr/bin/chromium) and a font, so
+# that screenshots render text.
+command -v chromium >/dev/null || need_apt+=(chromium)
+dpkg-query -W -f='${Status}' fonts-dejavu-core 2>/dev/null | grep -q 'ok installed' || need_apt+=(fonts-dejavu-core)
+# node + npm: the k6 scripts' type check (`make k6-check`).
+command -v npm >/dev/null || need_apt+=(nodejs npm)
+# PostgreSQL is not installed here but by infra/local/postgres.sh start (one place), which keeps
+# the package from creating and starting a cluster of its own.
 
 if ((${#need_apt[@]})); then
   echo "deps: installing ${need_apt[*]}"

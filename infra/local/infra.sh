@@ -9,20 +9,23 @@
 #
 # --only takes a comma-separated subset of SERVICES (e.g. `--only redis`); INFRA_ONLY in the
 # environment does the same when --only is not given. `make test` starts only what the tests
-# need (`--only redis,kafka`); `make infra-up` starts everything.
+# need (its `--only` list); `make infra-up` starts everything.
 # With --record, `up` writes to FILE the services it actually started (not those already
 # running), and `down` stops only the services listed in FILE, then removes FILE. `make test`
 # uses this so it stops what it started and leaves running what `make infra-up` had started.
 #
 # Each service is a script infra/local/<name>.sh with start|stop|status that honours
-# INFRA_RECORD (see redis.sh). Add PostgreSQL here, in start order.
+# INFRA_RECORD (see redis.sh): redis.sh (127.0.0.1:LOCAL_REDIS_PORT, 6379), kafka.sh
+# (127.0.0.1:LOCAL_KAFKA_PORT, 9092) and postgres.sh (127.0.0.1:LOCAL_PG_PORT, 5432; role and
+# password notify/notify; `postgres.sh url DB` prints a database's URL, `postgres.sh createdb
+# DB` creates it). SERVICES is the start order; `down` stops in reverse order.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 
 SERVICES=(
   redis
   kafka
-  # postgres
+  postgres
 )
 
 cmd=${1:-}

@@ -17,7 +17,7 @@
 #                                              org.apache.kafka.tools.ConsoleProducer
 #
 # The port is --port, else LOCAL_KAFKA_PORT, else 9092; the controller listens on the next port
-# (HUB_KAFKA_CONTROLLER_PORT or --controller-port to change). Both bind 127.0.0.1 only.
+# (LOCAL_KAFKA_CONTROLLER_PORT or --controller-port to change). Both bind 127.0.0.1 only.
 # Our broker keeps its config, pid file, logs and data under .run/kafka/ (git-ignored):
 #   classpath.txt            runtime classpath, re-resolved when infra/kafka/pom.xml changes
 #   server-PORT.properties   broker config, rewritten at each start
@@ -40,7 +40,7 @@ CPKEY=$DIR/classpath.key
 RESOLVE_LOG=$DIR/resolve.log
 TOOLS_LOG4J=$DIR/tools-log4j2.properties
 CLIENT_CONF=$DIR/tools-client.properties
-START_SECONDS=${HUB_KAFKA_START_TIMEOUT:-60} # bound for start (after the jars are resolved)
+START_SECONDS=${LOCAL_KAFKA_START_TIMEOUT:-60} # bound for start (after the jars are resolved)
 STOP_SECONDS=30                              # SIGTERM, then SIGKILL after this
 
 say() { echo "kafka: $*"; }
@@ -54,7 +54,7 @@ usage() {
 cmd=${1:-}
 shift || true
 PORT=${LOCAL_KAFKA_PORT:-9092}
-CPORT=${HUB_KAFKA_CONTROLLER_PORT:-}
+CPORT=${LOCAL_KAFKA_CONTROLLER_PORT:-}
 args=()
 while (($#)); do
   case $1 in
