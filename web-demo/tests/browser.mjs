@@ -1,0 +1,374 @@
+// Browser test of the web demo: a real Chromium drives the page served by a hub node, against the
+// real order and moderation services, and checks the whole flow a person would follow.
+//
+//   cd web-demo/tests && npm ci
+//   DEMO_URL='http://127.0.0.1:8080/?orders=http://127.0.0.1:8081&moderation=http://127.0.0.1:8083' \
+//     node browser.mjs
+//
+// Environment:
+//   DEMO_URL    the page, with ?orders= / ?moderation= when the services are not on this host's
+//               ports 8081 / 8083 (default http://127.0.0.1:8080/); the hub must run with --dev
+//   CHROMIUM    the browser binary (default /usr/bin/chromium, Debian's package)
+//   OUT_DIR     where demo.png goes, and on failure failure.png (+ one per extra page),
+//               failure.json and console.txt (default <repo>/test-output/web-demo)
+//   DEMO_USER   the user signed in for this run (default a random one, so runs never share state)
+//   OWNER_USER  the owner of the reported ad, checked on a second page (default DEMO_USER-owner)
+//   TIMEOUT_MS  deadline of every single wait (default 30000)
+// Exit 0 with one summary line on stdout; exit 1 with the reason. Progress goes to stderr.
+//
+// Steps: (1) sign in, WebSocket, connected; (2) an order reaches DELIVERED with exactly CREATED,
+// PAID, IN_TRANSIT, OUT_FOR_DELIVERY, DELIVERED, each once; (3) over SSE, Disconnect once PAID
+// shows, Connect again (resume), same check; then over WebSocket "Simulate network drop" mid-flow
+// (the client resumes by itself), same check; (4) user `broke`: CREATED, PAYMENT_FAILED;
+// (5) a report whose reason says "scam": REMOVED for the reporter and, on the owner's page, for
+// the owner; a harmless reason: DISMISSED; (6) no status was ever received twice, no page error.
+//
+// DOM hooks of web-demo/index.html that this script relies on:
+//   #user                      text field: the user to sign in as (.pick[data-user] quick picks)
+//   #login                     sign in (dev login on the hub) and connect with the chosen transport
+//   #transport-ws, #transport-sse   radios; changing them while connected reconnects (resuming)
+//   #state                     text and data-state: connected | connecting | disconnected;
+//                              data-transport (ws|sse, while connected), data-connects (count of
+//                              hub.connected received), data-resumed (true|false, the last one)
+//   #connect, #disconnect      connect / close (the resume point is kept for the next connect)
+//   #drop                      drop the connection as a network failure would; resumes by itself
+//   #place-order               POST /orders with the default cart (#qty-p1.., #address)
+//   #order-note                outcome of the last order request (.error on failure)
+//   #orders[data-last-order-id]   id of the order the last #place-order created
+//   #orders .order[data-order-id=ID]   one card per order (data-current: the last status)
+//     ol.timeline li[data-status=S]    one row per status in arrival order; data-count counts
+//                                      every order.status received for (ID, S), duplicates too;
+//                                      data-replayed="true" when it was missed while disconnected
+//   #report-form: #report-target-type (ad|user), #report-target-id, #report-owner,
+//                 #report-reason, #submit-report; #report-note (.error on failure)
+//   #moderation-results[data-last-report-id]   id of the last accepted report
+//   #moderation-results li[data-report-id=R][data-role=reporter|owner]   data-decision:
+//                 PENDING (accepted, no result yet) | REMOVED | DISMISSED; data-count
+//   #log                       event log (newest first)
+
+import { chromium } from "playwright-core";
+import { mkdirSync, writeFileSync } from "node:fs";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { randomBytes } from "node:crypto";
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const DEMO_URL = process.env.DEMO_URL || "http://127.0.0.1:8080/";
+const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
+const OUT_DIR = path.resolve(process.env.OUT_DIR || path.join(here, "../../test-output/web-demo"));
+const DEMO_USER = process.env.DEMO_USER || `demo-${randomBytes(4).toString("hex")}`;
+const OWNER_USER = process.env.OWNER_USER || `${DEMO_USER}-owner`;
+const TIMEOUT = Number(process.env.TIMEOUT_MS || 30000);
+const FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+  "--disable-background-networking", "--disable-component-update", "--disable-sync"];
+
+const HAPPY = ["CREATED", "PAID", "IN_TRANSIT", "OUT_FOR_DELIVERY", "DELIVERED"];
+const FAILED = ["CREATED", "PAYMENT_FAILED"];
+const FINAL = ["DELIVERED", "PAYMENT_FAILED", "CANCELLED"];
+
+const started = Date.now();
+const pages = [];   // {name, page, context, console: [], errors: []}
+let current = null; // the page the current step acts on (its screenshot is failure.png)
+let step = "launch";
+const facts = [];
+
+const since = () => `${((Date.now() - started) / 1000).toFixed(1)}s`;
+const progress = (msg) => process.stderr.write(`[${since()}] ${msg}\n`);
+const fail = (msg) => { throw new Error(msg); };
+const sq = (s) => JSON.stringify(String(s)); // a quoted CSS attribute value
+
+// Waits until `fn(arg)`, evaluated in the page, returns something truthy; returns it.
+async function until(p, what, fn, arg) {
+  try {
+    const handle = await p.page.waitForFunction(fn, arg, { timeout: TIMEOUT, polling: 50 });
+    return await handle.jsonValue();
+  } catch (e) {
+    if (!/Timeout/i.test(e.message)) throw e;
+    fail(`timed out after ${TIMEOUT} ms on page "${p.name}" waiting for ${what}; page: ${await describe(p)}`);
+  }
+}
+
+// Waits for a condition checked from node (e.g. an HTTP call), polling every 100 ms.
+async function untilNode(what, fn) {
+  const deadline = Date.now() + TIMEOUT;
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() > deadline) fail(`timed out after ${TIMEOUT} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+async function describe(p) {
+  try {
+    return await p.page.evaluate(() => {
+      const st = document.querySelector("#state");
+      const orders = [...document.querySelectorAll("#orders .order")].map((o) =>
+        `${o.dataset.orderId}: ${[...o.querySelectorAll("li[data-status]")].map((l) => `${l.dataset.status}×${l.dataset.count}`).join(" ") || "(none)"}`);
+      const notes = ["#who", "#order-note", "#report-note"].map((s) => document.querySelector(s)?.textContent.trim()).filter(Boolean);
+      return `state=${st.dataset.state}/${st.dataset.transport || "-"} connects=${st.dataset.connects}; ` +
+        `orders [${orders.join("; ")}]; notes [${notes.join(" | ")}]`;
+    });
+  } catch (e) {
+    return `(cannot read the page: ${e.message})`;
+  }
+}
+
+async function openPage(browser, name, user, transport) {
+  const context = await browser.newContext({ viewport: { width: 1200, height: 900 } });
+  const page = await context.newPage();
+  const p = { name, page, context, console: [], errors: [] };
+  pages.push(p);
+  current = p;
+  page.setDefaultTimeout(TIMEOUT);
+  const note = (line) => p.console.push(`${new Date().toISOString()} ${line}`);
+  page.on("console", (m) => note(`console.${m.type()}: ${m.text()}`));
+  page.on("pageerror", (e) => { note(`pageerror: ${e.message}`); p.errors.push(e.message); });
+  page.on("requestfailed", (r) => note(`requestfailed: ${r.method()} ${redact(r.url())}: ${r.failure()?.errorText}`));
+  page.on("response", (r) => r.status() >= 400 && note(`http ${r.status()}: ${r.request().method()} ${redact(r.url())}`));
+  const resp = await page.goto(DEMO_URL, { waitUntil: "load" }).catch((e) => fail(`cannot open ${DEMO_URL}: ${e.message.split("\n")[0]}`));
+  if (!resp || !resp.ok()) fail(`GET ${DEMO_URL} answered ${resp?.status()}`);
+  await page.fill("#user", user);
+  await page.check(`#transport-${transport}`);
+  await page.click("#login");
+  await waitConnected(p, transport);
+  return p;
+}
+
+const redact = (url) => url.replace(/([?&]token=)[^&]+/, "$1…");
+
+async function waitConnected(p, transport, minConnects = 1) {
+  return until(p, `state "connected" over ${transport} (connection #${minConnects})`, ([t, n]) => {
+    const st = document.querySelector("#state");
+    const err = document.querySelector("#who.error");
+    if (err) return { error: err.textContent };
+    return st.textContent.trim() === "connected" && st.dataset.state === "connected" &&
+      st.dataset.transport === t && Number(st.dataset.connects) >= n && { ...st.dataset };
+  }, [transport, minConnects]).then((r) => (r.error ? fail(`sign-in failed: ${r.error}`) : r));
+}
+
+async function waitState(p, state) {
+  await until(p, `state "${state}"`, (s) => {
+    const st = document.querySelector("#state");
+    return st.textContent.trim() === s && st.dataset.state === s;
+  }, state);
+}
+
+async function placeOrder(p) {
+  const before = await p.page.getAttribute("#orders", "data-last-order-id");
+  await p.page.click("#place-order");
+  const r = await until(p, "the order service to accept the order", (prev) => {
+    const id = document.querySelector("#orders").dataset.lastOrderId;
+    if (id && id !== prev) return { id };
+    const note = document.querySelector("#order-note");
+    return note.classList.contains("error") && { error: note.textContent };
+  }, before);
+  if (r.error) fail(`placing an order failed: ${r.error}`);
+  return r.id;
+}
+
+async function timeline(p, orderId) {
+  return p.page.$$eval(`#orders .order[data-order-id=${sq(orderId)}] li[data-status]`, (rows) =>
+    rows.map((r) => ({ status: r.dataset.status, count: Number(r.dataset.count), replayed: r.dataset.replayed === "true" })));
+}
+
+async function waitStatus(p, orderId, statuses, what) {
+  return until(p, `order ${orderId} to show ${what}`, ([id, wanted]) => {
+    const card = [...document.querySelectorAll("#orders .order")].find((o) => o.dataset.orderId === id);
+    if (!card) return false;
+    const shown = [...card.querySelectorAll("li[data-status]")].map((l) => l.dataset.status);
+    return wanted.some((s) => shown.includes(s)) && shown;
+  }, [orderId, statuses]);
+}
+
+// Waits for a final status, then checks the timeline is exactly `expected`, each received once.
+async function expectFlow(p, orderId, expected, label) {
+  await waitStatus(p, orderId, FINAL, `a final status (expecting ${expected.at(-1)})`);
+  const rows = await timeline(p, orderId);
+  const shown = rows.map((r) => r.status);
+  if (shown.join() !== expected.join()) {
+    fail(`${label}: order ${orderId} shows ${shown.join(" → ")}, expected ${expected.join(" → ")}`);
+  }
+  const repeated = rows.filter((r) => r.count !== 1);
+  if (repeated.length) {
+    fail(`${label}: order ${orderId} received ${repeated.map((r) => `${r.status} ${r.count} times`).join(", ")}`);
+  }
+  return rows;
+}
+
+// The order service's view of an order, with a token from the hub's dev login (null if unavailable).
+let apiToken = null;
+async function serverStatus(orderId) {
+  const q = new URL(DEMO_URL).searchParams;
+  const orders = (q.get("orders") || `${new URL(DEMO_URL).protocol}//${new URL(DEMO_URL).hostname}:8081`).replace(/\/+$/, "");
+  try {
+    if (!apiToken) {
+      const r = await fetch(new URL("/api/dev/token", DEMO_URL), { method: "POST",
+        headers: { "content-type": "application/json" }, body: JSON.stringify({ user_id: DEMO_USER }) });
+      apiToken = (await r.json()).token;
+    }
+    const r = await fetch(`${orders}/orders/${encodeURIComponent(orderId)}`, { headers: { authorization: `Bearer ${apiToken}` } });
+    return r.ok ? (await r.json()).status : null;
+  } catch (e) {
+    return null;
+  }
+}
+
+async function midFlowDisconnect(p, transport, how) {
+  const label = `${transport.toUpperCase()} + ${how}`;
+  const orderId = await placeOrder(p);
+  progress(`${label}: order ${orderId} placed; waiting for PAID`);
+  await waitStatus(p, orderId, ["PAID", "IN_TRANSIT"], "PAID or IN_TRANSIT");
+  const connects = Number(await p.page.getAttribute("#state", "data-connects"));
+  let shownAtCut;
+  const checkMidFlow = () => {
+    if (shownAtCut.includes("DELIVERED")) {
+      fail(`${label}: the order was already DELIVERED when the connection was cut, so resume was not exercised ` +
+        "mid-flow (the order statuses must be paced, a few hundred ms apart at least)");
+    }
+  };
+  if (how === "disconnect") {
+    await p.page.click("#disconnect");
+    await waitState(p, "disconnected");
+    shownAtCut = (await timeline(p, orderId)).map((r) => r.status);
+    checkMidFlow();
+    // While the page is offline, let the order move on server-side, so statuses are really missed.
+    const last = HAPPY.indexOf(shownAtCut.at(-1));
+    const ahead = await untilNode(`order ${orderId} to move past ${shownAtCut.at(-1)} on the order service`, async () => {
+      const s = await serverStatus(orderId);
+      return s === null ? "unknown" : HAPPY.indexOf(s) > last && s;
+    });
+    progress(`${label}: disconnected at ${shownAtCut.at(-1)}; the order service says ${ahead}; reconnecting`);
+    await p.page.click("#connect");
+  } else {
+    await p.page.click("#drop");
+    shownAtCut = (await timeline(p, orderId)).map((r) => r.status);
+    checkMidFlow();
+    progress(`${label}: dropped at ${shownAtCut.at(-1)}; waiting for the client to resume`);
+  }
+  const st = await waitConnected(p, transport, connects + 1);
+  if (st.resumed !== "true") fail(`${label}: the reconnect was not a resume (hub.connected resumed=${st.resumed})`);
+  const rows = await expectFlow(p, orderId, HAPPY, label);
+  const missed = rows.filter((r) => r.replayed).length;
+  facts.push(`${label} at ${shownAtCut.at(-1)}: ${missed} missed status${missed === 1 ? "" : "es"} replayed`);
+  progress(`${label}: DELIVERED, each status once (${missed} replayed after the reconnect)`);
+}
+
+async function fileReport(p, { owner, reason }) {
+  await p.page.selectOption("#report-target-type", "ad");
+  const target = `ad-${randomBytes(3).toString("hex")}`;
+  await p.page.fill("#report-target-id", target);
+  await p.page.fill("#report-owner", owner);
+  await p.page.fill("#report-reason", reason);
+  const before = await p.page.getAttribute("#moderation-results", "data-last-report-id");
+  await p.page.click("#submit-report");
+  const r = await until(p, "the moderation service to accept the report", (prev) => {
+    const id = document.querySelector("#moderation-results").dataset.lastReportId;
+    if (id && id !== prev) return { id };
+    const note = document.querySelector("#report-note");
+    return note.classList.contains("error") && { error: note.textContent };
+  }, before);
+  if (r.error) fail(`filing a report failed: ${r.error}`);
+  return { reportId: r.id, target };
+}
+
+async function waitDecision(p, reportId, role, decision) {
+  const got = await until(p, `the moderation result of report ${reportId} for the ${role}`, ([id, rl]) => {
+    const row = [...document.querySelectorAll("#moderation-results li[data-report-id]")]
+      .find((l) => l.dataset.reportId === id && l.dataset.role === rl);
+    return row && row.dataset.decision !== "PENDING" && { decision: row.dataset.decision, count: row.dataset.count };
+  }, [reportId, role]);
+  if (got.decision !== decision) fail(`report ${reportId}: the ${role} got ${got.decision}, expected ${decision}`);
+  if (got.count !== "1") fail(`report ${reportId}: the ${role} received the result ${got.count} times`);
+}
+
+async function main() {
+  mkdirSync(OUT_DIR, { recursive: true });
+  const browser = await chromium.launch({ executablePath: CHROMIUM, args: FLAGS, headless: true, timeout: TIMEOUT })
+    .catch((e) => fail(`cannot start ${CHROMIUM}: ${e.message.split("\n")[0]}`));
+  try {
+    step = "1 sign in over WebSocket";
+    progress(`${step} as ${DEMO_USER} at ${DEMO_URL}`);
+    const main = await openPage(browser, "main", DEMO_USER, "ws");
+
+    step = "2 order delivered over WebSocket";
+    progress(step);
+    const first = await placeOrder(main);
+    await expectFlow(main, first, HAPPY, "WebSocket");
+
+    step = "3a SSE, disconnect and reconnect mid-flow";
+    progress(step);
+    await main.page.check("#transport-sse");
+    await waitConnected(main, "sse");
+    await midFlowDisconnect(main, "sse", "disconnect");
+
+    step = "3b WebSocket, network drop mid-flow";
+    progress(step);
+    await main.page.check("#transport-ws");
+    await waitConnected(main, "ws");
+    await midFlowDisconnect(main, "ws", "drop");
+
+    step = "4 user broke: payment fails";
+    progress(step);
+    const broke = await openPage(browser, "broke", "broke", "ws");
+    const failedOrder = await placeOrder(broke);
+    await expectFlow(broke, failedOrder, FAILED, "user broke");
+    await broke.context.close();
+    pages.splice(pages.indexOf(broke), 1);
+
+    step = "5 report: removed for reporter and owner, dismissed otherwise";
+    progress(`${step} (owner ${OWNER_USER})`);
+    const owner = await openPage(browser, "owner", OWNER_USER, "sse");
+    current = main;
+    const removed = await fileReport(main, { owner: OWNER_USER, reason: "This ad is a scam: asks to pay by gift card" });
+    await waitDecision(main, removed.reportId, "reporter", "REMOVED");
+    current = owner;
+    await waitDecision(owner, removed.reportId, "owner", "REMOVED");
+    current = main;
+    const dismissed = await fileReport(main, { owner: OWNER_USER, reason: "Wrong category, otherwise fine" });
+    await waitDecision(main, dismissed.reportId, "reporter", "DISMISSED");
+
+    step = "6 final checks";
+    for (const p of pages) {
+      const counts = await p.page.$$eval("#orders li[data-status], #moderation-results li[data-report-id]", (rows) =>
+        rows.filter((r) => r.dataset.count !== "1" && r.dataset.decision !== "PENDING")
+          .map((r) => `${r.closest("[data-order-id]")?.dataset.orderId || r.dataset.reportId} ${r.dataset.status || r.dataset.role} ×${r.dataset.count}`));
+      if (counts.length) fail(`page "${p.name}": received more than once: ${counts.join(", ")}`);
+      if (p.errors.length) fail(`page "${p.name}" threw: ${p.errors.join(" | ")}`);
+    }
+
+    await main.page.screenshot({ path: path.join(OUT_DIR, "demo.png"), fullPage: true });
+    console.log(`web-demo browser test: OK in ${since()} as ${DEMO_USER}: 3 orders delivered with each status once ` +
+      `(WebSocket; ${facts.join("; ")}), broke → PAYMENT_FAILED, report REMOVED for reporter and owner, ` +
+      `DISMISSED otherwise; screenshot ${path.join(OUT_DIR, "demo.png")}`);
+  } catch (e) {
+    await report(e);
+    process.exitCode = 1;
+  } finally {
+    await Promise.race([browser.close(), new Promise((r) => setTimeout(r, 5000).unref())]);
+    progress("browser closed");
+  }
+}
+
+async function report(e) {
+  console.log(`web-demo browser test: FAILED at step "${step}" after ${since()}: ${e.message}`);
+  const out = { step, error: e.message, stack: e.stack, demo_url: DEMO_URL, user: DEMO_USER, owner: OWNER_USER, pages: [] };
+  for (const p of pages) {
+    const file = p === current ? "failure.png" : `failure-${p.name}.png`;
+    await p.page.screenshot({ path: path.join(OUT_DIR, file), fullPage: true }).catch(() => {});
+    const log = await p.page.$$eval("#log li", (ls) => ls.map((l) => l.textContent).reverse()).catch(() => []);
+    out.pages.push({ name: p.name, screenshot: file, state: await describe(p), console: p.console, event_log: log });
+  }
+  writeFileSync(path.join(OUT_DIR, "failure.json"), JSON.stringify(out, null, 2));
+  writeFileSync(path.join(OUT_DIR, "console.txt"),
+    out.pages.map((p) => `== page ${p.name}\n${p.console.join("\n")}\n-- event log\n${p.event_log.join("\n")}\n`).join("\n"));
+  console.log(`  details: ${path.join(OUT_DIR, "failure.json")}, console.txt and failure.png there`);
+}
+
+// A last resort: every wait has its own deadline, but never hang a CI run.
+setTimeout(() => {
+  console.log(`web-demo browser test: FAILED: still running after ${since()} (step "${step}")`);
+  process.exit(1);
+}, TIMEOUT * 20 + 60000).unref();
+
+await main();
