@@ -8,14 +8,14 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::stream;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::helpers::{
-    Credentials, Event, HubProcess, RedisServer, Refused, STEP, SseClient, TestApp, WsClient,
-    redis_prefix, redis_url, wait_metric_eq, wait_status,
+    Conn, Credentials, HubProcess, Kind, RedisServer, STEP, TestApp, redis_prefix, redis_url,
+    wait_metric_eq, wait_status,
 };
 
 /// Type of the test notifications; `data` is `{"user": ..., "seq": n}`.
@@ -43,92 +43,6 @@ fn node_env<'a>(
 /// everything a test publishes.
 const FAILURE_ENV: [(&str, &str); 2] =
     [("HUB_REDIS_TIMEOUT", "500ms"), ("HUB_HISTORY_SIZE", "1000")];
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Ws,
-    Sse,
-}
-
-/// A WebSocket or SSE client, read the same way.
-enum Conn {
-    Ws(WsClient),
-    Sse(SseClient),
-}
-
-impl Conn {
-    /// Opens a connection for `user` (resuming after `since` when given).
-    async fn try_open(
-        kind: Kind,
-        app: &TestApp,
-        user: &str,
-        since: Option<&str>,
-    ) -> Result<Conn, Refused> {
-        let token = app.token(user);
-        match kind {
-            Kind::Ws => {
-                let query = since.map(|id| format!("since={id}")).unwrap_or_default();
-                WsClient::connect(app, &token, &query).await.map(Conn::Ws)
-            }
-            Kind::Sse => {
-                let path = format!("/sse?token={token}");
-                let headers: Vec<(&str, &str)> = since
-                    .map(|id| vec![("Last-Event-ID", id)])
-                    .unwrap_or_default();
-                SseClient::connect_with(app, &path, &headers)
-                    .await
-                    .map(Conn::Sse)
-            }
-        }
-    }
-
-    /// Opens a connection that must be admitted; returns it with its `hub.connected` data.
-    async fn open(kind: Kind, app: &TestApp, user: &str, since: Option<&str>) -> (Conn, Value) {
-        let mut conn = Self::try_open(kind, app, user, since)
-            .await
-            .unwrap_or_else(|r| panic!("{kind:?} for {user} refused: {} {}", r.status, r.body));
-        let hello = conn
-            .next()
-            .await
-            .unwrap_or_else(|| panic!("{kind:?} for {user} closed before its greeting"));
-        assert_eq!(hello["type"], "hub.connected", "first envelope: {hello}");
-        assert_eq!(hello["data"]["user"], user, "greeting names the user");
-        (conn, hello["data"].clone())
-    }
-
-    /// The next envelope, or `None` when the server closed or the connection broke.
-    async fn next(&mut self) -> Option<Value> {
-        match self {
-            Conn::Ws(c) => match c.next().await {
-                Event::Envelope(v) => Some(v),
-                Event::Closed(_) => None,
-            },
-            Conn::Sse(c) => {
-                let e = c.next_event().await?;
-                let control = e.data["type"]
-                    .as_str()
-                    .is_some_and(|t| t.starts_with("hub."));
-                if control {
-                    assert_eq!(e.id, None, "control events carry no id: line: {:?}", e.data);
-                } else {
-                    assert_eq!(
-                        e.id.as_deref(),
-                        e.data["id"].as_str(),
-                        "the id: line is the envelope's id"
-                    );
-                }
-                Some(e.data)
-            }
-        }
-    }
-
-    /// The next envelope; panics when the connection closed.
-    async fn envelope(&mut self) -> Value {
-        self.next()
-            .await
-            .expect("connection closed while an envelope was expected")
-    }
-}
 
 /// Publishes notification `seq` for `user`; returns its id.
 async fn publish_note(app: &TestApp, user: &str, seq: usize) -> String {

@@ -898,3 +898,100 @@ async fn wait_child_exit(child: &mut Child, limit: Duration) -> Option<std::proc
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Which transport a test client uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Ws,
+    Sse,
+}
+
+/// A WebSocket or SSE client, read the same way.
+pub enum Conn {
+    Ws(WsClient),
+    Sse(SseClient),
+}
+
+impl Conn {
+    /// Opens a connection for `user` (resuming after `since` when given).
+    pub async fn try_open(
+        kind: Kind,
+        app: &TestApp,
+        user: &str,
+        since: Option<&str>,
+    ) -> Result<Conn, Refused> {
+        let token = app.token(user);
+        match kind {
+            Kind::Ws => {
+                let query = since.map(|id| format!("since={id}")).unwrap_or_default();
+                WsClient::connect(app, &token, &query).await.map(Conn::Ws)
+            }
+            Kind::Sse => {
+                let path = format!("/sse?token={token}");
+                let headers: Vec<(&str, &str)> = since
+                    .map(|id| vec![("Last-Event-ID", id)])
+                    .unwrap_or_default();
+                SseClient::connect_with(app, &path, &headers)
+                    .await
+                    .map(Conn::Sse)
+            }
+        }
+    }
+
+    /// Opens a connection and reads its greeting; `Err` when the handshake is refused.
+    pub async fn open_or_refused(
+        kind: Kind,
+        app: &TestApp,
+        user: &str,
+        since: Option<&str>,
+    ) -> Result<(Conn, Value), Refused> {
+        let mut conn = Self::try_open(kind, app, user, since).await?;
+        let hello = conn
+            .next()
+            .await
+            .unwrap_or_else(|| panic!("{kind:?} for {user} closed before its greeting"));
+        assert_eq!(hello["type"], "hub.connected", "first envelope: {hello}");
+        assert_eq!(hello["data"]["user"], user, "greeting names the user");
+        Ok((conn, hello["data"].clone()))
+    }
+
+    /// Opens a connection that must be admitted; returns it with its `hub.connected` data.
+    pub async fn open(kind: Kind, app: &TestApp, user: &str, since: Option<&str>) -> (Conn, Value) {
+        Self::open_or_refused(kind, app, user, since)
+            .await
+            .unwrap_or_else(|r| panic!("{kind:?} for {user} refused: {} {}", r.status, r.body))
+    }
+
+    /// The next envelope, or `None` when the server closed or the connection broke.
+    pub async fn next(&mut self) -> Option<Value> {
+        match self {
+            Conn::Ws(c) => match c.next().await {
+                Event::Envelope(v) => Some(v),
+                Event::Closed(_) => None,
+            },
+            Conn::Sse(c) => {
+                let e = c.next_event().await?;
+                let control = e.data["type"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("hub."));
+                if control {
+                    assert_eq!(e.id, None, "control events carry no id: line: {:?}", e.data);
+                } else {
+                    assert_eq!(
+                        e.id.as_deref(),
+                        e.data["id"].as_str(),
+                        "the id: line is the envelope's id"
+                    );
+                }
+                Some(e.data)
+            }
+        }
+    }
+
+    /// The next envelope; panics when the connection closed.
+    pub async fn envelope(&mut self) -> Value {
+        self.next()
+            .await
+            .expect("connection closed while an envelope was expected")
+    }
+}

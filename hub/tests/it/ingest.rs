@@ -32,8 +32,8 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 
 use crate::helpers::{
-    Credentials, Event, HubProcess, IngestProcess, RedisServer, Refused, STEP, SseClient, TestApp,
-    WsClient, redis_prefix, redis_url,
+    Conn, Credentials, HubProcess, IngestProcess, Kind, RedisServer, STEP, TestApp, redis_prefix,
+    redis_url,
 };
 
 /// Type of the marker published (through the API) to every user once all expected
@@ -604,73 +604,6 @@ async fn ingested(app: &TestApp, topic: &str, outcome: &str) -> f64 {
 // ---------------------------------------------------------------------------------------------
 // Clients.
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Ws,
-    Sse,
-}
-
-/// A WebSocket or SSE client, read the same way.
-enum Conn {
-    Ws(WsClient),
-    Sse(SseClient),
-}
-
-impl Conn {
-    /// Opens a connection for `user`, resuming after `since` when given, and reads its greeting.
-    async fn open(
-        kind: Kind,
-        app: &TestApp,
-        user: &str,
-        since: Option<&str>,
-    ) -> Result<Conn, Refused> {
-        let token = app.token(user);
-        let mut conn = match kind {
-            Kind::Ws => {
-                let query = since.map(|id| format!("since={id}")).unwrap_or_default();
-                Conn::Ws(WsClient::connect(app, &token, &query).await?)
-            }
-            Kind::Sse => {
-                let path = format!("/sse?token={token}");
-                let headers: Vec<(&str, &str)> = since
-                    .map(|id| vec![("Last-Event-ID", id)])
-                    .unwrap_or_default();
-                Conn::Sse(SseClient::connect_with(app, &path, &headers).await?)
-            }
-        };
-        let hello = conn
-            .next()
-            .await
-            .unwrap_or_else(|| panic!("{kind:?} of {user} closed before its greeting"));
-        assert_eq!(hello["type"], "hub.connected", "first envelope: {hello}");
-        Ok(conn)
-    }
-
-    /// The next envelope, or `None` when the server closed or the connection broke.
-    async fn next(&mut self) -> Option<Value> {
-        match self {
-            Conn::Ws(c) => match c.next().await {
-                Event::Envelope(v) => Some(v),
-                Event::Closed(_) => None,
-            },
-            Conn::Sse(c) => {
-                let e = c.next_event().await?;
-                if !e.data["type"]
-                    .as_str()
-                    .is_some_and(|t| t.starts_with("hub."))
-                {
-                    assert_eq!(
-                        e.id.as_deref(),
-                        e.data["id"].as_str(),
-                        "the id: line is the envelope's id"
-                    );
-                }
-                Some(e.data)
-            }
-        }
-    }
-}
-
 /// What one client saw over its whole life, across reconnects.
 #[derive(Debug, Default)]
 struct Seen {
@@ -693,9 +626,7 @@ struct Client {
 impl Client {
     /// Connects (after the greeting, the node has subscribed the user) and follows.
     async fn connect(kind: Kind, app: &Arc<TestApp>, user: &str) -> Client {
-        let conn = Conn::open(kind, app, user, None)
-            .await
-            .unwrap_or_else(|r| panic!("{kind:?} of {user} refused: {} {}", r.status, r.body));
+        let conn = Conn::open(kind, app, user, None).await.0;
         let got = Arc::new(AtomicUsize::new(0));
         let task = tokio::spawn(follow(
             kind,
@@ -759,8 +690,8 @@ async fn reopen(kind: Kind, app: &TestApp, user: &str, since: Option<&str>) -> C
     let limit = Duration::from_secs(30);
     let deadline = Instant::now() + limit;
     loop {
-        match Conn::open(kind, app, user, since).await {
-            Ok(conn) => return conn,
+        match Conn::open_or_refused(kind, app, user, since).await {
+            Ok((conn, _)) => return conn,
             Err(r) => assert!(
                 r.status >= 500,
                 "{kind:?} of {user}: reconnect refused with {} {}",
