@@ -9,7 +9,7 @@
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRef, Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
@@ -126,20 +126,37 @@ impl NewOrder {
     }
 }
 
+/// The optional `Idempotency-Key` of a request: a client retrying a `POST /orders` with the same
+/// key gets the order the first request created instead of a second order.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match value.to_str().map(str::trim) {
+        Ok(key) if !key.is_empty() && key.len() <= 128 => Ok(Some(key.to_owned())),
+        _ => Err(ApiError::BadRequest(
+            "Idempotency-Key: 1 to 128 visible ASCII characters".into(),
+        )),
+    }
+}
+
 async fn create(
     State(state): State<ApiState>,
     User(user): User,
+    headers: HeaderMap,
     order: Result<Json<NewOrder>, JsonRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, HeaderMap, Json<Value>), ApiError> {
+    let key = idempotency_key(&headers)?;
     let order = body(order)?;
     let total = order.validate()?;
     let id = Uuid::now_v7();
     let order_id = id.to_string();
     let address = order.delivery_address.trim().to_owned();
     let mut tx = state.pool.begin().await?;
-    sqlx::query(
-        "INSERT INTO orders (id, user_id, status, items, total_cents, delivery_address) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
+    let inserted = sqlx::query(
+        "INSERT INTO orders (id, user_id, status, items, total_cents, delivery_address, idempotency_key) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) \
+         ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
     )
     .bind(id)
     .bind(&user)
@@ -147,8 +164,26 @@ async fn create(
     .bind(sqlx::types::Json(&order.items))
     .bind(total)
     .bind(&address)
+    .bind(&key)
     .execute(&mut *tx)
     .await?;
+    if inserted.rows_affected() == 0 {
+        // A retry: answer with the order the first request created (it holds the key).
+        tx.rollback().await?;
+        let first: Uuid =
+            sqlx::query_scalar("SELECT id FROM orders WHERE user_id = $1 AND idempotency_key = $2")
+                .bind(&user)
+                .bind(&key)
+                .fetch_one(&state.pool)
+                .await?;
+        let mut replayed = HeaderMap::new();
+        replayed.insert("idempotent-replayed", HeaderValue::from_static("true"));
+        return Ok((
+            StatusCode::CREATED,
+            replayed,
+            Json(json!({"order_id": first.to_string(), "status": "CREATED"})),
+        ));
+    }
     let created = OrderCreated {
         event_id: crate::event_id(),
         order_id: order_id.clone(),
@@ -188,6 +223,7 @@ async fn create(
     tracing::info!(order_id, total_cents = total, "order created");
     Ok((
         StatusCode::CREATED,
+        HeaderMap::new(),
         Json(json!({"order_id": order_id, "status": "CREATED"})),
     ))
 }

@@ -208,13 +208,56 @@ async fn the_order_api_takes_the_user_from_the_token_and_explains_bad_input() {
         (status, answer),
         (401, json!({"error": "bad token signature"}))
     );
-    // Nothing was written by any refused request.
+    // A retried request with the same Idempotency-Key gets the first order, not a second one.
+    let order = json!({"items": [item], "delivery_address": "x"});
+    let send = |key: &'static str| {
+        reqwest::Client::new()
+            .post(&url)
+            .bearer_auth(&token)
+            .header("idempotency-key", key)
+            .json(&order)
+            .send()
+    };
+    let first = send("retry-1").await.expect("post");
+    assert_eq!(first.status(), 201);
+    let first: serde_json::Value = first.json().await.expect("json");
+    let again = send("retry-1").await.expect("post");
+    assert_eq!(again.status(), 201);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let again: serde_json::Value = again.json().await.expect("json");
+    assert_eq!(first["order_id"], again["order_id"]);
+    let other: serde_json::Value = send("retry-2")
+        .await
+        .expect("post")
+        .json()
+        .await
+        .expect("json");
+    assert_ne!(first["order_id"], other["order_id"]);
+    let orders = stack.db(Kind::Order);
     assert_eq!(
-        stack
-            .db(Kind::Order)
+        orders
+            .count("SELECT count(*) FROM orders WHERE user_id = $1", "carol")
+            .await,
+        2
+    );
+    // Another user's key is their own.
+    let theirs = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(stack.token("dan"))
+        .header("idempotency-key", "retry-1")
+        .json(&order)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(theirs.status(), 201);
+    let theirs: serde_json::Value = theirs.json().await.expect("json");
+    assert_ne!(theirs["order_id"], first["order_id"]);
+    // Nothing else was written: every refused request above left no order.
+    assert_eq!(
+        orders
             .count("SELECT count(*) FROM orders WHERE user_id <> $1", "")
             .await,
-        0
+        3
     );
     stack.cleanup().await;
 }
