@@ -130,9 +130,9 @@ impl TestDb {
 // ---------------------------------------------------------------------------------------------
 // Kafka
 
-fn admin() -> AdminClient<DefaultClientContext> {
+fn admin(brokers: &str) -> AdminClient<DefaultClientContext> {
     ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .create()
         .expect("admin client")
 }
@@ -147,17 +147,17 @@ pub const TOPICS: [&str; 6] = [
     "moderation.results",
 ];
 
-/// Creates `names` (ignoring those that exist).
-pub async fn create_topics(names: &[String]) {
+/// Creates `names` on `brokers` (ignoring those that exist).
+pub async fn create_topics(brokers: &str, names: &[String]) {
     let new: Vec<NewTopic> = names
         .iter()
         .map(|n| NewTopic::new(n, PARTITIONS, TopicReplication::Fixed(1)))
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    let results = timeout(STEP, admin().create_topics(&new, &opts))
+    let results = timeout(STEP, admin(brokers).create_topics(&new, &opts))
         .await
         .expect("create topics within the deadline")
-        .unwrap_or_else(|e| panic!("Kafka at {} (run `make infra-up`): {e}", brokers()));
+        .unwrap_or_else(|e| panic!("Kafka at {brokers} (run `make infra-up`): {e}"));
     for r in results {
         if let Err((name, code)) = r {
             assert_eq!(
@@ -172,10 +172,11 @@ pub async fn create_topics(names: &[String]) {
 /// A random topic prefix with every saga topic (and DLQ) created under it.
 pub struct Topics {
     pub prefix: String,
+    pub brokers: String,
 }
 
 impl Topics {
-    pub async fn create() -> Topics {
+    pub async fn create(brokers: &str) -> Topics {
         let prefix = format!("it-{}.", hex(4));
         let mut all = Vec::new();
         for t in TOPICS {
@@ -187,8 +188,11 @@ impl Topics {
             all.push(t.to_owned());
             all.push(format!("{t}.dlq"));
         }
-        create_topics(&all).await;
-        Topics { prefix }
+        create_topics(brokers, &all).await;
+        Topics {
+            prefix,
+            brokers: brokers.to_owned(),
+        }
     }
 
     pub fn name(&self, topic: &str) -> String {
@@ -203,7 +207,7 @@ impl Topics {
         }
         let names: Vec<&str> = all.iter().map(String::as_str).collect();
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        let _ = timeout(STEP, admin().delete_topics(&names, &opts)).await;
+        let _ = timeout(STEP, admin(&self.brokers).delete_topics(&names, &opts)).await;
     }
 }
 
@@ -466,7 +470,12 @@ pub struct Stack {
 impl Stack {
     /// Databases and topics; no process yet.
     pub async fn prepare(name: &str) -> Stack {
-        let topics = Topics::create().await;
+        Stack::prepare_on(name, &brokers()).await
+    }
+
+    /// The same on the Kafka at `brokers`.
+    pub async fn prepare_on(name: &str, brokers: &str) -> Stack {
+        let topics = Topics::create(brokers).await;
         let mut dbs = BTreeMap::new();
         for kind in [Kind::Order, Kind::Payment, Kind::Delivery, Kind::Moderation] {
             dbs.insert(kind.name(), TestDb::create(kind.name()).await);
@@ -497,7 +506,7 @@ impl Stack {
         let mut env: Vec<(String, String)> = vec![
             ("DATABASE_URL".into(), self.dbs[kind.name()].url.clone()),
             ("DATABASE_POOL_SIZE".into(), "4".into()),
-            ("KAFKA_BROKERS".into(), brokers()),
+            ("KAFKA_BROKERS".into(), self.topics.brokers.clone()),
             (
                 "KAFKA_GROUP".into(),
                 format!("{}{}", self.topics.prefix, kind.name()),
@@ -683,7 +692,7 @@ impl Hub {
         std::fs::write(&routes_file, routes(&topics.prefix)).expect("routes file");
         let routes_path = routes_file.to_string_lossy().into_owned();
         let group = format!("{}hub", topics.prefix);
-        let brokers = brokers();
+        let brokers = topics.brokers.clone();
         let api_key = hex(16);
         let settings = hub::config::Settings::load_from_pairs([
             ("HUB_ADDR", "127.0.0.1:0"),
@@ -838,14 +847,19 @@ impl Inbox {
 
     /// Waits until `done(events)` holds.
     pub async fn wait(&self, what: &str, done: impl Fn(&[Value]) -> bool) {
-        let deadline = Instant::now() + STEP;
+        self.wait_within(what, STEP, done).await;
+    }
+
+    /// Waits until `done(events)` holds, for at most `limit`.
+    pub async fn wait_within(&self, what: &str, limit: Duration, done: impl Fn(&[Value]) -> bool) {
+        let deadline = Instant::now() + limit;
         loop {
             if done(&self.events.lock()) {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "{what} ({:?}): not within {STEP:?}; received: {:?}",
+                "{what} ({:?}): not within {limit:?}; received: {:?}",
                 self.transport,
                 self.events()
             );
@@ -855,7 +869,12 @@ impl Inbox {
 
     /// Waits until `order_id` reached `status`.
     pub async fn wait_status(&self, order_id: &str, status: &str) {
-        self.wait(&format!("order {order_id} {status}"), |events| {
+        self.wait_status_within(order_id, status, STEP).await;
+    }
+
+    /// Waits until `order_id` reached `status`, for at most `limit`.
+    pub async fn wait_status_within(&self, order_id: &str, status: &str, limit: Duration) {
+        self.wait_within(&format!("order {order_id} {status}"), limit, |events| {
             events.iter().any(|v| {
                 v["type"] == "order.status"
                     && v["data"]["order_id"] == order_id
@@ -880,3 +899,72 @@ pub const DELIVERED_PATH: [&str; 5] = [
     "OUT_FOR_DELIVERY",
     "DELIVERED",
 ];
+
+// ---------------------------------------------------------------------------------------------
+// A Kafka broker of the test's own
+
+/// A broker on a free port pair (`infra/local/kafka.sh --port`), for a test that stops and
+/// restarts Kafka without disturbing the others. Stopped, and its data removed, on drop.
+pub struct PrivateKafka {
+    pub port: u16,
+}
+
+fn kafka_script(args: &[&str]) -> std::process::Output {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra/local/kafka.sh");
+    Command::new(script)
+        .args(args)
+        .output()
+        .expect("run infra/local/kafka.sh")
+}
+
+impl PrivateKafka {
+    pub async fn start() -> PrivateKafka {
+        let port = loop {
+            let p = 20_000 + 2 * (rand::random::<u16>() % 10_000);
+            let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+            if free(p) && free(p + 1) {
+                break p;
+            }
+        };
+        let kafka = PrivateKafka { port };
+        kafka.resume().await;
+        kafka
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// (Re)starts the broker with its data.
+    pub async fn resume(&self) {
+        let port = self.port.to_string();
+        let out = tokio::task::spawn_blocking(move || kafka_script(&["start", "--port", &port]))
+            .await
+            .expect("join");
+        assert!(
+            out.status.success(),
+            "private Kafka on {} did not start: {}{}",
+            self.port,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Stops the broker (SIGTERM, as an operator would).
+    pub async fn stop(&self) {
+        let port = self.port.to_string();
+        let out = tokio::task::spawn_blocking(move || kafka_script(&["stop", "--port", &port]))
+            .await
+            .expect("join");
+        assert!(out.status.success(), "private Kafka did not stop");
+    }
+}
+
+impl Drop for PrivateKafka {
+    fn drop(&mut self) {
+        let port = self.port.to_string();
+        let _ = kafka_script(&["stop", "--port", &port]);
+        let run = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.run/kafka");
+        let _ = std::fs::remove_dir_all(run.join("data").join(&port));
+    }
+}

@@ -1,6 +1,8 @@
 //! The transactional outbox: an order committed but not yet published survives a kill -9 of
 //! the order service, and events wait in the table while Kafka is unreachable.
 
+use std::time::Duration;
+
 use crate::helpers::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,5 +142,95 @@ async fn while_kafka_is_unreachable_events_wait_in_the_outbox_and_the_api_keeps_
             .await,
         0
     );
+    stack.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_restart_in_the_middle_of_the_flow_loses_and_repeats_nothing() {
+    let kafka = PrivateKafka::start().await;
+    let mut stack = Stack::prepare_on("outbox-kafka-restart", &kafka.brokers()).await;
+    stack.start_hub().await;
+    for kind in [Kind::Order, Kind::Payment, Kind::Delivery] {
+        // Failed publishes give up after 2 s and are retried from the outbox.
+        stack
+            .extra
+            .insert(kind.name(), vec![("KAFKA_TIMEOUT".into(), "2s".into())]);
+        stack.start_service(kind);
+    }
+    let user = format!("olga-{}", hex(3));
+    let inbox = Inbox::connect(stack.hub(), &stack.secret, &user, Transport::Sse).await;
+    let before = stack.place_order(&user, 100).await;
+    inbox.wait_status(&before, "PAID").await;
+
+    // Kafka goes down mid-flow; orders are still accepted, their events wait in the outbox.
+    kafka.stop().await;
+    let mut during = Vec::new();
+    for _ in 0..3 {
+        during.push(stack.place_order(&user, 100).await);
+    }
+    let order_service = stack.service(Kind::Order);
+    eventually("publishes failed while Kafka was down", STEP, || async {
+        (order_service
+            .metric("producers_outbox_publish_failures_total", &[])
+            .await
+            >= 1.0)
+            .then_some(())
+    })
+    .await;
+    let waiting = stack
+        .db(Kind::Order)
+        .count("SELECT count(*) FROM outbox WHERE key <> $1", "")
+        .await;
+    assert!(
+        waiting >= 6,
+        "3 orders × 2 events wait in the outbox, found {waiting}"
+    );
+
+    kafka.resume().await;
+    // Consumers and the hub reconnect by themselves; every order completes, each status once.
+    let recovery = Duration::from_secs(60);
+    for order in std::iter::once(&before).chain(&during) {
+        inbox.wait_status_within(order, "DELIVERED", recovery).await;
+        assert_eq!(inbox.statuses(order), DELIVERED_PATH, "order {order}");
+    }
+    stack.cleanup().await;
+    drop(kafka);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_order_service_processes_share_the_outbox_and_each_orders_events_stay_in_order() {
+    let stack = Stack::start("outbox-two-relays").await;
+    // A second process on the same database: a second relay and a second group member.
+    let log = stack.out.join("order-2.log");
+    let second = ServiceProcess::start(Kind::Order, &stack.env(Kind::Order), &log);
+    let users: Vec<String> = (0..4).map(|i| format!("pia{i}-{}", hex(3))).collect();
+    let mut inboxes = Vec::new();
+    for u in &users {
+        inboxes.push(Inbox::connect(stack.hub(), &stack.secret, u, Transport::Ws).await);
+    }
+    let mut orders = Vec::new();
+    for (i, u) in users.iter().enumerate() {
+        for api in [
+            stack.service(Kind::Order).url("/orders"),
+            second.url("/orders"),
+        ] {
+            let (status, body) = post(
+                &api,
+                Some(&stack.token(u)),
+                &serde_json::json!({
+                    "items": [{"product_id": "p1", "quantity": 1, "price_cents": 10}],
+                    "delivery_address": "x",
+                }),
+            )
+            .await;
+            assert_eq!(status, 201, "{body}");
+            orders.push((i, body["order_id"].as_str().expect("id").to_owned()));
+        }
+    }
+    for (i, order) in &orders {
+        inboxes[*i].wait_status(order, "DELIVERED").await;
+        assert_eq!(inboxes[*i].statuses(order), DELIVERED_PATH, "order {order}");
+    }
+    drop(second);
     stack.cleanup().await;
 }
