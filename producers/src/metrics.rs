@@ -1,6 +1,8 @@
 //! Every metric of the services, defined once. Labels are topics and outcomes, never users.
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
 
 /// Cheap-to-clone handle to the service's metrics.
 #[derive(Clone)]
@@ -12,6 +14,11 @@ pub struct Metrics {
     pub outbox_failures: IntCounter,
     /// Consumed records by topic and outcome (`applied`, `duplicate`, `dlq`, `retry`).
     pub consumed: IntCounterVec,
+    /// Events waiting in the outbox (sampled by the relay when it has nothing to publish, or
+    /// while publishing fails).
+    pub outbox_waiting: IntGauge,
+    /// Age of the oldest waiting event, in seconds (0 when none waits).
+    pub outbox_oldest_age: Gauge,
 }
 
 impl Metrics {
@@ -48,11 +55,25 @@ impl Metrics {
         )
         .unwrap_or_else(|e| panic!("metric producers_events_consumed_total: {e}"));
         let _ = registry.register(Box::new(consumed.clone()));
+        let outbox_waiting = IntGauge::new(
+            "producers_outbox_waiting",
+            "Events waiting in the outbox to be published.",
+        )
+        .unwrap_or_else(|e| panic!("metric producers_outbox_waiting: {e}"));
+        let _ = registry.register(Box::new(outbox_waiting.clone()));
+        let outbox_oldest_age = Gauge::new(
+            "producers_outbox_oldest_age_seconds",
+            "Age of the oldest event waiting in the outbox (0 when none waits).",
+        )
+        .unwrap_or_else(|e| panic!("metric producers_outbox_oldest_age_seconds: {e}"));
+        let _ = registry.register(Box::new(outbox_oldest_age.clone()));
         Metrics {
             registry,
             outbox_published,
             outbox_failures,
             consumed,
+            outbox_waiting,
+            outbox_oldest_age,
         }
     }
 

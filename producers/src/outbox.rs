@@ -118,6 +118,7 @@ impl Relay {
                 }
                 Ok(Batch { failed: 0, .. }) => backoff = Duration::from_millis(100),
                 Ok(Batch { failed, .. }) => {
+                    self.sample_backlog().await;
                     tracing::warn!(failed, retry_in = ?backoff, "outbox: events not published; retrying");
                     if sleep_or_stop(backoff, &stop).await {
                         return;
@@ -138,6 +139,7 @@ impl Relay {
                     continue;
                 }
             }
+            self.sample_backlog().await;
             // Nothing waiting: sleep until a transaction notifies, the poll interval passes
             // (a missed notification costs at most that), or the process stops.
             let notified = async {
@@ -154,6 +156,22 @@ impl Relay {
             if listener.is_none() {
                 listener = self.listen().await;
             }
+        }
+    }
+
+    /// Updates the backlog gauges (a cheap query: the outbox is small unless Kafka is down).
+    async fn sample_backlog(&self) {
+        let row = sqlx::query(
+            "SELECT count(*) AS waiting, \
+             COALESCE(EXTRACT(EPOCH FROM now() - min(created_at))::float8, 0) AS oldest FROM outbox",
+        )
+        .fetch_one(&self.pool)
+        .await;
+        if let Ok(row) = row {
+            let waiting: i64 = row.try_get("waiting").unwrap_or_default();
+            let oldest: f64 = row.try_get("oldest").unwrap_or_default();
+            self.metrics.outbox_waiting.set(waiting);
+            self.metrics.outbox_oldest_age.set(oldest);
         }
     }
 

@@ -306,7 +306,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn binary(self) -> &'static str {
+    pub fn binary(self) -> &'static str {
         match self {
             Kind::Order => env!("CARGO_BIN_EXE_order-service"),
             Kind::Payment => env!("CARGO_BIN_EXE_payment-service"),

@@ -2,6 +2,7 @@
 //! and real WebSocket / SSE clients (and, in `browser`, headless Chromium).
 
 mod browser;
+mod cli;
 mod consumers;
 mod helpers;
 mod moderation;

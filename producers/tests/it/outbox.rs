@@ -125,9 +125,22 @@ async fn while_kafka_is_unreachable_events_wait_in_the_outbox_and_the_api_keeps_
     );
     let (status, _) = get(&service.url("/healthz"), None).await;
     assert_eq!(status, 200);
+    // Operators see the backlog.
+    eventually("the backlog is reported", STEP, || async {
+        (service.metric("producers_outbox_waiting", &[]).await == 4.0).then_some(())
+    })
+    .await;
+    assert!(
+        service
+            .metric("producers_outbox_oldest_age_seconds", &[])
+            .await
+            > 0.0
+    );
 
     // Kafka "comes back": the same database with a reachable broker publishes the backlog.
-    stack.take_service(Kind::Order).terminate();
+    // SIGTERM with Kafka down: a clean exit all the same.
+    let status = stack.take_service(Kind::Order).terminate();
+    assert!(status.success(), "exit status {status}");
     stack.extra.remove("order");
     for kind in [Kind::Order, Kind::Payment, Kind::Delivery] {
         stack.start_service(kind);
