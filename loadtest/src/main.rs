@@ -11,6 +11,7 @@ mod proc;
 mod publish;
 mod report;
 mod run;
+mod saga;
 mod sse;
 mod stats;
 mod target;
@@ -43,6 +44,8 @@ struct Cli {
 enum Commands {
     /// Open connections, publish at a rate, and report.
     Run(Box<RunArgs>),
+    /// Place orders through the order service and time each status notification.
+    Saga(Box<saga::SagaArgs>),
     /// Internal: a worker process driven by `run` over stdin/stdout.
     #[command(hide = true)]
     Worker {
@@ -184,6 +187,7 @@ fn main() -> ExitCode {
             let result = runtime.block_on(async {
                 match cli.command {
                     Commands::Run(args) => run::run(*args).await,
+                    Commands::Saga(args) => saga::run(*args).await,
                     Commands::Worker { id } => worker::run(id)
                         .await
                         .with_context(|| format!("worker {id}")),

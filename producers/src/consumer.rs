@@ -1,21 +1,30 @@
 //! The Kafka consumer loop every service uses.
 //!
-//! One record at a time per process, in partition order: the [`Handler`] runs in a database
-//! transaction that also claims the event id in `processed_events`; the transaction commits,
-//! then the offset is committed (manual commits only). A redelivered record finds its claim and
-//! changes nothing. A record that can never be handled (undecodable, unknown order, ...) goes
-//! to `<topic>.dlq` with headers naming the error and the source, and the partition moves on.
-//! A transient failure (database down) retries the same record with backoff.
+//! One worker per assigned partition: records of a partition are handled one at a time, in
+//! order (each order's or report's events share a partition), partitions in parallel. The
+//! [`Handler`] runs in a database transaction that also claims the event id in
+//! `processed_events`; after the transaction commits, the record's offset is stored, and stored
+//! offsets are committed explicitly every 200 ms and at shutdown (auto-commit is off, so an
+//! offset is never committed before its record was handled). A redelivered record finds its
+//! claim and changes nothing. A record that can never be handled (undecodable, unknown order,
+//! ...) goes to `<topic>.dlq` with headers naming the error and the source, and the partition
+//! moves on. A transient failure (database down) retries the same record with backoff (its
+//! partition waits; the others go on).
 
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use rdkafka::ClientConfig;
 use rdkafka::Message as _;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::{PgConnection, PgPool};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
@@ -81,7 +90,14 @@ pub struct Consumer {
     dlq: FutureProducer,
     pool: PgPool,
     metrics: Metrics,
+    /// An offset was stored since the last commit.
+    dirty: AtomicBool,
 }
+
+/// Records queued per partition worker; a full queue holds up fetching (bounded memory).
+const WORKER_QUEUE: usize = 64;
+/// How often stored offsets are committed.
+const COMMIT_EVERY: Duration = Duration::from_millis(200);
 
 impl Consumer {
     /// Subscribes `group` to `topics`.
@@ -97,6 +113,8 @@ impl Consumer {
             .set("bootstrap.servers", settings.kafka_brokers())
             .set("group.id", group)
             .set("enable.auto.commit", "false")
+            // Offsets are stored by the workers after their transaction, never on receipt.
+            .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             // Low latency on a quiet topic: do not wait to fill a fetch.
@@ -114,18 +132,24 @@ impl Consumer {
             dlq,
             pool,
             metrics,
+            dirty: AtomicBool::new(false),
         })
     }
 
     /// Consumes until `stop` is cancelled, then commits what was handled.
     pub async fn run<H: Handler>(self, handler: H, stop: CancellationToken) {
+        let this = Arc::new(self);
+        let handler = Arc::new(handler);
+        let mut workers: HashMap<(String, i32), mpsc::Sender<OwnedMessage>> = HashMap::new();
+        let mut tasks = JoinSet::new();
+        let committer = tokio::spawn(this.clone().commit_periodically(stop.clone()));
         loop {
             let message = tokio::select! {
                 () = stop.cancelled() => break,
-                m = self.consumer.recv() => m,
+                m = this.consumer.recv() => m,
             };
             let message = match message {
-                Ok(m) => m,
+                Ok(m) => m.detach(),
                 Err(e) => {
                     tracing::warn!(error = %e, "kafka: consume error");
                     if sleep_or_stop(Duration::from_millis(500), &stop).await {
@@ -134,15 +158,60 @@ impl Consumer {
                     continue;
                 }
             };
-            if !self.process(&handler, &message, &stop).await {
-                break;
-            }
-            if let Err(e) = self.consumer.commit_message(&message, CommitMode::Async) {
-                tracing::warn!(error = %e, "kafka: offset commit failed (the record may be redelivered, which is harmless)");
+            let key = (message.topic().to_owned(), message.partition());
+            let queue = workers.entry(key).or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(WORKER_QUEUE);
+                tasks.spawn(this.clone().work(handler.clone(), rx, stop.clone()));
+                tx
+            });
+            tokio::select! {
+                () = stop.cancelled() => break,
+                sent = queue.send(message) => if sent.is_err() { break },
             }
         }
-        if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
+        drop(workers);
+        while tasks.join_next().await.is_some() {}
+        let _ = committer.await;
+        if let Err(e) = this.consumer.commit_consumer_state(CommitMode::Sync) {
             tracing::debug!(error = %e, "kafka: final commit");
+        }
+    }
+
+    /// One partition's worker: its records in order, each handled before the next.
+    async fn work<H: Handler>(
+        self: Arc<Self>,
+        handler: Arc<H>,
+        mut queue: mpsc::Receiver<OwnedMessage>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let message = tokio::select! {
+                () = stop.cancelled() => return,
+                m = queue.recv() => match m { Some(m) => m, None => return },
+            };
+            if !self.process(&*handler, &message, &stop).await {
+                return;
+            }
+            // librdkafka stores `offset + 1`, the next record to read. Not stored when the
+            // partition was revoked meanwhile: its new owner redelivers the record, which is
+            // harmless.
+            if self
+                .consumer
+                .store_offset(message.topic(), message.partition(), message.offset())
+                .is_ok()
+            {
+                self.dirty.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    async fn commit_periodically(self: Arc<Self>, stop: CancellationToken) {
+        while !sleep_or_stop(COMMIT_EVERY, &stop).await {
+            if self.dirty.swap(false, Ordering::Relaxed)
+                && let Err(e) = self.consumer.commit_consumer_state(CommitMode::Async)
+            {
+                tracing::warn!(error = %e, "kafka: offset commit failed (records may be redelivered, which is harmless)");
+            }
         }
     }
 
@@ -151,7 +220,7 @@ impl Consumer {
     async fn process<H: Handler>(
         &self,
         handler: &H,
-        message: &BorrowedMessage<'_>,
+        message: &OwnedMessage,
         stop: &CancellationToken,
     ) -> bool {
         let topic = message.topic();
@@ -218,12 +287,7 @@ impl Consumer {
     }
 
     /// Copies the record to `<topic>.dlq` (retrying until Kafka takes it).
-    async fn to_dlq(
-        &self,
-        message: &BorrowedMessage<'_>,
-        reason: &str,
-        stop: &CancellationToken,
-    ) -> bool {
+    async fn to_dlq(&self, message: &OwnedMessage, reason: &str, stop: &CancellationToken) -> bool {
         let topic = message.topic();
         let dlq = crate::topics::dlq(topic);
         tracing::warn!(
