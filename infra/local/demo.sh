@@ -9,6 +9,7 @@
 # on the local Redis, Kafka and PostgreSQL that `make demo` starts first (infra/local/infra.sh).
 # Each service gets its own database (created and migrated at start). The hub's signing secret
 # and API key are written to .run/demo.env (git-ignored); the services verify the same tokens.
+# DEMO_STEP_INTERVAL (default 2s) sets the delivery service's pace between delivery steps.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUN=.run
