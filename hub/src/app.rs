@@ -76,7 +76,11 @@ fn ingest_settings(settings: &Settings) -> anyhow::Result<Option<IngestSettings>
     };
     let pool = prost_reflect::DescriptorPool::decode(proto::FILE_DESCRIPTOR_SET)
         .map_err(|e| anyhow::anyhow!("event contracts: {e}"))?;
-    let routes = Routes::load(&pool, settings.ingest_routes.as_deref())?;
+    let routes = Routes::load(
+        &pool,
+        settings.ingest_routes.as_deref(),
+        settings.ingest_builtin_routes,
+    )?;
     Ok(Some(IngestSettings {
         brokers: brokers.clone(),
         group: settings.kafka_group.clone(),

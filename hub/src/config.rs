@@ -92,6 +92,9 @@ pub struct Settings {
     /// A TOML file of routes beyond the built-in ones.
     #[serde(default)]
     pub ingest_routes: Option<PathBuf>,
+    /// Whether ingest has the built-in routes (`order.status.changed`, `moderation.results`);
+    /// off, only the routes file's topics are consumed.
+    pub ingest_builtin_routes: bool,
     /// Notifications kept per user for resume.
     pub history_size: usize,
     /// How long a user's history lives after its last notification.
@@ -153,6 +156,7 @@ impl Default for Settings {
             kafka_brokers: None,
             kafka_group: "hub-ingest".to_owned(),
             ingest_routes: None,
+            ingest_builtin_routes: true,
             history_size: 100,
             history_ttl: Duration::from_secs(24 * 3600),
             ping_interval: Duration::from_secs(25),
@@ -352,6 +356,15 @@ impl Settings {
                 ));
             }
         }
+        if !self.ingest_builtin_routes
+            && self.kafka_brokers.is_some()
+            && self.ingest_routes.is_none()
+        {
+            return Err(ConfigError::new(
+                "HUB_INGEST_BUILTIN_ROUTES",
+                "is false and HUB_INGEST_ROUTES names no file: ingest would have no route",
+            ));
+        }
         positive("HUB_HISTORY_SIZE", self.history_size, 1, 100_000)?;
         positive("HUB_SEND_QUEUE", self.send_queue, 8, 65_536)?;
         positive("HUB_MAX_CONNECTIONS", self.max_connections, 1, 10_000_000)?;
@@ -467,6 +480,20 @@ mod tests {
     use super::*;
 
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn ingest_without_any_route_is_refused() {
+        let err = Settings::load_from_pairs([
+            ("HUB_JWT_SECRET", SECRET),
+            ("HUB_KAFKA_BROKERS", "127.0.0.1:9092"),
+            ("HUB_INGEST_BUILTIN_ROUTES", "false"),
+        ])
+        .expect_err("no route at all");
+        assert_eq!(
+            err.to_string(),
+            "config: HUB_INGEST_BUILTIN_ROUTES: is false and HUB_INGEST_ROUTES names no file: ingest would have no route"
+        );
+    }
 
     #[test]
     fn defaults_with_a_secret_are_valid() {

@@ -180,9 +180,14 @@ pub fn builtin() -> Vec<RouteSpec> {
 }
 
 impl Routes {
-    /// The built-in routes plus those of `file`, validated against `pool`.
-    pub fn load(pool: &DescriptorPool, file: Option<&Path>) -> Result<Self, RoutesError> {
-        let mut specs = builtin();
+    /// The built-in routes (unless `builtin` is false) plus those of `file`, validated against
+    /// `pool`.
+    pub fn load(
+        pool: &DescriptorPool,
+        file: Option<&Path>,
+        builtin: bool,
+    ) -> Result<Self, RoutesError> {
+        let mut specs = if builtin { self::builtin() } else { Vec::new() };
         if let Some(path) = file {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| RoutesError(format!("cannot read {}: {e}", path.display())))?;

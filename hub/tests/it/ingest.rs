@@ -43,14 +43,6 @@ const END: &str = "test.end";
 const JSON: &str = "application/json";
 /// Partitions of every test topic.
 const PARTITIONS: i32 = 3;
-/// The topics the built-in routes subscribe, and their DLQs: created once (if missing) so the
-/// consumer does not complain, and so a stray poison record there cannot stall a test's ingest.
-const BUILTIN_TOPICS: [&str; 4] = [
-    "order.status.changed",
-    "order.status.changed.dlq",
-    "moderation.results",
-    "moderation.results.dlq",
-];
 /// The statuses every test order goes through, in the order they are produced.
 const LIFECYCLE: [OrderStatus; 5] = [
     OrderStatus::Created,
@@ -113,13 +105,11 @@ struct Topic {
 }
 
 impl Topic {
-    /// Creates `<stem>-<hex>` and `<stem>-<hex>.dlq` (and the built-in topics, if missing).
+    /// Creates `<stem>-<hex>` and `<stem>-<hex>.dlq`.
     async fn create(stem: &str) -> Topic {
         let name = format!("{stem}-{}", hex(5));
         let dlq = format!("{name}.dlq");
-        let mut all: Vec<&str> = BUILTIN_TOPICS.to_vec();
-        all.extend([name.as_str(), dlq.as_str()]);
-        create_topics(&all).await;
+        create_topics(&[name.as_str(), dlq.as_str()]).await;
         Topic { name }
     }
 
@@ -552,6 +542,9 @@ impl Setup {
             ("HUB_KAFKA_BROKERS", &self.brokers),
             ("HUB_KAFKA_GROUP", &self.group),
             ("HUB_INGEST_ROUTES", &self.routes),
+            // Only the test's topic: the shared built-in topics may hold anything (e.g. what
+            // `make demo` produced), which every fresh group would read first.
+            ("HUB_INGEST_BUILTIN_ROUTES", "false"),
         ]
     }
 
