@@ -42,22 +42,21 @@ pub struct Record<'a> {
 }
 
 impl Record<'_> {
-    /// Decodes the value as `T`; a failure is a poison record.
-    pub fn decode<T>(&self) -> Result<T, HandleError>
+    /// Decodes the value as `T`; the error is the reason the record goes to the DLQ.
+    pub fn decode<T>(&self) -> Result<T, String>
     where
         T: prost::Message + prost::Name + Default + serde::de::DeserializeOwned,
     {
-        proto::decode(self.content_type, self.payload)
-            .map_err(|e| HandleError::Poison(format!("undecodable: {e}")))
+        proto::decode(self.content_type, self.payload).map_err(|e| format!("undecodable: {e}"))
     }
 }
 
-/// What a handler did with a record.
+/// What became of a record.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Handled {
-    /// The effect was written; commit.
+enum Handled {
+    /// The effect was written and committed.
     Applied,
-    /// Already handled before (or nothing to do twice); roll back.
+    /// Its event id was claimed before: nothing changed.
     Duplicate,
 }
 
@@ -72,16 +71,25 @@ pub enum HandleError {
     Transient(#[from] sqlx::Error),
 }
 
-/// A service's reaction to the records of its topics.
+/// A service's reaction to the records of its topics. The consumer decodes a record with
+/// [`Handler::decode`], claims the event's id in `processed_events` and, only when the claim is
+/// new, runs [`Handler::apply`] in the same transaction.
 #[async_trait]
 pub trait Handler: Send + Sync + 'static {
-    /// Applies `record` inside `tx`. Must call [`crate::db::claim`] with the event's id before
-    /// any effect and return [`Handled::Duplicate`] when the claim fails.
-    async fn handle(
-        &self,
-        tx: &mut PgConnection,
-        record: &Record<'_>,
-    ) -> Result<Handled, HandleError>;
+    /// A record's content, decoded and checked.
+    type Event: Send + Sync;
+    /// This consumer's name in `processed_events`.
+    const CONSUMER: &'static str;
+
+    /// Decodes and checks a record; the error is why it can never be handled (it goes to the
+    /// DLQ with that reason).
+    fn decode(&self, record: &Record<'_>) -> Result<Self::Event, String>;
+
+    /// The id that makes a redelivered event a duplicate.
+    fn event_id(event: &Self::Event) -> &str;
+
+    /// Writes the effect of an event seen for the first time, inside `tx`.
+    async fn apply(&self, tx: &mut PgConnection, event: &Self::Event) -> Result<(), HandleError>;
 }
 
 /// The consumer of one service process.
@@ -231,29 +239,37 @@ impl Consumer {
                     .find(|h| h.key.eq_ignore_ascii_case("content-type"))
             })
             .and_then(|h| h.value);
+        let content_type = match proto::ContentType::from_header(content_type) {
+            Ok(c) => c,
+            Err(e) => {
+                return self
+                    .to_dlq(message, &format!("bad content-type: {e}"), stop)
+                    .await;
+            }
+        };
+        let record = Record {
+            topic,
+            payload: message.payload().unwrap_or_default(),
+            content_type,
+        };
+        let event = match handler.decode(&record) {
+            Ok(event) if H::event_id(&event).is_empty() => {
+                return self.to_dlq(message, "event_id is empty", stop).await;
+            }
+            Ok(event) => event,
+            Err(reason) => return self.to_dlq(message, &reason, stop).await,
+        };
         let mut backoff = Duration::from_millis(100);
         loop {
-            let content_type = match proto::ContentType::from_header(content_type) {
-                Ok(c) => c,
-                Err(e) => {
-                    return self
-                        .to_dlq(message, &format!("bad content-type: {e}"), stop)
-                        .await;
-                }
-            };
-            let record = Record {
-                topic,
-                payload: message.payload().unwrap_or_default(),
-                content_type,
-            };
             let outcome = async {
                 let mut tx = self.pool.begin().await?;
-                let handled = handler.handle(&mut tx, &record).await?;
-                match handled {
-                    Handled::Applied => tx.commit().await?,
-                    Handled::Duplicate => tx.rollback().await?,
+                if !crate::db::claim(&mut tx, H::CONSUMER, H::event_id(&event)).await? {
+                    tx.rollback().await?;
+                    return Ok(Handled::Duplicate);
                 }
-                Ok::<_, HandleError>(handled)
+                handler.apply(&mut tx, &event).await?;
+                tx.commit().await?;
+                Ok::<_, HandleError>(Handled::Applied)
             }
             .await;
             match outcome {
@@ -299,35 +315,35 @@ impl Consumer {
         );
         let partition = message.partition().to_string();
         let offset = message.offset().to_string();
+        let mut headers = OwnedHeaders::new();
+        if let Some(original) = message.headers() {
+            for h in original.iter() {
+                headers = headers.insert(Header {
+                    key: h.key,
+                    value: h.value,
+                });
+            }
+        }
+        let headers = headers
+            .insert(Header {
+                key: "dlq-error",
+                value: Some(reason.as_bytes()),
+            })
+            .insert(Header {
+                key: "dlq-source-topic",
+                value: Some(topic.as_bytes()),
+            })
+            .insert(Header {
+                key: "dlq-source-partition",
+                value: Some(partition.as_bytes()),
+            })
+            .insert(Header {
+                key: "dlq-source-offset",
+                value: Some(offset.as_bytes()),
+            });
         let mut backoff = Duration::from_millis(100);
         loop {
-            let mut headers = OwnedHeaders::new();
-            if let Some(original) = message.headers() {
-                for h in original.iter() {
-                    headers = headers.insert(Header {
-                        key: h.key,
-                        value: h.value,
-                    });
-                }
-            }
-            let headers = headers
-                .insert(Header {
-                    key: "dlq-error",
-                    value: Some(reason.as_bytes()),
-                })
-                .insert(Header {
-                    key: "dlq-source-topic",
-                    value: Some(topic.as_bytes()),
-                })
-                .insert(Header {
-                    key: "dlq-source-partition",
-                    value: Some(partition.as_bytes()),
-                })
-                .insert(Header {
-                    key: "dlq-source-offset",
-                    value: Some(offset.as_bytes()),
-                });
-            let mut record = FutureRecord::to(&dlq).headers(headers);
+            let mut record = FutureRecord::to(&dlq).headers(headers.clone());
             if let Some(key) = message.key() {
                 record = record.key(key);
             }

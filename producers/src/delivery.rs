@@ -12,7 +12,7 @@ use sqlx::{PgConnection, PgPool, Row};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::consumer::{HandleError, Handled, Handler, Record};
+use crate::consumer::{HandleError, Handler, Record};
 use crate::outbox::sleep_or_stop;
 use crate::service::Builder;
 use crate::topics;
@@ -38,31 +38,35 @@ struct Deliveries {
     step: Duration,
 }
 
-const CONSUMER: &str = "delivery-service";
-
 #[async_trait]
 impl Handler for Deliveries {
-    async fn handle(
-        &self,
-        tx: &mut PgConnection,
-        record: &Record<'_>,
-    ) -> Result<Handled, HandleError> {
+    type Event = PaymentCompleted;
+    const CONSUMER: &'static str = "delivery-service";
+
+    fn decode(&self, record: &Record<'_>) -> Result<PaymentCompleted, String> {
         let payment: PaymentCompleted = record.decode()?;
         if payment.event_id.is_empty() || payment.order_id.is_empty() {
-            return Err(HandleError::Poison(
-                "event_id and order_id are required".into(),
-            ));
+            return Err("event_id and order_id are required".into());
         }
-        if !crate::db::claim(tx, CONSUMER, &payment.event_id).await? {
-            return Ok(Handled::Duplicate);
-        }
+        Ok(payment)
+    }
+
+    fn event_id(payment: &PaymentCompleted) -> &str {
+        &payment.event_id
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut PgConnection,
+        payment: &PaymentCompleted,
+    ) -> Result<(), HandleError> {
         if payment.status() != PaymentStatus::Success {
             tracing::info!(
                 order_id = payment.order_id,
                 status = payment.status().short_name(),
                 "no delivery: payment failed"
             );
-            return Ok(Handled::Applied);
+            return Ok(());
         }
         sqlx::query(
             "INSERT INTO deliveries (id, order_id, user_id, status, next_at) \
@@ -76,7 +80,7 @@ impl Handler for Deliveries {
         .execute(&mut *tx)
         .await?;
         tracing::info!(order_id = payment.order_id, "delivery created");
-        Ok(Handled::Applied)
+        Ok(())
     }
 }
 

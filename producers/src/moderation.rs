@@ -17,7 +17,7 @@ use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use crate::auth::{User, Verifier};
-use crate::consumer::{HandleError, Handled, Handler, Record};
+use crate::consumer::{HandleError, Handler, Record};
 use crate::http::{ApiError, body};
 use crate::service::Builder;
 use crate::topics;
@@ -198,24 +198,24 @@ struct Worker {
     name: String,
 }
 
-const CONSUMER: &str = "moderation-worker";
-
 #[async_trait]
 impl Handler for Worker {
-    async fn handle(
-        &self,
-        tx: &mut PgConnection,
-        record: &Record<'_>,
-    ) -> Result<Handled, HandleError> {
+    type Event = ModerationTask;
+    const CONSUMER: &'static str = "moderation-worker";
+
+    fn decode(&self, record: &Record<'_>) -> Result<ModerationTask, String> {
         let task: ModerationTask = record.decode()?;
         if task.event_id.is_empty() || task.report_id.is_empty() || task.reporter_id.is_empty() {
-            return Err(HandleError::Poison(
-                "event_id, report_id and reporter_id are required".into(),
-            ));
+            return Err("event_id, report_id and reporter_id are required".into());
         }
-        if !crate::db::claim(tx, CONSUMER, &task.event_id).await? {
-            return Ok(Handled::Duplicate);
-        }
+        Ok(task)
+    }
+
+    fn event_id(task: &ModerationTask) -> &str {
+        &task.event_id
+    }
+
+    async fn apply(&self, tx: &mut PgConnection, task: &ModerationTask) -> Result<(), HandleError> {
         let (decision, rule) = self.rule.decide(&task.reason);
         let first = sqlx::query(
             "INSERT INTO decisions (report_id, decision, rule, worker) VALUES ($1, $2, $3, $4) \
@@ -232,15 +232,15 @@ impl Handler for Worker {
                 report_id = task.report_id,
                 "report already decided; ignored"
             );
-            return Ok(Handled::Applied);
+            return Ok(());
         }
         let result = ModerationResult {
             event_id: crate::event_id(),
             report_id: task.report_id.clone(),
-            reporter_id: task.reporter_id,
+            reporter_id: task.reporter_id.clone(),
             target_type: task.target_type,
-            target_id: task.target_id,
-            target_owner_id: task.target_owner_id,
+            target_id: task.target_id.clone(),
+            target_owner_id: task.target_owner_id.clone(),
             decision: decision.into(),
             reason: rule,
             occurred_at: Some(crate::now()),
@@ -259,7 +259,7 @@ impl Handler for Worker {
             worker = self.name,
             "moderation decision"
         );
-        Ok(Handled::Applied)
+        Ok(())
     }
 }
 

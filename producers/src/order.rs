@@ -23,7 +23,7 @@ use proto::orders::v1::{OrderCreated, OrderItem, OrderStatus, OrderStatusChanged
 use proto::payments::v1::{PaymentCompleted, PaymentStatus};
 
 use crate::auth::{User, Verifier};
-use crate::consumer::{HandleError, Handled, Handler, Record};
+use crate::consumer::{HandleError, Handler, Record};
 use crate::http::{ApiError, body};
 use crate::service::Builder;
 use crate::topics;
@@ -377,16 +377,20 @@ struct Events {
     prefix: String,
 }
 
-/// Name of this consumer in `processed_events`.
-const CONSUMER: &str = "order-service";
+/// A payment or delivery event, as the order it moves and the status it moves it to.
+struct StatusEvent {
+    event_id: String,
+    order_id: String,
+    id: Uuid,
+    target: OrderStatus,
+}
 
 #[async_trait]
 impl Handler for Events {
-    async fn handle(
-        &self,
-        tx: &mut PgConnection,
-        record: &Record<'_>,
-    ) -> Result<Handled, HandleError> {
+    type Event = StatusEvent;
+    const CONSUMER: &'static str = "order-service";
+
+    fn decode(&self, record: &Record<'_>) -> Result<StatusEvent, String> {
         let topic = record
             .topic
             .strip_prefix(self.prefix.as_str())
@@ -397,9 +401,7 @@ impl Handler for Events {
                 let target = match e.status() {
                     PaymentStatus::Success => OrderStatus::Paid,
                     PaymentStatus::InsufficientFunds => OrderStatus::PaymentFailed,
-                    PaymentStatus::Unspecified => {
-                        return Err(HandleError::Poison("payment status unspecified".into()));
-                    }
+                    PaymentStatus::Unspecified => return Err("payment status unspecified".into()),
                 };
                 (e.event_id, e.order_id, target)
             }
@@ -410,22 +412,35 @@ impl Handler for Events {
                     DeliveryStatus::OutForDelivery => OrderStatus::OutForDelivery,
                     DeliveryStatus::Delivered => OrderStatus::Delivered,
                     DeliveryStatus::Unspecified => {
-                        return Err(HandleError::Poison("delivery status unspecified".into()));
+                        return Err("delivery status unspecified".into());
                     }
                 };
                 (e.event_id, e.order_id, target)
             }
-            other => return Err(HandleError::Poison(format!("unexpected topic {other}"))),
+            other => return Err(format!("unexpected topic {other}")),
         };
-        if event_id.is_empty() {
-            return Err(HandleError::Poison("event_id is empty".into()));
-        }
-        let id = Uuid::parse_str(&order_id).map_err(|_| {
-            HandleError::Poison(format!("order_id {order_id:?} is not an order id"))
-        })?;
-        if !crate::db::claim(tx, CONSUMER, &event_id).await? {
-            return Ok(Handled::Duplicate);
-        }
+        let id = Uuid::parse_str(&order_id)
+            .map_err(|_| format!("order_id {order_id:?} is not an order id"))?;
+        Ok(StatusEvent {
+            event_id,
+            order_id,
+            id,
+            target,
+        })
+    }
+
+    fn event_id(event: &StatusEvent) -> &str {
+        &event.event_id
+    }
+
+    async fn apply(&self, tx: &mut PgConnection, event: &StatusEvent) -> Result<(), HandleError> {
+        let StatusEvent {
+            order_id,
+            id,
+            target,
+            ..
+        } = event;
+        let (id, target) = (*id, *target);
         let Some(row) = sqlx::query("SELECT user_id, status FROM orders WHERE id = $1 FOR UPDATE")
             .bind(id)
             .fetch_optional(&mut *tx)
@@ -458,7 +473,7 @@ impl Handler for Events {
             from = to;
         }
         // The claim is kept even when nothing changed, so the event is not examined again.
-        Ok(Handled::Applied)
+        Ok(())
     }
 }
 

@@ -8,7 +8,7 @@ use proto::orders::v1::OrderCreated;
 use proto::payments::v1::{PaymentCompleted, PaymentStatus};
 use sqlx::{PgConnection, Row};
 
-use crate::consumer::{HandleError, Handled, Handler, Record};
+use crate::consumer::{HandleError, Handler, Record};
 use crate::service::Builder;
 use crate::topics;
 
@@ -29,30 +29,27 @@ struct Payments {
     unfunded: Vec<String>,
 }
 
-const CONSUMER: &str = "payment-service";
-
 #[async_trait]
 impl Handler for Payments {
-    async fn handle(
-        &self,
-        tx: &mut PgConnection,
-        record: &Record<'_>,
-    ) -> Result<Handled, HandleError> {
+    type Event = OrderCreated;
+    const CONSUMER: &'static str = "payment-service";
+
+    fn decode(&self, record: &Record<'_>) -> Result<OrderCreated, String> {
         let order: OrderCreated = record.decode()?;
         if order.event_id.is_empty() || order.order_id.is_empty() || order.user_id.is_empty() {
-            return Err(HandleError::Poison(
-                "event_id, order_id and user_id are required".into(),
-            ));
+            return Err("event_id, order_id and user_id are required".into());
         }
         if order.total_cents < 0 {
-            return Err(HandleError::Poison(format!(
-                "negative total {}",
-                order.total_cents
-            )));
+            return Err(format!("negative total {}", order.total_cents));
         }
-        if !crate::db::claim(tx, CONSUMER, &order.event_id).await? {
-            return Ok(Handled::Duplicate);
-        }
+        Ok(order)
+    }
+
+    fn event_id(order: &OrderCreated) -> &str {
+        &order.event_id
+    }
+
+    async fn apply(&self, tx: &mut PgConnection, order: &OrderCreated) -> Result<(), HandleError> {
         // One payment per order, even if the order were announced twice under two event ids.
         let first = sqlx::query(
             "INSERT INTO payments (order_id, user_id, amount_cents, status) VALUES ($1, $2, $3, 'PENDING') \
@@ -65,7 +62,7 @@ impl Handler for Payments {
         .await?;
         if first.rows_affected() == 0 {
             tracing::warn!(order_id = order.order_id, "order already paid for; ignored");
-            return Ok(Handled::Applied);
+            return Ok(());
         }
         let opening = if self.unfunded.contains(&order.user_id) {
             0
@@ -120,6 +117,6 @@ impl Handler for Payments {
             ?balance,
             "payment"
         );
-        Ok(Handled::Applied)
+        Ok(())
     }
 }
