@@ -12,6 +12,8 @@
 # DEMO_STEP_INTERVAL (default 2s) sets the delivery service's pace between delivery steps.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=infra/local/lib.sh
+source infra/local/lib.sh
 RUN=.run
 mkdir -p "$RUN"
 BIN=target/release
@@ -124,11 +126,7 @@ stop() {
     [[ -f $RUN/$name.pid ]] || continue
     any=1
     pid=$(cat "$RUN/$name.pid")
-    if kill -0 "$pid" 2>/dev/null; then
-      kill -TERM "$pid"
-      for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" || true
-    fi
+    terminate "$pid" 15 || echo "demo: $name still running after 15 s; killed it (SIGKILL)"
     rm -f "$RUN/$name.pid"
   done
   if ((any)); then echo "demo: hub nodes and services stopped"; else echo "demo: nothing running"; fi

@@ -32,6 +32,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+# shellcheck source=infra/local/lib.sh
+source "$ROOT/infra/local/lib.sh"
 HOST=127.0.0.1
 POM=$ROOT/infra/kafka/pom.xml
 DIR=$ROOT/.run/kafka
@@ -408,17 +410,7 @@ stop() {
     fi
     return 0
   fi
-  kill -TERM "$pid" 2>/dev/null || true
-  local deadline=$((SECONDS + STOP_SECONDS))
-  while ((SECONDS < deadline)); do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.2
-  done
-  if kill -0 "$pid" 2>/dev/null; then
-    say "pid $pid still running after $STOP_SECONDS s; sending SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
-    sleep 0.5
-  fi
+  terminate "$pid" "$STOP_SECONDS" || say "pid $pid still running after $STOP_SECONDS s; killed it (SIGKILL)"
   rm -f "$PIDFILE"
   say "stopped (pid $pid) on $BOOTSTRAP"
 }

@@ -14,6 +14,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+# shellcheck source=infra/local/lib.sh
+source "$ROOT/infra/local/lib.sh"
 PORT=${LOCAL_REDIS_PORT:-6379}
 HOST=127.0.0.1
 DIR=$ROOT/.run/redis
@@ -117,17 +119,7 @@ stop() {
     fi
     return 0
   fi
-  kill -TERM "$pid" 2>/dev/null || true
-  local deadline=$((SECONDS + WAIT_SECONDS))
-  while ((SECONDS < deadline)); do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  if kill -0 "$pid" 2>/dev/null; then
-    say "pid $pid still running after $WAIT_SECONDS s; sending SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
-    sleep 0.2
-  fi
+  terminate "$pid" "$WAIT_SECONDS" || say "pid $pid still running after $WAIT_SECONDS s; killed it (SIGKILL)"
   rm -f "$PIDFILE"
   say "stopped (pid $pid) on $HOST:$PORT"
 }
