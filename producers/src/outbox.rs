@@ -12,7 +12,7 @@
 //! acknowledgement and the commit publishes the row again with the same `event_id`, which every
 //! consumer (and the hub) deduplicates. While Kafka is unreachable rows simply wait.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use rdkafka::ClientConfig;
@@ -104,6 +104,7 @@ impl Relay {
     pub async fn run(self, stop: CancellationToken) {
         let mut listener = self.listen().await;
         let mut backoff = Duration::from_millis(100);
+        let mut sampled = None;
         loop {
             if stop.is_cancelled() {
                 return;
@@ -118,7 +119,7 @@ impl Relay {
                 }
                 Ok(Batch { failed: 0, .. }) => backoff = Duration::from_millis(100),
                 Ok(Batch { failed, .. }) => {
-                    self.sample_backlog().await;
+                    self.sample_backlog(&mut sampled).await;
                     tracing::warn!(failed, retry_in = ?backoff, "outbox: events not published; retrying");
                     if sleep_or_stop(backoff, &stop).await {
                         return;
@@ -128,18 +129,16 @@ impl Relay {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "outbox: database error; retrying");
-                    listener = None;
                     if sleep_or_stop(backoff, &stop).await {
                         return;
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
-                    if listener.is_none() {
-                        listener = self.listen().await;
-                    }
+                    // The database may have dropped the listening connection too.
+                    listener = self.listen().await;
                     continue;
                 }
             }
-            self.sample_backlog().await;
+            self.sample_backlog(&mut sampled).await;
             // Nothing waiting: sleep until a transaction notifies, the poll interval passes
             // (a missed notification costs at most that), or the process stops.
             let notified = async {
@@ -159,8 +158,13 @@ impl Relay {
         }
     }
 
-    /// Updates the backlog gauges (a cheap query: the outbox is small unless Kafka is down).
-    async fn sample_backlog(&self) {
+    /// Updates the backlog gauges, at most once per poll interval (`last` is when it last did),
+    /// so a busy relay does not pay a count per batch.
+    async fn sample_backlog(&self, last: &mut Option<Instant>) {
+        if last.is_some_and(|t| t.elapsed() < self.poll) {
+            return;
+        }
+        *last = Some(Instant::now());
         let row = sqlx::query(
             "SELECT count(*) AS waiting, \
              COALESCE(EXTRACT(EPOCH FROM now() - min(created_at))::float8, 0) AS oldest FROM outbox",

@@ -1,18 +1,14 @@
 //! A bad configuration stops a service at start with exit code 2 and one line naming the
 //! setting; it never half-starts.
 
-use std::process::Command;
-
 use crate::helpers::Kind;
 
 fn run(kind: Kind, env: &[(&str, &str)]) -> (Option<i32>, String) {
-    let mut cmd = Command::new(kind.binary());
-    for (k, _) in std::env::vars() {
-        if k.starts_with(kind.prefix()) {
-            cmd.env_remove(k);
-        }
-    }
-    let out = cmd.envs(env.iter().copied()).output().expect("runs");
+    let out = kind
+        .command()
+        .envs(env.iter().copied())
+        .output()
+        .expect("runs");
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),

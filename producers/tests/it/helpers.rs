@@ -301,7 +301,19 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub fn binary(self) -> &'static str {
+    /// The service's binary, without the settings of the developer's shell (only what the
+    /// test gives).
+    pub fn command(self) -> Command {
+        let mut cmd = Command::new(self.binary());
+        for (k, _) in std::env::vars() {
+            if k.starts_with(self.prefix()) {
+                cmd.env_remove(k);
+            }
+        }
+        cmd
+    }
+
+    fn binary(self) -> &'static str {
         match self {
             Kind::Order => env!("CARGO_BIN_EXE_order-service"),
             Kind::Payment => env!("CARGO_BIN_EXE_payment-service"),
@@ -339,13 +351,7 @@ pub struct ServiceProcess {
 impl ServiceProcess {
     /// Starts `kind` with `env` (names without the prefix) and waits for its listening line.
     pub fn start(kind: Kind, env: &[(String, String)], log: &std::path::Path) -> ServiceProcess {
-        let mut cmd = Command::new(kind.binary());
-        // Only what the test gives: no stray settings from the developer's shell.
-        for (k, _) in std::env::vars() {
-            if k.starts_with(kind.prefix()) {
-                cmd.env_remove(k);
-            }
-        }
+        let mut cmd = kind.command();
         for (k, v) in env {
             cmd.env(format!("{}{k}", kind.prefix()), v);
         }
