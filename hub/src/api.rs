@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
 
-use crate::backplane::{Backplane, BackplaneError, Publish};
+use crate::backplane::{Backplane, BackplaneError, Publish, Revocation};
 use crate::metrics::Metrics;
 use crate::shutdown::Lifecycle;
 
@@ -41,6 +41,12 @@ pub struct ApiInner {
     pub api_key: Option<String>,
     /// Present with `--dev`: the secret the dev login signs with.
     pub dev_secret: Option<String>,
+    /// The hub's own `HUB_JWT_AUDIENCE` and `HUB_JWT_ISSUER`, put into dev tokens.
+    pub audience: Option<String>,
+    /// See [`ApiInner::audience`].
+    pub issuer: Option<String>,
+    /// How long a revocation lasts: no token accepted before it can outlive this.
+    pub revocation_ttl: Duration,
 }
 
 impl ApiState {
@@ -61,6 +67,12 @@ pub enum ApiError {
     /// 401.
     #[error("{0}")]
     Unauthorized(&'static str),
+    /// 403.
+    #[error("{0}")]
+    Forbidden(&'static str),
+    /// 415.
+    #[error("Content-Type must be application/json")]
+    UnsupportedMediaType,
     /// 413.
     #[error("body larger than 64 KiB")]
     TooLarge,
@@ -74,6 +86,8 @@ impl IntoResponse for ApiError {
         let status = match &self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
@@ -93,8 +107,13 @@ impl IntoResponse for ApiError {
 
 impl From<BackplaneError> for ApiError {
     fn from(e: BackplaneError) -> Self {
-        tracing::warn!(error = %e, "publish failed");
-        ApiError::Unavailable("backplane unavailable, retry".to_owned())
+        match e {
+            BackplaneError::Rejected(why) => ApiError::BadRequest(format!("refused: {why}")),
+            BackplaneError::Unavailable(_) => {
+                tracing::warn!(error = %e, "publish failed");
+                ApiError::Unavailable("backplane unavailable, retry".to_owned())
+            }
+        }
     }
 }
 
@@ -150,22 +169,51 @@ fn check_field(name: &str, value: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn publish(
-    State(state): State<ApiState>,
-    _key: ApiKey,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let body = body.map_err(|e| {
+/// A JSON body: no `Content-Type` (curl without `-H`) or `application/json` (with any
+/// parameters); anything else is refused so a form post is not read as JSON by accident.
+fn json_content_type(headers: &http::HeaderMap) -> Result<(), ApiError> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let essence = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase());
+    match essence.as_deref() {
+        Some("application/json") => Ok(()),
+        _ => Err(ApiError::UnsupportedMediaType),
+    }
+}
+
+fn read_body(body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::TooLarge
         } else {
             ApiError::BadRequest(e.body_text())
         }
-    })?;
+    })
+}
+
+async fn publish(
+    State(state): State<ApiState>,
+    _key: ApiKey,
+    headers: http::HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    json_content_type(&headers)?;
+    let body = read_body(body)?;
     let req: PublishRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
-    check_field("user_id", &req.user_id)?;
+    crate::envelope::check_user_id(&req.user_id)
+        .map_err(|e| ApiError::BadRequest(format!("user_id: {e}")))?;
     check_field("type", &req.kind)?;
+    if !req.data.get().trim_start().starts_with('{') {
+        return Err(ApiError::BadRequest(
+            "data must be a JSON object".to_owned(),
+        ));
+    }
     if req.kind.starts_with("hub.") {
         return Err(ApiError::BadRequest(
             "types starting with \"hub.\" are reserved".to_owned(),
@@ -231,22 +279,89 @@ async fn metrics(State(state): State<ApiState>) -> Response {
 }
 
 #[derive(Deserialize)]
-struct DevLogin {
+#[serde(deny_unknown_fields)]
+struct DisconnectRequest {
     user_id: String,
+    #[serde(default)]
+    revoke_tokens_issued_before: Option<u64>,
 }
 
+/// `POST /api/disconnect`: closes every connection of a user on every node and optionally
+/// revokes the user's tokens issued before a time.
+async fn disconnect(
+    State(state): State<ApiState>,
+    _key: ApiKey,
+    headers: http::HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    json_content_type(&headers)?;
+    let body = read_body(body)?;
+    let req: DisconnectRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
+    crate::envelope::check_user_id(&req.user_id)
+        .map_err(|e| ApiError::BadRequest(format!("user_id: {e}")))?;
+    let now = crate::envelope::now_micros() / 1_000_000;
+    let revoke = match req.revoke_tokens_issued_before {
+        None => None,
+        Some(0) => {
+            return Err(ApiError::BadRequest(
+                "revoke_tokens_issued_before must be a positive unix time in seconds".to_owned(),
+            ));
+        }
+        Some(before) => Some(Revocation {
+            issued_before: before,
+            until: now.saturating_add(state.inner.revocation_ttl.as_secs()),
+        }),
+    };
+    let closed = state.inner.backplane.disconnect(&req.user_id, revoke).await?;
+    tracing::info!(connections = closed, revoked = revoke.is_some(), "user disconnected through the API");
+    Ok(Json(serde_json::json!({ "disconnected": closed })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevLogin {
+    user_id: String,
+    /// The token's `aud`: another service's audience (e.g. `orders`); the hub's own
+    /// `HUB_JWT_AUDIENCE` when absent.
+    #[serde(default)]
+    audience: Option<String>,
+}
+
+/// `POST /api/dev/token` (only with `--dev`): answers loopback clients only, so a dev node
+/// reachable from elsewhere does not mint tokens for strangers.
 async fn dev_token(
     State(state): State<ApiState>,
+    extensions: http::Extensions,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let Some(secret) = &state.inner.dev_secret else {
-        return Err(ApiError::BadRequest("dev login is off".to_owned()));
-    };
-    let login: DevLogin = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("expected {{\"user_id\": \"...\"}}: {e}")))?;
-    check_field("user_id", &login.user_id)?;
-    let token = crate::auth::sign_hs256(secret, &login.user_id, Duration::from_secs(3600))
-        .map_err(|_| ApiError::Unavailable("cannot sign".to_owned()))?;
+    let peer = extensions.get::<ConnectInfo<std::net::SocketAddr>>();
+    if !peer.is_some_and(|ConnectInfo(addr)| addr.ip().is_loopback()) {
+        return Err(ApiError::Forbidden(
+            "the dev login answers loopback clients only",
+        ));
+    }
+    // The route exists only with `--dev`, which always sets the secret.
+    let secret = state.inner.dev_secret.as_deref().unwrap_or_default();
+    let login: DevLogin = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "expected {{\"user_id\": \"...\", \"audience\": \"optional\"}}: {e}"
+        ))
+    })?;
+    crate::envelope::check_user_id(&login.user_id)
+        .map_err(|e| ApiError::BadRequest(format!("user_id: {e}")))?;
+    if let Some(aud) = &login.audience {
+        check_field("audience", aud)?;
+    }
+    let audience = login.audience.as_deref().or(state.inner.audience.as_deref());
+    let token = crate::auth::sign_hs256_for(
+        secret,
+        &login.user_id,
+        Duration::from_secs(3600),
+        audience,
+        state.inner.issuer.as_deref(),
+    )
+    .map_err(|_| ApiError::Unavailable("cannot sign".to_owned()))?;
     Ok(Json(serde_json::json!({ "token": token })))
 }
 
@@ -271,6 +386,10 @@ pub fn router(state: ApiState) -> axum::Router {
         .route(
             "/api/publish",
             post(publish).layer(DefaultBodyLimit::max(MAX_BODY)),
+        )
+        .route(
+            "/api/disconnect",
+            post(disconnect).layer(DefaultBodyLimit::max(MAX_BODY)),
         )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

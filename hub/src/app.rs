@@ -22,7 +22,7 @@ use crate::fanout::{Fanout, Limits};
 use crate::ingest::{self, IngestMetrics, IngestSettings, Routes};
 use crate::metrics::Metrics;
 use crate::shutdown::Lifecycle;
-use crate::transport::{Context, ContextInner, Timing, front, sse, ws};
+use crate::transport::{Context, ContextInner, Timing, front, gate, sse, ws};
 
 /// Options that come from the command line rather than settings.
 #[derive(Debug, Clone, Default)]
@@ -67,6 +67,10 @@ impl Sink for FanoutSink {
             self.metrics.slow_consumers().inc_by(d.slow as u64);
         }
     }
+
+    fn disconnect(&self, user: &str) -> usize {
+        self.fanout.disconnect(user)
+    }
 }
 
 /// Routes and Kafka settings when `HUB_KAFKA_BROKERS` is set; bad routes stop the start.
@@ -85,6 +89,8 @@ fn ingest_settings(settings: &Settings) -> anyhow::Result<Option<IngestSettings>
         brokers: brokers.clone(),
         group: settings.kafka_group.clone(),
         routes: Arc::new(routes),
+        max_record_bytes: settings.ingest_max_record_bytes,
+        security: settings.kafka_security_properties(),
     }))
 }
 
@@ -104,6 +110,9 @@ pub async fn run_ingest_only(
     struct Discard;
     impl Sink for Discard {
         fn deliver(&self, _: &str, _: &Arc<Notification>) {}
+        fn disconnect(&self, _: &str) -> usize {
+            0
+        }
     }
     let metrics = Metrics::new();
     let (redis, task) = RedisBackplane::connect(
@@ -139,6 +148,7 @@ pub async fn run_ingest_only(
 fn redis_settings(settings: &Settings, url: &str) -> RedisSettings {
     RedisSettings {
         url: url.to_owned(),
+        ca_file: settings.redis_ca_file.clone(),
         prefix: settings.redis_prefix.clone(),
         pool_size: settings.redis_pool_size,
         timeout: settings.redis_timeout,
@@ -158,6 +168,20 @@ fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(4096)
+}
+
+/// Forgets per-user handshake rate state that has been idle, so the limiter's memory follows
+/// the users connecting now, not every user ever seen.
+fn spawn_rate_sweeper(ctx: Context) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            ctx.user_rate.retain_recent();
+            ctx.user_rate.shrink_to_fit();
+        }
+    })
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -232,6 +256,12 @@ impl Application {
             backplane: backplane.clone(),
             metrics: metrics.clone(),
             lifecycle: lifecycle.clone(),
+            gate: gate::Gate::new(settings.max_connections_per_ip, settings.max_pending_handshakes),
+            user_rate: crate::transport::user_rate(
+                settings.user_handshakes_per_second,
+                settings.user_handshake_burst,
+            ),
+            ws_inbound: crate::transport::ws_inbound(settings.ws_messages_per_second),
             timing: Timing {
                 ping_interval: settings.ping_interval,
                 pong_timeout: settings.pong_timeout,
@@ -250,17 +280,34 @@ impl Application {
                 .map(|d| d.api_key.clone())
                 .or(settings.api_key.clone()),
             dev_secret: dev_secret.filter(|_| options.dev),
+            audience: settings.jwt_audience.clone(),
+            issuer: settings.jwt_issuer.clone(),
+            revocation_ttl: settings.jwt_max_lifetime + settings.jwt_leeway,
         }));
+        background.push(spawn_rate_sweeper(ctx.clone()));
         let transport = Router::new()
             .route("/ws", get(ws::handler))
-            .route("/sse", get(sse::handler))
+            .route("/sse", get(sse::handler).options(sse::handler))
             .with_state(ctx.clone());
-        let router = api.merge(transport).layer(
-            // Spans carry the path only: the query string may hold a token.
-            TraceLayer::new_for_http().make_span_with(|req: &http::Request<_>| {
-                tracing::debug_span!("http", method = %req.method(), path = %req.uri().path())
-            }),
-        );
+        let router = api
+            .merge(transport)
+            // A request body that does not arrive within the handshake timeout ends the
+            // request (heads are bounded by hyper, writes by the connection's write timeout).
+            .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+                settings.handshake_timeout,
+            ))
+            .layer(
+                // Spans carry the path only: the query string may hold a token.
+                TraceLayer::new_for_http()
+                    .make_span_with(|req: &http::Request<_>| {
+                        tracing::debug_span!("http", method = %req.method(), path = %req.uri().path())
+                    })
+                    // A 503 (draining, backplane down) is expected and counted elsewhere;
+                    // it is not an error in the node's own log.
+                    .on_failure(
+                        tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
+                    ),
+            );
 
         let listener = bind(settings.addr)
             .with_context(|| format!("config: HUB_ADDR: cannot listen on {}", settings.addr))?;
@@ -277,6 +324,11 @@ impl Application {
             background,
             ingest,
         })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
     }
 
     /// The bound port.

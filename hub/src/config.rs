@@ -61,6 +61,9 @@ pub struct Settings {
     /// Clock leeway for `exp` and `nbf` (at most 60 s).
     #[serde(with = "humantime_serde")]
     pub jwt_leeway: Duration,
+    /// Longest token lifetime accepted: a token whose `exp` lies further ahead is refused.
+    #[serde(with = "humantime_serde")]
+    pub jwt_max_lifetime: Duration,
     /// Shortest interval between two JWKS refreshes triggered by an unknown `kid`.
     #[serde(with = "humantime_serde")]
     pub jwt_jwks_min_refresh: Duration,
@@ -76,6 +79,9 @@ pub struct Settings {
     /// Redis backplane and history.
     #[serde(default, deserialize_with = "opt_string")]
     pub redis_url: Option<String>,
+    /// PEM CA bundle for a `rediss://` server certificate.
+    #[serde(default)]
+    pub redis_ca_file: Option<PathBuf>,
     /// Key and channel prefix in Redis (several deployments can share one Redis).
     pub redis_prefix: String,
     /// Command connections to Redis per node.
@@ -89,6 +95,23 @@ pub struct Settings {
     pub kafka_brokers: Option<String>,
     /// Kafka consumer group of ingest.
     pub kafka_group: String,
+    /// Kafka `security.protocol`: plaintext, ssl, sasl_plaintext or sasl_ssl.
+    #[serde(default, deserialize_with = "opt_string")]
+    pub kafka_security_protocol: Option<String>,
+    /// Kafka `sasl.mechanism`: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.
+    #[serde(default, deserialize_with = "opt_string")]
+    pub kafka_sasl_mechanism: Option<String>,
+    /// Kafka SASL user name.
+    #[serde(default, deserialize_with = "opt_string")]
+    pub kafka_sasl_username: Option<String>,
+    /// Kafka SASL password.
+    #[serde(default, deserialize_with = "opt_string")]
+    pub kafka_sasl_password: Option<String>,
+    /// PEM CA bundle for the brokers' certificates (`ssl.ca.location`).
+    #[serde(default)]
+    pub kafka_ssl_ca_file: Option<PathBuf>,
+    /// Largest Kafka record value ingest accepts; a larger one goes to the DLQ.
+    pub ingest_max_record_bytes: usize,
     /// A TOML file of routes beyond the built-in ones.
     #[serde(default)]
     pub ingest_routes: Option<PathBuf>,
@@ -118,6 +141,20 @@ pub struct Settings {
     pub max_connections: usize,
     /// Open client connections per user on one node (over it: 429).
     pub max_connections_per_user: usize,
+    /// Open TCP connections from one client address, counted from accept (before any auth);
+    /// beyond it a new connection is closed at once.
+    pub max_connections_per_ip: usize,
+    /// Connections still reading their request head or in the handshake; beyond it a new
+    /// connection is closed at once.
+    pub max_pending_handshakes: usize,
+    /// Handshakes per second per user (token `sub`) on one node; bursts up to
+    /// `HUB_USER_HANDSHAKE_BURST`. Over it: 429.
+    pub user_handshakes_per_second: u32,
+    /// Burst of handshakes one user may make at once.
+    pub user_handshake_burst: u32,
+    /// Client → server WebSocket messages per second per connection (bursts up to twice
+    /// that); a client sending faster is closed with 1008.
+    pub ws_messages_per_second: u32,
     /// SSE `retry:` hint sent at connect.
     #[serde(with = "humantime_serde")]
     pub sse_retry: Duration,
@@ -145,16 +182,24 @@ impl Default for Settings {
             jwt_issuer: None,
             jwt_audience: None,
             jwt_leeway: Duration::from_secs(30),
+            jwt_max_lifetime: Duration::from_secs(24 * 3600),
             jwt_jwks_min_refresh: Duration::from_secs(10),
             jwt_jwks_refresh: Duration::from_secs(600),
             api_key: None,
             allowed_origins: Vec::new(),
             redis_url: None,
+            redis_ca_file: None,
             redis_prefix: "hub".to_owned(),
             redis_pool_size: 16,
             redis_timeout: Duration::from_secs(2),
             kafka_brokers: None,
             kafka_group: "hub-ingest".to_owned(),
+            kafka_security_protocol: None,
+            kafka_sasl_mechanism: None,
+            kafka_sasl_username: None,
+            kafka_sasl_password: None,
+            kafka_ssl_ca_file: None,
+            ingest_max_record_bytes: 64 * 1024,
             ingest_routes: None,
             ingest_builtin_routes: true,
             history_size: 100,
@@ -166,6 +211,11 @@ impl Default for Settings {
             send_queue: 256,
             max_connections: 100_000,
             max_connections_per_user: 32,
+            max_connections_per_ip: 1000,
+            max_pending_handshakes: 1024,
+            user_handshakes_per_second: 10,
+            user_handshake_burst: 40,
+            ws_messages_per_second: 10,
             sse_retry: Duration::from_secs(2),
             drain_window: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(30),
@@ -298,6 +348,17 @@ impl Settings {
         if self.jwt_leeway > MAX_LEEWAY {
             return Err(ConfigError::new("HUB_JWT_LEEWAY", "must be at most 60s"));
         }
+        at_least(
+            "HUB_JWT_MAX_LIFETIME",
+            self.jwt_max_lifetime,
+            Duration::from_secs(60),
+        )?;
+        if self.jwt_max_lifetime > Duration::from_secs(366 * 24 * 3600) {
+            return Err(ConfigError::new(
+                "HUB_JWT_MAX_LIFETIME",
+                "must be at most 366d",
+            ));
+        }
         if matches!(&self.api_key, Some(k) if k.len() < 16) {
             return Err(ConfigError::new(
                 "HUB_API_KEY",
@@ -339,6 +400,27 @@ impl Settings {
             self.redis_timeout,
             Duration::from_millis(50),
         )?;
+        if let Some(path) = &self.redis_ca_file {
+            if !self.redis_url.as_deref().is_some_and(|u| u.starts_with("rediss://")) {
+                return Err(ConfigError::new(
+                    "HUB_REDIS_CA_FILE",
+                    "needs a rediss:// HUB_REDIS_URL",
+                ));
+            }
+            if !path.is_file() {
+                return Err(ConfigError::new(
+                    "HUB_REDIS_CA_FILE",
+                    format!("{} is not a readable file", path.display()),
+                ));
+            }
+        }
+        self.validate_kafka_security()?;
+        positive(
+            "HUB_INGEST_MAX_RECORD_BYTES",
+            self.ingest_max_record_bytes,
+            1024,
+            16 * 1024 * 1024,
+        )?;
         if self.kafka_group.is_empty() {
             return Err(ConfigError::new("HUB_KAFKA_GROUP", "must not be empty"));
         }
@@ -374,6 +456,36 @@ impl Settings {
             1,
             100_000,
         )?;
+        positive(
+            "HUB_MAX_CONNECTIONS_PER_IP",
+            self.max_connections_per_ip,
+            1,
+            10_000_000,
+        )?;
+        positive(
+            "HUB_MAX_PENDING_HANDSHAKES",
+            self.max_pending_handshakes,
+            1,
+            10_000_000,
+        )?;
+        positive(
+            "HUB_USER_HANDSHAKES_PER_SECOND",
+            self.user_handshakes_per_second as usize,
+            1,
+            1_000_000,
+        )?;
+        positive(
+            "HUB_USER_HANDSHAKE_BURST",
+            self.user_handshake_burst as usize,
+            1,
+            1_000_000,
+        )?;
+        positive(
+            "HUB_WS_MESSAGES_PER_SECOND",
+            self.ws_messages_per_second as usize,
+            1,
+            1_000_000,
+        )?;
         at_least("HUB_HISTORY_TTL", self.history_ttl, Duration::from_secs(1))?;
         at_least(
             "HUB_PING_INTERVAL",
@@ -402,6 +514,93 @@ impl Settings {
             ));
         }
         Ok(())
+    }
+}
+
+impl Settings {
+    /// Kafka security settings: known values, and no half-configured SASL or TLS.
+    fn validate_kafka_security(&self) -> Result<(), ConfigError> {
+        let protocol = self
+            .kafka_security_protocol
+            .as_deref()
+            .map(str::to_ascii_lowercase);
+        if let Some(p) = &protocol
+            && !["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"].contains(&p.as_str())
+        {
+            return Err(ConfigError::new(
+                "HUB_KAFKA_SECURITY_PROTOCOL",
+                "must be plaintext, ssl, sasl_plaintext or sasl_ssl",
+            ));
+        }
+        let sasl = protocol.as_deref().is_some_and(|p| p.starts_with("sasl_"));
+        if let Some(m) = &self.kafka_sasl_mechanism {
+            if !["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"].contains(&m.as_str()) {
+                return Err(ConfigError::new(
+                    "HUB_KAFKA_SASL_MECHANISM",
+                    "must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
+                ));
+            }
+            if !sasl {
+                return Err(ConfigError::new(
+                    "HUB_KAFKA_SASL_MECHANISM",
+                    "needs HUB_KAFKA_SECURITY_PROTOCOL=sasl_plaintext or sasl_ssl",
+                ));
+            }
+        }
+        if sasl && self.kafka_sasl_username.is_none() {
+            return Err(ConfigError::new(
+                "HUB_KAFKA_SASL_USERNAME",
+                "required with a sasl_* HUB_KAFKA_SECURITY_PROTOCOL",
+            ));
+        }
+        if self.kafka_sasl_username.is_some() != self.kafka_sasl_password.is_some() {
+            return Err(ConfigError::new(
+                "HUB_KAFKA_SASL_PASSWORD",
+                "set both HUB_KAFKA_SASL_USERNAME and HUB_KAFKA_SASL_PASSWORD, or neither",
+            ));
+        }
+        if self.kafka_sasl_username.is_some() && !sasl {
+            return Err(ConfigError::new(
+                "HUB_KAFKA_SASL_USERNAME",
+                "needs HUB_KAFKA_SECURITY_PROTOCOL=sasl_plaintext or sasl_ssl",
+            ));
+        }
+        if let Some(path) = &self.kafka_ssl_ca_file {
+            if !matches!(protocol.as_deref(), Some("ssl" | "sasl_ssl")) {
+                return Err(ConfigError::new(
+                    "HUB_KAFKA_SSL_CA_FILE",
+                    "needs HUB_KAFKA_SECURITY_PROTOCOL=ssl or sasl_ssl",
+                ));
+            }
+            if !path.is_file() {
+                return Err(ConfigError::new(
+                    "HUB_KAFKA_SSL_CA_FILE",
+                    format!("{} is not a readable file", path.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The librdkafka properties of the security settings, for every client ingest creates.
+    pub fn kafka_security_properties(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if let Some(p) = &self.kafka_security_protocol {
+            out.push(("security.protocol", p.to_ascii_lowercase()));
+        }
+        if let Some(m) = &self.kafka_sasl_mechanism {
+            out.push(("sasl.mechanism", m.clone()));
+        }
+        if let Some(u) = &self.kafka_sasl_username {
+            out.push(("sasl.username", u.clone()));
+        }
+        if let Some(p) = &self.kafka_sasl_password {
+            out.push(("sasl.password", p.clone()));
+        }
+        if let Some(ca) = &self.kafka_ssl_ca_file {
+            out.push(("ssl.ca.location", ca.display().to_string()));
+        }
+        out
     }
 }
 

@@ -52,6 +52,25 @@ impl FromStr for Id {
     }
 }
 
+/// Longest user id (`sub`, `user_id`, a routed recipient), in bytes.
+pub const MAX_USER_ID: usize = 256;
+
+/// Checks a user id: 1–256 bytes, no control characters, and no `{` or `}` (the Redis keys
+/// wrap the user in a `{...}` hash tag; a brace inside would move the tag and let two users'
+/// keys meet). The same rule holds for tokens, the publish API and Kafka routes.
+pub fn check_user_id(user: &str) -> Result<(), &'static str> {
+    if user.is_empty() {
+        return Err("user id must not be empty");
+    }
+    if user.len() > MAX_USER_ID {
+        return Err("user id longer than 256 bytes");
+    }
+    if user.chars().any(|c| c.is_control() || c == '{' || c == '}') {
+        return Err("user id must not contain '{', '}' or control characters");
+    }
+    Ok(())
+}
+
 /// Microseconds since the Unix epoch, the hub's acceptance clock.
 pub fn now_micros() -> u64 {
     SystemTime::now()
@@ -140,11 +159,28 @@ impl Notification {
     }
 }
 
+/// `data` without raw line breaks. In valid JSON a raw CR or LF can only be whitespace
+/// between tokens (inside strings they are escaped), so replacing each with a space keeps
+/// the value and lets the envelope travel as one SSE `data:` line.
+fn one_line(data: &RawValue) -> std::borrow::Cow<'_, RawValue> {
+    let text = data.get();
+    if !text.bytes().any(|b| b == b'\n' || b == b'\r') {
+        return std::borrow::Cow::Borrowed(data);
+    }
+    let flat = text.replace(['\n', '\r'], " ");
+    match RawValue::from_string(flat) {
+        Ok(raw) => std::borrow::Cow::Owned(raw),
+        // Cannot happen for valid JSON; keep the original rather than lose the message.
+        Err(_) => std::borrow::Cow::Borrowed(data),
+    }
+}
+
 fn envelope_json(id: Option<Id>, kind: &str, data: &RawValue, ts_ms: u64) -> String {
+    let data = one_line(data);
     let envelope = Envelope {
         id: id.map(|id| id.to_string()),
         kind,
-        data,
+        data: &data,
         ts: ts_ms,
     };
     // Serialising a struct of strings, a raw JSON value and an integer cannot fail.
@@ -210,6 +246,16 @@ impl Control {
     /// `hub.gap`: the resume point is not in the retained history; refetch state.
     pub fn gap(reason: &str) -> Self {
         Self::new("hub.gap", serde_json::json!({ "reason": reason }))
+    }
+
+    /// `hub.closing`: the server is about to end the stream or close the socket on purpose.
+    pub fn closing(reason: &str) -> Self {
+        Self::new("hub.closing", serde_json::json!({ "reason": reason }))
+    }
+
+    /// `hub.refreshed`: a WebSocket `refresh` was accepted; `exp` is the new expiry.
+    pub fn refreshed(exp: u64) -> Self {
+        Self::new("hub.refreshed", serde_json::json!({ "exp": exp }))
     }
 
     /// `hub.error`: a client message was refused.
@@ -281,6 +327,32 @@ mod tests {
             joined,
             Notification::render(id, "t", &data, 5_000).json.as_str()
         );
+    }
+
+    #[test]
+    fn line_breaks_in_data_become_spaces_and_the_value_is_kept() {
+        let raw = "{\r\n  \"a\": [1,\n2],\n  \"s\": \"x\\ny\"\n}";
+        let data = RawValue::from_string(raw.to_owned()).unwrap();
+        let n = Notification::render(Id { epoch: 1, seq: 1 }, "t", &data, 0);
+        assert!(!n.json.as_str().contains(['\n', '\r']));
+        let event = std::str::from_utf8(&n.sse_event).unwrap();
+        assert_eq!(event.matches('\n').count(), 3, "id line, one data line, blank line");
+        let v: serde_json::Value = serde_json::from_str(n.json.as_str()).unwrap();
+        let original: serde_json::Value = serde_json::from_str(raw).unwrap();
+        assert_eq!(v["data"], original);
+        let tail = Notification::envelope_tail("t", &data, 0);
+        assert!(!tail.contains('\n'));
+    }
+
+    #[test]
+    fn user_ids_with_braces_or_control_characters_are_refused() {
+        assert!(check_user_id("alice").is_ok());
+        assert!(check_user_id("user@example.com/ü 1").is_ok());
+        for bad in ["", "a}b", "{a", "a\nb", "a\u{0}"] {
+            assert!(check_user_id(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_user_id(&"x".repeat(256)).is_ok());
+        assert!(check_user_id(&"x".repeat(257)).is_err());
     }
 
     #[test]

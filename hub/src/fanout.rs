@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
@@ -44,9 +44,17 @@ struct Shared {
 struct Slot {
     id: u64,
     tx: mpsc::Sender<Arc<Notification>>,
-    /// Cancelled when the slot is dropped for being full, so a connection blocked in a
-    /// socket write learns it at once instead of at its write timeout.
-    evicted: CancellationToken,
+    eviction: Arc<Eviction>,
+}
+
+/// Why and when a connection was removed from the registry by the node.
+#[derive(Default)]
+struct Eviction {
+    /// Cancelled when the slot is dropped (queue full, or the disconnect API), so a
+    /// connection blocked in a socket write learns it at once instead of at its write timeout.
+    token: CancellationToken,
+    /// Set before the token is cancelled when the disconnect API removed the connection.
+    by_api: AtomicBool,
 }
 
 /// Capacity settings of the registry.
@@ -85,7 +93,7 @@ pub struct Registration {
     fanout: Fanout,
     user: Arc<str>,
     id: u64,
-    evicted: CancellationToken,
+    eviction: Arc<Eviction>,
 }
 
 impl Registration {
@@ -94,9 +102,14 @@ impl Registration {
         &self.user
     }
 
-    /// Resolves when the connection was dropped as a slow consumer.
+    /// Resolves when the node dropped the connection (slow consumer or disconnect API).
     pub async fn evicted(&self) {
-        self.evicted.cancelled().await;
+        self.eviction.token.cancelled().await;
+    }
+
+    /// Whether the disconnect API (rather than a full queue) removed the connection.
+    pub fn disconnected_by_api(&self) -> bool {
+        self.eviction.by_api.load(Ordering::Acquire)
     }
 }
 
@@ -147,11 +160,11 @@ impl Fanout {
         }
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(limits.queue);
-        let evicted = CancellationToken::new();
+        let eviction = Arc::new(Eviction::default());
         slots.push(Slot {
             id,
             tx,
-            evicted: evicted.clone(),
+            eviction: eviction.clone(),
         });
         drop(shard);
         Ok((
@@ -159,7 +172,7 @@ impl Fanout {
                 fanout: self.clone(),
                 user,
                 id,
-                evicted,
+                eviction,
             },
             rx,
         ))
@@ -190,12 +203,25 @@ impl Fanout {
             }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 out.slow += 1;
-                slot.evicted.cancel();
+                slot.eviction.token.cancel();
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
         });
         out
+    }
+
+    /// Removes every local connection of `user` and tells each it was disconnected by the
+    /// server API; returns how many there were.
+    pub fn disconnect(&self, user: &str) -> usize {
+        let Some(slots) = self.shard(user).lock().remove(user) else {
+            return 0;
+        };
+        for slot in &slots {
+            slot.eviction.by_api.store(true, Ordering::Release);
+            slot.eviction.token.cancel();
+        }
+        slots.len()
     }
 
     /// Open connections on this node.
@@ -253,6 +279,23 @@ mod tests {
     }
 
     #[test]
+    fn disconnect_removes_every_connection_of_the_user_only() {
+        let f = Fanout::new(limits(4, 10, 8));
+        let (a1, _q1) = f.register("a".into()).unwrap();
+        let (a2, _q2) = f.register("a".into()).unwrap();
+        let (b, _qb) = f.register("b".into()).unwrap();
+        assert_eq!(f.disconnect("a"), 2);
+        assert!(a1.disconnected_by_api() && a2.disconnected_by_api());
+        assert!(a1.eviction.token.is_cancelled());
+        assert!(!b.disconnected_by_api());
+        assert_eq!(f.user_connections("a"), 0);
+        assert_eq!(f.disconnect("a"), 0);
+        // The open count falls as the connections' registrations are dropped.
+        drop((a1, a2));
+        assert_eq!(f.connections(), 1);
+    }
+
+    #[test]
     fn a_full_queue_is_dropped_as_slow_and_closes() {
         let f = Fanout::new(limits(2, 10, 8));
         let (reg, mut q) = f.register("a".into()).unwrap();
@@ -261,7 +304,8 @@ mod tests {
         }
         assert_eq!(f.deliver("a", &note(9)), Delivered { queued: 0, slow: 1 });
         assert_eq!(f.user_connections("a"), 0);
-        assert!(reg.evicted.is_cancelled());
+        assert!(reg.eviction.token.is_cancelled());
+        assert!(!reg.disconnected_by_api());
         // The queued ones still drain, then the queue reports closed.
         for seq in 1..=8 {
             assert_eq!(q.try_recv().unwrap().id.seq, seq);

@@ -40,6 +40,9 @@ enum Command {
         /// Lifetime, e.g. 30m, 1h, 7d.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
+        /// Audience (`aud`); defaults to HUB_JWT_AUDIENCE when that is set.
+        #[arg(long)]
+        aud: Option<String>,
         /// TOML settings file.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -51,7 +54,12 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve { config, dev } => serve(config, dev),
         Command::Ingest { config } => ingest(config),
-        Command::Token { sub, ttl, config } => token(&sub, ttl, config),
+        Command::Token {
+            sub,
+            ttl,
+            aud,
+            config,
+        } => token(&sub, ttl, aud, config),
     }
 }
 
@@ -62,7 +70,7 @@ fn load(config: Option<PathBuf>) -> Result<Settings, ExitCode> {
     })
 }
 
-fn token(sub: &str, ttl: Duration, config: Option<PathBuf>) -> ExitCode {
+fn token(sub: &str, ttl: Duration, aud: Option<String>, config: Option<PathBuf>) -> ExitCode {
     let settings = match load(config) {
         Ok(s) => s,
         Err(code) => return code,
@@ -71,7 +79,25 @@ fn token(sub: &str, ttl: Duration, config: Option<PathBuf>) -> ExitCode {
         eprintln!("config: HUB_JWT_SECRET: required to sign tokens");
         return ExitCode::from(2);
     };
-    match hub::auth::sign_hs256(&secret, sub, ttl) {
+    if let Err(e) = hub::envelope::check_user_id(sub) {
+        eprintln!("--sub: {e}");
+        return ExitCode::from(2);
+    }
+    if ttl > settings.jwt_max_lifetime {
+        eprintln!(
+            "--ttl: longer than HUB_JWT_MAX_LIFETIME ({}); the hub would refuse the token",
+            humantime::format_duration(settings.jwt_max_lifetime)
+        );
+        return ExitCode::from(2);
+    }
+    let aud = aud.or(settings.jwt_audience);
+    match hub::auth::sign_hs256_for(
+        &secret,
+        sub,
+        ttl,
+        aud.as_deref(),
+        settings.jwt_issuer.as_deref(),
+    ) {
         Ok(t) => {
             println!("{t}");
             ExitCode::SUCCESS
@@ -108,13 +134,27 @@ fn ingest(config: Option<PathBuf>) -> ExitCode {
 fn init_telemetry(settings: &Settings) {
     let filter = tracing_subscriber::EnvFilter::try_new(&settings.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only for a terminal: a log file or pipe gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false);
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     match settings.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
+}
+
+/// What a node started this way will surprise its operator with.
+fn start_warnings(settings: &Settings, dev: bool) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if settings.api_key.is_none() && !dev {
+        out.push("HUB_API_KEY is not set: the publish and disconnect APIs answer 401 to every request");
+    }
+    if settings.allowed_origins.is_empty() && !dev {
+        out.push("HUB_ALLOWED_ORIGINS is empty: pages from any origin may open /ws and /sse with a token (the hub_token cookie is never used); list your origins");
+    }
+    out
 }
 
 fn serve(config: Option<PathBuf>, dev: bool) -> ExitCode {
@@ -139,6 +179,8 @@ fn serve(config: Option<PathBuf>, dev: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let warnings = start_warnings(&settings, dev);
+    let (audience, issuer) = (settings.jwt_audience.clone(), settings.jwt_issuer.clone());
     runtime.block_on(async move {
         let app = match Application::build(settings, Options { dev }).await {
             Ok(app) => app,
@@ -147,14 +189,34 @@ fn serve(config: Option<PathBuf>, dev: bool) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        tracing::info!(port = app.port(), "hub listening");
+        let addr = app
+            .local_addr()
+            .map_or_else(|_| format!("port {}", app.port()), |a| a.to_string());
+        tracing::info!(%addr, "hub listening");
+        for w in warnings {
+            tracing::warn!("{w}");
+        }
         if let Some(creds) = app.dev_credentials() {
-            let sample = hub::auth::sign_hs256(&creds.secret, "demo", Duration::from_secs(3600))
+            println!("hub: dev mode on {addr}");
+            if app.local_addr().is_ok_and(|a| a.ip().is_loopback()) {
+                let sample = hub::auth::sign_hs256_for(
+                    &creds.secret,
+                    "demo",
+                    Duration::from_secs(3600),
+                    audience.as_deref(),
+                    issuer.as_deref(),
+                )
                 .unwrap_or_default();
-            println!("hub: dev mode on port {}", app.port());
-            println!("hub: HUB_JWT_SECRET={}", creds.secret);
-            println!("hub: HUB_API_KEY={}", creds.api_key);
-            println!("hub: sample token for user \"demo\" (1h): {sample}");
+                println!("hub: HUB_JWT_SECRET={}", creds.secret);
+                println!("hub: HUB_API_KEY={}", creds.api_key);
+                println!("hub: sample token for user \"demo\" (1h): {sample}");
+            } else {
+                // Secrets on a terminal are fine for a loopback toy, not for a node others
+                // can reach; set HUB_JWT_SECRET and HUB_API_KEY yourself to know them.
+                println!(
+                    "hub: listening beyond loopback: the generated secret and API key are not printed, and the dev login answers loopback clients only"
+                );
+            }
         }
         match app.run_until_stopped(hub::shutdown::signal()).await {
             Ok(()) => ExitCode::SUCCESS,

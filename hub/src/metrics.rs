@@ -56,6 +56,8 @@ struct Inner {
     publish_duplicates: IntCounter,
     delivery_latency: Histogram,
     slow_consumers: IntCounter,
+    api_disconnects: IntCounter,
+    inbound_rate_closes: IntCounter,
     resumes: IntCounterVec,
     write_timeouts: IntCounter,
     backplane_reconnects: IntCounter,
@@ -86,6 +88,14 @@ pub mod reason {
     pub const UNAVAILABLE: &str = "unavailable";
     /// The request head did not arrive in time.
     pub const TIMEOUT: &str = "timeout";
+    /// Too many open connections from the client's address (closed at accept).
+    pub const IP_LIMIT: &str = "ip_limit";
+    /// Too many connections still in their handshake (closed at accept).
+    pub const PENDING_LIMIT: &str = "pending_limit";
+    /// The user opened connections faster than the per-user handshake rate.
+    pub const USER_RATE: &str = "user_rate";
+    /// The user's tokens issued before a time were revoked (disconnect API).
+    pub const REVOKED: &str = "revoked";
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -168,6 +178,10 @@ impl Metrics {
             reason::BAD_REQUEST,
             reason::UNAVAILABLE,
             reason::TIMEOUT,
+            reason::IP_LIMIT,
+            reason::PENDING_LIMIT,
+            reason::USER_RATE,
+            reason::REVOKED,
         ] {
             rejections.with_label_values(&[r]);
         }
@@ -195,6 +209,16 @@ impl Metrics {
                 &registry,
                 "hub_slow_consumer_disconnects_total",
                 "Connections dropped because their send queue was full",
+            ),
+            api_disconnects: counter(
+                &registry,
+                "hub_api_disconnects_total",
+                "Connections closed by the disconnect API",
+            ),
+            inbound_rate_closes: counter(
+                &registry,
+                "hub_inbound_rate_closes_total",
+                "WebSocket connections closed for sending messages faster than allowed",
             ),
             resumes,
             write_timeouts: counter(
@@ -297,6 +321,16 @@ impl Metrics {
     /// Slow-consumer disconnects.
     pub fn slow_consumers(&self) -> &IntCounter {
         &self.inner.slow_consumers
+    }
+
+    /// Connections closed by the disconnect API.
+    pub fn api_disconnects(&self) -> &IntCounter {
+        &self.inner.api_disconnects
+    }
+
+    /// WebSocket connections closed for an inbound message flood.
+    pub fn inbound_rate_closes(&self) -> &IntCounter {
+        &self.inner.inbound_rate_closes
     }
 
     /// Stalled writes.

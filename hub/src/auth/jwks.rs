@@ -19,6 +19,9 @@ use super::AuthError;
 
 type KeyMap = HashMap<(String, String), (DecodingKey, Algorithm)>;
 
+/// Largest JWKS document read; an issuer's key set is a few KiB.
+pub const MAX_JWKS_BYTES: usize = 256 * 1024;
+
 /// A cached JWKS; cheap to clone.
 #[derive(Clone)]
 pub struct Jwks {
@@ -38,7 +41,9 @@ struct Inner {
 
 impl Jwks {
     /// A cache for `url` whose keys belong to `issuer` (empty when no issuer is configured).
-    pub fn new(url: String, issuer: String, min_refresh: Duration) -> Self {
+    /// The URL must be `https://` (plain `http://` only to a loopback host, for tests).
+    pub fn new(url: String, issuer: String, min_refresh: Duration) -> Result<Self, String> {
+        check_url(&url)?;
         let period = min_refresh.max(Duration::from_millis(1));
         let quota = Quota::with_period(period)
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
@@ -46,9 +51,10 @@ impl Jwks {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .redirect(reqwest::redirect::Policy::none())
+            .https_only(!url.starts_with("http://"))
             .build()
-            .unwrap_or_default();
-        Jwks {
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        Ok(Jwks {
             inner: Arc::new(Inner {
                 url,
                 issuer,
@@ -57,7 +63,7 @@ impl Jwks {
                 refreshing: tokio::sync::Mutex::new(()),
                 limiter: RateLimiter::direct(quota),
             }),
-        }
+        })
     }
 
     /// The key and algorithm for `kid`, refreshing once (rate-limited) when it is unknown.
@@ -127,8 +133,47 @@ impl Jwks {
         if !response.status().is_success() {
             return Err(format!("fetch: HTTP {}", response.status()));
         }
-        let body = response.bytes().await.map_err(|e| format!("read: {e}"))?;
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_JWKS_BYTES as u64)
+        {
+            return Err(format!("read: larger than {MAX_JWKS_BYTES} bytes"));
+        }
+        // Read chunk by chunk so a server that lies about (or omits) the length cannot make
+        // the hub buffer more than the cap.
+        let mut body = Vec::new();
+        let mut response = response;
+        while let Some(chunk) = response.chunk().await.map_err(|e| format!("read: {e}"))? {
+            if body.len() + chunk.len() > MAX_JWKS_BYTES {
+                return Err(format!("read: larger than {MAX_JWKS_BYTES} bytes"));
+            }
+            body.extend_from_slice(&chunk);
+        }
         parse_set(&body, &self.inner.issuer)
+    }
+}
+
+/// `https://`, or `http://` to a loopback host only.
+fn check_url(url: &str) -> Result<(), String> {
+    if url.starts_with("https://") {
+        return Ok(());
+    }
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Err("must be an https:// URL".to_owned());
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        Ok(())
+    } else {
+        Err("must be an https:// URL (http:// is accepted only for a loopback host)".to_owned())
     }
 }
 
@@ -182,6 +227,26 @@ mod tests {
         assert_eq!(keys.len(), 1);
         let (_, alg) = keys.get(&("iss".to_owned(), "k1".to_owned())).unwrap();
         assert_eq!(*alg, Algorithm::RS256);
+    }
+
+    #[test]
+    fn only_https_or_loopback_http_urls_are_accepted() {
+        for ok in [
+            "https://issuer.example/jwks.json",
+            "http://127.0.0.1:8080/jwks",
+            "http://localhost/jwks",
+            "http://[::1]:9/k",
+        ] {
+            assert!(check_url(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://issuer.example/jwks.json",
+            "http://127.0.0.1.evil.example/k",
+            "ftp://x",
+            "http://10.0.0.1/k",
+        ] {
+            assert!(check_url(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

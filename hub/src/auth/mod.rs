@@ -51,9 +51,18 @@ pub enum AuthError {
     /// `aud` does not match.
     #[error("wrong audience")]
     Audience,
-    /// A required claim is missing or has the wrong type.
+    /// A required claim is absent.
+    #[error("missing claim: {0}")]
+    MissingClaim(&'static str),
+    /// A claim has the wrong type or an unusable value.
     #[error("invalid claim: {0}")]
     Claim(&'static str),
+    /// `exp` lies further ahead than the configured maximum token lifetime.
+    #[error("token lifetime too long: exp is more than the allowed maximum ahead")]
+    TooLong,
+    /// The user revoked tokens issued before a time, and this one is older (or has no `iat`).
+    #[error("token revoked")]
+    Revoked,
     /// The JWKS has no key with the token's `kid`.
     #[error("unknown key id")]
     UnknownKey,
@@ -69,9 +78,11 @@ pub struct Identity {
     pub user: String,
     /// Expiry (`exp`, seconds since the Unix epoch).
     pub exp: u64,
+    /// Issued at (`iat`), when the token has it.
+    pub iat: Option<u64>,
 }
 
-/// Claims the hub reads. Typed strictly: a string `exp` or `nbf` fails to decode.
+/// Claims the hub signs (`hub token`, the dev login, tests).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Claims {
     /// Subject: the user id.
@@ -84,6 +95,12 @@ pub struct Claims {
     /// Issued at.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<u64>,
+    /// Audience.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+    /// Issuer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
 }
 
 enum Keys {
@@ -102,6 +119,7 @@ struct VerifierInner {
     issuer: Option<String>,
     audience: Option<String>,
     leeway: Duration,
+    max_lifetime: Duration,
 }
 
 /// A key source that could not be loaded at start.
@@ -131,11 +149,17 @@ impl Verifier {
             })?;
             Keys::Static { key, alg }
         } else if let Some(url) = &s.jwt_jwks_url {
-            Keys::Jwks(Jwks::new(
-                url.clone(),
-                s.jwt_issuer.clone().unwrap_or_default(),
-                s.jwt_jwks_min_refresh,
-            ))
+            Keys::Jwks(
+                Jwks::new(
+                    url.clone(),
+                    s.jwt_issuer.clone().unwrap_or_default(),
+                    s.jwt_jwks_min_refresh,
+                )
+                .map_err(|problem| KeyError {
+                    setting: "HUB_JWT_JWKS_URL",
+                    problem,
+                })?,
+            )
         } else {
             return Err(KeyError {
                 setting: "HUB_JWT_SECRET",
@@ -148,6 +172,7 @@ impl Verifier {
                 issuer: s.jwt_issuer.clone(),
                 audience: s.jwt_audience.clone(),
                 leeway: s.jwt_leeway,
+                max_lifetime: s.jwt_max_lifetime,
             }),
         })
     }
@@ -189,24 +214,69 @@ impl Verifier {
         validation.leeway = self.inner.leeway.as_secs();
         validation.validate_exp = true;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // A configured issuer or audience must be present, not merely match when present.
+        let mut required = vec!["exp", "sub"];
         match &self.inner.issuer {
-            Some(iss) => validation.set_issuer(&[iss]),
+            Some(iss) => {
+                validation.set_issuer(&[iss]);
+                required.push("iss");
+            }
             None => validation.iss = None,
         }
         match &self.inner.audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
-        let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(map_error)?;
-        if data.claims.sub.is_empty() || data.claims.sub.len() > 256 {
-            return Err(AuthError::Claim("sub"));
+        validation.set_required_spec_claims(&required);
+        let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
+            token,
+            &key,
+            &validation,
+        )
+        .map_err(map_error)?;
+        let identity = identity_from_claims(&data.claims)?;
+        let now = crate::envelope::now_micros() / 1_000_000;
+        if identity.exp.saturating_sub(now) > self.inner.max_lifetime.as_secs() {
+            return Err(AuthError::TooLong);
         }
-        Ok(Identity {
-            user: data.claims.sub,
-            exp: data.claims.exp,
-        })
+        Ok(identity)
     }
+}
+
+/// Reads the claims the hub uses, naming the claim that is missing or mistyped.
+fn identity_from_claims(
+    claims: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Identity, AuthError> {
+    let seconds = |name: &'static str| -> Result<Option<u64>, AuthError> {
+        match claims.get(name) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(Some)
+                .ok_or(AuthError::Claim(match name {
+                    "exp" => "exp must be a whole number of seconds since the epoch",
+                    "iat" => "iat must be a whole number of seconds since the epoch",
+                    _ => "nbf must be a whole number of seconds since the epoch",
+                })),
+        }
+    };
+    let exp = seconds("exp")?.ok_or(AuthError::MissingClaim("exp"))?;
+    seconds("nbf")?;
+    let iat = seconds("iat")?;
+    let sub = match claims.get("sub") {
+        None | Some(serde_json::Value::Null) => return Err(AuthError::MissingClaim("sub")),
+        Some(serde_json::Value::String(s)) => s,
+        Some(_) => return Err(AuthError::Claim("sub must be a string")),
+    };
+    crate::envelope::check_user_id(sub).map_err(AuthError::Claim)?;
+    Ok(Identity {
+        user: sub.clone(),
+        exp,
+        iat,
+    })
 }
 
 /// The `alg` of a header that is valid base64url JSON, whatever its value.
@@ -231,18 +301,22 @@ fn map_error(e: jsonwebtoken::errors::Error) -> AuthError {
         | ErrorKind::InvalidAlgorithmName
         | ErrorKind::UnsupportedAlgorithm
         | ErrorKind::MissingAlgorithm => AuthError::Algorithm,
-        ErrorKind::MissingRequiredClaim(c) | ErrorKind::InvalidClaimFormat(c) => {
-            AuthError::Claim(match c.as_str() {
-                "exp" => "exp",
-                "nbf" => "nbf",
-                "sub" => "sub",
-                "iss" => "iss",
-                "aud" => "aud",
-                _ => "unknown",
-            })
-        }
-        // Claims that decode as JSON but not into `Claims` (e.g. `"exp": "tomorrow"`).
-        ErrorKind::Json(_) => AuthError::Claim("exp/nbf/sub must be typed per RFC 7519"),
+        ErrorKind::MissingRequiredClaim(c) => AuthError::MissingClaim(match c.as_str() {
+            "exp" => "exp",
+            "sub" => "sub",
+            "iss" => "iss",
+            "aud" => "aud",
+            "nbf" => "nbf",
+            _ => "a required claim",
+        }),
+        ErrorKind::InvalidClaimFormat(c) => AuthError::Claim(match c.as_str() {
+            "exp" => "exp must be a whole number of seconds since the epoch",
+            "nbf" => "nbf must be a whole number of seconds since the epoch",
+            _ => "a claim has the wrong type",
+        }),
+        ErrorKind::InvalidSubject => AuthError::Claim("sub"),
+        // Claims that are not a JSON object.
+        ErrorKind::Json(_) => AuthError::Malformed,
         _ => AuthError::Malformed,
     }
 }
@@ -267,12 +341,25 @@ pub fn sign_hs256(
     sub: &str,
     ttl: Duration,
 ) -> Result<String, jsonwebtoken::errors::Error> {
+    sign_hs256_for(secret, sub, ttl, None, None)
+}
+
+/// As [`sign_hs256`], with an audience and an issuer when given.
+pub fn sign_hs256_for(
+    secret: &str,
+    sub: &str,
+    ttl: Duration,
+    aud: Option<&str>,
+    iss: Option<&str>,
+) -> Result<String, jsonwebtoken::errors::Error> {
     let now = crate::envelope::now_micros() / 1_000_000;
     let claims = Claims {
         sub: sub.to_owned(),
-        exp: now + ttl.as_secs(),
+        exp: now.saturating_add(ttl.as_secs()),
         nbf: None,
         iat: Some(now),
+        aud: aud.map(str::to_owned),
+        iss: iss.map(str::to_owned),
     };
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),

@@ -14,7 +14,9 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use super::{Backplane, BackplaneError, Publish, Published, Replay, Sink};
+use super::{
+    Backplane, BackplaneError, Publish, Published, Replay, Revocation, Revocations, Sink,
+};
 use crate::envelope::{Id, Notification, now_micros};
 
 const SHARDS: usize = 64;
@@ -34,6 +36,7 @@ struct Shared {
     size: usize,
     ttl: Duration,
     idempotency_cap: usize,
+    revocations: Revocations,
 }
 
 struct History {
@@ -83,6 +86,7 @@ impl MemoryBackplane {
                 size,
                 ttl,
                 idempotency_cap: (size * 4).max(1024),
+                revocations: Revocations::default(),
             }),
         }
     }
@@ -195,7 +199,7 @@ impl Backplane for MemoryBackplane {
             .map_or(history.last_seq + 1, |n| n.id.seq);
         let contiguous = after.epoch == history.epoch
             && after.seq <= history.last_seq
-            && after.seq + 1 >= first_seq;
+            && after.seq.saturating_add(1) >= first_seq;
         if !contiguous {
             return Ok(Replay {
                 gap: true,
@@ -215,5 +219,20 @@ impl Backplane for MemoryBackplane {
 
     async fn ready(&self) -> bool {
         true
+    }
+
+    async fn disconnect(
+        &self,
+        user: &str,
+        revoke: Option<Revocation>,
+    ) -> Result<usize, BackplaneError> {
+        if let Some(r) = revoke {
+            self.shared.revocations.insert(user, r);
+        }
+        Ok(self.shared.sink.disconnect(user))
+    }
+
+    fn revoked_before(&self, user: &str) -> Option<u64> {
+        self.shared.revocations.before(user)
     }
 }

@@ -20,6 +20,19 @@ use crate::envelope::{Id, Notification};
 pub trait Sink: Send + Sync + 'static {
     /// Called once per notification; must not block.
     fn deliver(&self, user: &str, notification: &Arc<Notification>);
+
+    /// Closes every local connection of `user` (the disconnect API); returns how many.
+    fn disconnect(&self, user: &str) -> usize;
+}
+
+/// A disconnect request: close the user's connections everywhere, and optionally refuse
+/// the user's tokens issued before a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Revocation {
+    /// Tokens with an `iat` earlier than this (unix seconds), or with no `iat`, are refused.
+    pub issued_before: u64,
+    /// Until when (unix seconds): no token accepted before the request outlives this.
+    pub until: u64,
 }
 
 /// A notification to accept.
@@ -58,9 +71,12 @@ pub struct Replay {
 /// A backplane operation that failed; the caller answers 503 and nothing half-happened.
 #[derive(Debug, thiserror::Error)]
 pub enum BackplaneError {
-    /// The backing store cannot be reached or answered with an error.
+    /// The backing store cannot be reached or answered with a transient error: retry.
     #[error("backplane unavailable: {0}")]
     Unavailable(String),
+    /// The store refused this notification for good (retrying the same one cannot succeed).
+    #[error("notification refused: {0}")]
+    Rejected(String),
 }
 
 /// Accepts, stores and routes notifications.
@@ -82,4 +98,51 @@ pub trait Backplane: Send + Sync + 'static {
 
     /// Whether the backing store is reachable (for readiness).
     async fn ready(&self) -> bool;
+
+    /// Closes every connection of `user` on every node and, with `revoke`, records the
+    /// revocation where every node sees it; returns how many connections were closed.
+    async fn disconnect(&self, user: &str, revoke: Option<Revocation>)
+    -> Result<usize, BackplaneError>;
+
+    /// The time before which the user's tokens are revoked, if any (a local lookup: every
+    /// node holds the revocations in memory).
+    fn revoked_before(&self, user: &str) -> Option<u64>;
+}
+
+/// The revocations a node knows of: user → (issued before, until). Locked briefly, never
+/// across `.await`.
+#[derive(Default)]
+pub struct Revocations {
+    map: parking_lot::Mutex<std::collections::HashMap<String, Revocation>>,
+}
+
+impl Revocations {
+    /// Records a revocation, keeping the later cut-off when one exists.
+    pub fn insert(&self, user: &str, r: Revocation) {
+        let mut map = self.map.lock();
+        let entry = map.entry(user.to_owned()).or_insert(r);
+        if r.issued_before >= entry.issued_before {
+            *entry = Revocation {
+                issued_before: r.issued_before,
+                until: r.until.max(entry.until),
+            };
+        }
+    }
+
+    /// The cut-off for `user` while it lasts.
+    pub fn before(&self, user: &str) -> Option<u64> {
+        let mut map = self.map.lock();
+        if map.is_empty() {
+            return None;
+        }
+        let now = crate::envelope::now_micros() / 1_000_000;
+        match map.get(user) {
+            Some(r) if r.until > now => Some(r.issued_before),
+            Some(_) => {
+                map.remove(user);
+                None
+            }
+            None => None,
+        }
+    }
 }

@@ -8,6 +8,12 @@
 //! | `P:h:{u}` | stream | entries `<seq>-1` with `e` = envelope JSON, `u` = acceptance time (µs) |
 //! | `P:i:{u}:<key>` | string | the id an idempotency key was first published under |
 //! | `P:c:{u}` | channel | `<id> <µs> <envelope JSON>` for every accepted notification |
+//! | `P:r:{u}` | string | `<issued before> <until>`: the user's revoked tokens (disconnect API) |
+//! | `P:ctl` | channel | `d <request> <issued before> <until> <user>`: disconnect requests to every node |
+//! | `P:dr:<request>` | list | each node's count of connections it closed for that request |
+//!
+//! User ids hold no `{` or `}` (see [`crate::envelope::check_user_id`]), so the hash tag is
+//! exactly the user and `P:i:{u}:<key>` names one (user, key) pair whatever the key holds.
 //!
 //! Every key and the channel of one user share the hash tag `{u}`, so in a Redis Cluster they
 //! live in one slot, and a later move to sharded pub/sub (`SSUBSCRIBE`/`SPUBLISH`) needs no
@@ -42,7 +48,9 @@ use parking_lot::Mutex;
 use prometheus::{Gauge, IntCounter};
 use tokio::sync::{mpsc, watch};
 
-use super::{Backplane, BackplaneError, Publish, Published, Replay, Sink};
+use super::{
+    Backplane, BackplaneError, Publish, Published, Replay, Revocation, Revocations, Sink,
+};
 use crate::envelope::{Id, Notification, now_micros};
 
 /// Connection and history settings of the Redis backplane.
@@ -50,6 +58,9 @@ use crate::envelope::{Id, Notification, now_micros};
 pub struct RedisSettings {
     /// `redis://` or `rediss://` URL.
     pub url: String,
+    /// PEM CA bundle that signs the server's certificate (`rediss://`); the system roots
+    /// otherwise.
+    pub ca_file: Option<std::path::PathBuf>,
     /// Key and channel prefix.
     pub prefix: String,
     /// Command connections.
@@ -116,6 +127,7 @@ struct Inner {
     live: watch::Sender<u64>,
     connected: AtomicBool,
     telemetry: RedisTelemetry,
+    revocations: Revocations,
 }
 
 struct SubState {
@@ -137,6 +149,21 @@ fn unavailable(e: impl std::fmt::Display) -> BackplaneError {
     BackplaneError::Unavailable(e.to_string())
 }
 
+/// A publish error: permanent only when Redis refuses this notification for its size (the
+/// same one can never succeed); everything else (connection, OOM, failover, ACL) is retried,
+/// so a misconfigured or recovering Redis never sends good records to a DLQ.
+fn publish_error(e: redis::RedisError) -> BackplaneError {
+    let text = e.to_string().to_ascii_lowercase();
+    let too_big = ["exceeds maximum", "too large", "too big", "invalid bulk length"]
+        .iter()
+        .any(|s| text.contains(s));
+    if too_big && !e.is_io_error() && !e.is_timeout() {
+        BackplaneError::Rejected(e.to_string())
+    } else {
+        unavailable(e)
+    }
+}
+
 impl RedisBackplane {
     /// Connects the command pool and starts the pub/sub task. Fails when Redis cannot be
     /// reached at start (so a misconfigured URL is reported at once).
@@ -150,9 +177,26 @@ impl RedisBackplane {
         let connection_config = redis::AsyncConnectionConfig::new()
             .set_response_timeout(Some(settings.timeout))
             .set_connection_timeout(Some(settings.timeout));
-        let manager =
-            deadpool_redis::Manager::new_with_config(settings.url.as_str(), connection_config)
-                .map_err(unavailable)?;
+        let client = match &settings.ca_file {
+            None => redis::Client::open(settings.url.as_str()).map_err(unavailable)?,
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| unavailable(format!("cannot read {}: {e}", path.display())))?;
+                redis::Client::build_with_tls(
+                    settings.url.as_str(),
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(pem),
+                    },
+                )
+                .map_err(unavailable)?
+            }
+        };
+        let manager = deadpool_redis::Manager::new_with_config(
+            client.get_connection_info().clone(),
+            connection_config,
+        )
+        .map_err(unavailable)?;
         let pool = Pool::builder(manager)
             .max_size(settings.pool_size)
             .timeouts(Timeouts {
@@ -163,7 +207,6 @@ impl RedisBackplane {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(unavailable)?;
-        let client = redis::Client::open(settings.url.as_str()).map_err(unavailable)?;
         let (changed, changes) = mpsc::channel(1);
         let (live, _) = watch::channel(0);
         let this = RedisBackplane {
@@ -177,6 +220,7 @@ impl RedisBackplane {
                 live,
                 connected: AtomicBool::new(false),
                 telemetry,
+                revocations: Revocations::default(),
             }),
         };
         this.ping().await?;
@@ -218,6 +262,12 @@ impl RedisBackplane {
             .unwrap_or_else(|_| Err(unavailable("timed out")))
     }
 
+    /// Most entries one history read returns: the stream is trimmed to about
+    /// `HUB_HISTORY_SIZE` (`MAXLEN ~` may keep up to one macro node more).
+    fn read_limit(&self) -> usize {
+        self.inner.settings.history_size.saturating_add(256)
+    }
+
     /// Reads a user's history: (epoch, items in order). `None` when there is none.
     async fn read_history(
         &self,
@@ -231,36 +281,154 @@ impl RedisBackplane {
                 redis::pipe()
                     .atomic()
                     .hget(&meta, "epoch")
-                    .xrange_all(&stream)
+                    .xrange_count(&stream, "-", "+", self.read_limit())
                     .query_async(&mut *conn)
                     .await
                     .map_err(unavailable)?;
             let Some(epoch) = epoch.and_then(|e| u64::from_str_radix(&e, 16).ok()) else {
                 return Ok(None);
             };
-            let mut items = Vec::with_capacity(entries.ids.len());
-            for entry in entries.ids {
-                let seq = entry
-                    .id
-                    .split_once('-')
-                    .and_then(|(s, _)| s.parse::<u64>().ok());
-                let json: Option<String> = entry.get("e");
-                let us: Option<u64> = entry.get("u");
-                if let (Some(seq), Some(json)) = (seq, json) {
-                    items.push(Arc::new(Notification::from_json(
-                        Id { epoch, seq },
-                        json,
-                        us.unwrap_or(0),
-                    )));
-                }
-            }
-            Ok(Some((epoch, items)))
+            Ok(Some((epoch, to_notifications(epoch, entries))))
         })
         .await
     }
 
+    /// Reads only what follows `after` (plus where the history starts and ends, to tell a
+    /// gap); `None` when `after` is not contiguous with the retained history.
+    async fn read_after(
+        &self,
+        user: &str,
+        after: Id,
+    ) -> Result<Option<Vec<Arc<Notification>>>, BackplaneError> {
+        let meta = self.key("m", user);
+        let stream = self.key("h", user);
+        let from = format!("{}-0", after.seq.saturating_add(1));
+        self.with_timeout(async {
+            let mut conn = self.inner.pool.get().await.map_err(unavailable)?;
+            let ((epoch, last), first, entries): (
+                (Option<String>, Option<u64>),
+                redis::streams::StreamRangeReply,
+                redis::streams::StreamRangeReply,
+            ) = redis::pipe()
+                .atomic()
+                .cmd("HMGET")
+                .arg(&meta)
+                .arg("epoch")
+                .arg("seq")
+                .xrange_count(&stream, "-", "+", 1)
+                .xrange_count(&stream, &from, "+", self.read_limit())
+                .query_async(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+            let Some(epoch) = epoch.and_then(|e| u64::from_str_radix(&e, 16).ok()) else {
+                return Ok(None);
+            };
+            let last = last.unwrap_or(0);
+            let first_seq = to_notifications(epoch, first)
+                .first()
+                .map_or(last.saturating_add(1), |n| n.id.seq);
+            let contiguous = after.epoch == epoch
+                && after.seq <= last
+                && after.seq.saturating_add(1) >= first_seq;
+            Ok(contiguous.then(|| to_notifications(epoch, entries)))
+        })
+        .await
+    }
+
+    /// Closes the user's local connections for a disconnect request seen on the control
+    /// channel, records its revocation, and reports the count to the requester.
+    fn on_control(&self, payload: &[u8]) {
+        let Some((request, revocation, user)) = parse_control(payload) else {
+            tracing::warn!("undecodable control message skipped");
+            return;
+        };
+        if let Some(r) = revocation {
+            self.inner.revocations.insert(user, r);
+        }
+        let closed = self.inner.sink.disconnect(user);
+        let reply = format!("{}:dr:{request}", self.inner.settings.prefix);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let done = this
+                .with_timeout(async {
+                    let mut conn = this.inner.pool.get().await.map_err(unavailable)?;
+                    redis::pipe()
+                        .rpush(&reply, closed)
+                        .pexpire(&reply, 10_000)
+                        .query_async::<()>(&mut *conn)
+                        .await
+                        .map_err(unavailable)
+                })
+                .await;
+            if let Err(e) = done {
+                tracing::warn!(error = %e, "cannot report a disconnect");
+            }
+        });
+    }
+
+    /// Loads every revocation still in force (after a (re)connect of the pub/sub
+    /// connection, so none published while it was down is missed).
+    async fn load_revocations(&self) -> Result<(), BackplaneError> {
+        let pattern = format!("{}:r:{{*", self.inner.settings.prefix);
+        let prefix_len = pattern.len() - 1;
+        let found: Vec<(String, String)> = self
+            .with_timeout(async {
+                let mut conn = self.inner.pool.get().await.map_err(unavailable)?;
+                let mut keys = Vec::new();
+                let mut cursor: u64 = 0;
+                loop {
+                    let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut *conn)
+                        .await
+                        .map_err(unavailable)?;
+                    keys.extend(batch);
+                    if next == 0 {
+                        break;
+                    }
+                    cursor = next;
+                }
+                let mut out = Vec::new();
+                for chunk in keys.chunks(500) {
+                    let values: Vec<Option<String>> = redis::cmd("MGET")
+                        .arg(chunk)
+                        .query_async(&mut *conn)
+                        .await
+                        .map_err(unavailable)?;
+                    for (key, value) in chunk.iter().zip(values) {
+                        if let Some(v) = value {
+                            out.push((key.clone(), v));
+                        }
+                    }
+                }
+                Ok(out)
+            })
+            .await?;
+        for (key, value) in found {
+            let user = key
+                .get(prefix_len..)
+                .and_then(|rest| rest.strip_suffix('}'));
+            if let (Some(user), Some(r)) = (user, parse_revocation(&value)) {
+                self.inner.revocations.insert(user, r);
+            }
+        }
+        Ok(())
+    }
+
+    fn control_channel(&self) -> String {
+        format!("{}:ctl", self.inner.settings.prefix)
+    }
+
     /// Hands a pub/sub message to the sink unless a catch-up read already delivered it.
     fn on_message(&self, channel: &str, payload: &[u8]) {
+        if channel == self.control_channel() {
+            self.on_control(payload);
+            return;
+        }
         let Some(user) = channel
             .strip_prefix(&self.channel_prefix())
             .and_then(|rest| rest.strip_suffix('}'))
@@ -448,6 +616,14 @@ impl RedisBackplane {
                 subs.iter().map(|(u, s)| (u.clone(), s.last)).collect()
             };
             let mut on_redis: HashSet<Arc<str>> = HashSet::new();
+            // Control first, then the revocations stored meanwhile: none is missed.
+            if self.timed(sink.subscribe(self.control_channel())).await.is_err() {
+                continue;
+            }
+            if let Err(e) = self.load_revocations().await {
+                tracing::warn!(error = %e, "loading revocations failed");
+                continue;
+            }
             if self.sync(&mut sink, &mut on_redis).await.is_err() {
                 continue;
             }
@@ -555,6 +731,54 @@ impl RedisBackplane {
     }
 }
 
+/// Stream entries → notifications of `epoch`.
+fn to_notifications(epoch: u64, entries: redis::streams::StreamRangeReply) -> Vec<Arc<Notification>> {
+    let mut items = Vec::with_capacity(entries.ids.len());
+    for entry in entries.ids {
+        let seq = entry
+            .id
+            .split_once('-')
+            .and_then(|(s, _)| s.parse::<u64>().ok());
+        let json: Option<String> = entry.get("e");
+        let us: Option<u64> = entry.get("u");
+        if let (Some(seq), Some(json)) = (seq, json) {
+            items.push(Arc::new(Notification::from_json(
+                Id { epoch, seq },
+                json,
+                us.unwrap_or(0),
+            )));
+        }
+    }
+    items
+}
+
+/// `<issued before> <until>` → a revocation.
+fn parse_revocation(value: &str) -> Option<Revocation> {
+    let (before, until) = value.split_once(' ')?;
+    Some(Revocation {
+        issued_before: before.parse().ok()?,
+        until: until.parse().ok()?,
+    })
+}
+
+/// `d <request> <issued before> <until> <user>` → parts (a zero cut-off: no revocation).
+fn parse_control(payload: &[u8]) -> Option<(&str, Option<Revocation>, &str)> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let mut parts = text.splitn(5, ' ');
+    if parts.next()? != "d" {
+        return None;
+    }
+    let request = parts.next()?;
+    let before: u64 = parts.next()?.parse().ok()?;
+    let until: u64 = parts.next()?.parse().ok()?;
+    let user = parts.next()?;
+    let revocation = (before > 0).then_some(Revocation {
+        issued_before: before,
+        until,
+    });
+    Some((request, revocation, user))
+}
+
 /// `<id> <µs> <json>` → parts.
 fn parse_payload(payload: &[u8]) -> Option<(Id, u64, &str)> {
     let text = std::str::from_utf8(payload).ok()?;
@@ -589,7 +813,7 @@ impl Backplane for RedisBackplane {
                 invocation
                     .invoke_async(&mut *conn)
                     .await
-                    .map_err(unavailable)
+                    .map_err(publish_error)
             })
             .await?;
         let id = id
@@ -655,27 +879,77 @@ impl Backplane for RedisBackplane {
     }
 
     async fn history_after(&self, user: &str, after: Id) -> Result<Replay, BackplaneError> {
-        let Some((epoch, items)) = self.read_history(user).await? else {
-            return Ok(Replay {
-                gap: true,
-                items: Vec::new(),
-            });
-        };
-        let last_seq = items.last().map_or(0, |n| n.id.seq);
-        let first_seq = items.first().map_or(last_seq + 1, |n| n.id.seq);
-        let contiguous =
-            after.epoch == epoch && after.seq <= last_seq && after.seq + 1 >= first_seq;
-        if !contiguous {
-            return Ok(Replay { gap: true, items });
+        if let Some(items) = self.read_after(user, after).await? {
+            return Ok(Replay { gap: false, items });
         }
-        Ok(Replay {
-            gap: false,
-            items: items.into_iter().filter(|n| n.id.seq > after.seq).collect(),
-        })
+        let items = self
+            .read_history(user)
+            .await?
+            .map(|(_, items)| items)
+            .unwrap_or_default();
+        Ok(Replay { gap: true, items })
     }
 
     async fn ready(&self) -> bool {
         self.inner.connected.load(Ordering::Acquire) && self.ping().await.is_ok()
+    }
+
+    async fn disconnect(
+        &self,
+        user: &str,
+        revoke: Option<Revocation>,
+    ) -> Result<usize, BackplaneError> {
+        let request = format!("{:016x}", rand::random::<u64>());
+        let (before, until) = revoke.map_or((0, 0), |r| (r.issued_before, r.until));
+        let message = format!("d {request} {before} {until} {user}");
+        let reply = format!("{}:dr:{request}", self.inner.settings.prefix);
+        let mut pipe = redis::pipe();
+        if let Some(r) = revoke {
+            pipe.cmd("SET")
+                .arg(self.key("r", user))
+                .arg(format!("{} {}", r.issued_before, r.until))
+                .arg("EXAT")
+                .arg(r.until.max(1))
+                .ignore();
+        }
+        pipe.cmd("PUBLISH").arg(self.control_channel()).arg(&message);
+        let (receivers,): (usize,) = self
+            .with_timeout(async {
+                let mut conn = self.inner.pool.get().await.map_err(unavailable)?;
+                pipe.query_async(&mut *conn).await.map_err(unavailable)
+            })
+            .await?;
+        // Every subscribed node (each holds one pub/sub connection) answers with its count;
+        // wait for all of them, within the command deadline.
+        let wait = self.inner.settings.timeout.mul_f64(0.8);
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut closed = 0usize;
+        let mut conn = self.inner.pool.get().await.map_err(unavailable)?;
+        for _ in 0..receivers {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                tracing::warn!("not every node reported its disconnect count in time");
+                break;
+            }
+            let popped: Option<(String, usize)> = redis::cmd("BLPOP")
+                .arg(&reply)
+                .arg(left.as_secs_f64().max(0.01))
+                .query_async(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+            match popped {
+                Some((_, n)) => closed = closed.saturating_add(n),
+                None => {
+                    tracing::warn!("not every node reported its disconnect count in time");
+                    break;
+                }
+            }
+        }
+        Ok(closed)
+    }
+
+    fn revoked_before(&self, user: &str) -> Option<u64> {
+        self.inner.revocations.before(user)
     }
 }
 
@@ -697,5 +971,22 @@ mod tests {
         assert_eq!(json, "{\"id\":\"ab-3\"}");
         assert!(parse_payload(b"nonsense").is_none());
         assert!(parse_payload(&[0xff, 0x20, 0x31]).is_none());
+    }
+
+    #[test]
+    fn control_messages_parse_and_keep_spaces_in_the_user() {
+        let (req, rev, user) = parse_control(b"d ab12 0 0 some user").unwrap();
+        assert_eq!((req, rev, user), ("ab12", None, "some user"));
+        let (_, rev, _) = parse_control(b"d ab12 100 200 u").unwrap();
+        assert_eq!(
+            rev,
+            Some(Revocation {
+                issued_before: 100,
+                until: 200
+            })
+        );
+        assert!(parse_control(b"x ab12 0 0 u").is_none());
+        assert!(parse_control(b"d ab12 -1 0 u").is_none());
+        assert!(parse_revocation("5 9").is_some() && parse_revocation("5").is_none());
     }
 }

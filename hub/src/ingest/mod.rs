@@ -9,8 +9,11 @@
 //!   partitions proceed in parallel.
 //! - **Failures:** a transient failure (the backplane unreachable) retries the same record with
 //!   backoff, never skipping it; its worker's queue fills and consumption pauses until it
-//!   recovers. A record that cannot be decoded or routed goes to `<topic>.dlq` with headers
-//!   naming the error and its source topic, partition and offset, and the partition moves on.
+//!   recovers. A record that cannot be decoded or routed, is larger than
+//!   `HUB_INGEST_MAX_RECORD_BYTES`, names an invalid user, is refused by the backplane as
+//!   permanently unpublishable, or makes its processing panic goes to `<topic>.dlq` with
+//!   headers naming the error and its source topic, partition and offset, and the partition
+//!   moves on.
 
 pub mod routes;
 
@@ -30,7 +33,9 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::backplane::{Backplane, Publish};
+use futures_util::FutureExt;
+
+use crate::backplane::{Backplane, BackplaneError, Publish};
 use crate::envelope::now_micros;
 pub use routes::{RouteError, Routed, Routes, RoutesError};
 
@@ -43,6 +48,20 @@ pub struct IngestSettings {
     pub group: String,
     /// Validated routes.
     pub routes: Arc<Routes>,
+    /// Largest record value accepted; larger ones go to the DLQ.
+    pub max_record_bytes: usize,
+    /// librdkafka security properties (SASL, TLS) for every client.
+    pub security: Vec<(&'static str, String)>,
+}
+
+/// A client configuration with the brokers and security settings.
+fn base_config(settings: &IngestSettings) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &settings.brokers);
+    for (key, value) in &settings.security {
+        config.set(*key, value);
+    }
+    config
 }
 
 /// Observability handles.
@@ -66,6 +85,9 @@ pub enum IngestError {
     /// The Kafka client could not be created or subscribe.
     #[error("config: HUB_KAFKA_BROKERS: {0}")]
     Kafka(String),
+    /// A partition worker stopped unexpectedly; ingest cannot go on safely.
+    #[error("ingest: a partition worker stopped unexpectedly")]
+    WorkerStopped,
 }
 
 struct Context {
@@ -120,8 +142,7 @@ type Ingestor = StreamConsumer<Context>;
 
 /// Builds the consumer with low-latency settings.
 fn consumer(settings: &IngestSettings, metrics: IngestMetrics) -> Result<Ingestor, IngestError> {
-    ClientConfig::new()
-        .set("bootstrap.servers", &settings.brokers)
+    base_config(settings)
         .set("group.id", &settings.group)
         // Offsets are stored by hand after the history append and committed by the client
         // every second (plus on revoke and shutdown).
@@ -142,8 +163,7 @@ fn consumer(settings: &IngestSettings, metrics: IngestMetrics) -> Result<Ingesto
 }
 
 fn producer(settings: &IngestSettings) -> Result<FutureProducer, IngestError> {
-    ClientConfig::new()
-        .set("bootstrap.servers", &settings.brokers)
+    base_config(settings)
         .set("acks", "all")
         .set("enable.idempotence", "true")
         .set("linger.ms", "0")
@@ -175,7 +195,9 @@ pub async fn run(
         routes: settings.routes.clone(),
         metrics,
         stop: stop.clone(),
+        max_record_bytes: settings.max_record_bytes,
     };
+    let mut failed = false;
     let mut partitions: HashMap<(String, i32), mpsc::Sender<OwnedMessage>> = HashMap::new();
     let mut tasks = tokio::task::JoinSet::new();
     loop {
@@ -205,6 +227,10 @@ pub async fn run(
             () = stop.cancelled() => break,
             sent = tx.send(message) => {
                 if sent.is_err() {
+                    // Workers catch panics per record, so this is not expected; stop rather
+                    // than skip records, and let the caller report it.
+                    tracing::error!("a partition worker stopped; ingest stops");
+                    failed = true;
                     break;
                 }
             }
@@ -217,6 +243,9 @@ pub async fn run(
         tracing::debug!(error = %e, "final commit");
     }
     tracing::info!("ingest stopped");
+    if failed {
+        return Err(IngestError::WorkerStopped);
+    }
     Ok(())
 }
 
@@ -228,6 +257,7 @@ struct Worker {
     routes: Arc<Routes>,
     metrics: IngestMetrics,
     stop: CancellationToken,
+    max_record_bytes: usize,
 }
 
 /// Whether a record's processing finished (offset may move) or was abandoned at shutdown.
@@ -239,7 +269,28 @@ enum Done {
 impl Worker {
     async fn partition(self, mut rx: mpsc::Receiver<OwnedMessage>) {
         while let Some(message) = rx.recv().await {
-            match self.process(&message).await {
+            // A panic while processing one record (a bug, or input no test foresaw) sends
+            // that record to the DLQ instead of ending the partition's worker.
+            let done = match std::panic::AssertUnwindSafe(self.process(&message))
+                .catch_unwind()
+                .await
+            {
+                Ok(done) => done,
+                Err(panic) => {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    tracing::error!(panic = %what, "processing a record panicked");
+                    self.to_dlq(
+                        &message,
+                        &RouteError::Decode(format!("internal error while processing: {what}")),
+                    )
+                    .await
+                }
+            };
+            match done {
                 Done::Yes => {
                     if let Err(e) = self.consumer.store_offset(
                         message.topic(),
@@ -271,6 +322,14 @@ impl Worker {
             Ok(proto::ContentType::Json)
         );
         let payload = message.payload().unwrap_or_default();
+        if payload.len() > self.max_record_bytes {
+            let e = RouteError::Decode(format!(
+                "record of {} bytes is larger than HUB_INGEST_MAX_RECORD_BYTES ({})",
+                payload.len(),
+                self.max_record_bytes
+            ));
+            return self.to_dlq(message, &e).await;
+        }
         let routed = match self.routes.route(topic, payload, json) {
             Ok(r) => r,
             Err(e) => return self.to_dlq(message, &e).await,
@@ -283,6 +342,14 @@ impl Worker {
             return Done::Yes;
         }
         let kafka_ms = message.timestamp().to_millis();
+        if let Some(bad) = routed
+            .iter()
+            .find_map(|r| crate::envelope::check_user_id(&r.user).err())
+        {
+            return self
+                .to_dlq(message, &RouteError::Decode(format!("recipient: {bad}")))
+                .await;
+        }
         for r in routed {
             let Ok(data) = RawValue::from_string(r.data.to_string()) else {
                 return self
@@ -299,6 +366,12 @@ impl Worker {
             let published = loop {
                 match self.backplane.publish(publish()).await {
                     Ok(p) => break p,
+                    // Retrying cannot help: the record goes to the DLQ, the partition moves on.
+                    Err(BackplaneError::Rejected(why)) => {
+                        return self
+                            .to_dlq(message, &RouteError::Decode(format!("refused by the backplane: {why}")))
+                            .await;
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, topic, "publish failed, retrying the record");
                         tokio::select! {

@@ -8,6 +8,7 @@ use http::{HeaderMap, StatusCode};
 use prometheus::IntGauge;
 
 use super::Context;
+use super::gate::IpSlot;
 use crate::auth::{self, AuthError, OriginCheck};
 use crate::backplane::{Backplane, Replay};
 use crate::envelope::{Id, Notification};
@@ -80,6 +81,8 @@ pub struct Session {
     /// Last id the client has (resume point), to drop duplicates at the replay/live seam.
     pub resume_from: Option<Id>,
     guard: Guard,
+    /// The client address's connection slot, released when the session ends.
+    ip: Option<IpSlot>,
 }
 
 impl Session {
@@ -105,9 +108,19 @@ impl Session {
         }
     }
 
-    /// Resolves when the fan-out dropped this connection as a slow consumer.
+    /// Resolves when the fan-out dropped this connection (slow consumer or disconnect API).
     pub async fn evicted(&self) {
         self.guard.registration.evicted().await;
+    }
+
+    /// Whether the disconnect API closed this connection.
+    pub fn disconnected_by_api(&self) -> bool {
+        self.guard.registration.disconnected_by_api()
+    }
+
+    /// Keeps the client address's connection slot for as long as the session lives.
+    pub fn hold(&mut self, slot: IpSlot) {
+        self.ip = Some(slot);
     }
 }
 
@@ -174,6 +187,28 @@ async fn admit_inner(
         Rejection::new(status, e.to_string(), reason::INVALID_TOKEN)
     })?;
     let user: Arc<str> = identity.user.into();
+    if ctx.user_rate.check_key(&user).is_err() {
+        return Err(Rejection::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many connection attempts for this user, retry later",
+            reason::USER_RATE,
+        ));
+    }
+    let revoked = |ctx: &Context| {
+        ctx.backplane
+            .revoked_before(&user)
+            .is_some_and(|before| identity.iat.is_none_or(|iat| iat < before))
+    };
+    let refused = || {
+        Rejection::new(
+            StatusCode::UNAUTHORIZED,
+            AuthError::Revoked.to_string(),
+            reason::REVOKED,
+        )
+    };
+    if revoked(ctx) {
+        return Err(refused());
+    }
     let (registration, queue) = ctx.fanout.register(user.clone()).map_err(|e| match e {
         RegisterError::UserLimit => Rejection::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -186,6 +221,11 @@ async fn admit_inner(
             reason::NODE_LIMIT,
         ),
     })?;
+    // Checked again once registered: a disconnect that revoked the token while this
+    // handshake ran either sees this registration or is seen here.
+    if revoked(ctx) {
+        return Err(refused());
+    }
     // Subscribe before reading history: a notification published in between is then both
     // in the replay and in the queue, and the session drops the copy by id.
     let unavailable = |_| {
@@ -231,6 +271,7 @@ async fn admit_inner(
         origin,
         resume_from,
         guard,
+        ip: None,
     })
 }
 

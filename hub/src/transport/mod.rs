@@ -12,6 +12,7 @@
 //! handshake and session code, so a browser that reuses a connection still works.
 
 pub mod front;
+pub mod gate;
 pub mod handshake;
 pub mod http1;
 pub mod sse;
@@ -65,6 +66,12 @@ pub struct ContextInner {
     pub lifecycle: Lifecycle,
     /// Timings.
     pub timing: Timing,
+    /// Per-address and pending-handshake caps, taken at accept.
+    pub gate: gate::Gate,
+    /// Handshakes per user (token `sub`).
+    pub user_rate: governor::DefaultKeyedRateLimiter<Arc<str>>,
+    /// Client → server WebSocket messages per connection.
+    pub ws_inbound: governor::Quota,
 }
 
 impl Context {
@@ -93,12 +100,37 @@ fn drain_delay(window: Duration) -> Duration {
     window.mul_f64(rand::random::<f64>())
 }
 
-/// When to close for token expiry: `exp` plus the configured leeway (the same leeway the
-/// handshake allowed), as a tokio instant.
+/// Longest wait a connection's clock is asked to hold (tokens are capped by
+/// `HUB_JWT_MAX_LIFETIME`, at most a year; this only keeps the arithmetic safe).
+const FAR: Duration = Duration::from_secs(400 * 24 * 3600);
+
+/// When to close for token expiry: at `exp`. A token already past `exp` was accepted within
+/// the configured leeway; it is kept until `exp` plus the leeway, not closed at once (so a
+/// client does not reconnect in a loop with it).
 fn expiry_instant(exp: u64, leeway: Duration) -> tokio::time::Instant {
     let now_s = crate::envelope::now_micros() / 1_000_000;
-    let left = (exp + leeway.as_secs()).saturating_sub(now_s);
-    tokio::time::Instant::now() + Duration::from_secs(left)
+    let end = if exp > now_s {
+        exp
+    } else {
+        exp.saturating_add(leeway.as_secs())
+    };
+    let left = Duration::from_secs(end.saturating_sub(now_s)).min(FAR);
+    let now = tokio::time::Instant::now();
+    now.checked_add(left).unwrap_or(now)
+}
+
+/// Builds the per-user handshake limiter.
+pub fn user_rate(per_second: u32, burst: u32) -> governor::DefaultKeyedRateLimiter<Arc<str>> {
+    let rate = std::num::NonZeroU32::new(per_second).unwrap_or(std::num::NonZeroU32::MIN);
+    let burst = std::num::NonZeroU32::new(burst).unwrap_or(rate);
+    governor::RateLimiter::keyed(governor::Quota::per_second(rate).allow_burst(burst))
+}
+
+/// The per-connection inbound quota: `per_second`, bursts of twice that.
+pub fn ws_inbound(per_second: u32) -> governor::Quota {
+    let rate = std::num::NonZeroU32::new(per_second).unwrap_or(std::num::NonZeroU32::MIN);
+    let burst = rate.saturating_mul(std::num::NonZeroU32::new(2).unwrap_or(rate));
+    governor::Quota::per_second(rate).allow_burst(burst)
 }
 
 #[cfg(test)]
@@ -117,6 +149,9 @@ mod tests {
 
     impl crate::backplane::Sink for NoSink {
         fn deliver(&self, _: &str, _: &Arc<Notification>) {}
+        fn disconnect(&self, _: &str) -> usize {
+            0
+        }
     }
 
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
@@ -144,6 +179,9 @@ mod tests {
                 sse_retry: second,
                 drain_window: second,
             },
+            gate: gate::Gate::new(10, 10),
+            user_rate: user_rate(10, 10),
+            ws_inbound: ws_inbound(10),
         })
     }
 
@@ -161,6 +199,18 @@ mod tests {
         handshake::admit(ctx, &req, t, None)
             .await
             .expect("admitted")
+    }
+
+    #[test]
+    fn expiry_far_ahead_or_past_never_overflows() {
+        let now = tokio::time::Instant::now();
+        let far = expiry_instant(u64::MAX, Duration::from_secs(60));
+        assert!(far > now && far <= now + FAR + Duration::from_secs(1));
+        let past = expiry_instant(1, Duration::from_secs(60));
+        assert!(past <= tokio::time::Instant::now());
+        let soon = crate::envelope::now_micros() / 1_000_000 + 100;
+        let at = expiry_instant(soon, Duration::from_secs(60));
+        assert!(at <= now + Duration::from_secs(101), "closes at exp, not exp + leeway");
     }
 
     #[tokio::test]
@@ -187,7 +237,8 @@ mod tests {
             session(&ctx, Transport::Sse).await,
         );
         let (ws_size, sse_size) = (size_of_val(&ws_task), size_of_val(&sse_task));
-        // Measured 2080 and 1432 bytes; the budget leaves room for small changes but catches
+        // Measured 2080 and 1432 bytes before the closing and refresh envelopes, the inbound
+        // rate limit and the address slot; the budget leaves room for small changes but catches
         // a handshake or key-fetch future creeping into the session's state.
         assert!(ws_size <= 2560, "WebSocket session task is {ws_size} bytes");
         assert!(sse_size <= 1792, "SSE session task is {sse_size} bytes");

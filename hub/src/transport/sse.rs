@@ -21,8 +21,9 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 
+use super::gate::IpSlot;
 use super::handshake::{self, Rejection, RequestInfo, Session, is_new};
-use super::http1::{self, Head};
+use super::http1::Head;
 use super::{Context, drain_delay, expiry_instant};
 use crate::auth::{self, OriginCheck};
 use crate::envelope::{Control, Notification, chunk, now_micros};
@@ -58,14 +59,10 @@ impl SseOut for RawOut {
     }
 
     async fn gone(&mut self) {
-        // An SSE client sends nothing after its request; reading only notices EOF or reset.
-        let mut scratch = [0u8; 32];
-        loop {
-            match self.stream.read(&mut scratch).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
+        // An SSE client sends nothing after its request: EOF, a reset, or any byte (a
+        // pipelined request or garbage, which this stream will never answer) ends it.
+        let mut scratch = [0u8; 1];
+        let _ = self.stream.read(&mut scratch).await;
     }
 
     async fn end(&mut self) {
@@ -126,8 +123,70 @@ fn cors_headers(headers: &HeaderMap, origin: OriginCheck) -> Vec<(header::Header
     out
 }
 
+/// The answer to a CORS preflight of `/sse`: 204 allowing `GET` with the `Authorization` and
+/// `Last-Event-ID` headers for an accepted origin, 403 with a readable reason otherwise.
+fn preflight(ctx: &Context, headers: &HeaderMap) -> (StatusCode, Vec<(header::HeaderName, String)>) {
+    match ctx.origins.check(headers) {
+        Ok(origin) => {
+            let mut out = cors_headers(headers, origin);
+            out.push((header::ACCESS_CONTROL_ALLOW_METHODS, "GET".to_owned()));
+            out.push((
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                "authorization, last-event-id, cache-control".to_owned(),
+            ));
+            out.push((header::ACCESS_CONTROL_MAX_AGE, "600".to_owned()));
+            (StatusCode::NO_CONTENT, out)
+        }
+        Err(_) => (StatusCode::FORBIDDEN, refused_origin_headers(headers)),
+    }
+}
+
+/// A refused origin still gets `Access-Control-Allow-Origin` on its 403, so the page can read
+/// why (the body holds no secret) instead of seeing a bare CORS failure.
+pub(super) fn refused_origin_headers(headers: &HeaderMap) -> Vec<(header::HeaderName, String)> {
+    headers
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .map(|o| {
+            tracing::info!(origin = o, "origin not in HUB_ALLOWED_ORIGINS refused");
+            vec![
+                (header::ACCESS_CONTROL_ALLOW_ORIGIN, o.to_owned()),
+                (header::VARY, "origin".to_owned()),
+            ]
+        })
+        .unwrap_or_default()
+}
+
+fn raw_response(status: StatusCode, headers: &[(header::HeaderName, String)], body: &str) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\ncontent-length: {}\r\nconnection: close\r\ncache-control: no-store\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    );
+    if !body.is_empty() {
+        out.push_str("content-type: application/json\r\n");
+    }
+    for (name, value) in headers {
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    out.push_str("\r\n");
+    out.push_str(body);
+    out.into_bytes()
+}
+
 /// The raw front-door path.
-pub async fn serve_raw(ctx: Context, mut stream: TcpStream, head: Head) {
+pub async fn serve_raw(ctx: Context, mut stream: TcpStream, head: Head, slot: IpSlot) {
+    if head.method == http::Method::OPTIONS {
+        let (status, headers) = preflight(&ctx, &head.headers);
+        let body = if status == StatusCode::FORBIDDEN {
+            serde_json::json!({ "error": "origin not allowed" }).to_string()
+        } else {
+            String::new()
+        };
+        let _ = stream.write_all(&raw_response(status, &headers, &body)).await;
+        return;
+    }
     let admitted = async {
         if head.method != http::Method::GET {
             return Err(Rejection::bad_request("use GET"));
@@ -145,13 +204,23 @@ pub async fn serve_raw(ctx: Context, mut stream: TcpStream, head: Head) {
         Ok(Ok(s)) => s,
         Ok(Err(rejection)) => {
             tracing::debug!(path = "/sse", status = rejection.status.as_u16(), reason = %rejection.reason, "handshake refused");
+            let headers = if rejection.status == StatusCode::FORBIDDEN {
+                refused_origin_headers(&head.headers)
+            } else {
+                Vec::new()
+            };
             let _ = stream
-                .write_all(&http1::json_error(rejection.status, &rejection.body()))
+                .write_all(&raw_response(rejection.status, &headers, &rejection.body()))
                 .await;
             return;
         }
-        Err(_) => return,
+        Err(_) => {
+            ctx.metrics.rejected(crate::metrics::reason::TIMEOUT);
+            return;
+        }
     };
+    let mut session = session;
+    session.hold(slot);
     let mut response = String::from(
         "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\nx-accel-buffering: no\r\n",
     );
@@ -168,17 +237,57 @@ pub async fn serve_raw(ctx: Context, mut stream: TcpStream, head: Head) {
 }
 
 /// The axum path (a kept-alive connection's later request).
-pub async fn handler(State(ctx): State<Context>, req: Request<Body>) -> Response {
+pub async fn handler(State(ctx): State<Context>, mut req: Request<Body>) -> Response {
+    if req.method() == http::Method::OPTIONS {
+        let (status, headers) = preflight(&ctx, req.headers());
+        let mut builder = Response::builder().status(status);
+        for (name, value) in headers {
+            builder = builder.header(name, value);
+        }
+        let body = if status == StatusCode::FORBIDDEN {
+            Body::from(serde_json::json!({ "error": "origin not allowed" }).to_string())
+        } else {
+            Body::empty()
+        };
+        return builder
+            .body(body)
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+    }
+    let slot = req
+        .extensions_mut()
+        .get_mut::<super::front::ConnSlot>()
+        .and_then(super::front::ConnSlot::take);
     let query = req.uri().query();
     let since = resume_id(req.headers(), query);
     let info = RequestInfo {
         headers: req.headers(),
         query,
     };
-    let session = match handshake::admit(&ctx, &info, Transport::Sse, since.as_deref()).await {
-        Ok(s) => s,
-        Err(r) => return r.into_response(),
+    let admitted = handshake::admit(&ctx, &info, Transport::Sse, since.as_deref());
+    let mut session = match timeout(ctx.timing.handshake_timeout, Box::pin(admitted)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(r)) => {
+            let headers = if r.status == StatusCode::FORBIDDEN {
+                refused_origin_headers(req.headers())
+            } else {
+                Vec::new()
+            };
+            let mut response = r.into_response();
+            for (name, value) in headers {
+                if let Ok(v) = http::HeaderValue::from_str(&value) {
+                    response.headers_mut().insert(name, v);
+                }
+            }
+            return response;
+        }
+        Err(_) => {
+            ctx.metrics.rejected(crate::metrics::reason::TIMEOUT);
+            return StatusCode::REQUEST_TIMEOUT.into_response();
+        }
     };
+    if let Some(slot) = slot {
+        session.hold(slot);
+    }
     let (tx, rx) = mpsc::channel::<Bytes>(2);
     let mut builder = Response::builder()
         .status(StatusCode::OK)
@@ -199,8 +308,9 @@ pub async fn handler(State(ctx): State<Context>, req: Request<Body>) -> Response
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
-    /// Clean end of stream (expiry, drain, slow consumer): the browser reconnects.
-    Close,
+    /// Clean end of stream, after `hub.closing` with this reason (expiry, drain, slow
+    /// consumer, the disconnect API): the browser reconnects.
+    Close(&'static str),
     /// The client went away or a write failed.
     Gone,
     /// A write made no progress within the write timeout.
@@ -230,6 +340,7 @@ pub(super) async fn run<O: SseOut>(ctx: Context, mut out: O, mut session: Sessio
         }
 
         let mut close_at = Box::pin(sleep_until(expiry_instant(session.exp, ctx.verifier.leeway())));
+        let mut closing = "expired";
         let heartbeat = sleep(timing.ping_interval);
         tokio::pin!(heartbeat);
         let mut draining = false;
@@ -237,10 +348,7 @@ pub(super) async fn run<O: SseOut>(ctx: Context, mut out: O, mut session: Sessio
         loop {
             tokio::select! {
                 next = session.queue.recv() => {
-                    let Some(n) = next else {
-                        tracing::debug!("slow consumer disconnected");
-                        return Err(End::Close);
-                    };
+                    let Some(n) = next else { return Err(evicted_end(&session)) };
                     session.fill_batch(n, &mut batch, BATCH);
                     let now = now_micros();
                     for n in batch.drain(..) {
@@ -264,12 +372,13 @@ pub(super) async fn run<O: SseOut>(ctx: Context, mut out: O, mut session: Sessio
                     write_timeout(timing.write_timeout, &session, out.event(Bytes::from_static(HEARTBEAT))).await?;
                     heartbeat.as_mut().reset(Instant::now() + timing.ping_interval);
                 }
-                () = &mut close_at => return Err(End::Close),
+                () = &mut close_at => return Err(End::Close(closing)),
                 () = ctx.lifecycle.drained(), if !draining => {
                     draining = true;
                     let at = Instant::now() + drain_delay(timing.drain_window);
                     if at < close_at.deadline() {
                         close_at.as_mut().reset(at);
+                        closing = "draining";
                     }
                 }
             }
@@ -277,11 +386,30 @@ pub(super) async fn run<O: SseOut>(ctx: Context, mut out: O, mut session: Sessio
     }
     .await;
     match end {
-        Err(End::Close) => {
-            let _ = timeout(Duration::from_secs(1), out.end()).await;
+        Err(End::Close(reason)) => {
+            match reason {
+                "slow_consumer" => tracing::debug!("slow consumer disconnected"),
+                "disconnected" => ctx.metrics.api_disconnects().inc(),
+                _ => {}
+            }
+            let _ = timeout(Duration::from_secs(1), async {
+                if out.event(Control::closing(reason).sse_event()).await.is_ok() {
+                    out.end().await;
+                }
+            })
+            .await;
         }
         Err(End::Stalled) => ctx.metrics.write_timeouts().inc(),
         _ => {}
+    }
+}
+
+/// Why the registry dropped this stream.
+fn evicted_end(session: &Session) -> End {
+    if session.disconnected_by_api() {
+        End::Close("disconnected")
+    } else {
+        End::Close("slow_consumer")
     }
 }
 
@@ -297,6 +425,6 @@ where
             Ok(Err(_)) => Err(End::Gone),
             Err(_) => Err(End::Stalled),
         },
-        () = session.evicted() => Err(End::Close),
+        () = session.evicted() => Err(evicted_end(session)),
     }
 }

@@ -19,6 +19,7 @@ use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes, handshake::derive_accept_key};
 
+use super::gate::IpSlot;
 use super::handshake::{self, Rejection, RequestInfo, Session, is_new};
 use super::http1::{self, Head};
 use super::{Context, drain_delay, expiry_instant};
@@ -32,8 +33,11 @@ pub const MAX_INBOUND: usize = 4096;
 /// buffer keeps idle connections cheap; a larger frame grows it only while it is read.
 const READ_BUFFER: usize = 1024;
 /// Outbound bytes tungstenite may hold for a socket that is not draining; past it the write
-/// fails and the client is dropped instead of growing memory.
-const MAX_WRITE_BUFFER: usize = 64 * 1024;
+/// fails and the client is dropped instead of growing memory. It must hold the largest
+/// envelope: a 1 MiB batch body limits no single notification beyond the 64 KiB publish
+/// body, whose envelope adds the id, type and timestamp; Kafka records are capped by
+/// `HUB_INGEST_MAX_RECORD_BYTES` (at most 16 MiB).
+const MAX_WRITE_BUFFER: usize = 17 * 1024 * 1024;
 /// Notifications written per flush when several are queued.
 const BATCH: usize = 64;
 /// Time allowed to send a close frame and see the peer's reply.
@@ -79,9 +83,15 @@ fn resume_id<'a>(query: Option<&'a str>) -> Option<std::borrow::Cow<'a, str>> {
 }
 
 /// The raw front-door path: the head is parsed, the socket is ours.
-pub async fn serve_raw(ctx: Context, mut stream: TcpStream, head: Head, leftover: Vec<u8>) {
+pub async fn serve_raw(
+    ctx: Context,
+    mut stream: TcpStream,
+    head: Head,
+    leftover: Vec<u8>,
+    slot: IpSlot,
+) {
     let admitted = async {
-        let accept = accept_key(&head.headers)?;
+        let accept = accept_key(&head.headers).inspect_err(|r| ctx.metrics.rejected(r.metric))?;
         let req = RequestInfo {
             headers: &head.headers,
             query: head.query.as_deref(),
@@ -101,8 +111,13 @@ pub async fn serve_raw(ctx: Context, mut stream: TcpStream, head: Head, leftover
                 .await;
             return;
         }
-        Err(_) => return,
+        Err(_) => {
+            ctx.metrics.rejected(crate::metrics::reason::TIMEOUT);
+            return;
+        }
     };
+    let mut session = session;
+    session.hold(slot);
     drop(head);
     let response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
@@ -122,6 +137,10 @@ pub async fn serve_raw(ctx: Context, mut stream: TcpStream, head: Head, leftover
 
 /// The axum path (a kept-alive connection's later request): same handshake, hyper upgrade.
 pub async fn handler(State(ctx): State<Context>, mut req: Request<Body>) -> Response {
+    let slot = req
+        .extensions_mut()
+        .get_mut::<super::front::ConnSlot>()
+        .and_then(super::front::ConnSlot::take);
     let accept = match accept_key(req.headers()) {
         Ok(a) => a,
         Err(r) => {
@@ -135,10 +154,18 @@ pub async fn handler(State(ctx): State<Context>, mut req: Request<Body>) -> Resp
         headers: req.headers(),
         query: query.as_deref(),
     };
-    let session = match handshake::admit(&ctx, &info, Transport::Ws, since.as_deref()).await {
-        Ok(s) => s,
-        Err(r) => return r.into_response(),
+    let admitted = handshake::admit(&ctx, &info, Transport::Ws, since.as_deref());
+    let mut session = match timeout(ctx.timing.handshake_timeout, Box::pin(admitted)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(r)) => return r.into_response(),
+        Err(_) => {
+            ctx.metrics.rejected(crate::metrics::reason::TIMEOUT);
+            return StatusCode::REQUEST_TIMEOUT.into_response();
+        }
     };
+    if let Some(slot) = slot {
+        session.hold(slot);
+    }
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         match on_upgrade.await {
@@ -174,6 +201,10 @@ enum End {
     Slow,
     /// Node draining: 1012.
     Draining,
+    /// Closed by the disconnect API: 4010.
+    Disconnected,
+    /// Client messages faster than the inbound rate: 1008.
+    Flood,
     /// Inbound message over 4 KiB: 1009.
     TooBig,
     /// The peer closed, vanished, or broke the protocol: nothing more to say.
@@ -189,6 +220,8 @@ impl End {
             End::RefreshRefused => (4003, "token refused"),
             End::Slow => (4008, "slow consumer"),
             End::Draining => (1012, "node draining, reconnect"),
+            End::Disconnected => (4010, "disconnected by the server"),
+            End::Flood => (1008, "too many messages"),
             End::TooBig => (1009, "message too big"),
             End::Gone | End::Stalled => return None,
         };
@@ -196,6 +229,26 @@ impl End {
             code: code.into(),
             reason: Utf8Bytes::from_static(reason),
         })
+    }
+
+    /// The `hub.closing` reason sent before the close frame, for intentional closes.
+    fn closing_reason(self) -> Option<&'static str> {
+        match self {
+            End::Expired => Some("expired"),
+            End::Draining => Some("draining"),
+            End::Disconnected => Some("disconnected"),
+            End::Slow => Some("slow_consumer"),
+            _ => None,
+        }
+    }
+}
+
+/// Why the registry dropped this connection.
+fn evicted_end(session: &Session) -> End {
+    if session.disconnected_by_api() {
+        End::Disconnected
+    } else {
+        End::Slow
     }
 }
 
@@ -242,11 +295,13 @@ where
         tokio::pin!(heartbeat);
         let mut awaiting_pong = false;
         let mut draining = false;
+        // Created at the first client message: idle connections do not pay for it.
+        let mut inbound: Option<Box<governor::DefaultDirectRateLimiter>> = None;
         let mut batch: Vec<Arc<Notification>> = Vec::new();
         loop {
             tokio::select! {
                 next = session.queue.recv() => {
-                    let Some(n) = next else { return Err(End::Slow) };
+                    let Some(n) = next else { return Err(evicted_end(&session)) };
                     session.fill_batch(n, &mut batch, BATCH);
                     let now = now_micros();
                     for n in batch.drain(..) {
@@ -271,6 +326,14 @@ where
                         awaiting_pong = false;
                         heartbeat.as_mut().reset(Instant::now() + timing.ping_interval);
                     }
+                    if matches!(msg, Some(Ok(Message::Text(_) | Message::Binary(_) | Message::Ping(_)))) {
+                        let limiter = inbound.get_or_insert_with(|| {
+                            Box::new(governor::RateLimiter::direct(ctx.ws_inbound))
+                        });
+                        if limiter.check().is_err() {
+                            return Err(End::Flood);
+                        }
+                    }
                     match msg {
                         Some(Ok(Message::Text(text))) => {
                             match Box::pin(handle_text(&ctx, &session, text.as_str())).await {
@@ -279,6 +342,8 @@ where
                                         close_at.as_mut().reset(expiry_instant(exp, ctx.verifier.leeway()));
                                     }
                                     session.exp = exp;
+                                    let c = Control::refreshed(exp);
+                                    write_timeout(timing.write_timeout, &session, ws.send(Message::text(c.json))).await?;
                                 }
                                 Inbound::Refused => return Err(End::RefreshRefused),
                                 Inbound::Reply(c) => {
@@ -329,10 +394,21 @@ where
     match end {
         End::Slow => tracing::debug!("slow consumer disconnected"),
         End::Stalled => ctx.metrics.write_timeouts().inc(),
+        End::Disconnected => ctx.metrics.api_disconnects().inc(),
+        End::Flood => {
+            tracing::debug!("client message flood");
+            ctx.metrics.inbound_rate_closes().inc();
+        }
         _ => {}
     }
     if let Some(frame) = end.close_frame() {
         let _ = timeout(CLOSE_GRACE, async {
+            if let Some(reason) = end.closing_reason() {
+                let c = Control::closing(reason);
+                if ws.send(Message::text(c.json)).await.is_err() {
+                    return;
+                }
+            }
             if ws.send(Message::Close(Some(frame))).await.is_ok() {
                 // Wait for the peer's close so our FIN does not race its unread data.
                 while let Some(Ok(_)) = ws.next().await {}
@@ -354,7 +430,7 @@ where
             Ok(Err(_)) => Err(End::Gone),
             Err(_) => Err(End::Stalled),
         },
-        () = session.evicted() => Err(End::Slow),
+        () = session.evicted() => Err(evicted_end(session)),
     }
 }
 
@@ -372,6 +448,15 @@ async fn handle_text(ctx: &Context, session: &Session, text: &str) -> Inbound {
         // Boxed: refreshes are rare, and verification may fetch keys; its state should not
         // size every connection's task.
         ("refresh", Some(token)) => match Box::pin(ctx.verifier.verify(&token)).await {
+            Ok(identity)
+                if ctx
+                    .backplane
+                    .revoked_before(&session.user)
+                    .is_some_and(|before| identity.iat.is_none_or(|iat| iat < before)) =>
+            {
+                tracing::debug!("refresh with a revoked token refused");
+                Inbound::Refused
+            }
             Ok(identity) if *identity.user == *session.user => Inbound::Refreshed(identity.exp),
             Ok(_) => {
                 tracing::debug!("refresh for another user refused");

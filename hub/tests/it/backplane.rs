@@ -16,6 +16,7 @@ use crate::helpers::{redis_prefix, redis_url};
 #[derive(Default)]
 struct Recorder {
     got: Mutex<Vec<(String, Id, String)>>,
+    disconnects: Mutex<Vec<String>>,
 }
 
 impl Sink for Recorder {
@@ -23,6 +24,12 @@ impl Sink for Recorder {
         self.got
             .lock()
             .push((user.to_owned(), n.id, n.json.as_str().to_owned()));
+    }
+
+    /// Every user counts as having one connection here.
+    fn disconnect(&self, user: &str) -> usize {
+        self.disconnects.lock().push(user.to_owned());
+        1
     }
 }
 
@@ -214,6 +221,7 @@ async fn redis_backplane(
     RedisBackplane::connect(
         RedisSettings {
             url: redis_url(),
+            ca_file: None,
             prefix: redis_prefix(),
             pool_size: 4,
             timeout: Duration::from_secs(2),

@@ -12,7 +12,7 @@ async fn ws_closes_at_exp_with_4001() {
     let started = std::time::Instant::now();
     let mut ws = WsClient::connect(&app, &token, "").await.expect("ws");
     ws.envelope().await;
-    assert_eq!(ws.closed().await, Some(4001));
+    assert_eq!(ws.closing("expired").await, Some(4001));
     assert!(started.elapsed() >= std::time::Duration::from_secs(1));
     app.stop().await;
 }
@@ -23,7 +23,7 @@ async fn sse_stream_ends_at_exp() {
     let token = hs256(&app.secret, &json!({"sub": "e2", "exp": now_s() + 2}));
     let mut sse = SseClient::connect(&app, &token, "").await.expect("sse");
     sse.event().await;
-    assert!(sse.next_event().await.is_none(), "stream should end at exp");
+    sse.closing("expired").await;
     app.stop().await;
 }
 
@@ -33,9 +33,13 @@ async fn refresh_for_the_same_user_keeps_the_connection() {
     let short = hs256(&app.secret, &json!({"sub": "e3", "exp": now_s() + 2}));
     let mut ws = WsClient::connect(&app, &short, "").await.expect("ws");
     ws.envelope().await;
-    let long = hs256(&app.secret, &json!({"sub": "e3", "exp": now_s() + 600}));
+    let exp = now_s() + 600;
+    let long = hs256(&app.secret, &json!({"sub": "e3", "exp": exp}));
     ws.send_text(json!({"type": "refresh", "token": long}).to_string())
         .await;
+    let refreshed = ws.envelope().await;
+    assert_eq!(refreshed["type"], "hub.refreshed");
+    assert_eq!(refreshed["data"]["exp"], exp, "the new expiry");
     // Past the first token's expiry the connection still delivers.
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     app.publish("e3", "t", json!({"after": "refresh"})).await;

@@ -394,6 +394,31 @@ impl WsClient {
         }
     }
 
+    /// Expects `hub.closing` with `reason` as the last message, then the close; returns the
+    /// close code.
+    pub async fn closing(&mut self, reason: &str) -> Option<u16> {
+        loop {
+            match self.next().await {
+                Event::Envelope(v) if v["type"] == "hub.closing" => {
+                    assert_eq!(v["data"]["reason"], reason, "hub.closing reason");
+                    assert!(v.get("id").is_none(), "control messages carry no id");
+                    break;
+                }
+                Event::Envelope(v) => {
+                    assert!(
+                        !v["type"].as_str().unwrap_or_default().starts_with("hub."),
+                        "unexpected control message before hub.closing: {v}"
+                    );
+                }
+                Event::Closed(c) => panic!("closed ({c:?}) without hub.closing"),
+            }
+        }
+        match self.next().await {
+            Event::Closed(c) => c,
+            Event::Envelope(v) => panic!("{v} after hub.closing"),
+        }
+    }
+
     /// Sends a text frame.
     pub async fn send_text(&mut self, text: String) {
         self.ws.send(Message::text(text)).await.expect("send");
@@ -573,6 +598,21 @@ impl SseClient {
             }
             self.raw.extend_from_slice(&buf[..n]);
         }
+    }
+
+    /// Expects `hub.closing` with `reason` (no `id:` line), then the end of the stream.
+    pub async fn closing(&mut self, reason: &str) {
+        let e = self
+            .next_event()
+            .await
+            .expect("stream ended without hub.closing");
+        assert_eq!(e.data["type"], "hub.closing", "expected hub.closing, got {}", e.data);
+        assert_eq!(e.data["data"]["reason"], reason, "hub.closing reason");
+        assert!(e.id.is_none(), "control events carry no id: line");
+        assert!(
+            self.next_event().await.is_none(),
+            "the stream carried an event after hub.closing"
+        );
     }
 
     /// The next event; panics when the stream ended.
