@@ -17,7 +17,13 @@
 #                                              org.apache.kafka.tools.ConsoleProducer
 #
 # The port is --port, else LOCAL_KAFKA_PORT, else 9092; the controller listens on the next port
-# (LOCAL_KAFKA_CONTROLLER_PORT or --controller-port to change). Both bind 127.0.0.1 only.
+# (LOCAL_KAFKA_CONTROLLER_PORT or --controller-port to change) and a second client listener,
+# SASL_PLAINTEXT with SASL/PLAIN, on the one after (LOCAL_KAFKA_SASL_PORT or --sasl-port). All
+# bind 127.0.0.1 only. The SASL listener's users are fixed local test accounts:
+#   hub / hub-secret          (the hub nodes)
+#   services / services-secret (the order, payment, delivery and moderation services)
+# A broker of ours found running without the SASL listener (started by an older version of this
+# script) is restarted by `start`, with its data.
 # Our broker keeps its config, pid file, logs and data under .run/kafka/ (git-ignored):
 #   classpath.txt            runtime classpath, re-resolved when infra/kafka/pom.xml changes
 #   server-PORT.properties   broker config, rewritten at each start
@@ -49,7 +55,7 @@ say() { echo "kafka: $*"; }
 die() { echo "kafka: $*" >&2; exit 1; }
 
 usage() {
-  echo "usage: $0 start|stop|status [--port N] | topics-create NAME PARTITIONS [--port N] | topics-list [--port N] | run-class CLASS [ARGS...]" >&2
+  echo "usage: $0 start|stop|status [--port N] [--sasl-port N] | topics-create NAME PARTITIONS [--port N] | topics-list [--port N] | run-class CLASS [ARGS...]" >&2
   exit 2
 }
 
@@ -57,6 +63,7 @@ cmd=${1:-}
 shift || true
 PORT=${LOCAL_KAFKA_PORT:-9092}
 CPORT=${LOCAL_KAFKA_CONTROLLER_PORT:-}
+SPORT=${LOCAL_KAFKA_SASL_PORT:-}
 args=()
 while (($#)); do
   case $1 in
@@ -64,6 +71,8 @@ while (($#)); do
     --port=*) PORT=${1#*=}; shift ;;
     --controller-port) CPORT=${2:?--controller-port needs a number}; shift 2 ;;
     --controller-port=*) CPORT=${1#*=}; shift ;;
+    --sasl-port) SPORT=${2:?--sasl-port needs a number}; shift 2 ;;
+    --sasl-port=*) SPORT=${1#*=}; shift ;;
     *)
       # run-class passes everything after the class name through untouched.
       if [[ $cmd == run-class ]]; then args+=("$@"); break; fi
@@ -73,6 +82,8 @@ done
 [[ $PORT =~ ^[0-9]+$ ]] || die "--port must be a number, got '$PORT'"
 CPORT=${CPORT:-$((PORT + 1))}
 [[ $CPORT =~ ^[0-9]+$ && $CPORT != "$PORT" ]] || die "bad controller port '$CPORT'"
+SPORT=${SPORT:-$((PORT + 2))}
+[[ $SPORT =~ ^[0-9]+$ && $SPORT != "$PORT" && $SPORT != "$CPORT" ]] || die "bad SASL port '$SPORT'"
 
 PIDFILE=$DIR/kafka-$PORT.pid
 LOG=$DIR/kafka-$PORT.log
@@ -252,7 +263,7 @@ wait_ready() {
   local pid=$1 deadline=$2
   while ((SECONDS < deadline)); do
     kill -0 "$pid" 2>/dev/null || { echo "kafka: the broker (pid $pid) exited during start" >&2; return 1; }
-    if speaks_kafka "$PORT" && lists_topics; then return 0; fi
+    if speaks_kafka "$PORT" && speaks_kafka "$SPORT" && lists_topics; then return 0; fi
     sleep 0.5
   done
   echo "kafka: not ready on $BOOTSTRAP after $START_SECONDS s" >&2
@@ -269,11 +280,17 @@ write_broker_config() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@$HOST:$CPORT
-listeners=PLAINTEXT://$HOST:$PORT,CONTROLLER://$HOST:$CPORT
-advertised.listeners=PLAINTEXT://$HOST:$PORT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listeners=PLAINTEXT://$HOST:$PORT,CONTROLLER://$HOST:$CPORT,SASL_PLAINTEXT://$HOST:$SPORT
+advertised.listeners=PLAINTEXT://$HOST:$PORT,SASL_PLAINTEXT://$HOST:$SPORT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT
 inter.broker.listener.name=PLAINTEXT
 controller.listener.names=CONTROLLER
+
+# The SASL listener: SASL/PLAIN with fixed local test users (no authorizer: any authenticated
+# user may do anything, as on the PLAINTEXT listener). For local tests and the demo only.
+sasl.enabled.mechanisms=PLAIN
+listener.name.sasl_plaintext.sasl.enabled.mechanisms=PLAIN
+listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_hub="hub-secret" user_services="services-secret";
 log.dirs=$DATA
 
 # Topics are created explicitly (kafka.sh topics-create), never by a producer's typo.
@@ -346,8 +363,14 @@ start() {
     if ! speaks_kafka "$PORT"; then
       wait_ready "$pid" $((SECONDS + START_SECONDS)) || { show_log_tail; die "our broker (pid $pid) does not answer on $BOOTSTRAP"; }
     fi
-    say "already running (pid $pid) on $BOOTSTRAP"
-    return 0
+    if speaks_kafka "$SPORT"; then
+      say "already running (pid $pid) on $BOOTSTRAP (SASL on $HOST:$SPORT)"
+      return 0
+    fi
+    # Started by an older version of this script, before the SASL listener existed.
+    say "our broker (pid $pid) has no SASL listener on $HOST:$SPORT (started by an older kafka.sh); restarting it with its data"
+    terminate "$pid" "$STOP_SECONDS" || say "pid $pid still running after $STOP_SECONDS s; killed it (SIGKILL)"
+    rm -f "$PIDFILE"
   fi
   rm -f "$PIDFILE" # stale
   if port_open "$PORT"; then
@@ -358,6 +381,7 @@ start() {
     die "something on $BOOTSTRAP is not a Kafka broker; free the port or use --port / LOCAL_KAFKA_PORT"
   fi
   port_open "$CPORT" && die "controller port $HOST:$CPORT is in use; free it or set --controller-port"
+  port_open "$SPORT" && die "SASL port $HOST:$SPORT is in use; free it or set --sasl-port / LOCAL_KAFKA_SASL_PORT"
 
   find_java
   resolve_classpath
@@ -389,7 +413,7 @@ start() {
     sleep 0.1
   done
   if wait_ready "$pid" "$deadline"; then
-    say "started Kafka $KAFKA_VERSION (pid $pid) on $BOOTSTRAP, controller $HOST:$CPORT, in $((SECONDS - t0)) s; log $LOG"
+    say "started Kafka $KAFKA_VERSION (pid $pid) on $BOOTSTRAP, SASL_PLAINTEXT on $HOST:$SPORT, controller $HOST:$CPORT, in $((SECONDS - t0)) s; log $LOG"
     if [[ -n ${INFRA_RECORD:-} ]]; then echo kafka >> "$INFRA_RECORD"; fi
     return 0
   fi
@@ -418,8 +442,11 @@ stop() {
 status() {
   local pid
   if pid=$(our_pid); then
-    if speaks_kafka "$PORT"; then
-      say "running (pid $pid, started by this script, Kafka $KAFKA_VERSION) on $BOOTSTRAP, controller $HOST:$CPORT"
+    if speaks_kafka "$PORT" && ! speaks_kafka "$SPORT"; then
+      say "running (pid $pid, started by this script) on $BOOTSTRAP but without the SASL listener on $HOST:$SPORT (an older kafka.sh started it): run kafka.sh start to restart it"
+      return 3
+    elif speaks_kafka "$PORT"; then
+      say "running (pid $pid, started by this script, Kafka $KAFKA_VERSION) on $BOOTSTRAP, SASL_PLAINTEXT on $HOST:$SPORT, controller $HOST:$CPORT"
     else
       say "pid $pid (started by this script) does not answer on $BOOTSTRAP (starting, or stuck: see $LOG)"
       return 3

@@ -1,5 +1,7 @@
 //! The user behind a REST request: an HS256 JWT (the hub's own secret) in
-//! `Authorization: Bearer`, its `sub` the user. The body never names the user.
+//! `Authorization: Bearer`, its `sub` the user. The body never names the user. Each service
+//! has its own audience: a token must carry the service's `aud` (`orders`, `moderation`), so a
+//! token minted for the hub (or another service) is refused.
 
 use std::sync::Arc;
 
@@ -22,10 +24,12 @@ struct Claims {
 }
 
 impl Verifier {
-    /// A verifier for HS256 tokens signed with `secret`; `exp` is required.
-    pub fn hs256(secret: &str) -> Self {
+    /// A verifier for HS256 tokens signed with `secret` for `audience`; `exp`, `sub` and `aud`
+    /// are required.
+    pub fn hs256(secret: &str, audience: &str) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.set_required_spec_claims(&["exp", "sub", "aud"]);
+        validation.set_audience(&[audience]);
         validation.leeway = 5;
         Verifier {
             shared: Arc::new((DecodingKey::from_secret(secret.as_bytes()), validation)),
@@ -42,7 +46,11 @@ impl Verifier {
                 ErrorKind::ImmatureSignature => "token not yet valid",
                 ErrorKind::InvalidSignature => "bad token signature",
                 ErrorKind::InvalidAlgorithm => "token algorithm not allowed",
+                ErrorKind::MissingRequiredClaim(claim) if claim == "aud" => {
+                    "token audience (aud) is missing"
+                }
                 ErrorKind::MissingRequiredClaim(_) => "token lacks a required claim (exp, sub)",
+                ErrorKind::InvalidAudience => "wrong audience",
                 _ => "malformed token",
             };
             ApiError::Unauthorized(reason)
@@ -111,19 +119,25 @@ mod tests {
 
     #[test]
     fn accepts_a_valid_token_and_names_what_is_wrong_otherwise() {
-        let v = Verifier::hs256(SECRET);
+        let v = Verifier::hs256(SECRET, "orders");
         let good = token(
             Algorithm::HS256,
             SECRET,
-            json!({"sub": "alice", "exp": now() + 60}),
+            json!({"sub": "alice", "exp": now() + 60, "aud": "orders"}),
         );
         assert_eq!(v.verify(&good).expect("valid"), "alice");
+        let listed = token(
+            Algorithm::HS256,
+            SECRET,
+            json!({"sub": "alice", "exp": now() + 60, "aud": ["hub", "orders"]}),
+        );
+        assert_eq!(v.verify(&listed).expect("valid"), "alice");
         let cases = [
             (
                 token(
                     Algorithm::HS256,
                     SECRET,
-                    json!({"sub": "a", "exp": now() - 60}),
+                    json!({"sub": "a", "exp": now() - 60, "aud": "orders"}),
                 ),
                 "token expired",
             ),
@@ -131,7 +145,7 @@ mod tests {
                 token(
                     Algorithm::HS256,
                     "another secret of thirty-two bytes",
-                    json!({"sub": "a", "exp": now() + 60}),
+                    json!({"sub": "a", "exp": now() + 60, "aud": "orders"}),
                 ),
                 "bad token signature",
             ),
@@ -139,23 +153,43 @@ mod tests {
                 token(
                     Algorithm::HS512,
                     SECRET,
-                    json!({"sub": "a", "exp": now() + 60}),
+                    json!({"sub": "a", "exp": now() + 60, "aud": "orders"}),
                 ),
                 "token algorithm not allowed",
             ),
             (
-                token(Algorithm::HS256, SECRET, json!({"sub": "a"})),
+                token(
+                    Algorithm::HS256,
+                    SECRET,
+                    json!({"sub": "a", "aud": "orders"}),
+                ),
                 "token lacks a required claim (exp, sub)",
             ),
             (
                 token(
                     Algorithm::HS256,
                     SECRET,
-                    json!({"sub": "", "exp": now() + 60}),
+                    json!({"sub": "", "exp": now() + 60, "aud": "orders"}),
                 ),
                 "token subject is empty or too long",
             ),
             ("garbage".to_owned(), "malformed token"),
+            (
+                token(
+                    Algorithm::HS256,
+                    SECRET,
+                    json!({"sub": "a", "exp": now() + 60, "aud": "hub"}),
+                ),
+                "wrong audience",
+            ),
+            (
+                token(
+                    Algorithm::HS256,
+                    SECRET,
+                    json!({"sub": "a", "exp": now() + 60}),
+                ),
+                "token audience (aud) is missing",
+            ),
         ];
         for (t, reason) in cases {
             match v.verify(&t) {

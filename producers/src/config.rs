@@ -58,17 +58,37 @@ impl Service {
         SocketAddr::from(([127, 0, 0, 1], port))
     }
 
+    /// The `aud` a token must carry for this service's API (when `JWT_AUDIENCE` is unset).
+    fn default_audience(self) -> &'static str {
+        match self {
+            Service::Order => "orders",
+            Service::Moderation => "moderation",
+            Service::Payment => "payment",
+            Service::Delivery => "delivery",
+        }
+    }
+
     /// Settings that only this service reads (beyond the common ones).
     fn own_keys(self) -> &'static [&'static str] {
         match self {
-            Service::Order => &["jwt_secret", "allowed_origins"],
+            Service::Order => &[
+                "jwt_secret",
+                "jwt_audience",
+                "allowed_origins",
+                "orders_per_minute",
+                "orders_burst",
+            ],
             Service::Payment => &["opening_balance_cents", "unfunded_users"],
             Service::Delivery => &["step_interval"],
             Service::Moderation => &[
                 "jwt_secret",
+                "jwt_audience",
                 "allowed_origins",
+                "reports_per_minute",
+                "reports_burst",
                 "blocked_words",
                 "worker_id",
+                "demo_ads",
             ],
         }
     }
@@ -96,8 +116,30 @@ pub struct Settings {
     /// Prepended to every topic name (e.g. `staging.`); the hub's routes must name the same.
     #[serde(default, deserialize_with = "text")]
     pub topic_prefix: String,
+    /// Kafka security protocol of every producer and consumer.
+    pub kafka_security_protocol: SecurityProtocol,
+    /// SASL mechanism (with a `sasl_*` protocol; `PLAIN` when unset).
+    pub kafka_sasl_mechanism: Option<SaslMechanism>,
+    /// SASL user name (with a `sasl_*` protocol).
+    #[serde(default, deserialize_with = "opt_text")]
+    pub kafka_sasl_username: Option<String>,
+    /// SASL password (with a `sasl_*` protocol). Never logged.
+    #[serde(default, deserialize_with = "opt_text")]
+    pub kafka_sasl_password: Option<String>,
+    /// PEM CA bundle that signs the brokers' certificates (with `ssl` or `sasl_ssl`).
+    #[serde(default, deserialize_with = "opt_text")]
+    pub kafka_ssl_ca_file: Option<String>,
     /// HTTP listener (API where there is one, plus health, readiness and metrics).
     pub addr: Option<SocketAddr>,
+    /// A client must send its whole request head within this time, or is disconnected.
+    #[serde(with = "humantime_serde")]
+    pub http_header_timeout: Duration,
+    /// A request body must arrive within this time (else 408).
+    #[serde(with = "humantime_serde")]
+    pub http_body_timeout: Duration,
+    /// A request must be answered within this time (else 408).
+    #[serde(with = "humantime_serde")]
+    pub http_request_timeout: Duration,
     /// Run the outbox relay in this process (turn off to run it in another instance only).
     pub outbox_relay: bool,
     /// Outbox rows published per relay transaction.
@@ -108,6 +150,19 @@ pub struct Settings {
     /// HS256 secret shared with the hub (order and moderation services).
     #[serde(default, deserialize_with = "opt_text")]
     pub jwt_secret: Option<String>,
+    /// The `aud` a token must carry (default: `orders` / `moderation`).
+    #[serde(default, deserialize_with = "opt_text")]
+    pub jwt_audience: Option<String>,
+    /// Orders one user may place per minute, sustained (order service).
+    pub orders_per_minute: u32,
+    /// Orders one user may place at once before the per-minute pace applies (order service).
+    pub orders_burst: u32,
+    /// Reports one reporter may file per minute, sustained (moderation service).
+    pub reports_per_minute: u32,
+    /// Reports one reporter may file at once before the per-minute pace applies (moderation).
+    pub reports_burst: u32,
+    /// Seed the catalogue with the demo's ads (`ad-1`..`ad-5` of alice, bob and broke).
+    pub demo_ads: bool,
     /// Browser origins allowed to call the REST API (CORS), comma-separated.
     #[serde(default, deserialize_with = "text_list")]
     pub allowed_origins: Vec<String>,
@@ -139,11 +194,25 @@ impl Default for Settings {
             kafka_group: None,
             kafka_timeout: Duration::from_secs(10),
             topic_prefix: String::new(),
+            kafka_security_protocol: SecurityProtocol::Plaintext,
+            kafka_sasl_mechanism: None,
+            kafka_sasl_username: None,
+            kafka_sasl_password: None,
+            kafka_ssl_ca_file: None,
             addr: None,
+            http_header_timeout: Duration::from_secs(10),
+            http_body_timeout: Duration::from_secs(10),
+            http_request_timeout: Duration::from_secs(30),
             outbox_relay: true,
             outbox_batch: 200,
             outbox_poll: Duration::from_millis(500),
             jwt_secret: None,
+            jwt_audience: None,
+            orders_per_minute: 30,
+            orders_burst: 10,
+            reports_per_minute: 10,
+            reports_burst: 5,
+            demo_ads: false,
             allowed_origins: Vec::new(),
             opening_balance_cents: 10_000_000,
             unfunded_users: vec!["broke".to_owned()],
@@ -180,7 +249,15 @@ const COMMON_KEYS: &[&str] = &[
     "kafka_group",
     "kafka_timeout",
     "topic_prefix",
+    "kafka_security_protocol",
+    "kafka_sasl_mechanism",
+    "kafka_sasl_username",
+    "kafka_sasl_password",
+    "kafka_ssl_ca_file",
     "addr",
+    "http_header_timeout",
+    "http_body_timeout",
+    "http_request_timeout",
     "outbox_relay",
     "outbox_batch",
     "outbox_poll",
@@ -302,6 +379,31 @@ impl Settings {
                 return Err(("jwt_secret", "must be at least 32 bytes".to_owned()));
             }
         }
+        if let Some(aud) = &self.jwt_audience
+            && aud.len() > 256
+        {
+            return Err(("jwt_audience", "at most 256 bytes".to_owned()));
+        }
+        for (key, value) in [
+            ("orders_per_minute", self.orders_per_minute),
+            ("orders_burst", self.orders_burst),
+            ("reports_per_minute", self.reports_per_minute),
+            ("reports_burst", self.reports_burst),
+        ] {
+            if value == 0 {
+                return Err((key, "must be at least 1".to_owned()));
+            }
+        }
+        for (key, value) in [
+            ("http_header_timeout", self.http_header_timeout),
+            ("http_body_timeout", self.http_body_timeout),
+            ("http_request_timeout", self.http_request_timeout),
+        ] {
+            if value < Duration::from_millis(100) {
+                return Err((key, "must be at least 100ms".to_owned()));
+            }
+        }
+        self.validate_kafka_security()?;
         if self.opening_balance_cents < 0 {
             return Err(("opening_balance_cents", "must not be negative".to_owned()));
         }
@@ -320,6 +422,97 @@ impl Settings {
             }
         }
         Ok(())
+    }
+
+    /// Kafka security settings that contradict each other, or that this build cannot honour.
+    fn validate_kafka_security(&self) -> Result<(), (&'static str, String)> {
+        let protocol = self.kafka_security_protocol;
+        if !protocol.is_sasl() {
+            for (key, set) in [
+                ("kafka_sasl_mechanism", self.kafka_sasl_mechanism.is_some()),
+                ("kafka_sasl_username", self.kafka_sasl_username.is_some()),
+                ("kafka_sasl_password", self.kafka_sasl_password.is_some()),
+            ] {
+                if set {
+                    return Err((
+                        key,
+                        format!(
+                            "needs KAFKA_SECURITY_PROTOCOL sasl_plaintext or sasl_ssl (it is {})",
+                            protocol.as_str()
+                        ),
+                    ));
+                }
+            }
+        } else {
+            match (&self.kafka_sasl_username, &self.kafka_sasl_password) {
+                (None, _) => {
+                    return Err((
+                        "kafka_sasl_username",
+                        format!("missing (required with {})", protocol.as_str()),
+                    ));
+                }
+                (Some(_), None) => {
+                    return Err((
+                        "kafka_sasl_password",
+                        "missing (required with KAFKA_SASL_USERNAME)".to_owned(),
+                    ));
+                }
+                (Some(_), Some(_)) => {}
+            }
+        }
+        if let Some(ca) = &self.kafka_ssl_ca_file {
+            if !protocol.is_tls() {
+                return Err((
+                    "kafka_ssl_ca_file",
+                    format!(
+                        "needs KAFKA_SECURITY_PROTOCOL ssl or sasl_ssl (it is {})",
+                        protocol.as_str()
+                    ),
+                ));
+            }
+            if !Path::new(ca).is_file() {
+                return Err(("kafka_ssl_ca_file", format!("{ca} is not a readable file")));
+            }
+        }
+        let features = crate::kafka::builtin_features();
+        if protocol.is_tls() && !features.iter().any(|f| f == "ssl") {
+            return Err((
+                "kafka_security_protocol",
+                format!(
+                    "{} needs librdkafka with SSL, and this build has none (the rdkafka crate's `ssl` feature)",
+                    protocol.as_str()
+                ),
+            ));
+        }
+        let mechanism = self.sasl_mechanism();
+        if protocol.is_sasl()
+            && matches!(
+                mechanism,
+                SaslMechanism::ScramSha256 | SaslMechanism::ScramSha512
+            )
+            && !features.iter().any(|f| f == "sasl_scram")
+        {
+            return Err((
+                "kafka_sasl_mechanism",
+                format!(
+                    "{} needs librdkafka with SSL, and this build has none (the rdkafka crate's `ssl` feature)",
+                    mechanism.as_str()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The SASL mechanism (`PLAIN` unless set).
+    pub fn sasl_mechanism(&self) -> SaslMechanism {
+        self.kafka_sasl_mechanism.unwrap_or(SaslMechanism::Plain)
+    }
+
+    /// The `aud` this service's tokens must carry.
+    pub fn jwt_audience(&self, service: Service) -> String {
+        self.jwt_audience
+            .clone()
+            .unwrap_or_else(|| service.default_audience().to_owned())
     }
 
     /// The HTTP listener address (the service's default port when unset).
@@ -347,6 +540,74 @@ impl Settings {
     /// The Kafka bootstrap servers (validated present).
     pub fn kafka_brokers(&self) -> &str {
         self.kafka_brokers.as_deref().unwrap_or_default()
+    }
+}
+
+/// `KAFKA_SECURITY_PROTOCOL`: librdkafka's `security.protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecurityProtocol {
+    /// No TLS, no authentication.
+    #[serde(alias = "PLAINTEXT")]
+    Plaintext,
+    /// TLS.
+    #[serde(alias = "SSL")]
+    Ssl,
+    /// SASL authentication without TLS.
+    #[serde(alias = "SASL_PLAINTEXT")]
+    SaslPlaintext,
+    /// SASL authentication over TLS.
+    #[serde(alias = "SASL_SSL")]
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    /// The name librdkafka (and the setting) uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecurityProtocol::Plaintext => "plaintext",
+            SecurityProtocol::Ssl => "ssl",
+            SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+            SecurityProtocol::SaslSsl => "sasl_ssl",
+        }
+    }
+
+    /// Authenticates with SASL.
+    pub fn is_sasl(self) -> bool {
+        matches!(
+            self,
+            SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
+        )
+    }
+
+    /// Uses TLS.
+    pub fn is_tls(self) -> bool {
+        matches!(self, SecurityProtocol::Ssl | SecurityProtocol::SaslSsl)
+    }
+}
+
+/// `KAFKA_SASL_MECHANISM`: librdkafka's `sasl.mechanism`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SaslMechanism {
+    /// User name and password sent as they are (use TLS outside a trusted network).
+    #[serde(rename = "PLAIN")]
+    Plain,
+    /// SCRAM with SHA-256.
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    /// SCRAM with SHA-512.
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// The name librdkafka (and the setting) uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
     }
 }
 
@@ -488,5 +749,71 @@ mod tests {
             Some("12345678901234567890123456789012345")
         );
         assert_eq!(s.topic("moderation.tasks"), "moderation.tasks");
+    }
+
+    #[test]
+    fn contradictory_kafka_security_settings_name_the_setting() {
+        let cases: [(&[(&str, &str)], &str); 5] = [
+            (
+                &[("KAFKA_SASL_MECHANISM", "PLAIN")],
+                "config: PAYMENT_KAFKA_SASL_MECHANISM: needs KAFKA_SECURITY_PROTOCOL sasl_plaintext or sasl_ssl (it is plaintext)",
+            ),
+            (
+                &[("KAFKA_SECURITY_PROTOCOL", "sasl_plaintext")],
+                "config: PAYMENT_KAFKA_SASL_USERNAME: missing (required with sasl_plaintext)",
+            ),
+            (
+                &[
+                    ("KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT"),
+                    ("KAFKA_SASL_USERNAME", "services"),
+                ],
+                "config: PAYMENT_KAFKA_SASL_PASSWORD: missing (required with KAFKA_SASL_USERNAME)",
+            ),
+            (
+                &[("KAFKA_SSL_CA_FILE", "/etc/hostname")],
+                "config: PAYMENT_KAFKA_SSL_CA_FILE: needs KAFKA_SECURITY_PROTOCOL ssl or sasl_ssl (it is plaintext)",
+            ),
+            (
+                &[("KAFKA_SECURITY_PROTOCOL", "tls")],
+                "config: PAYMENT_KAFKA_SECURITY_PROTOCOL: ",
+            ),
+        ];
+        for (pairs, line) in cases {
+            let e = load(Service::Payment, pairs).expect_err(line);
+            assert!(e.to_string().starts_with(line), "{e}");
+        }
+        let s = load(
+            Service::Payment,
+            &[
+                ("KAFKA_SECURITY_PROTOCOL", "sasl_plaintext"),
+                ("KAFKA_SASL_USERNAME", "services"),
+                ("KAFKA_SASL_PASSWORD", "services-secret"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(s.sasl_mechanism(), SaslMechanism::Plain);
+        let config = crate::kafka::client_config(&s);
+        assert_eq!(config.get("security.protocol"), Some("sasl_plaintext"));
+        assert_eq!(config.get("sasl.mechanism"), Some("PLAIN"));
+        assert_eq!(config.get("sasl.username"), Some("services"));
+    }
+
+    #[test]
+    fn each_api_has_its_own_audience() {
+        let s = load(Service::Order, &[("JWT_SECRET", SECRET)]).expect("valid");
+        assert_eq!(s.jwt_audience(Service::Order), "orders");
+        let s = load(Service::Moderation, &[("JWT_SECRET", SECRET)]).expect("valid");
+        assert_eq!(s.jwt_audience(Service::Moderation), "moderation");
+        let s = load(
+            Service::Order,
+            &[("JWT_SECRET", SECRET), ("JWT_AUDIENCE", "shop")],
+        )
+        .expect("valid");
+        assert_eq!(s.jwt_audience(Service::Order), "shop");
+        let e = load(Service::Payment, &[("JWT_AUDIENCE", "x")]).expect_err("misplaced");
+        assert_eq!(
+            e.to_string(),
+            "config: PAYMENT_JWT_AUDIENCE: not a setting of the payment-service"
+        );
     }
 }

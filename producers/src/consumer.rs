@@ -17,17 +17,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rdkafka::ClientConfig;
 use rdkafka::Message as _;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::kafka::Producer;
 use crate::metrics::Metrics;
 use crate::outbox::sleep_or_stop;
 
@@ -94,8 +94,8 @@ pub trait Handler: Send + Sync + 'static {
 
 /// The consumer of one service process.
 pub struct Consumer {
-    consumer: StreamConsumer,
-    dlq: FutureProducer,
+    consumer: StreamConsumer<crate::kafka::Context>,
+    dlq: Producer,
     pool: PgPool,
     metrics: Metrics,
     /// An offset was stored since the last commit.
@@ -114,11 +114,11 @@ impl Consumer {
         group: &str,
         topics: &[String],
         pool: PgPool,
-        dlq: FutureProducer,
+        dlq: Producer,
         metrics: Metrics,
+        context: crate::kafka::Context,
     ) -> anyhow::Result<Self> {
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", settings.kafka_brokers())
+        let consumer: StreamConsumer<crate::kafka::Context> = crate::kafka::client_config(settings)
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             // Offsets are stored by the workers after their transaction, never on receipt.
@@ -132,7 +132,7 @@ impl Consumer {
             // a restarted or surviving instance takes its partitions over quickly.
             .set("session.timeout.ms", "6000")
             .set("heartbeat.interval.ms", "1000")
-            .create()?;
+            .create_with_context(context)?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&names)?;
         Ok(Consumer {

@@ -1,5 +1,6 @@
 //! What every service's HTTP listener shares: the error type mapped to JSON responses, health,
-//! readiness and metrics routes, CORS for the demo page, a body limit.
+//! readiness and metrics routes, CORS for the demo page, a body limit, body and request
+//! timeouts, and the listener itself (with a timeout on reading a request head).
 
 use std::time::Duration;
 
@@ -31,6 +32,17 @@ pub enum ApiError {
     /// 404.
     #[error("{0}")]
     NotFound(&'static str),
+    /// 408: the body did not arrive in time.
+    #[error("request body not received within the time allowed")]
+    BodyTimeout,
+    /// 429 with `Retry-After` (seconds).
+    #[error("too many {what}; retry in {retry_after} s")]
+    TooManyRequests {
+        /// What was limited (`orders`, `reports`).
+        what: &'static str,
+        /// Seconds until one more is allowed.
+        retry_after: u64,
+    },
     /// 503: the database did not answer.
     #[error("service unavailable")]
     Unavailable(#[source] sqlx::Error),
@@ -44,6 +56,14 @@ impl From<sqlx::Error> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> Self {
+        // A body cut short by the body timeout is the client's slowness, not bad JSON.
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(err) = source {
+            if err.is::<tower_http::timeout::TimeoutError>() {
+                return ApiError::BodyTimeout;
+            }
+            source = err.source();
+        }
         ApiError::BadRequest(e.body_text())
     }
 }
@@ -54,6 +74,16 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::TooManyRequests { retry_after, .. } => {
+                let body = Json(json!({"error": self.to_string()}));
+                return (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [(header::RETRY_AFTER, retry_after.to_string())],
+                    body,
+                )
+                    .into_response();
+            }
             ApiError::Unavailable(e) => {
                 tracing::error!(error = %e, "database error");
                 StatusCode::SERVICE_UNAVAILABLE
@@ -63,17 +93,30 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// `/healthz`, `/readyz` (the database answers and the process is not stopping) and `/metrics`.
-pub fn ops_routes(pool: sqlx::PgPool, metrics: Metrics, stopping: CancellationToken) -> Router {
+/// `/healthz`, `/readyz` (the database answers, Kafka has not refused our credentials and the
+/// process is not stopping) and `/metrics`.
+pub fn ops_routes(
+    pool: sqlx::PgPool,
+    metrics: Metrics,
+    stopping: CancellationToken,
+    kafka_auth: crate::kafka::AuthFailure,
+) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/readyz",
             get(move || {
                 let (pool, stopping) = (pool.clone(), stopping.clone());
+                let refused = kafka_auth.get().is_some();
                 async move {
                     if stopping.is_cancelled() {
                         return (StatusCode::SERVICE_UNAVAILABLE, "stopping");
+                    }
+                    if refused {
+                        return (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "kafka refused our credentials",
+                        );
                     }
                     let ping = sqlx::query("SELECT 1").execute(&pool);
                     match tokio::time::timeout(Duration::from_secs(2), ping).await {
@@ -124,4 +167,67 @@ pub fn with_api_layers(router: Router, allowed_origins: &[String]) -> Router {
 /// A JSON body, or a 400 naming what is wrong with it.
 pub fn body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     Ok(body?.0)
+}
+
+/// Every route's timeouts: the request body must keep arriving (`body`, between chunks) and the
+/// answer must be ready within `request` (else 408).
+pub fn with_timeouts(router: Router, body: Duration, request: Duration) -> Router {
+    router
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(body))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            request,
+        ))
+}
+
+/// Serves `router` on `listener` until `stop` is cancelled, then lets requests in progress
+/// finish. A client that has not sent a whole request head within `header_timeout` is
+/// disconnected (hyper's `header_read_timeout`), so idle or trickling connections cannot pile
+/// up.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    header_timeout: Duration,
+    stop: CancellationToken,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, usually: wait a little rather than spin.
+                tracing::warn!(error = %e, "http: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone());
+        let connection = http.serve_connection(TokioIo::new(stream), service);
+        let stop = stop.clone();
+        connections.spawn(async move {
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                r = connection.as_mut() => r,
+                () = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "http: connection ended with an error");
+            }
+        });
+        while connections.try_join_next().is_some() {}
+    }
+    while connections.join_next().await.is_some() {}
 }

@@ -6,7 +6,11 @@
 //!
 //! - [`config`]: typed settings per service (`ORDER_*`, `PAYMENT_*`, ...), validated at start.
 //! - [`auth`]: the user of a REST request, from the hub's HS256 JWT.
-//! - [`http`]: error responses, health/readiness/metrics routes, CORS, body limit.
+//! - [`http`]: error responses, health/readiness/metrics routes, CORS, body limit, timeouts,
+//!   the listener.
+//! - [`limit`]: per-user rate limits of the REST APIs.
+//! - [`kafka`]: Kafka client settings (brokers, security) and the context that notices a
+//!   refused authentication.
 //! - [`db`]: pool, migrations, the processed-events claim of idempotent consumers.
 //! - [`outbox`]: writing events in the caller's transaction; the relay that publishes them.
 //! - [`consumer`]: the Kafka consumer loop: transaction per record, DLQ, commit after.
@@ -21,6 +25,8 @@ pub mod consumer;
 pub mod db;
 pub mod delivery;
 pub mod http;
+pub mod kafka;
+pub mod limit;
 pub mod metrics;
 pub mod moderation;
 pub mod order;

@@ -3,6 +3,10 @@
 //! share `moderation.tasks`, each task decided by one of them with the word-list rule, and
 //! emit `moderation.results`, which the hub delivers to the reporter (and to the target's owner
 //! when it was removed).
+//!
+//! The owner of a target comes from the service's own records, never from the request: an ad's
+//! owner from the catalogue of ads (`POST /ads` by the owner, `GET /ads`; the demo's ads seeded
+//! with `DEMO_ADS`), a user's owner is that user. Reports are rate limited per reporter.
 
 use async_trait::async_trait;
 use axum::extract::rejection::JsonRejection;
@@ -19,16 +23,29 @@ use uuid::Uuid;
 use crate::auth::{User, Verifier};
 use crate::consumer::{HandleError, Handler, Record};
 use crate::http::{ApiError, body};
+use crate::limit::PerUser;
 use crate::service::Builder;
 use crate::topics;
 
 /// Adds the report API and a worker to `builder`.
 pub async fn build(builder: Builder) -> anyhow::Result<Builder> {
     let ctx = builder.context().clone();
+    if ctx.settings.demo_ads {
+        seed_demo_ads(&ctx.pool).await?;
+    }
+    let limit = PerUser::new(
+        "reports",
+        ctx.settings.reports_per_minute,
+        ctx.settings.reports_burst,
+    );
     let state = ApiState {
         pool: ctx.pool.clone(),
-        verifier: Verifier::hs256(ctx.settings.jwt_secret.as_deref().unwrap_or_default()),
+        verifier: Verifier::hs256(
+            ctx.settings.jwt_secret.as_deref().unwrap_or_default(),
+            &ctx.settings.jwt_audience(ctx.service),
+        ),
         topic: ctx.settings.topic(topics::MODERATION_TASKS),
+        limit: limit.clone(),
     };
     let worker = Worker {
         rule: Rule::new(&ctx.settings.blocked_words),
@@ -41,7 +58,32 @@ pub async fn build(builder: Builder) -> anyhow::Result<Builder> {
     };
     builder
         .api(router(state))
+        .task("report rate limit", limit.clean_until(ctx.stop.clone()))
         .consume(&[topics::MODERATION_TASKS], worker)
+}
+
+/// The demo's ads (`DEMO_ADS=true`): id, owner, title. The owners are the demo page's users.
+pub const DEMO_ADS: [(&str, &str, &str); 5] = [
+    ("ad-1", "alice", "Noise-cancelling headphones, barely used"),
+    ("ad-2", "bob", "Mountain bike, 21 gears"),
+    ("ad-3", "alice", "Vintage film camera"),
+    ("ad-4", "bob", "Two concert tickets for Saturday"),
+    ("ad-5", "broke", "Sofa, free to collect"),
+];
+
+/// Adds the demo's ads that are missing (an ad already there keeps its owner).
+async fn seed_demo_ads(pool: &PgPool) -> Result<(), sqlx::Error> {
+    for (id, owner, title) in DEMO_ADS {
+        sqlx::query(
+            "INSERT INTO ads (id, owner_id, title) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(title)
+        .execute(pool)
+        .await?;
+    }
+    Ok(())
 }
 
 /// State of the REST handlers.
@@ -50,6 +92,7 @@ pub struct ApiState {
     pool: PgPool,
     verifier: Verifier,
     topic: String,
+    limit: PerUser,
 }
 
 impl FromRef<ApiState> for Verifier {
@@ -61,6 +104,7 @@ impl FromRef<ApiState> for Verifier {
 /// The REST routes.
 pub fn router(state: ApiState) -> Router {
     Router::new()
+        .route("/ads", post(create_ad).get(list_ads))
         .route("/reports", post(create))
         .route("/reports/{id}", get(fetch))
         .with_state(state)
@@ -71,8 +115,26 @@ pub fn router(state: ApiState) -> Router {
 struct NewReport {
     target_type: String,
     target_id: String,
-    target_owner_id: String,
     reason: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewAd {
+    title: String,
+}
+
+/// A user id as tokens carry it: 1–128 bytes, no whitespace or control characters.
+fn user_id(field: &str, value: &str) -> Result<String, ApiError> {
+    if value.is_empty()
+        || value.len() > 128
+        || value.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(ApiError::BadRequest(format!(
+            "{field}: a user id (1 to 128 bytes, no spaces)"
+        )));
+    }
+    Ok(value.to_owned())
 }
 
 fn required(field: &str, value: &str, max: usize) -> Result<String, ApiError> {
@@ -91,6 +153,7 @@ async fn create(
     report: Result<Json<NewReport>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let report = body(report)?;
+    state.limit.check(&reporter)?;
     let target_type = match report.target_type.as_str() {
         "ad" => TargetType::Ad,
         "user" => TargetType::User,
@@ -100,9 +163,22 @@ async fn create(
             ));
         }
     };
-    let target_id = required("target_id", &report.target_id, 128)?;
-    let owner = required("target_owner_id", &report.target_owner_id, 128)?;
     let reason = required("reason", &report.reason, 1000)?;
+    let (target_id, owner) = match target_type {
+        TargetType::User => {
+            let user = user_id("target_id", report.target_id.trim())?;
+            (user.clone(), user)
+        }
+        _ => {
+            let ad = required("target_id", &report.target_id, 128)?;
+            let owner: String = sqlx::query_scalar("SELECT owner_id FROM ads WHERE id = $1")
+                .bind(&ad)
+                .fetch_optional(&state.pool)
+                .await?
+                .ok_or(ApiError::NotFound("no such ad"))?;
+            (ad, owner)
+        }
+    };
     let id = Uuid::now_v7();
     let mut tx = state.pool.begin().await?;
     sqlx::query(
@@ -140,6 +216,48 @@ async fn create(
         StatusCode::ACCEPTED,
         Json(json!({"report_id": task.report_id})),
     ))
+}
+
+/// `POST /ads`: the signed-in user publishes an ad and owns it.
+async fn create_ad(
+    State(state): State<ApiState>,
+    User(owner): User,
+    ad: Result<Json<NewAd>, JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let ad = body(ad)?;
+    let title = required("title", &ad.title, 200)?;
+    let id = format!("ad-{}", &Uuid::new_v4().simple().to_string()[..12]);
+    sqlx::query("INSERT INTO ads (id, owner_id, title) VALUES ($1, $2, $3)")
+        .bind(&id)
+        .bind(&owner)
+        .bind(&title)
+        .execute(&state.pool)
+        .await?;
+    tracing::info!(ad_id = id, "ad published");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"ad_id": id, "owner_id": owner, "title": title})),
+    ))
+}
+
+/// `GET /ads`: the catalogue, newest first (at most 100). Ads are public, owners included.
+async fn list_ads(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    let rows = sqlx::query(
+        "SELECT id, owner_id, title FROM ads ORDER BY created_at DESC, id DESC LIMIT 100",
+    )
+    .fetch_all(&state.pool)
+    .await?;
+    let ads = rows
+        .iter()
+        .map(|r| {
+            Ok(json!({
+                "ad_id": r.try_get::<String, _>("id")?,
+                "owner_id": r.try_get::<String, _>("owner_id")?,
+                "title": r.try_get::<String, _>("title")?,
+            }))
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    Ok(Json(json!({"ads": ads})))
 }
 
 async fn fetch(

@@ -25,6 +25,7 @@ use proto::payments::v1::{PaymentCompleted, PaymentStatus};
 use crate::auth::{User, Verifier};
 use crate::consumer::{HandleError, Handler, Record};
 use crate::http::{ApiError, body};
+use crate::limit::PerUser;
 use crate::service::Builder;
 use crate::topics;
 
@@ -32,18 +33,27 @@ use crate::topics;
 pub async fn build(builder: Builder) -> anyhow::Result<Builder> {
     let ctx = builder.context().clone();
     let secret = ctx.settings.jwt_secret.clone().unwrap_or_default();
+    let limit = PerUser::new(
+        "orders",
+        ctx.settings.orders_per_minute,
+        ctx.settings.orders_burst,
+    );
     let state = ApiState {
         pool: ctx.pool.clone(),
-        verifier: Verifier::hs256(&secret),
+        verifier: Verifier::hs256(&secret, &ctx.settings.jwt_audience(ctx.service)),
         prefix: ctx.settings.topic_prefix.clone(),
+        limit: limit.clone(),
     };
     let handler = Events {
         prefix: ctx.settings.topic_prefix.clone(),
     };
-    builder.api(router(state)).consume(
-        &[topics::PAYMENT_COMPLETED, topics::DELIVERY_STATUS_UPDATED],
-        handler,
-    )
+    builder
+        .api(router(state))
+        .task("order rate limit", limit.clean_until(ctx.stop.clone()))
+        .consume(
+            &[topics::PAYMENT_COMPLETED, topics::DELIVERY_STATUS_UPDATED],
+            handler,
+        )
 }
 
 /// State of the REST handlers.
@@ -52,6 +62,7 @@ pub struct ApiState {
     pool: PgPool,
     verifier: Verifier,
     prefix: String,
+    limit: PerUser,
 }
 
 impl FromRef<ApiState> for Verifier {
@@ -146,6 +157,7 @@ async fn create(
     headers: HeaderMap,
     order: Result<Json<NewOrder>, JsonRejection>,
 ) -> Result<(StatusCode, HeaderMap, Json<Value>), ApiError> {
+    state.limit.check(&user)?;
     let key = idempotency_key(&headers)?;
     let order = body(order)?;
     let total = order.validate()?;

@@ -15,14 +15,14 @@
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use sqlx::postgres::PgListener;
 use sqlx::{PgConnection, PgPool, Row};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::kafka::Producer;
 use crate::metrics::Metrics;
 
 /// PostgreSQL channel the relay listens on; a transaction that enqueues notifies it.
@@ -52,24 +52,27 @@ pub async fn enqueue(
 }
 
 /// An idempotent producer with `acks=all`, shared by the relay and the DLQ writer.
-pub fn producer(settings: &Settings, client_id: &str) -> anyhow::Result<FutureProducer> {
+pub fn producer(
+    settings: &Settings,
+    client_id: &str,
+    context: crate::kafka::Context,
+) -> anyhow::Result<Producer> {
     let timeout_ms = settings.kafka_timeout.as_millis().to_string();
-    let producer = ClientConfig::new()
-        .set("bootstrap.servers", settings.kafka_brokers())
+    let producer = crate::kafka::client_config(settings)
         .set("client.id", client_id)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "1")
         .set("message.timeout.ms", &timeout_ms)
         .set("socket.nagle.disable", "true")
-        .create()?;
+        .create_with_context(context)?;
     Ok(producer)
 }
 
 /// Publishes the outbox of one database.
 pub struct Relay {
     pool: PgPool,
-    producer: FutureProducer,
+    producer: Producer,
     batch: i64,
     poll: Duration,
     metrics: Metrics,
@@ -85,12 +88,7 @@ struct Waiting {
 
 impl Relay {
     /// A relay for the outbox in `pool`.
-    pub fn new(
-        pool: PgPool,
-        producer: FutureProducer,
-        settings: &Settings,
-        metrics: Metrics,
-    ) -> Self {
+    pub fn new(pool: PgPool, producer: Producer, settings: &Settings, metrics: Metrics) -> Self {
         Relay {
             pool,
             producer,

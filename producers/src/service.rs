@@ -7,7 +7,6 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use axum::Router;
-use rdkafka::producer::FutureProducer;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -15,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Service, Settings};
 use crate::consumer::{Consumer, Handler};
+use crate::kafka::{AuthFailure, Producer};
 use crate::metrics::Metrics;
 use crate::outbox::{Relay, producer};
 
@@ -28,7 +28,11 @@ pub struct Context {
     /// Its database (migrated).
     pub pool: PgPool,
     /// Producer for the relay and the DLQ.
-    pub producer: FutureProducer,
+    pub producer: Producer,
+    /// Context of every Kafka client (records a refused authentication).
+    pub kafka: crate::kafka::Context,
+    /// Reports the brokers' refusal of our credentials.
+    pub kafka_auth: AuthFailure,
     /// Its metrics.
     pub metrics: Metrics,
     /// Cancelled when the process is stopping.
@@ -51,9 +55,12 @@ impl Builder {
     /// Connects to the database (and migrates it) and prepares the producer.
     pub async fn new(service: Service, settings: Settings) -> anyhow::Result<Self> {
         let pool = crate::db::connect(service, &settings).await?;
-        let producer = producer(&settings, service.name())?;
+        let (kafka, kafka_auth) = crate::kafka::Context::new();
+        let producer = producer(&settings, service.name(), kafka.clone())?;
         let ctx = Context {
             service,
+            kafka,
+            kafka_auth,
             metrics: Metrics::new(service.name()),
             settings,
             pool,
@@ -89,6 +96,7 @@ impl Builder {
             ctx.pool.clone(),
             ctx.producer.clone(),
             ctx.metrics.clone(),
+            ctx.kafka.clone(),
         )?;
         let stop = ctx.stop.clone();
         self.tasks
@@ -130,7 +138,13 @@ impl Builder {
             ctx.pool.clone(),
             ctx.metrics.clone(),
             ctx.stop.clone(),
+            ctx.kafka_auth.clone(),
         ));
+        let router = crate::http::with_timeouts(
+            router,
+            ctx.settings.http_body_timeout,
+            ctx.settings.http_request_timeout,
+        );
         Ok(Running {
             ctx,
             listener,
@@ -156,7 +170,9 @@ impl Running {
         self.local
     }
 
-    /// Runs every part until `signal` completes, then stops them within the grace period.
+    /// Runs every part until `signal` completes, then stops them within the grace period. Ends
+    /// with an error, after stopping the same way, when the Kafka brokers refuse the service's
+    /// credentials (retrying cannot fix that; the operator must).
     pub async fn run_until_stopped(
         self,
         signal: impl Future<Output = ()> + Send + 'static,
@@ -169,11 +185,16 @@ impl Running {
                 name
             });
         }
-        let http_stop = stop.clone();
-        let server = axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(async move { http_stop.cancelled().await });
-        let server = tokio::spawn(async move { server.await });
-        signal.await;
+        let server = tokio::spawn(crate::http::serve(
+            self.listener,
+            self.router,
+            self.ctx.settings.http_header_timeout,
+            stop.clone(),
+        ));
+        let refused = tokio::select! {
+            () = signal => None,
+            reason = self.ctx.kafka_auth.clone().wait() => Some(reason),
+        };
         tracing::info!("stopping");
         stop.cancel();
         let drained = tokio::time::timeout(GRACE, async {
@@ -185,7 +206,22 @@ impl Running {
             tracing::warn!("stopped before every task finished (grace period over)");
         }
         self.ctx.pool.close().await;
-        Ok(())
+        match refused {
+            None => Ok(()),
+            Some(reason) => {
+                let prefix = self.ctx.service.prefix();
+                let user = self
+                    .ctx
+                    .settings
+                    .kafka_sasl_username
+                    .as_deref()
+                    .map(|u| format!(" as {u:?}"))
+                    .unwrap_or_default();
+                Err(anyhow::anyhow!(
+                    "kafka: the brokers refused authentication{user} (check {prefix}KAFKA_SASL_USERNAME, {prefix}KAFKA_SASL_PASSWORD, {prefix}KAFKA_SASL_MECHANISM, {prefix}KAFKA_SECURITY_PROTOCOL): {reason}"
+                ))
+            }
+        }
     }
 }
 

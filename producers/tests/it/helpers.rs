@@ -331,6 +331,16 @@ impl Kind {
         }
     }
 
+    /// The `aud` the service's API wants (its default `JWT_AUDIENCE`).
+    pub fn audience(self) -> &'static str {
+        match self {
+            Kind::Order => "orders",
+            Kind::Moderation => "moderation",
+            Kind::Payment => "payment",
+            Kind::Delivery => "delivery",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Kind::Order => "order",
@@ -393,6 +403,11 @@ impl ServiceProcess {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// The exit status, once the process has exited by itself.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// SIGKILL: no cleanup of any kind.
@@ -524,6 +539,13 @@ impl Stack {
         match kind {
             Kind::Order | Kind::Moderation => {
                 env.push(("JWT_SECRET".into(), self.secret.clone()));
+                // Tests that are not about rate limits are never limited.
+                let (rate, burst) = match kind {
+                    Kind::Order => ("ORDERS_PER_MINUTE", "ORDERS_BURST"),
+                    _ => ("REPORTS_PER_MINUTE", "REPORTS_BURST"),
+                };
+                env.push((rate.into(), "100000".into()));
+                env.push((burst.into(), "100000".into()));
                 if let Some(hub) = &self.hub {
                     env.push(("ALLOWED_ORIGINS".into(), hub.base()));
                 }
@@ -568,15 +590,29 @@ impl Stack {
         self.hub.as_ref().expect("hub started")
     }
 
-    pub fn token(&self, user: &str) -> String {
-        token(&self.secret, user)
+    /// A token of `user` for the API of `kind` (with its audience).
+    pub fn token(&self, kind: Kind, user: &str) -> String {
+        token_for(&self.secret, user, Some(kind.audience()))
+    }
+
+    /// Publishes an ad of `owner` in the moderation service's catalogue; returns its id.
+    pub async fn post_ad(&self, owner: &str, title: &str) -> String {
+        let (status, body) = post(
+            &self.service(Kind::Moderation).url("/ads"),
+            Some(&self.token(Kind::Moderation, owner)),
+            &json!({"title": title}),
+        )
+        .await;
+        assert_eq!(status, 201, "POST /ads: {body}");
+        assert_eq!(body["owner_id"], owner);
+        body["ad_id"].as_str().expect("ad_id").to_owned()
     }
 
     /// POST /orders as `user`; returns the order id.
     pub async fn place_order(&self, user: &str, price_cents: i64) -> String {
         let (status, body) = post(
             &self.service(Kind::Order).url("/orders"),
-            Some(&self.token(user)),
+            Some(&self.token(Kind::Order, user)),
             &json!({
                 "items": [{"product_id": "p1", "quantity": 2, "price_cents": price_cents}],
                 "delivery_address": "1 Test Street",
@@ -601,15 +637,25 @@ impl Stack {
     }
 }
 
+/// A token for the hub (no audience).
 pub fn token(secret: &str, user: &str) -> String {
+    token_for(secret, user, None)
+}
+
+/// A token of `user` with `aud` when given.
+pub fn token_for(secret: &str, user: &str, aud: Option<&str>) -> String {
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
         .as_secs()
         + 3600;
+    let mut claims = json!({"sub": user, "exp": exp});
+    if let Some(aud) = aud {
+        claims["aud"] = json!(aud);
+    }
     encode(
         &Header::default(),
-        &json!({"sub": user, "exp": exp}),
+        &claims,
         &EncodingKey::from_secret(secret.as_bytes()),
     )
     .expect("token")
@@ -906,8 +952,10 @@ pub const DELIVERED_PATH: [&str; 5] = [
 // ---------------------------------------------------------------------------------------------
 // A Kafka broker of the test's own
 
-/// A broker on a free port pair (`infra/local/kafka.sh --port`), for a test that stops and
-/// restarts Kafka without disturbing the others. Stopped, and its data removed, on drop.
+/// A broker on three free ports (`infra/local/kafka.sh --port`: PLAINTEXT on `port`, the
+/// controller on `port + 1`, SASL_PLAINTEXT on `port + 2`), for a test that stops and restarts
+/// Kafka, or needs the SASL listener, without disturbing the others. Stopped, and its data
+/// removed, on drop.
 pub struct PrivateKafka {
     pub port: u16,
 }
@@ -923,9 +971,9 @@ fn kafka_script(args: &[&str]) -> std::process::Output {
 impl PrivateKafka {
     pub async fn start() -> PrivateKafka {
         let port = loop {
-            let p = 20_000 + 2 * (rand::random::<u16>() % 10_000);
+            let p = 20_000 + 3 * (rand::random::<u16>() % 10_000);
             let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
-            if free(p) && free(p + 1) {
+            if free(p) && free(p + 1) && free(p + 2) {
                 break p;
             }
         };
@@ -936,6 +984,11 @@ impl PrivateKafka {
 
     pub fn brokers(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The SASL_PLAINTEXT listener (SASL/PLAIN; users `hub`, `services`).
+    pub fn sasl_brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port + 2)
     }
 
     /// (Re)starts the broker with its data.

@@ -4,7 +4,9 @@
 mod browser;
 mod cli;
 mod consumers;
+mod edge;
 mod helpers;
+mod kafka_sasl;
 mod moderation;
 mod outbox;
 mod saga;

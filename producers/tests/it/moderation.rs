@@ -1,15 +1,26 @@
 //! Moderation: a report becomes a task, a worker decides it, the hub tells the reporter, and
-//! the target's owner too when the target was removed. Workers share tasks, one decision each.
+//! the target's owner too when the target was removed. The owner comes from the service's
+//! catalogue of ads (or is the reported user), never from the request. Workers share tasks,
+//! one decision each. Reports are rate limited per reporter.
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::helpers::*;
 
-async fn report(stack: &Stack, reporter: &str, owner: &str, reason: &str) -> String {
-    let (status, body) = post(
+async fn post_report(stack: &Stack, reporter: &str, body: &Value) -> (u16, Value) {
+    post(
         &stack.service(Kind::Moderation).url("/reports"),
-        Some(&stack.token(reporter)),
-        &json!({"target_type": "ad", "target_id": "ad-42", "target_owner_id": owner, "reason": reason}),
+        Some(&stack.token(Kind::Moderation, reporter)),
+        body,
+    )
+    .await
+}
+
+async fn report(stack: &Stack, reporter: &str, ad: &str, reason: &str) -> String {
+    let (status, body) = post_report(
+        stack,
+        reporter,
+        &json!({"target_type": "ad", "target_id": ad, "reason": reason}),
     )
     .await;
     assert_eq!(status, 202, "{body}");
@@ -23,8 +34,10 @@ async fn a_removed_target_notifies_reporter_and_owner_a_dismissed_one_only_the_r
     let r = Inbox::connect(stack.hub(), &stack.secret, &reporter, Transport::Ws).await;
     let o = Inbox::connect(stack.hub(), &stack.secret, &owner, Transport::Sse).await;
     let results_topic = stack.topics.name("moderation.results");
+    // The owner publishes the ad; the reporter names only the ad.
+    let ad = stack.post_ad(&owner, "Designer handbag, 90% off").await;
 
-    let dismissed = report(&stack, &reporter, &owner, "I just do not like it").await;
+    let dismissed = report(&stack, &reporter, &ad, "I just do not like it").await;
     r.wait("dismissed result", |e| {
         e.iter()
             .any(|v| v["data"]["report_id"] == dismissed.as_str())
@@ -43,7 +56,7 @@ async fn a_removed_target_notifies_reporter_and_owner_a_dismissed_one_only_the_r
     let got = r.of_type("moderation.result");
     assert_eq!(
         got[0]["data"],
-        json!({"report_id": dismissed, "target_type": "AD", "target_id": "ad-42", "decision": "DISMISSED", "role": "reporter"})
+        json!({"report_id": dismissed, "target_type": "AD", "target_id": ad, "decision": "DISMISSED", "role": "reporter"})
     );
     assert!(
         o.of_type("moderation.result").is_empty(),
@@ -51,7 +64,7 @@ async fn a_removed_target_notifies_reporter_and_owner_a_dismissed_one_only_the_r
         o.events()
     );
 
-    let removed = report(&stack, &reporter, &owner, "This ad is a SCAM").await;
+    let removed = report(&stack, &reporter, &ad, "This ad is a SCAM").await;
     o.wait("owner's removal", |e| {
         e.iter().any(|v| v["data"]["report_id"] == removed.as_str())
     })
@@ -62,7 +75,7 @@ async fn a_removed_target_notifies_reporter_and_owner_a_dismissed_one_only_the_r
     .await;
     assert_eq!(
         o.of_type("moderation.result")[0]["data"],
-        json!({"report_id": removed, "target_type": "AD", "target_id": "ad-42", "decision": "REMOVED", "role": "owner"})
+        json!({"report_id": removed, "target_type": "AD", "target_id": ad, "decision": "REMOVED", "role": "owner"})
     );
     assert_eq!(
         r.of_type("moderation.result")[1]["data"]["role"],
@@ -75,14 +88,14 @@ async fn a_removed_target_notifies_reporter_and_owner_a_dismissed_one_only_the_r
         &stack
             .service(Kind::Moderation)
             .url(&format!("/reports/{removed}")),
-        Some(&stack.token(&reporter)),
+        Some(&stack.token(Kind::Moderation, &reporter)),
     )
     .await;
     assert_eq!((status, body["decision"].clone()), (200, json!("REMOVED")));
-    let (status, body) = post(
-        &stack.service(Kind::Moderation).url("/reports"),
-        Some(&stack.token(&reporter)),
-        &json!({"target_type": "car", "target_id": "x", "target_owner_id": "y", "reason": "z"}),
+    let (status, body) = post_report(
+        &stack,
+        &reporter,
+        &json!({"target_type": "car", "target_id": "x", "reason": "z"}),
     )
     .await;
     assert_eq!(
@@ -96,6 +109,154 @@ async fn a_removed_target_notifies_reporter_and_owner_a_dismissed_one_only_the_r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owner_comes_from_the_catalogue_never_from_the_reporter() {
+    let stack = Stack::start("moderation-owner").await;
+    let (reporter, owner, mallory) = (
+        format!("liz-{}", hex(3)),
+        format!("mo-{}", hex(3)),
+        format!("mallory-{}", hex(3)),
+    );
+    let ad = stack.post_ad(&owner, "Used bicycle").await;
+    let m = Inbox::connect(stack.hub(), &stack.secret, &mallory, Transport::Ws).await;
+    let o = Inbox::connect(stack.hub(), &stack.secret, &owner, Transport::Ws).await;
+
+    // A reporter who tries to name the owner (to aim a removal notice at someone) is refused.
+    let (status, body) = post_report(
+        &stack,
+        &reporter,
+        &json!({"target_type": "ad", "target_id": ad, "target_owner_id": mallory, "reason": "scam"}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("unknown field `target_owner_id`"),
+        "{body}"
+    );
+    // An ad that is not in the catalogue.
+    let (status, body) = post_report(
+        &stack,
+        &reporter,
+        &json!({"target_type": "ad", "target_id": "ad-nonexistent", "reason": "scam"}),
+    )
+    .await;
+    assert_eq!((status, body), (404, json!({"error": "no such ad"})));
+    // A user id that cannot be one.
+    let (status, body) = post_report(
+        &stack,
+        &reporter,
+        &json!({"target_type": "user", "target_id": "two words", "reason": "spam"}),
+    )
+    .await;
+    assert_eq!(
+        (status, body),
+        (
+            400,
+            json!({"error": "target_id: a user id (1 to 128 bytes, no spaces)"})
+        )
+    );
+
+    // Removed: the catalogue's owner is told, and nobody else.
+    let removed = report(&stack, &reporter, &ad, "fraud, asks for a deposit").await;
+    o.wait("the ad's owner is told", |e| {
+        e.iter().any(|v| {
+            v["type"] == "moderation.result"
+                && v["data"]["report_id"] == removed.as_str()
+                && v["data"]["role"] == "owner"
+        })
+    })
+    .await;
+    // A reported user is the owner of the target.
+    let (status, body) = post_report(
+        &stack,
+        &reporter,
+        &json!({"target_type": "user", "target_id": mallory, "reason": "sends spam"}),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let user_report = body["report_id"].as_str().expect("report_id").to_owned();
+    m.wait("the reported user is told", |e| {
+        e.iter().any(|v| {
+            v["type"] == "moderation.result"
+                && v["data"]["report_id"] == user_report.as_str()
+                && v["data"]["role"] == "owner"
+        })
+    })
+    .await;
+    assert_eq!(
+        m.of_type("moderation.result").len(),
+        1,
+        "mallory heard only of the report on her: {:?}",
+        m.events()
+    );
+    let db = stack.db(Kind::Moderation);
+    assert_eq!(
+        db.count(
+            "SELECT count(*) FROM reports WHERE target_owner_id = $1",
+            &owner
+        )
+        .await,
+        1
+    );
+    // The catalogue lists the ad with its owner.
+    let (status, body) = get(&stack.service(Kind::Moderation).url("/ads"), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body["ads"][0],
+        json!({"ad_id": ad, "owner_id": owner, "title": "Used bicycle"})
+    );
+    stack.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reporter_over_the_limit_gets_429_and_another_reporter_is_unaffected() {
+    let mut stack = Stack::prepare("moderation-limit").await;
+    stack.extra.insert(
+        "moderation",
+        vec![
+            ("REPORTS_PER_MINUTE".into(), "1".into()),
+            ("REPORTS_BURST".into(), "3".into()),
+        ],
+    );
+    stack.start_service(Kind::Moderation);
+    let ad = stack.post_ad("nina", "Old phone").await;
+    let (busy, other) = (format!("oli-{}", hex(3)), format!("pat-{}", hex(3)));
+    for i in 0..3 {
+        report(&stack, &busy, &ad, &format!("report {i}")).await;
+    }
+    let resp = reqwest::Client::new()
+        .post(stack.service(Kind::Moderation).url("/reports"))
+        .bearer_auth(stack.token(Kind::Moderation, &busy))
+        .json(&json!({"target_type": "ad", "target_id": ad, "reason": "one more"}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status(), 429);
+    let retry_after: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((1..=60).contains(&retry_after), "Retry-After {retry_after}");
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(
+        body,
+        json!({"error": format!("too many reports; retry in {retry_after} s")})
+    );
+    // Another reporter has a bucket of their own.
+    report(&stack, &other, &ad, "looks fine, just checking").await;
+    let db = stack.db(Kind::Moderation);
+    assert_eq!(
+        db.count("SELECT count(*) FROM reports WHERE reporter_id = $1", &busy)
+            .await,
+        3
+    );
+    stack.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_share_the_tasks_and_each_task_is_decided_once() {
     let mut stack = Stack::prepare("moderation-workers").await;
     stack.start_service(Kind::Moderation);
@@ -104,13 +265,14 @@ async fn two_workers_share_the_tasks_and_each_task_is_decided_once() {
     let second = ServiceProcess::start(Kind::Moderation, &stack.env(Kind::Moderation), &log);
     let db = stack.db(Kind::Moderation);
     let reporter = format!("kim-{}", hex(3));
+    let ad = stack.post_ad("owner", "Lamp").await;
     let mut reports = Vec::new();
     // Waves of reports until both workers have decided some (the group may still be settling
     // its partitions when the first wave arrives).
     let deadline = tokio::time::Instant::now() + STEP * 3;
     let workers = loop {
         for i in 0..10 {
-            reports.push(report(&stack, &reporter, "owner", &format!("report {i}")).await);
+            reports.push(report(&stack, &reporter, &ad, &format!("report {i}")).await);
         }
         let all = reports.len() as i64;
         eventually("the wave is decided", STEP, || async {

@@ -229,7 +229,7 @@ async fn two_order_service_processes_share_the_outbox_and_each_orders_events_sta
         ] {
             let (status, body) = post(
                 &api,
-                Some(&stack.token(u)),
+                Some(&stack.token(Kind::Order, u)),
                 &serde_json::json!({
                     "items": [{"product_id": "p1", "quantity": 1, "price_cents": 10}],
                     "delivery_address": "x",

@@ -61,17 +61,17 @@ async fn a_paid_order_reaches_delivered_once_each_in_order_and_nobody_else_hears
 
     // The order as its owner sees it; nobody else sees it.
     let url = stack.service(Kind::Order).url(&format!("/orders/{order}"));
-    let (status, body) = get(&url, Some(&stack.token(&alice))).await;
+    let (status, body) = get(&url, Some(&stack.token(Kind::Order, &alice))).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["status"], "DELIVERED");
     assert_eq!(body["user_id"], alice.as_str());
     assert_eq!(body["total_cents"], 29_998);
     assert_eq!(body["history"].as_array().map(Vec::len), Some(5));
-    let (status, body) = get(&url, Some(&stack.token(&bob))).await;
+    let (status, body) = get(&url, Some(&stack.token(Kind::Order, &bob))).await;
     assert_eq!((status, body), (404, json!({"error": "no such order"})));
     let (status, body) = get(
         &stack.service(Kind::Order).url("/orders"),
-        Some(&stack.token(&bob)),
+        Some(&stack.token(Kind::Order, &bob)),
     )
     .await;
     assert_eq!((status, body), (200, json!({"orders": []})));
@@ -134,7 +134,7 @@ async fn the_user_who_cannot_pay_gets_payment_failed_and_no_delivery_exists() {
     // The order stays failed.
     let (_, body) = get(
         &stack.service(Kind::Order).url(&format!("/orders/{order}")),
-        Some(&stack.token(&broke)),
+        Some(&stack.token(Kind::Order, &broke)),
     )
     .await;
     assert_eq!(body["status"], "PAYMENT_FAILED");
@@ -147,7 +147,7 @@ async fn the_order_api_takes_the_user_from_the_token_and_explains_bad_input() {
     let mut stack = Stack::prepare("saga-api").await;
     stack.start_service(Kind::Order);
     let url = stack.service(Kind::Order).url("/orders");
-    let token = stack.token("carol");
+    let token = stack.token(Kind::Order, "carol");
     let item = json!({"product_id": "p1", "quantity": 1, "price_cents": 100});
     let cases = [
         (
@@ -197,7 +197,7 @@ async fn the_order_api_takes_the_user_from_the_token_and_explains_bad_input() {
         (status, answer),
         (401, json!({"error": "missing Authorization: Bearer token"}))
     );
-    let forged = crate::helpers::token(&hex(24), "carol");
+    let forged = crate::helpers::token_for(&hex(24), "carol", Some("orders"));
     let (status, answer) = post(
         &url,
         Some(&forged),
@@ -243,7 +243,7 @@ async fn the_order_api_takes_the_user_from_the_token_and_explains_bad_input() {
     // Another user's key is their own.
     let theirs = reqwest::Client::new()
         .post(&url)
-        .bearer_auth(stack.token("dan"))
+        .bearer_auth(stack.token(Kind::Order, "dan"))
         .header("idempotency-key", "retry-1")
         .json(&order)
         .send()

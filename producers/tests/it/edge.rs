@@ -1,0 +1,210 @@
+//! The services' HTTP edge: each API takes only tokens for its own audience, orders are rate
+//! limited per user, and slow clients (a request head or body that never completes) are cut off
+//! without holding up anyone else.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout};
+
+use crate::helpers::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_service_accepts_only_tokens_minted_for_its_own_audience() {
+    let mut stack = Stack::prepare("edge-audience").await;
+    stack.start_service(Kind::Order);
+    stack.start_service(Kind::Moderation);
+    let order = json!({"items": [{"product_id": "p1", "quantity": 1, "price_cents": 100}], "delivery_address": "x"});
+    let orders = stack.service(Kind::Order).url("/orders");
+    let ads = stack.service(Kind::Moderation).url("/ads");
+    let ad = json!({"title": "Chair"});
+    for (url, body) in [(&orders, &order), (&ads, &ad)] {
+        // A token for the hub (as the hub's dev login mints with HUB_JWT_AUDIENCE=hub).
+        let hub = token_for(&stack.secret, "quinn", Some("hub"));
+        assert_eq!(
+            post(url, Some(&hub), body).await,
+            (401, json!({"error": "wrong audience"})),
+            "{url}"
+        );
+        // A token with no audience at all.
+        let none = token_for(&stack.secret, "quinn", None);
+        assert_eq!(
+            post(url, Some(&none), body).await,
+            (401, json!({"error": "token audience (aud) is missing"})),
+            "{url}"
+        );
+    }
+    // A token for one service is refused by the other.
+    let (status, answer) = post(&ads, Some(&stack.token(Kind::Order, "quinn")), &ad).await;
+    assert_eq!((status, answer), (401, json!({"error": "wrong audience"})));
+    let (status, answer) = post(
+        &orders,
+        Some(&stack.token(Kind::Moderation, "quinn")),
+        &order,
+    )
+    .await;
+    assert_eq!((status, answer), (401, json!({"error": "wrong audience"})));
+    // The right audience is accepted.
+    let (status, answer) = post(&orders, Some(&stack.token(Kind::Order, "quinn")), &order).await;
+    assert_eq!(status, 201, "{answer}");
+    let (status, answer) = post(&ads, Some(&stack.token(Kind::Moderation, "quinn")), &ad).await;
+    assert_eq!(status, 201, "{answer}");
+    // ORDER_JWT_AUDIENCE changes what the order service wants.
+    stack.take_service(Kind::Order).terminate();
+    stack
+        .extra
+        .insert("order", vec![("JWT_AUDIENCE".into(), "shop-orders".into())]);
+    stack.start_service(Kind::Order);
+    let orders = stack.service(Kind::Order).url("/orders");
+    let (status, _) = post(&orders, Some(&stack.token(Kind::Order, "quinn")), &order).await;
+    assert_eq!(status, 401);
+    let custom = token_for(&stack.secret, "quinn", Some("shop-orders"));
+    let (status, answer) = post(&orders, Some(&custom), &order).await;
+    assert_eq!(status, 201, "{answer}");
+    stack.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_over_the_per_user_limit_get_429_with_retry_after_and_others_are_served() {
+    let mut stack = Stack::prepare("edge-order-limit").await;
+    stack.extra.insert(
+        "order",
+        vec![
+            ("ORDERS_PER_MINUTE".into(), "1".into()),
+            ("ORDERS_BURST".into(), "2".into()),
+        ],
+    );
+    stack.start_service(Kind::Order);
+    stack.place_order("rita", 100).await;
+    stack.place_order("rita", 100).await;
+    let resp = reqwest::Client::new()
+        .post(stack.service(Kind::Order).url("/orders"))
+        .bearer_auth(stack.token(Kind::Order, "rita"))
+        .json(&json!({"items": [{"product_id": "p1", "quantity": 1, "price_cents": 100}], "delivery_address": "x"}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status(), 429);
+    let retry_after: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((1..=60).contains(&retry_after), "Retry-After {retry_after}");
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(
+        body,
+        json!({"error": format!("too many orders; retry in {retry_after} s")})
+    );
+    // Another user is not slowed down by rita.
+    stack.place_order("sam", 100).await;
+    let orders = stack.db(Kind::Order);
+    assert_eq!(
+        orders
+            .count("SELECT count(*) FROM orders WHERE user_id = $1", "rita")
+            .await,
+        2
+    );
+    stack.cleanup().await;
+}
+
+/// Reads from `stream` until the server closes it; returns what it sent and when it closed.
+async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> (String, Instant) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match timeout(left, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                return (String::from_utf8_lossy(&got).into(), Instant::now());
+            }
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!(
+                "the server kept the connection open for {limit:?}; it sent {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off_within_the_timeouts_while_others_are_served() {
+    let mut stack = Stack::prepare("edge-timeouts").await;
+    stack.extra.insert(
+        "order",
+        vec![
+            ("HTTP_HEADER_TIMEOUT".into(), "1s".into()),
+            ("HTTP_BODY_TIMEOUT".into(), "1s".into()),
+        ],
+    );
+    stack.start_service(Kind::Order);
+    let addr = stack.service(Kind::Order).addr;
+
+    // A client that starts a request head and never finishes it.
+    let mut slow_head = TcpStream::connect(addr).await.expect("connect");
+    let started = Instant::now();
+    slow_head
+        .write_all(b"POST /orders HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: appl")
+        .await
+        .expect("write");
+    // A client that sends its head but only part of the body it announced.
+    let mut slow_body = TcpStream::connect(addr).await.expect("connect");
+    let token = stack.token(Kind::Order, "tess");
+    slow_body
+        .write_all(
+            format!(
+                "POST /orders HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 200\r\n\r\n{{\"items\": ["
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("write");
+
+    // Meanwhile everyone else is served at once.
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let (status, _) = get(&stack.service(Kind::Order).url("/readyz"), None).await;
+        assert_eq!(status, 200);
+        assert!(
+            t0.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t0.elapsed()
+        );
+    }
+    let order = stack.place_order("uma", 100).await;
+    assert!(!order.is_empty());
+
+    // The head that never completes: the connection is closed soon after the header timeout.
+    let (sent, closed) = read_until_closed(&mut slow_head, Duration::from_secs(5)).await;
+    let after = closed - started;
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_secs(3),
+        "closed after {after:?}"
+    );
+    assert!(
+        sent.is_empty() || sent.starts_with("HTTP/1.1 408"),
+        "answered {sent:?}"
+    );
+    // The body that never completes: 408 with a JSON error, then the connection closes.
+    let (sent, closed) = read_until_closed(&mut slow_body, Duration::from_secs(5)).await;
+    let after = closed - started;
+    assert!(after < Duration::from_secs(4), "closed after {after:?}");
+    assert!(sent.starts_with("HTTP/1.1 408"), "answered {sent:?}");
+    assert!(
+        sent.ends_with(r#"{"error":"request body not received within the time allowed"}"#),
+        "answered {sent:?}"
+    );
+    // Nothing was created by either.
+    let orders = stack.db(Kind::Order);
+    assert_eq!(
+        orders
+            .count("SELECT count(*) FROM orders WHERE user_id = $1", "tess")
+            .await,
+        0
+    );
+    stack.cleanup().await;
+}
