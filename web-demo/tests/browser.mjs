@@ -7,12 +7,14 @@
 //
 // Environment:
 //   DEMO_URL    the page, with ?orders= / ?moderation= when the services are not on this host's
-//               ports 8081 / 8083 (default http://127.0.0.1:8080/); the hub must run with --dev
+//               ports 8081 / 8083 (default http://127.0.0.1:8080/); the hub must run with --dev,
+//               and its dev login must mint tokens for the services' audiences (`audience`)
 //   CHROMIUM    the browser binary (default /usr/bin/chromium, Debian's package)
 //   OUT_DIR     where demo.png goes, and on failure failure.png (+ one per extra page),
 //               failure.json and console.txt (default <repo>/test-output/web-demo)
 //   DEMO_USER   the user signed in for this run (default a random one, so runs never share state)
-//   OWNER_USER  the owner of the reported ad, checked on a second page (default DEMO_USER-owner)
+//   OWNER_USER  posts the reported ad on a second page and is told of its removal there
+//               (default DEMO_USER-owner)
 //   TIMEOUT_MS  deadline of every single wait (default 30000)
 // Exit 0 with one summary line on stdout; exit 1 with the reason. Progress goes to stderr.
 //
@@ -20,8 +22,9 @@
 // PAID, IN_TRANSIT, OUT_FOR_DELIVERY, DELIVERED, each once; (3) over SSE, Disconnect once PAID
 // shows, Connect again (resume), same check; then over WebSocket "Simulate network drop" mid-flow
 // (the client resumes by itself), same check; (4) user `broke`: CREATED, PAYMENT_FAILED;
-// (5) a report whose reason says "scam": REMOVED for the reporter and, on the owner's page, for
-// the owner; a harmless reason: DISMISSED; (6) no status was ever received twice, no page error.
+// (5) the owner posts an ad on their page; a report on it (naming only the ad) whose reason says
+// "scam": REMOVED for the reporter and, on the owner's page, for the owner; a harmless reason:
+// DISMISSED; (6) no status was ever received twice, no page error.
 //
 // DOM hooks of web-demo/index.html that this script relies on:
 //   #user                      text field: the user to sign in as (.pick[data-user] quick picks)
@@ -39,8 +42,12 @@
 //     ol.timeline li[data-status=S]    one row per status in arrival order; data-count counts
 //                                      every order.status received for (ID, S), duplicates too;
 //                                      data-replayed="true" when it was missed while disconnected
-//   #report-form: #report-target-type (ad|user), #report-target-id, #report-owner,
+//   #report-form: #report-target-type (ad|user), #report-target-id (the ad's or the user's id;
+//                 the owner is never sent: the moderation service looks it up),
 //                 #report-reason, #submit-report; #report-note (.error on failure)
+//   #ads li[data-ad-id][data-owner]   the moderation service's catalogue of ads
+//   #ad-title, #post-ad        post an ad owned by the signed-in user; #ad-note (.error on failure);
+//                              #ads[data-last-ad-id]: the id of the ad the last #post-ad created
 //   #moderation-results[data-last-report-id]   id of the last accepted report
 //   #moderation-results li[data-report-id=R][data-role=reporter|owner]   data-decision:
 //                 PENDING (accepted, no result yet) | REMOVED | DISMISSED; data-count
@@ -204,7 +211,7 @@ async function serverStatus(orderId) {
   try {
     if (!apiToken) {
       const r = await fetch(new URL("/api/dev/token", DEMO_URL), { method: "POST",
-        headers: { "content-type": "application/json" }, body: JSON.stringify({ user_id: DEMO_USER }) });
+        headers: { "content-type": "application/json" }, body: JSON.stringify({ user_id: DEMO_USER, audience: "orders" }) });
       apiToken = (await r.json()).token;
     }
     const r = await fetch(`${orders}/orders/${encodeURIComponent(orderId)}`, { headers: { authorization: `Bearer ${apiToken}` } });
@@ -254,11 +261,26 @@ async function midFlowDisconnect(p, transport, how) {
   progress(`${label}: DELIVERED, each status once (${missed} replayed after the reconnect)`);
 }
 
-async function fileReport(p, { owner, reason }) {
+async function postAd(p, title) {
+  const before = await p.page.getAttribute("#ads", "data-last-ad-id");
+  await p.page.fill("#ad-title", title);
+  await p.page.click("#post-ad");
+  const r = await until(p, "the moderation service to accept the ad", (prev) => {
+    const id = document.querySelector("#ads").dataset.lastAdId;
+    if (id && id !== prev) return { id };
+    const note = document.querySelector("#ad-note");
+    return note.classList.contains("error") && { error: note.textContent };
+  }, before);
+  if (r.error) fail(`posting an ad failed: ${r.error}`);
+  // The catalogue lists it with its owner.
+  await until(p, `ad ${r.id} in the catalogue`, (id) =>
+    [...document.querySelectorAll("#ads li[data-ad-id]")].some((l) => l.dataset.adId === id), r.id);
+  return r.id;
+}
+
+async function fileReport(p, { target, reason }) {
   await p.page.selectOption("#report-target-type", "ad");
-  const target = `ad-${randomBytes(3).toString("hex")}`;
   await p.page.fill("#report-target-id", target);
-  await p.page.fill("#report-owner", owner);
   await p.page.fill("#report-reason", reason);
   const before = await p.page.getAttribute("#moderation-results", "data-last-report-id");
   await p.page.click("#submit-report");
@@ -319,13 +341,15 @@ async function main() {
     step = "5 report: removed for reporter and owner, dismissed otherwise";
     progress(`${step} (owner ${OWNER_USER})`);
     const owner = await openPage(browser, "owner", OWNER_USER, "sse");
+    const ad = await postAd(owner, "Designer handbag, 90% off");
+    progress(`${step}: ${OWNER_USER} posted ${ad}`);
     current = main;
-    const removed = await fileReport(main, { owner: OWNER_USER, reason: "This ad is a scam: asks to pay by gift card" });
+    const removed = await fileReport(main, { target: ad, reason: "This ad is a scam: asks to pay by gift card" });
     await waitDecision(main, removed.reportId, "reporter", "REMOVED");
     current = owner;
     await waitDecision(owner, removed.reportId, "owner", "REMOVED");
     current = main;
-    const dismissed = await fileReport(main, { owner: OWNER_USER, reason: "Wrong category, otherwise fine" });
+    const dismissed = await fileReport(main, { target: ad, reason: "Wrong category, otherwise fine" });
     await waitDecision(main, dismissed.reportId, "reporter", "DISMISSED");
 
     step = "6 final checks";
