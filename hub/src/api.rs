@@ -186,7 +186,9 @@ fn json_content_type(headers: &http::HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-fn read_body(body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Result<Bytes, ApiError> {
+fn read_body(
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Bytes, ApiError> {
     body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::TooLarge
@@ -313,8 +315,16 @@ async fn disconnect(
             until: now.saturating_add(state.inner.revocation_ttl.as_secs()),
         }),
     };
-    let closed = state.inner.backplane.disconnect(&req.user_id, revoke).await?;
-    tracing::info!(connections = closed, revoked = revoke.is_some(), "user disconnected through the API");
+    let closed = state
+        .inner
+        .backplane
+        .disconnect(&req.user_id, revoke)
+        .await?;
+    tracing::info!(
+        connections = closed,
+        revoked = revoke.is_some(),
+        "user disconnected through the API"
+    );
     Ok(Json(serde_json::json!({ "disconnected": closed })))
 }
 
@@ -353,7 +363,10 @@ async fn dev_token(
     if let Some(aud) = &login.audience {
         check_field("audience", aud)?;
     }
-    let audience = login.audience.as_deref().or(state.inner.audience.as_deref());
+    let audience = login
+        .audience
+        .as_deref()
+        .or(state.inner.audience.as_deref());
     let token = crate::auth::sign_hs256_for(
         secret,
         &login.user_id,

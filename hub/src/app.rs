@@ -256,7 +256,10 @@ impl Application {
             backplane: backplane.clone(),
             metrics: metrics.clone(),
             lifecycle: lifecycle.clone(),
-            gate: gate::Gate::new(settings.max_connections_per_ip, settings.max_pending_handshakes),
+            gate: gate::Gate::new(
+                settings.max_connections_per_ip,
+                settings.max_pending_handshakes,
+            ),
             user_rate: crate::transport::user_rate(
                 settings.user_handshakes_per_second,
                 settings.user_handshake_burst,

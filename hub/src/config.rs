@@ -401,7 +401,11 @@ impl Settings {
             Duration::from_millis(50),
         )?;
         if let Some(path) = &self.redis_ca_file {
-            if !self.redis_url.as_deref().is_some_and(|u| u.starts_with("rediss://")) {
+            if !self
+                .redis_url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("rediss://"))
+            {
                 return Err(ConfigError::new(
                     "HUB_REDIS_CA_FILE",
                     "needs a rediss:// HUB_REDIS_URL",

@@ -336,7 +336,11 @@ mod tests {
         let n = Notification::render(Id { epoch: 1, seq: 1 }, "t", &data, 0);
         assert!(!n.json.as_str().contains(['\n', '\r']));
         let event = std::str::from_utf8(&n.sse_event).unwrap();
-        assert_eq!(event.matches('\n').count(), 3, "id line, one data line, blank line");
+        assert_eq!(
+            event.matches('\n').count(),
+            3,
+            "id line, one data line, blank line"
+        );
         let v: serde_json::Value = serde_json::from_str(n.json.as_str()).unwrap();
         let original: serde_json::Value = serde_json::from_str(raw).unwrap();
         assert_eq!(v["data"], original);

@@ -149,7 +149,9 @@ fn init_telemetry(settings: &Settings) {
 fn start_warnings(settings: &Settings, dev: bool) -> Vec<&'static str> {
     let mut out = Vec::new();
     if settings.api_key.is_none() && !dev {
-        out.push("HUB_API_KEY is not set: the publish and disconnect APIs answer 401 to every request");
+        out.push(
+            "HUB_API_KEY is not set: the publish and disconnect APIs answer 401 to every request",
+        );
     }
     if settings.allowed_origins.is_empty() && !dev {
         out.push("HUB_ALLOWED_ORIGINS is empty: pages from any origin may open /ws and /sse with a token (the hub_token cookie is never used); list your origins");

@@ -253,14 +253,11 @@ fn identity_from_claims(
     let seconds = |name: &'static str| -> Result<Option<u64>, AuthError> {
         match claims.get(name) {
             None | Some(serde_json::Value::Null) => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(Some)
-                .ok_or(AuthError::Claim(match name {
-                    "exp" => "exp must be a whole number of seconds since the epoch",
-                    "iat" => "iat must be a whole number of seconds since the epoch",
-                    _ => "nbf must be a whole number of seconds since the epoch",
-                })),
+            Some(v) => v.as_u64().map(Some).ok_or(AuthError::Claim(match name {
+                "exp" => "exp must be a whole number of seconds since the epoch",
+                "iat" => "iat must be a whole number of seconds since the epoch",
+                _ => "nbf must be a whole number of seconds since the epoch",
+            })),
         }
     };
     let exp = seconds("exp")?.ok_or(AuthError::MissingClaim("exp"))?;

@@ -14,9 +14,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use super::{
-    Backplane, BackplaneError, Publish, Published, Replay, Revocation, Revocations, Sink,
-};
+use super::{Backplane, BackplaneError, Publish, Published, Replay, Revocation, Revocations, Sink};
 use crate::envelope::{Id, Notification, now_micros};
 
 const SHARDS: usize = 64;

@@ -101,8 +101,11 @@ pub trait Backplane: Send + Sync + 'static {
 
     /// Closes every connection of `user` on every node and, with `revoke`, records the
     /// revocation where every node sees it; returns how many connections were closed.
-    async fn disconnect(&self, user: &str, revoke: Option<Revocation>)
-    -> Result<usize, BackplaneError>;
+    async fn disconnect(
+        &self,
+        user: &str,
+        revoke: Option<Revocation>,
+    ) -> Result<usize, BackplaneError>;
 
     /// The time before which the user's tokens are revoked, if any (a local lookup: every
     /// node holds the revocations in memory).

@@ -48,9 +48,7 @@ use parking_lot::Mutex;
 use prometheus::{Gauge, IntCounter};
 use tokio::sync::{mpsc, watch};
 
-use super::{
-    Backplane, BackplaneError, Publish, Published, Replay, Revocation, Revocations, Sink,
-};
+use super::{Backplane, BackplaneError, Publish, Published, Replay, Revocation, Revocations, Sink};
 use crate::envelope::{Id, Notification, now_micros};
 
 /// Connection and history settings of the Redis backplane.
@@ -154,9 +152,14 @@ fn unavailable(e: impl std::fmt::Display) -> BackplaneError {
 /// so a misconfigured or recovering Redis never sends good records to a DLQ.
 fn publish_error(e: redis::RedisError) -> BackplaneError {
     let text = e.to_string().to_ascii_lowercase();
-    let too_big = ["exceeds maximum", "too large", "too big", "invalid bulk length"]
-        .iter()
-        .any(|s| text.contains(s));
+    let too_big = [
+        "exceeds maximum",
+        "too large",
+        "too big",
+        "invalid bulk length",
+    ]
+    .iter()
+    .any(|s| text.contains(s));
     if too_big && !e.is_io_error() && !e.is_timeout() {
         BackplaneError::Rejected(e.to_string())
     } else {
@@ -617,7 +620,11 @@ impl RedisBackplane {
             };
             let mut on_redis: HashSet<Arc<str>> = HashSet::new();
             // Control first, then the revocations stored meanwhile: none is missed.
-            if self.timed(sink.subscribe(self.control_channel())).await.is_err() {
+            if self
+                .timed(sink.subscribe(self.control_channel()))
+                .await
+                .is_err()
+            {
                 continue;
             }
             if let Err(e) = self.load_revocations().await {
@@ -732,7 +739,10 @@ impl RedisBackplane {
 }
 
 /// Stream entries → notifications of `epoch`.
-fn to_notifications(epoch: u64, entries: redis::streams::StreamRangeReply) -> Vec<Arc<Notification>> {
+fn to_notifications(
+    epoch: u64,
+    entries: redis::streams::StreamRangeReply,
+) -> Vec<Arc<Notification>> {
     let mut items = Vec::with_capacity(entries.ids.len());
     for entry in entries.ids {
         let seq = entry
@@ -912,7 +922,9 @@ impl Backplane for RedisBackplane {
                 .arg(r.until.max(1))
                 .ignore();
         }
-        pipe.cmd("PUBLISH").arg(self.control_channel()).arg(&message);
+        pipe.cmd("PUBLISH")
+            .arg(self.control_channel())
+            .arg(&message);
         let (receivers,): (usize,) = self
             .with_timeout(async {
                 let mut conn = self.inner.pool.get().await.map_err(unavailable)?;

@@ -369,7 +369,10 @@ impl Worker {
                     // Retrying cannot help: the record goes to the DLQ, the partition moves on.
                     Err(BackplaneError::Rejected(why)) => {
                         return self
-                            .to_dlq(message, &RouteError::Decode(format!("refused by the backplane: {why}")))
+                            .to_dlq(
+                                message,
+                                &RouteError::Decode(format!("refused by the backplane: {why}")),
+                            )
                             .await;
                     }
                     Err(e) => {

@@ -145,7 +145,15 @@ async fn connection(
         _ => {
             drop(head);
             // Boxed so this path's (larger) state does not size every connection's task.
-            Box::pin(serve_http(ctx, router, stream, Bytes::from(buf), peer, slot)).await;
+            Box::pin(serve_http(
+                ctx,
+                router,
+                stream,
+                Bytes::from(buf),
+                peer,
+                slot,
+            ))
+            .await;
         }
     }
 }

@@ -126,6 +126,10 @@ mod tests {
         assert_eq!(gate.admit(a).err(), Some(Refused::PerIp));
         drop(a1);
         assert!(gate.admit(a).is_ok());
-        assert_eq!(gate.open_from(a), 1, "the refused and dropped ones are not counted");
+        assert_eq!(
+            gate.open_from(a),
+            1,
+            "the refused and dropped ones are not counted"
+        );
     }
 }

@@ -210,7 +210,10 @@ mod tests {
         assert!(past <= tokio::time::Instant::now());
         let soon = crate::envelope::now_micros() / 1_000_000 + 100;
         let at = expiry_instant(soon, Duration::from_secs(60));
-        assert!(at <= now + Duration::from_secs(101), "closes at exp, not exp + leeway");
+        assert!(
+            at <= now + Duration::from_secs(101),
+            "closes at exp, not exp + leeway"
+        );
     }
 
     #[tokio::test]

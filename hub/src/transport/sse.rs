@@ -125,7 +125,10 @@ fn cors_headers(headers: &HeaderMap, origin: OriginCheck) -> Vec<(header::Header
 
 /// The answer to a CORS preflight of `/sse`: 204 allowing `GET` with the `Authorization` and
 /// `Last-Event-ID` headers for an accepted origin, 403 with a readable reason otherwise.
-fn preflight(ctx: &Context, headers: &HeaderMap) -> (StatusCode, Vec<(header::HeaderName, String)>) {
+fn preflight(
+    ctx: &Context,
+    headers: &HeaderMap,
+) -> (StatusCode, Vec<(header::HeaderName, String)>) {
     match ctx.origins.check(headers) {
         Ok(origin) => {
             let mut out = cors_headers(headers, origin);
@@ -157,7 +160,11 @@ pub(super) fn refused_origin_headers(headers: &HeaderMap) -> Vec<(header::Header
         .unwrap_or_default()
 }
 
-fn raw_response(status: StatusCode, headers: &[(header::HeaderName, String)], body: &str) -> Vec<u8> {
+fn raw_response(
+    status: StatusCode,
+    headers: &[(header::HeaderName, String)],
+    body: &str,
+) -> Vec<u8> {
     let mut out = format!(
         "HTTP/1.1 {} {}\r\ncontent-length: {}\r\nconnection: close\r\ncache-control: no-store\r\n",
         status.as_u16(),
@@ -184,7 +191,9 @@ pub async fn serve_raw(ctx: Context, mut stream: TcpStream, head: Head, slot: Ip
         } else {
             String::new()
         };
-        let _ = stream.write_all(&raw_response(status, &headers, &body)).await;
+        let _ = stream
+            .write_all(&raw_response(status, &headers, &body))
+            .await;
         return;
     }
     let admitted = async {
@@ -393,7 +402,11 @@ pub(super) async fn run<O: SseOut>(ctx: Context, mut out: O, mut session: Sessio
                 _ => {}
             }
             let _ = timeout(Duration::from_secs(1), async {
-                if out.event(Control::closing(reason).sse_event()).await.is_ok() {
+                if out
+                    .event(Control::closing(reason).sse_event())
+                    .await
+                    .is_ok()
+                {
                     out.end().await;
                 }
             })

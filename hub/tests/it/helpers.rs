@@ -606,7 +606,11 @@ impl SseClient {
             .next_event()
             .await
             .expect("stream ended without hub.closing");
-        assert_eq!(e.data["type"], "hub.closing", "expected hub.closing, got {}", e.data);
+        assert_eq!(
+            e.data["type"], "hub.closing",
+            "expected hub.closing, got {}",
+            e.data
+        );
         assert_eq!(e.data["data"]["reason"], reason, "hub.closing reason");
         assert!(e.id.is_none(), "control events carry no id: line");
         assert!(

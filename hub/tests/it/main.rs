@@ -5,6 +5,7 @@ mod backplane;
 mod cli;
 mod cluster;
 mod drain;
+mod edge;
 mod expiry;
 mod heartbeat;
 mod helpers;
