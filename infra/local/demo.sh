@@ -8,8 +8,14 @@
 #   delivery     127.0.0.1:8085  (health and metrics only)
 # on the local Redis, Kafka and PostgreSQL that `make demo` starts first (infra/local/infra.sh).
 # Each service gets its own database (created and migrated at start). The hub's signing secret
-# and API key are written to .run/demo.env (git-ignored); the services verify the same tokens.
+# and API key are written to .run/demo.env (git-ignored); the services verify tokens signed with
+# the same secret, but each takes only its own audience: the hub's tokens carry aud "hub"
+# (HUB_JWT_AUDIENCE), the order service wants "orders", the moderation service "moderation"
+# (the page gets one token of each from the dev login). The moderation service's catalogue is
+# seeded with the demo's ads (ad-1..ad-5 of alice, bob and broke; MODERATION_DEMO_ADS).
 # DEMO_STEP_INTERVAL (default 2s) sets the delivery service's pace between delivery steps.
+# DEMO_KAFKA_SASL=1 connects the services and the ingesting hub node through the local broker's
+# SASL_PLAINTEXT listener (127.0.0.1:9094, users services / hub; see infra/local/kafka.sh).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=infra/local/lib.sh
@@ -19,6 +25,7 @@ mkdir -p "$RUN"
 BIN=target/release
 PG=infra/local/postgres.sh
 KAFKA=127.0.0.1:${LOCAL_KAFKA_PORT:-9092}
+KAFKA_SASL=127.0.0.1:${LOCAL_KAFKA_SASL_PORT:-$((${LOCAL_KAFKA_PORT:-9092} + 2))}
 REDIS=redis://127.0.0.1:${LOCAL_REDIS_PORT:-6379}
 ORIGINS=http://127.0.0.1:8080,http://localhost:8080
 
@@ -28,6 +35,18 @@ PROCS=("hub-a:8080" "hub-b:8082" "order:8081" "payment:8084" "delivery:8085" "mo
 # Topics and their partition counts (every one also gets a .dlq with the same count).
 TOPICS=(order.created payment.completed delivery.status.updated order.status.changed moderation.tasks moderation.results)
 PARTITIONS=3
+
+# Kafka settings of a service (prefix $1) and of the ingesting hub node: the PLAINTEXT listener,
+# or with DEMO_KAFKA_SASL=1 the SASL_PLAINTEXT one with the local test users.
+kafka_env() {
+  local prefix=$1 user=$2
+  if [[ ${DEMO_KAFKA_SASL:-0} == 1 ]]; then
+    echo "${prefix}KAFKA_BROKERS=$KAFKA_SASL ${prefix}KAFKA_SECURITY_PROTOCOL=sasl_plaintext" \
+      "${prefix}KAFKA_SASL_MECHANISM=PLAIN ${prefix}KAFKA_SASL_USERNAME=$user ${prefix}KAFKA_SASL_PASSWORD=$user-secret"
+  else
+    echo "${prefix}KAFKA_BROKERS=$KAFKA"
+  fi
+}
 
 running() { [[ -f $RUN/$1.pid ]] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
 
@@ -43,21 +62,23 @@ launch() {
 
 start_proc() {
   local name=$1 port=$2
+  # shellcheck disable=SC2046 # kafka_env prints NAME=value words without spaces, to be split
   case $name in
-    hub-a) launch "$name" HUB_KAFKA_BROKERS="$KAFKA" HUB_ADDR=127.0.0.1:$port HUB_REDIS_URL="$REDIS" \
-             HUB_LOG=info nohup "$BIN/hub" serve --dev ;;
-    hub-b) launch "$name" HUB_ADDR=127.0.0.1:$port HUB_REDIS_URL="$REDIS" HUB_LOG=info nohup "$BIN/hub" serve --dev ;;
+    hub-a) launch "$name" $(kafka_env HUB_ hub) HUB_ADDR=127.0.0.1:$port HUB_REDIS_URL="$REDIS" \
+             HUB_JWT_AUDIENCE=hub HUB_LOG=info nohup "$BIN/hub" serve --dev ;;
+    hub-b) launch "$name" HUB_ADDR=127.0.0.1:$port HUB_REDIS_URL="$REDIS" HUB_JWT_AUDIENCE=hub HUB_LOG=info \
+             nohup "$BIN/hub" serve --dev ;;
     order) launch "$name" ORDER_ADDR=127.0.0.1:$port ORDER_DATABASE_URL="$($PG url orders)" \
-             ORDER_KAFKA_BROKERS="$KAFKA" ORDER_JWT_SECRET="$HUB_JWT_SECRET" ORDER_ALLOWED_ORIGINS="$ORIGINS" \
+             $(kafka_env ORDER_ services) ORDER_JWT_SECRET="$HUB_JWT_SECRET" ORDER_ALLOWED_ORIGINS="$ORIGINS" \
              nohup "$BIN/order-service" ;;
     payment) launch "$name" PAYMENT_ADDR=127.0.0.1:$port PAYMENT_DATABASE_URL="$($PG url payments)" \
-               PAYMENT_KAFKA_BROKERS="$KAFKA" nohup "$BIN/payment-service" ;;
+               $(kafka_env PAYMENT_ services) nohup "$BIN/payment-service" ;;
     delivery) launch "$name" DELIVERY_ADDR=127.0.0.1:$port DELIVERY_DATABASE_URL="$($PG url deliveries)" \
-                DELIVERY_KAFKA_BROKERS="$KAFKA" DELIVERY_STEP_INTERVAL="${DEMO_STEP_INTERVAL:-2s}" \
+                $(kafka_env DELIVERY_ services) DELIVERY_STEP_INTERVAL="${DEMO_STEP_INTERVAL:-2s}" \
                 nohup "$BIN/delivery-service" ;;
     moderation) launch "$name" MODERATION_ADDR=127.0.0.1:$port MODERATION_DATABASE_URL="$($PG url moderation)" \
-                  MODERATION_KAFKA_BROKERS="$KAFKA" MODERATION_JWT_SECRET="$HUB_JWT_SECRET" \
-                  MODERATION_ALLOWED_ORIGINS="$ORIGINS" nohup "$BIN/moderation-service" ;;
+                  $(kafka_env MODERATION_ services) MODERATION_JWT_SECRET="$HUB_JWT_SECRET" \
+                  MODERATION_ALLOWED_ORIGINS="$ORIGINS" MODERATION_DEMO_ADS=true nohup "$BIN/moderation-service" ;;
   esac
 }
 
@@ -94,7 +115,10 @@ start() {
   done
   for p in "${PROCS[@]}"; do start_proc "${p%%:*}" "${p##*:}"; done
   for p in "${PROCS[@]}"; do wait_ready "${p%%:*}" "${p##*:}"; done
-  token=$("$BIN/hub" token --sub alice --ttl 1h)
+  # HUB_JWT_AUDIENCE is set on the nodes only: each token names its audience here.
+  token=$("$BIN/hub" token --sub alice --ttl 1h --aud hub)
+  order_token=$("$BIN/hub" token --sub alice --ttl 1h --aud orders)
+  report_token=$("$BIN/hub" token --sub bob --ttl 1h --aud moderation)
   cat <<MSG
 
   The demo is running: two hub nodes on Redis, the order, payment, delivery and moderation
@@ -103,12 +127,21 @@ start() {
   Open:  http://127.0.0.1:8080/
          Sign in (alice, or "broke" who cannot pay), place an order, watch it travel.
 
-  A token for user "alice":  $token
+  Tokens are per audience: "hub" for /ws and /sse, "orders" and "moderation" for the services
+  (hub token --sub USER --aud AUDIENCE mints them; the page gets them from the dev login).
+  alice, for the hub:             $token
+  alice, for the order service:   $order_token
+  bob, for the moderation service: $report_token
 
-  Place an order:    curl -H "Authorization: Bearer $token" -H 'content-type: application/json' \\
+  Listen on node B:  curl -N "http://127.0.0.1:8082/sse?token=$token"
+  Place an order:    curl -H "Authorization: Bearer $order_token" -H 'content-type: application/json' \\
                        -d '{"items":[{"product_id":"p1","quantity":2,"price_cents":14999}],"delivery_address":"1 Main St"}' \\
                        http://127.0.0.1:8081/orders
-  Listen on node B:  curl -N "http://127.0.0.1:8082/sse?token=$token"
+  Report alice's ad: curl -H "Authorization: Bearer $report_token" -H 'content-type: application/json' \\
+                       -d '{"target_type":"ad","target_id":"ad-1","reason":"looks like a scam"}' \\
+                       http://127.0.0.1:8083/reports
+                     (the catalogue: curl http://127.0.0.1:8083/ads; alice owns ad-1 and ad-3,
+                     bob ad-2 and ad-4, broke ad-5)
   Publish on node A: curl -H "Authorization: Bearer \$HUB_API_KEY" \\
                        -d '{"user_id":"alice","type":"promo","data":{"text":"hello"}}' \\
                        http://127.0.0.1:8080/api/publish

@@ -376,6 +376,7 @@ start() {
   if port_open "$PORT"; then
     if speaks_kafka "$PORT"; then
       say "$BOOTSTRAP already answers as a Kafka broker this script did not start; reusing it"
+      speaks_kafka "$SPORT" || say "note: it has no SASL listener on $HOST:$SPORT (tests and DEMO_KAFKA_SASL=1 that need one use their own broker, or stop that one)"
       return 0
     fi
     die "something on $BOOTSTRAP is not a Kafka broker; free the port or use --port / LOCAL_KAFKA_PORT"
@@ -452,7 +453,7 @@ status() {
       return 3
     fi
   elif speaks_kafka "$PORT"; then
-    say "$BOOTSTRAP answers as a Kafka broker (one this script did not start)"
+    say "$BOOTSTRAP answers as a Kafka broker (one this script did not start$(speaks_kafka "$SPORT" || echo "; no SASL listener on $HOST:$SPORT"))"
   elif port_open "$PORT"; then
     say "not running on $BOOTSTRAP (the port is taken by something that is not Kafka)"
     return 3
