@@ -414,3 +414,63 @@ pub fn router(state: ApiState) -> axum::Router {
     }
     router.with_state(state)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::backplane::memory::MemoryBackplane;
+    use crate::envelope::Notification;
+
+    struct NoSink;
+
+    impl crate::backplane::Sink for NoSink {
+        fn deliver(&self, _: &str, _: &Arc<Notification>) {}
+        fn disconnect(&self, _: &str) -> usize {
+            0
+        }
+    }
+
+    fn dev_router() -> axum::Router {
+        router(ApiState::new(ApiInner {
+            backplane: Arc::new(MemoryBackplane::new(
+                Arc::new(NoSink),
+                10,
+                Duration::from_secs(60),
+            )),
+            metrics: Metrics::new(),
+            lifecycle: Lifecycle::new(),
+            api_key: Some("0123456789abcdef".to_owned()),
+            dev_secret: Some("0123456789abcdef0123456789abcdef".to_owned()),
+            audience: None,
+            issuer: None,
+            revocation_ttl: Duration::from_secs(60),
+        }))
+    }
+
+    async fn dev_login_from(peer: Option<&str>) -> StatusCode {
+        let mut req = http::Request::post("/api/dev/token")
+            .body(Body::from(r#"{"user_id": "alice"}"#))
+            .expect("request");
+        if let Some(peer) = peer {
+            let addr: SocketAddr = peer.parse().expect("address");
+            req.extensions_mut().insert(ConnectInfo(addr));
+        }
+        dev_router().oneshot(req).await.expect("answer").status()
+    }
+
+    #[tokio::test]
+    async fn the_dev_login_answers_loopback_clients_only() {
+        assert_eq!(dev_login_from(Some("127.0.0.1:5000")).await, StatusCode::OK);
+        assert_eq!(dev_login_from(Some("[::1]:5000")).await, StatusCode::OK);
+        assert_eq!(
+            dev_login_from(Some("192.0.2.10:5000")).await,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(dev_login_from(None).await, StatusCode::FORBIDDEN);
+    }
+}

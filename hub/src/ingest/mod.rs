@@ -285,7 +285,7 @@ impl Worker {
                     tracing::error!(panic = %what, "processing a record panicked");
                     self.to_dlq(
                         &message,
-                        &RouteError::Decode(format!("internal error while processing: {what}")),
+                        &RouteError::Internal(format!("processing panicked: {what}")),
                     )
                     .await
                 }
@@ -323,7 +323,7 @@ impl Worker {
         );
         let payload = message.payload().unwrap_or_default();
         if payload.len() > self.max_record_bytes {
-            let e = RouteError::Decode(format!(
+            let e = RouteError::TooLarge(format!(
                 "record of {} bytes is larger than HUB_INGEST_MAX_RECORD_BYTES ({})",
                 payload.len(),
                 self.max_record_bytes
@@ -347,7 +347,10 @@ impl Worker {
             .find_map(|r| crate::envelope::check_user_id(&r.user).err())
         {
             return self
-                .to_dlq(message, &RouteError::Decode(format!("recipient: {bad}")))
+                .to_dlq(
+                    message,
+                    &RouteError::Unroutable(format!("recipient: {bad}")),
+                )
                 .await;
         }
         for r in routed {

@@ -105,9 +105,18 @@ pub enum RouteError {
     /// The value could not be decoded.
     #[error("undecodable: {0}")]
     Decode(String),
-    /// A recipient or the event id is missing or empty.
+    /// A recipient or the event id is missing, empty or not a valid user id.
     #[error("unroutable: {0}")]
     Unroutable(String),
+    /// The record is larger than `HUB_INGEST_MAX_RECORD_BYTES`.
+    #[error("too large: {0}")]
+    TooLarge(String),
+    /// The backplane refused the notification for good.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// Processing the record panicked (a bug): it is kept in the DLQ for a replay.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// A bad routes file or route; `Display` is the one line printed at start.

@@ -552,6 +552,7 @@ impl Setup {
     fn ingest_node_env(&self) -> Vec<(&str, &str)> {
         let mut env = self.node_env();
         env.extend(self.kafka_env());
+        env.push(("HUB_INGEST_MAX_RECORD_BYTES", "4096"));
         env
     }
 
@@ -903,6 +904,14 @@ async fn poison_records_go_to_the_dlq_with_their_reason_and_source_and_the_parti
             "status": "ORDER_STATUS_TELEPORTED",
         })),
         valid[1].clone(),
+        poison(json!({
+            "eventId": "too-big", "orderId": order, "userId": user,
+            "status": "ORDER_STATUS_PAID", "pad": "x".repeat(5000),
+        })),
+        poison(json!({
+            "eventId": "brace", "orderId": order, "userId": "a}b",
+            "status": "ORDER_STATUS_PAID",
+        })),
         Record {
             key: order.clone(),
             value: plan.json(&[(0, 2)]).remove(0).1,
@@ -922,11 +931,13 @@ async fn poison_records_go_to_the_dlq_with_their_reason_and_source_and_the_parti
     assert_exactly(&seen, &expected, "order.status", false);
 
     // Each poison record is in the DLQ with its reason and where it came from.
-    let dlq = consume(&setup.topic.dlq(), 3).await;
-    let reasons: [(usize, &str, &str); 3] = [
+    let dlq = consume(&setup.topic.dlq(), 5).await;
+    let reasons: [(usize, &str, &str); 5] = [
         (1, "undecodable: protobuf", ""),
         (2, "unroutable: no recipient", "user_id"),
         (3, "undecodable: proto3 JSON", "TELEPORTED"),
+        (5, "too large: record of", "HUB_INGEST_MAX_RECORD_BYTES"),
+        (6, "unroutable: recipient", "'{'"),
     ];
     for (index, prefix, mention) in reasons {
         let (partition, offset) = landed[index];
@@ -969,10 +980,10 @@ async fn poison_records_go_to_the_dlq_with_their_reason_and_source_and_the_parti
     }
     assert_eq!(
         metric(&app, "hub_ingest_dlq_total", &[("topic", &topic)]).await,
-        3.0,
+        5.0,
         "hub_ingest_dlq_total counts the poison records"
     );
-    assert_eq!(ingested(&app, &topic, "dlq").await, 3.0);
+    assert_eq!(ingested(&app, &topic, "dlq").await, 5.0);
     assert_eq!(ingested(&app, &topic, "published").await, 3.0);
     drop(a);
     setup.topic.delete().await;

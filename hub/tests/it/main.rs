@@ -16,3 +16,4 @@ mod metrics;
 mod origin;
 mod resume;
 mod slow_consumer;
+mod tls;
