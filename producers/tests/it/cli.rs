@@ -21,7 +21,7 @@ type Case<'a> = (Kind, Vec<(&'a str, &'a str)>, &'a str);
 #[test]
 fn a_bad_setting_stops_the_service_with_one_line_naming_it() {
     let db = "postgres://notify:notify@127.0.0.1:1/none";
-    let cases: [Case; 4] = [
+    let cases: [Case; 6] = [
         (
             Kind::Order,
             vec![("ORDER_KAFKA_BROKERS", "127.0.0.1:9092")],
@@ -53,6 +53,26 @@ fn a_bad_setting_stops_the_service_with_one_line_naming_it() {
                 ("MODERATION_JWT_SECRET", "short"),
             ],
             "moderation-service: config: MODERATION_JWT_SECRET: must be at least 32 bytes",
+        ),
+        (
+            Kind::Payment,
+            vec![
+                ("PAYMENT_DATABASE_URL", db),
+                ("PAYMENT_KAFKA_BROKERS", "k"),
+                ("PAYMENT_KAFKA_SASL_MECHANISM", "PLAIN"),
+            ],
+            "payment-service: config: PAYMENT_KAFKA_SASL_MECHANISM: needs KAFKA_SECURITY_PROTOCOL sasl_plaintext or sasl_ssl (it is plaintext)",
+        ),
+        (
+            Kind::Order,
+            vec![
+                ("ORDER_DATABASE_URL", db),
+                ("ORDER_KAFKA_BROKERS", "k"),
+                ("ORDER_JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+                ("ORDER_KAFKA_SECURITY_PROTOCOL", "sasl_plaintext"),
+                ("ORDER_KAFKA_SASL_USERNAME", "services"),
+            ],
+            "order-service: config: ORDER_KAFKA_SASL_PASSWORD: missing (required with KAFKA_SASL_USERNAME)",
         ),
     ];
     for (kind, env, line) in cases {
