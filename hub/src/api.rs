@@ -198,20 +198,14 @@ fn read_body(
     })
 }
 
-async fn publish(
-    State(state): State<ApiState>,
-    _key: ApiKey,
-    headers: http::HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    json_content_type(&headers)?;
-    let body = read_body(body)?;
-    let req: PublishRequest = serde_json::from_slice(&body)
+/// Reads and checks one publish body.
+fn parse_publish(body: &[u8]) -> Result<PublishRequest, ApiError> {
+    let req: PublishRequest = serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
     crate::envelope::check_user_id(&req.user_id)
         .map_err(|e| ApiError::BadRequest(format!("user_id: {e}")))?;
     check_field("type", &req.kind)?;
-    if !req.data.get().trim_start().starts_with('{') {
+    if !req.data.get().starts_with('{') {
         return Err(ApiError::BadRequest(
             "data must be a JSON object".to_owned(),
         ));
@@ -224,6 +218,18 @@ async fn publish(
     if let Some(key) = &req.idempotency_key {
         check_field("idempotency_key", key)?;
     }
+    Ok(req)
+}
+
+async fn publish(
+    State(state): State<ApiState>,
+    _key: ApiKey,
+    headers: http::HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    json_content_type(&headers)?;
+    let body = read_body(body)?;
+    let req = parse_publish(&body)?;
     let published = state
         .inner
         .backplane
@@ -472,5 +478,42 @@ mod tests {
             StatusCode::FORBIDDEN
         );
         assert_eq!(dev_login_from(None).await, StatusCode::FORBIDDEN);
+    }
+
+    mod fuzz {
+        //! Publish bodies from outside: random bytes, bad UTF-8, deep JSON, huge numbers.
+
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn any_bytes_are_a_request_or_a_400(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+                if let Err(e) = parse_publish(&body) {
+                    prop_assert!(matches!(e, ApiError::BadRequest(_)));
+                }
+            }
+
+            #[test]
+            fn deep_or_numeric_data_never_panics(
+                depth in 0usize..400,
+                number in "-?[0-9]{1,500}(\\.[0-9]{1,50})?(e[+-]?[0-9]{1,6})?",
+                user in "\\PC{0,40}",
+            ) {
+                let data = format!("{}{number}{}", "{\"a\":".repeat(depth), "}".repeat(depth));
+                let body = format!(
+                    r#"{{"user_id":{},"type":"t","data":{data}}}"#,
+                    serde_json::to_string(&user).unwrap_or_default()
+                );
+                if let Ok(req) = parse_publish(body.as_bytes()) {
+                    prop_assert!(crate::envelope::check_user_id(&req.user_id).is_ok());
+                    let object = req.data.get().starts_with('{');
+                    prop_assert!(object, "data must be an object");
+                }
+            }
+        }
     }
 }

@@ -368,4 +368,58 @@ mod tests {
         assert!(v.get("id").is_none());
         assert!(!String::from_utf8_lossy(&c.sse_event()).contains("id:"));
     }
+
+    mod fuzz {
+        //! Resume ids (`since`, `Last-Event-ID`) and user ids from outside never panic.
+
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn any_resume_id_parses_or_is_refused(text in "\\PC{0,80}") {
+                if let Ok(id) = text.parse::<Id>() {
+                    prop_assert_eq!(id.to_string().parse::<Id>(), Ok(id));
+                }
+            }
+
+            #[test]
+            fn issued_ids_round_trip(epoch in any::<u64>(), seq in any::<u64>()) {
+                let id = Id { epoch, seq };
+                prop_assert_eq!(id.to_string().parse::<Id>(), Ok(id));
+            }
+
+            #[test]
+            fn user_id_rules_hold_for_any_text(text in "\\PC{0,300}") {
+                if check_user_id(&text).is_ok() {
+                    prop_assert!(!text.is_empty() && text.len() <= MAX_USER_ID);
+                    let braces = text.contains(['{', '}']);
+                    prop_assert!(!braces, "braces accepted");
+                }
+            }
+
+            #[test]
+            fn rendering_any_json_data_gives_one_line_envelopes(
+                value in proptest::collection::vec("[ \\r\\n\\t]{0,3}", 1..6),
+                text in "\\PC{0,20}",
+            ) {
+                let pretty = format!(
+                    "{{{}\"k\"{}:{}{}{}}}",
+                    value[0],
+                    value.get(1).cloned().unwrap_or_default(),
+                    value.get(2).cloned().unwrap_or_default(),
+                    serde_json::to_string(&text).unwrap_or_default(),
+                    value.get(3).cloned().unwrap_or_default(),
+                );
+                let data = RawValue::from_string(pretty).expect("valid JSON");
+                let n = Notification::render(Id { epoch: 1, seq: 1 }, "t", &data, 0);
+                prop_assert!(!n.json.as_str().contains(['\n', '\r']));
+                let v: serde_json::Value = serde_json::from_str(n.json.as_str()).expect("JSON");
+                prop_assert_eq!(&v["data"]["k"], &serde_json::Value::String(text));
+            }
+        }
+    }
 }

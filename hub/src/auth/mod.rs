@@ -509,4 +509,81 @@ mod tests {
         assert_eq!(query_param(Some("x=%4"), "x").as_deref(), Some("%4"));
         assert_eq!(query_param(Some("token="), "token"), None);
     }
+
+    mod fuzz {
+        //! Tokens and claims from outside: any input is refused with a reason, never a panic.
+
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        fn json_value() -> impl Strategy<Value = serde_json::Value> {
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                any::<u64>().prop_map(serde_json::Value::from),
+                any::<f64>().prop_map(|f| serde_json::json!(f)),
+                "\\PC{0,20}".prop_map(serde_json::Value::from),
+            ];
+            leaf.prop_recursive(3, 16, 4, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..4)
+                        .prop_map(serde_json::Value::from),
+                    proptest::collection::btree_map("[a-z]{1,4}", inner, 0..4)
+                        .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn any_claims_object_gives_an_identity_or_a_reason(
+                sub in prop_oneof![json_value(), "\\PC{0,20}".prop_map(serde_json::Value::from)],
+                exp in json_value(),
+                iat in json_value(),
+                extra in json_value(),
+            ) {
+                let mut claims = serde_json::Map::new();
+                claims.insert("sub".to_owned(), sub);
+                claims.insert("exp".to_owned(), exp);
+                claims.insert("iat".to_owned(), iat);
+                claims.insert("x".to_owned(), extra);
+                match identity_from_claims(&claims) {
+                    Ok(id) => prop_assert!(crate::envelope::check_user_id(&id.user).is_ok()),
+                    Err(e) => prop_assert!(!e.to_string().is_empty()),
+                }
+            }
+
+            #[test]
+            fn signed_tokens_with_any_claims_never_panic(claims in json_value()) {
+                let secret = "0123456789abcdef0123456789abcdef";
+                let settings = crate::config::Settings::load_from_pairs([("HUB_JWT_SECRET", secret)])
+                    .expect("settings");
+                let verifier = Verifier::from_settings(&settings, None).expect("verifier");
+                let token = jsonwebtoken::encode(
+                    &Header::new(Algorithm::HS256),
+                    &claims,
+                    &EncodingKey::from_secret(secret.as_bytes()),
+                );
+                if let Ok(token) = token {
+                    let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+                    let _ = runtime.block_on(verifier.verify(&token));
+                }
+            }
+
+            #[test]
+            fn any_token_text_is_refused_without_panic(token in "[A-Za-z0-9_.=-]{0,300}") {
+                let settings = crate::config::Settings::load_from_pairs([
+                    ("HUB_JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+                ])
+                .expect("settings");
+                let verifier = Verifier::from_settings(&settings, None).expect("verifier");
+                let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+                prop_assert!(runtime.block_on(verifier.verify(&token)).is_err());
+            }
+        }
+    }
 }

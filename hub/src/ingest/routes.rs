@@ -196,12 +196,33 @@ impl Routes {
         file: Option<&Path>,
         builtin: bool,
     ) -> Result<Self, RoutesError> {
+        let text = match file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| RoutesError(format!("cannot read {}: {e}", path.display())))?,
+            ),
+            None => None,
+        };
+        Self::parse(
+            pool,
+            text.as_deref(),
+            file.unwrap_or(Path::new("-")),
+            builtin,
+        )
+    }
+
+    /// As [`Routes::load`], with the routes file's text already read (`origin` names it in
+    /// errors).
+    pub fn parse(
+        pool: &DescriptorPool,
+        text: Option<&str>,
+        origin: &Path,
+        builtin: bool,
+    ) -> Result<Self, RoutesError> {
         let mut specs = if builtin { self::builtin() } else { Vec::new() };
-        if let Some(path) = file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| RoutesError(format!("cannot read {}: {e}", path.display())))?;
+        if let Some(text) = text {
             let parsed: RoutesFile =
-                toml::from_str(&text).map_err(|e| RoutesError(toml_error(path, &text, &e)))?;
+                toml::from_str(text).map_err(|e| RoutesError(toml_error(origin, text, &e)))?;
             specs.extend(parsed.routes);
         }
         Self::from_specs(pool, specs)
@@ -660,5 +681,68 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("unknown message type"), "{e}");
+    }
+
+    mod fuzz {
+        //! Outside input never panics the routes parser or the record router.
+
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        fn pool() -> DescriptorPool {
+            DescriptorPool::decode(proto::FILE_DESCRIPTOR_SET).expect("contracts")
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn any_routes_file_text_is_parsed_or_refused_with_a_line(text in ".{0,400}") {
+                let pool = pool();
+                if let Err(e) = Routes::parse(&pool, Some(&text), Path::new("routes.toml"), false) {
+                    prop_assert!(e.to_string().starts_with("config: HUB_INGEST_ROUTES:"));
+                    prop_assert!(!e.to_string().contains('\n'));
+                }
+            }
+
+            #[test]
+            fn route_shaped_files_with_random_values_never_panic(
+                topic in "[a-z.]{0,12}",
+                message in prop_oneof![Just("json".to_owned()), "[a-zA-Z.]{0,30}"],
+                recipient in "[a-z_.]{0,12}",
+                event_id in "[a-z_.]{0,12}",
+            ) {
+                let text = format!(
+                    "[[routes]]\nname = \"r\"\ntopic = \"{topic}\"\nmessage = \"{message}\"\ntype = \"t\"\nrecipients = [\"{recipient}\"]\nevent_id = \"{event_id}\"\n"
+                );
+                let _ = Routes::parse(&pool(), Some(&text), Path::new("routes.toml"), false);
+            }
+
+            #[test]
+            fn any_record_value_is_routed_or_refused(
+                payload in proptest::collection::vec(any::<u8>(), 0..600),
+                json in any::<bool>(),
+            ) {
+                let routes = Routes::parse(&pool(), None, Path::new("-"), true).expect("built-ins");
+                for topic in ["order.status.changed", "moderation.results", "other"] {
+                    let _ = routes.route(topic, &payload, json);
+                }
+            }
+
+            #[test]
+            fn json_records_with_deep_nesting_and_huge_numbers_never_panic(
+                depth in 0usize..300,
+                number in "-?[0-9]{1,400}(\\.[0-9]{1,40})?(e[+-]?[0-9]{1,5})?",
+            ) {
+                let routes = Routes::parse(&pool(), None, Path::new("-"), true).expect("built-ins");
+                let deep = format!("{}{}{}", "[".repeat(depth), number, "]".repeat(depth));
+                let record = format!(
+                    r#"{{"eventId":"e","orderId":"o","userId":"u","status":"ORDER_STATUS_PAID","x":{deep}}}"#
+                );
+                let _ = routes.route("order.status.changed", record.as_bytes(), true);
+                let _ = routes.route("order.status.changed", number.as_bytes(), true);
+            }
+        }
     }
 }

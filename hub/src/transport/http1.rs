@@ -226,4 +226,37 @@ mod tests {
         p.read_to_string(&mut out).await.unwrap();
         assert_eq!(out, "hello world");
     }
+
+    mod fuzz {
+        //! The request-head parser takes any bytes without panicking.
+
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn any_bytes_parse_or_are_refused(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+                let _ = parse(&bytes);
+            }
+
+            #[test]
+            fn head_shaped_input_parses_or_is_refused(
+                method in "[A-Z]{0,8}",
+                target in "[ -~]{0,64}",
+                name in "[!-~]{0,16}",
+                value in proptest::collection::vec(any::<u8>(), 0..64),
+            ) {
+                let mut head = format!("{method} {target} HTTP/1.1\r\n{name}: ").into_bytes();
+                head.extend_from_slice(&value);
+                head.extend_from_slice(b"\r\n\r\n");
+                if let Ok(Some((h, len))) = parse(&head) {
+                    prop_assert!(len <= head.len());
+                    prop_assert!(!h.path.contains('?'));
+                }
+            }
+        }
+    }
 }

@@ -440,9 +440,15 @@ enum Inbound {
     Reply(Control),
 }
 
+/// Reads one client message; the error is the reason sent back in `hub.error`.
+fn parse_client_message(text: &str) -> Result<ClientMessage, &'static str> {
+    serde_json::from_str::<ClientMessage>(text).map_err(|_| "expected JSON with a \"type\"")
+}
+
 async fn handle_text(ctx: &Context, session: &Session, text: &str) -> Inbound {
-    let Ok(msg) = serde_json::from_str::<ClientMessage>(text) else {
-        return Inbound::Reply(Control::error("expected JSON with a \"type\""));
+    let msg = match parse_client_message(text) {
+        Ok(m) => m,
+        Err(reason) => return Inbound::Reply(Control::error(reason)),
     };
     match (msg.kind.as_str(), msg.token) {
         // Boxed: refreshes are rare, and verification may fetch keys; its state should not
@@ -469,5 +475,35 @@ async fn handle_text(ctx: &Context, session: &Session, text: &str) -> Inbound {
         },
         ("refresh", None) => Inbound::Reply(Control::error("refresh needs a token")),
         _ => Inbound::Reply(Control::error("unknown message type")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_client_text_is_a_message_or_a_reason(text in "\\PC{0,200}") {
+            let _ = parse_client_message(&text);
+        }
+
+        #[test]
+        fn message_shaped_text_with_any_values_never_panics(
+            kind in "\\PC{0,20}",
+            token in proptest::option::of("\\PC{0,100}"),
+            extra in "[a-z]{0,5}",
+        ) {
+            let mut v = serde_json::json!({ "type": kind, extra.clone(): [1, {"x": null}] });
+            if let Some(t) = token {
+                v["token"] = serde_json::Value::from(t);
+            }
+            let parsed = parse_client_message(&v.to_string());
+            prop_assert!(parsed.is_ok() || extra == "type");
+        }
     }
 }

@@ -299,3 +299,37 @@ async fn token_sources_header_query_and_cookie() {
     let _ = tokio::time::timeout(Duration::from_millis(10), async {}).await;
     app.stop().await;
 }
+
+#[tokio::test]
+async fn an_oversized_jwks_document_is_not_read_and_keys_stay_unavailable() {
+    // A valid key set padded past the 256 KiB cap (an unknown member is otherwise ignored).
+    let doc = std::fs::read_to_string(fixture("jwks.json")).expect("jwks fixture");
+    let mut value: serde_json::Value = serde_json::from_str(&doc).expect("json");
+    value["padding"] = json!("x".repeat(300 * 1024));
+    let big = value.to_string();
+    let router = axum::Router::new().route(
+        "/jwks.json",
+        axum::routing::get(move || {
+            let big = big.clone();
+            async move { ([("content-type", "application/json")], big) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    let app = spawn_app_with(&[("HUB_JWT_JWKS_URL", &format!("http://{addr}/jwks.json"))]).await;
+    let token = rs256_openssl(
+        &fixture("rsa_private.pem"),
+        &json!({"alg": "RS256", "kid": "test-rsa"}),
+        &json!({"sub": "big-jwks", "exp": now_s() + 600}),
+    );
+    let Err(r) = WsClient::connect(&app, &token, "").await else {
+        panic!("a key from an oversized JWKS was used");
+    };
+    assert_eq!(r.status, 503, "{}", r.body);
+    app.stop().await;
+}
