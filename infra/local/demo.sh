@@ -10,9 +10,10 @@
 # Each service gets its own database (created and migrated at start). The hub's signing secret
 # and API key are written to .run/demo.env (git-ignored); the services verify tokens signed with
 # the same secret, but each takes only its own audience: the hub's tokens carry aud "hub"
-# (HUB_JWT_AUDIENCE), the order service wants "orders", the moderation service "moderation"
-# (the page gets one token of each from the dev login). The moderation service's catalogue is
-# seeded with the demo's ads (ad-1..ad-5 of alice, bob and broke; MODERATION_DEMO_ADS).
+# (HUB_JWT_AUDIENCE, also in demo.env), the order service wants "orders", the moderation
+# service "moderation" (the page gets one token of each from the dev login). The moderation
+# service's catalogue is seeded with the demo's ads (ad-1..ad-5 of alice, bob and broke;
+# MODERATION_DEMO_ADS).
 # DEMO_STEP_INTERVAL (default 2s) sets the delivery service's pace between delivery steps.
 # DEMO_KAFKA_SASL=1 connects the services and the ingesting hub node through the local broker's
 # SASL_PLAINTEXT listener (127.0.0.1:9094, users services / hub; see infra/local/kafka.sh).
@@ -105,8 +106,12 @@ start() {
     {
       echo "HUB_JWT_SECRET=$(openssl rand -hex 32)"
       echo "HUB_API_KEY=$(openssl rand -hex 24)"
+      echo "HUB_JWT_AUDIENCE=hub"
     } > "$RUN/demo.env"
   fi
+  # The hub nodes' audience, so `hub token` run with demo.env mints tokens the nodes accept
+  # (added to a demo.env written before audiences existed).
+  grep -q '^HUB_JWT_AUDIENCE=' "$RUN/demo.env" || echo "HUB_JWT_AUDIENCE=hub" >> "$RUN/demo.env"
   set -a; source "$RUN/demo.env"; set +a
   for db in orders payments deliveries moderation; do "$PG" createdb "$db" >/dev/null; done
   for topic in "${TOPICS[@]}"; do
@@ -115,7 +120,7 @@ start() {
   done
   for p in "${PROCS[@]}"; do start_proc "${p%%:*}" "${p##*:}"; done
   for p in "${PROCS[@]}"; do wait_ready "${p%%:*}" "${p##*:}"; done
-  # HUB_JWT_AUDIENCE is set on the nodes only: each token names its audience here.
+  # Each token names its audience (the hub's, "hub", is also the default from demo.env).
   token=$("$BIN/hub" token --sub alice --ttl 1h --aud hub)
   order_token=$("$BIN/hub" token --sub alice --ttl 1h --aud orders)
   report_token=$("$BIN/hub" token --sub bob --ttl 1h --aud moderation)
