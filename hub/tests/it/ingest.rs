@@ -1374,3 +1374,57 @@ data = { when = "order_id.seconds" }
         }
     }
 }
+
+/// The broker's SASL_PLAINTEXT listener (`infra/local/kafka.sh` runs one on port 9094 with the
+/// local test user `hub` / `hub-secret`).
+fn sasl_brokers() -> String {
+    std::env::var("HUB_TEST_KAFKA_SASL_BROKERS").unwrap_or_else(|_| "127.0.0.1:9094".to_owned())
+}
+
+#[tokio::test]
+async fn ingest_reads_through_a_sasl_listener_with_the_configured_credentials() {
+    let routes = |topic: &str| {
+        format!(
+            r#"
+[[route]]
+name = "secure"
+topic = "{topic}"
+message = "json"
+type = "secure"
+recipients = ["to"]
+data = {{ n = "n" }}
+"#
+        )
+    };
+    let mut setup = Setup::new(redis_url(), "it-sasl", routes).await;
+    setup.brokers = sasl_brokers();
+    let topic = setup.topic.name.clone();
+    let mut env = setup.ingest_node_env();
+    env.extend([
+        ("HUB_KAFKA_SECURITY_PROTOCOL", "sasl_plaintext"),
+        ("HUB_KAFKA_SASL_MECHANISM", "PLAIN"),
+        ("HUB_KAFKA_SASL_USERNAME", "hub"),
+        ("HUB_KAFKA_SASL_PASSWORD", "hub-secret"),
+    ]);
+    let node = HubProcess::start_with_credentials(&setup.creds, &env).await;
+    let app = Arc::new(node.as_app());
+    let clients = vec![Client::connect(Kind::Ws, &app, "sasl-user").await];
+    let lines: Vec<(String, Vec<u8>)> = (1..=3)
+        .map(|n| {
+            let v = json!({"event_id": format!("s{n}"), "to": "sasl-user", "n": n});
+            ("k".to_owned(), v.to_string().into_bytes())
+        })
+        .collect();
+    kcat_produce(&topic, &lines).await;
+    wait_received(&clients, |_| 3, STEP).await;
+    let seen = finish(&app, clients).await;
+    let got: Vec<Value> = seen[0]
+        .2
+        .notes
+        .iter()
+        .map(|n| n["data"]["n"].clone())
+        .collect();
+    assert_eq!(got, vec![json!(1), json!(2), json!(3)]);
+    drop(node);
+    setup.topic.delete().await;
+}
