@@ -20,6 +20,10 @@ use crate::shutdown::Lifecycle;
 
 /// Largest publish body.
 pub const MAX_BODY: usize = 64 * 1024;
+/// Largest batch publish body.
+pub const MAX_BATCH_BODY: usize = 1024 * 1024;
+/// Most notifications in one batch.
+pub const MAX_BATCH_ITEMS: usize = 1000;
 /// Largest `user_id`, `type` or `idempotency_key`.
 const MAX_FIELD: usize = 256;
 
@@ -76,6 +80,9 @@ pub enum ApiError {
     /// 413.
     #[error("body larger than 64 KiB")]
     TooLarge,
+    /// 413 for a batch.
+    #[error("{0}")]
+    BatchTooLarge(String),
     /// 503.
     #[error("{0}")]
     Unavailable(String),
@@ -88,7 +95,7 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooLarge | ApiError::BatchTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         let mut response = (
@@ -202,6 +209,11 @@ fn read_body(
 fn parse_publish(body: &[u8]) -> Result<PublishRequest, ApiError> {
     let req: PublishRequest = serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
+    check_publish(req)
+}
+
+/// Checks one publish request's fields.
+fn check_publish(req: PublishRequest) -> Result<PublishRequest, ApiError> {
     crate::envelope::check_user_id(&req.user_id)
         .map_err(|e| ApiError::BadRequest(format!("user_id: {e}")))?;
     check_field("type", &req.kind)?;
@@ -246,6 +258,74 @@ async fn publish(
         state.inner.metrics.published_api().inc();
     }
     Ok(Json(serde_json::json!({ "id": published.id.to_string() })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchRequest {
+    notifications: Vec<PublishRequest>,
+}
+
+/// `POST /api/publish/batch`: up to 1 000 notifications in one request and one store round
+/// trip; all or nothing at validation, ids in the items' order.
+async fn publish_batch(
+    State(state): State<ApiState>,
+    _key: ApiKey,
+    headers: http::HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    json_content_type(&headers)?;
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::BatchTooLarge(format!("batch body larger than {MAX_BATCH_BODY} bytes"))
+        } else {
+            ApiError::BadRequest(e.body_text())
+        }
+    })?;
+    let batch: BatchRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
+    if batch.notifications.len() > MAX_BATCH_ITEMS {
+        return Err(ApiError::BatchTooLarge(format!(
+            "{} notifications, at most {MAX_BATCH_ITEMS} per batch",
+            batch.notifications.len()
+        )));
+    }
+    if batch.notifications.is_empty() {
+        return Err(ApiError::BadRequest(
+            "notifications must not be empty".to_owned(),
+        ));
+    }
+    let mut msgs = Vec::with_capacity(batch.notifications.len());
+    for (index, item) in batch.notifications.into_iter().enumerate() {
+        // As for a single publish: no notification larger than its 64 KiB body.
+        if item.data.get().len() > MAX_BODY {
+            return Err(ApiError::BadRequest(format!(
+                "notifications[{index}]: data larger than 64 KiB"
+            )));
+        }
+        let req = check_publish(item).map_err(|e| match e {
+            ApiError::BadRequest(why) => {
+                ApiError::BadRequest(format!("notifications[{index}]: {why}"))
+            }
+            other => other,
+        })?;
+        msgs.push(Publish {
+            user: req.user_id,
+            kind: req.kind,
+            data: req.data,
+            idempotency_key: req.idempotency_key,
+        });
+    }
+    let published = state.inner.backplane.publish_batch(msgs).await?;
+    let duplicates = published.iter().filter(|p| p.duplicate).count() as u64;
+    state.inner.metrics.publish_duplicates().inc_by(duplicates);
+    state
+        .inner
+        .metrics
+        .published_api()
+        .inc_by(published.len() as u64 - duplicates);
+    let ids: Vec<String> = published.iter().map(|p| p.id.to_string()).collect();
+    Ok(Json(serde_json::json!({ "ids": ids })))
 }
 
 async fn healthz() -> &'static str {
@@ -405,6 +485,10 @@ pub fn router(state: ApiState) -> axum::Router {
         .route(
             "/api/publish",
             post(publish).layer(DefaultBodyLimit::max(MAX_BODY)),
+        )
+        .route(
+            "/api/publish/batch",
+            post(publish_batch).layer(DefaultBodyLimit::max(MAX_BATCH_BODY)),
         )
         .route(
             "/api/disconnect",

@@ -84,7 +84,8 @@ pub struct Settings {
     pub redis_ca_file: Option<PathBuf>,
     /// Key and channel prefix in Redis (several deployments can share one Redis).
     pub redis_prefix: String,
-    /// Command connections to Redis per node.
+    /// Multiplexed command connections to Redis per node (each pipelines every concurrent
+    /// command).
     pub redis_pool_size: usize,
     /// A Redis command (or connection attempt) that takes longer fails: publishes answer 503
     /// instead of hanging while Redis is unreachable.
@@ -190,7 +191,7 @@ impl Default for Settings {
             redis_url: None,
             redis_ca_file: None,
             redis_prefix: "hub".to_owned(),
-            redis_pool_size: 16,
+            redis_pool_size: 2,
             redis_timeout: Duration::from_secs(2),
             kafka_brokers: None,
             kafka_group: "hub-ingest".to_owned(),

@@ -86,6 +86,18 @@ pub trait Backplane: Send + Sync + 'static {
     /// atomic step per user so ids and delivery order agree.
     async fn publish(&self, msg: Publish) -> Result<Published, BackplaneError>;
 
+    /// Publishes several notifications at once (one round trip where the store allows),
+    /// each as [`Backplane::publish`] would, in order; the results are in the same order.
+    /// On an error, some of them may have been published: retrying with the same
+    /// idempotency keys is safe.
+    async fn publish_batch(&self, msgs: Vec<Publish>) -> Result<Vec<Published>, BackplaneError> {
+        let mut out = Vec::with_capacity(msgs.len());
+        for msg in msgs {
+            out.push(self.publish(msg).await?);
+        }
+        Ok(out)
+    }
+
     /// Makes this node receive the user's notifications; returns once the subscription is live.
     /// Reference-counted: one call per local connection.
     async fn subscribe(&self, user: &Arc<str>) -> Result<(), BackplaneError>;

@@ -42,10 +42,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_redis::{Pool, Runtime, Timeouts};
 use futures_util::StreamExt;
 use parking_lot::Mutex;
 use prometheus::{Gauge, IntCounter};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, watch};
 
 use super::{Backplane, BackplaneError, Publish, Published, Replay, Revocation, Revocations, Sink};
@@ -61,7 +61,7 @@ pub struct RedisSettings {
     pub ca_file: Option<std::path::PathBuf>,
     /// Key and channel prefix.
     pub prefix: String,
-    /// Command connections.
+    /// Multiplexed command connections (each pipelines every concurrent command).
     pub pool_size: usize,
     /// Deadline for one command or connection attempt.
     pub timeout: Duration,
@@ -80,25 +80,35 @@ pub struct RedisTelemetry {
     pub lag_seconds: Gauge,
 }
 
+/// ARGV: fresh epoch, maxlen, TTL (ms, the keys' lifetime), acceptance time (µs), envelope
+/// tail, refresh interval (µs). The keys' TTLs are refreshed at most once per interval (the
+/// time of the last refresh is the meta hash's `x`), not on every notification; the TTL set
+/// covers the interval too, so a history still lives at least `HUB_HISTORY_TTL` after its
+/// last notification.
 const PUBLISH_SCRIPT: &str = r#"
 local meta, stream, channel, idem = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local fresh_epoch, maxlen, ttl, us, tail = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local fresh_epoch, maxlen, ttl, us, tail, every = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 if idem then
   local first = redis.call('GET', idem)
   if first then return {0, first} end
 end
-local epoch = redis.call('HGET', meta, 'epoch')
+local m = redis.call('HMGET', meta, 'epoch', 'x')
+local epoch, refreshed = m[1], m[2]
 if not epoch then
   epoch = fresh_epoch
   redis.call('DEL', stream)
   redis.call('HSET', meta, 'epoch', epoch)
+  refreshed = false
 end
 local seq = redis.call('HINCRBY', meta, 'seq', 1)
 local id = epoch .. '-' .. seq
 local env = '{"id":"' .. id .. '",' .. tail
 redis.call('XADD', stream, 'MAXLEN', '~', maxlen, seq .. '-1', 'e', env, 'u', us)
-redis.call('PEXPIRE', meta, ttl)
-redis.call('PEXPIRE', stream, ttl)
+if not refreshed or tonumber(us) - tonumber(refreshed) >= tonumber(every) then
+  redis.call('HSET', meta, 'x', us)
+  redis.call('PEXPIRE', meta, ttl)
+  redis.call('PEXPIRE', stream, ttl)
+end
 if idem then redis.call('SET', idem, id, 'PX', ttl) end
 redis.call('PUBLISH', channel, id .. ' ' .. us .. ' ' .. env)
 return {1, id}
@@ -111,7 +121,11 @@ pub struct RedisBackplane {
 }
 
 struct Inner {
-    pool: Pool,
+    /// Multiplexed connections, used round-robin: concurrent commands share a socket and
+    /// go out pipelined; each reconnects by itself after a failure.
+    conns: Vec<ConnectionManager>,
+    next: std::sync::atomic::AtomicUsize,
+    client: redis::Client,
     settings: RedisSettings,
     publish: redis::Script,
     sink: Arc<dyn Sink>,
@@ -175,11 +189,6 @@ impl RedisBackplane {
         sink: Arc<dyn Sink>,
         telemetry: RedisTelemetry,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), BackplaneError> {
-        // redis-rs 1.x gives every connection a 500 ms response timeout of its own; the
-        // configured deadline must be the one that applies.
-        let connection_config = redis::AsyncConnectionConfig::new()
-            .set_response_timeout(Some(settings.timeout))
-            .set_connection_timeout(Some(settings.timeout));
         let client = match &settings.ca_file {
             None => redis::Client::open(settings.url.as_str()).map_err(unavailable)?,
             Some(path) => {
@@ -195,26 +204,27 @@ impl RedisBackplane {
                 .map_err(unavailable)?
             }
         };
-        let manager = deadpool_redis::Manager::new_with_config(
-            client.get_connection_info().clone(),
-            connection_config,
-        )
-        .map_err(unavailable)?;
-        let pool = Pool::builder(manager)
-            .max_size(settings.pool_size)
-            .timeouts(Timeouts {
-                wait: Some(settings.timeout),
-                create: Some(settings.timeout),
-                recycle: Some(settings.timeout),
+        // redis-rs gives every connection a 500 ms response timeout of its own; the
+        // configured deadline must be the one that applies.
+        let manager_config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(settings.timeout))
+            .set_connection_timeout(Some(settings.timeout))
+            .set_number_of_retries(2)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_secs(1));
+        let conns = (0..settings.pool_size.max(1))
+            .map(|_| {
+                ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
             })
-            .runtime(Runtime::Tokio1)
-            .build()
+            .collect::<Result<Vec<_>, _>>()
             .map_err(unavailable)?;
         let (changed, changes) = mpsc::channel(1);
         let (live, _) = watch::channel(0);
         let this = RedisBackplane {
             inner: Arc::new(Inner {
-                pool,
+                conns,
+                next: std::sync::atomic::AtomicUsize::new(0),
+                client: client.clone(),
                 settings,
                 publish: redis::Script::new(PUBLISH_SCRIPT),
                 sink,
@@ -231,6 +241,35 @@ impl RedisBackplane {
         Ok((this, task))
     }
 
+    /// The publish script's `EVALSHA` for one notification.
+    fn publish_cmd(&self, msg: &Publish, accepted_us: u64) -> redis::Cmd {
+        let settings = &self.inner.settings;
+        let tail = Notification::envelope_tail(&msg.kind, &msg.data, accepted_us);
+        let every = refresh_interval(settings.history_ttl);
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.inner.publish.get_hash())
+            .arg(if msg.idempotency_key.is_some() { 4 } else { 3 })
+            .arg(self.key("m", &msg.user))
+            .arg(self.key("h", &msg.user))
+            .arg(self.key("c", &msg.user));
+        if let Some(key) = &msg.idempotency_key {
+            cmd.arg(format!("{}:{key}", self.key("i", &msg.user)));
+        }
+        cmd.arg(format!("{:x}", (rand::random::<u64>() >> 16).max(1)))
+            .arg(settings.history_size)
+            .arg((settings.history_ttl + every).as_millis() as u64)
+            .arg(accepted_us)
+            .arg(tail)
+            .arg(every.as_micros() as u64);
+        cmd
+    }
+
+    /// A command connection (cheap clone of a multiplexed one).
+    fn conn(&self) -> ConnectionManager {
+        let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.conns.len();
+        self.inner.conns[i].clone()
+    }
+
     fn key(&self, kind: &str, user: &str) -> String {
         format!("{}:{kind}:{{{user}}}", self.inner.settings.prefix)
     }
@@ -242,9 +281,9 @@ impl RedisBackplane {
     async fn ping(&self) -> Result<(), BackplaneError> {
         let timeout = self.inner.settings.timeout;
         let result = tokio::time::timeout(timeout, async {
-            let mut conn = self.inner.pool.get().await.map_err(unavailable)?;
+            let mut conn = self.conn();
             redis::cmd("PING")
-                .query_async::<String>(&mut *conn)
+                .query_async::<String>(&mut conn)
                 .await
                 .map_err(unavailable)
         })
@@ -279,13 +318,13 @@ impl RedisBackplane {
         let meta = self.key("m", user);
         let stream = self.key("h", user);
         self.with_timeout(async {
-            let mut conn = self.inner.pool.get().await.map_err(unavailable)?;
+            let mut conn = self.conn();
             let (epoch, entries): (Option<String>, redis::streams::StreamRangeReply) =
                 redis::pipe()
                     .atomic()
                     .hget(&meta, "epoch")
                     .xrange_count(&stream, "-", "+", self.read_limit())
-                    .query_async(&mut *conn)
+                    .query_async(&mut conn)
                     .await
                     .map_err(unavailable)?;
             let Some(epoch) = epoch.and_then(|e| u64::from_str_radix(&e, 16).ok()) else {
@@ -307,7 +346,7 @@ impl RedisBackplane {
         let stream = self.key("h", user);
         let from = format!("{}-0", after.seq.saturating_add(1));
         self.with_timeout(async {
-            let mut conn = self.inner.pool.get().await.map_err(unavailable)?;
+            let mut conn = self.conn();
             let ((epoch, last), first, entries): (
                 (Option<String>, Option<u64>),
                 redis::streams::StreamRangeReply,
@@ -320,7 +359,7 @@ impl RedisBackplane {
                 .arg("seq")
                 .xrange_count(&stream, "-", "+", 1)
                 .xrange_count(&stream, &from, "+", self.read_limit())
-                .query_async(&mut *conn)
+                .query_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
             let Some(epoch) = epoch.and_then(|e| u64::from_str_radix(&e, 16).ok()) else {
@@ -354,11 +393,11 @@ impl RedisBackplane {
         tokio::spawn(async move {
             let done = this
                 .with_timeout(async {
-                    let mut conn = this.inner.pool.get().await.map_err(unavailable)?;
+                    let mut conn = this.conn();
                     redis::pipe()
                         .rpush(&reply, closed)
                         .pexpire(&reply, 10_000)
-                        .query_async::<()>(&mut *conn)
+                        .query_async::<()>(&mut conn)
                         .await
                         .map_err(unavailable)
                 })
@@ -376,7 +415,7 @@ impl RedisBackplane {
         let prefix_len = pattern.len() - 1;
         let found: Vec<(String, String)> = self
             .with_timeout(async {
-                let mut conn = self.inner.pool.get().await.map_err(unavailable)?;
+                let mut conn = self.conn();
                 let mut keys = Vec::new();
                 let mut cursor: u64 = 0;
                 loop {
@@ -386,7 +425,7 @@ impl RedisBackplane {
                         .arg(&pattern)
                         .arg("COUNT")
                         .arg(1000)
-                        .query_async(&mut *conn)
+                        .query_async(&mut conn)
                         .await
                         .map_err(unavailable)?;
                     keys.extend(batch);
@@ -399,7 +438,7 @@ impl RedisBackplane {
                 for chunk in keys.chunks(500) {
                     let values: Vec<Option<String>> = redis::cmd("MGET")
                         .arg(chunk)
-                        .query_async(&mut *conn)
+                        .query_async(&mut conn)
                         .await
                         .map_err(unavailable)?;
                     for (key, value) in chunk.iter().zip(values) {
@@ -558,8 +597,8 @@ impl RedisBackplane {
         }
         let heads: Vec<(Option<String>, Option<u64>)> = self
             .with_timeout(async {
-                let mut conn = self.inner.pool.get().await.map_err(unavailable)?;
-                pipe.query_async(&mut *conn).await.map_err(unavailable)
+                let mut conn = self.conn();
+                pipe.query_async(&mut conn).await.map_err(unavailable)
             })
             .await?;
         let mut subs = self.inner.subs.lock();
@@ -738,6 +777,11 @@ impl RedisBackplane {
     }
 }
 
+/// How often a busy user's key TTLs are refreshed: a hundredth of the TTL, at most a minute.
+fn refresh_interval(ttl: Duration) -> Duration {
+    (ttl / 100).min(Duration::from_secs(60))
+}
+
 /// Stream entries → notifications of `epoch`.
 fn to_notifications(
     epoch: u64,
@@ -800,39 +844,59 @@ fn parse_payload(payload: &[u8]) -> Option<(Id, u64, &str)> {
 #[async_trait]
 impl Backplane for RedisBackplane {
     async fn publish(&self, msg: Publish) -> Result<Published, BackplaneError> {
-        let accepted_us = now_micros();
-        let tail = Notification::envelope_tail(&msg.kind, &msg.data, accepted_us);
-        let settings = &self.inner.settings;
-        let mut invocation = self.inner.publish.prepare_invoke();
-        invocation
-            .key(self.key("m", &msg.user))
-            .key(self.key("h", &msg.user))
-            .key(self.key("c", &msg.user));
-        if let Some(key) = &msg.idempotency_key {
-            invocation.key(format!("{}:{key}", self.key("i", &msg.user)));
+        let mut out = self.publish_batch(vec![msg]).await?;
+        out.pop()
+            .ok_or_else(|| unavailable("the store answered nothing"))
+    }
+
+    async fn publish_batch(&self, msgs: Vec<Publish>) -> Result<Vec<Published>, BackplaneError> {
+        if msgs.is_empty() {
+            return Ok(Vec::new());
         }
-        invocation
-            .arg(format!("{:x}", (rand::random::<u64>() >> 16).max(1)))
-            .arg(settings.history_size)
-            .arg(settings.history_ttl.as_millis() as u64)
-            .arg(accepted_us)
-            .arg(tail);
-        let (fresh, id): (u8, String) = self
+        let accepted_us = now_micros();
+        let mut pipe = redis::pipe();
+        for msg in &msgs {
+            pipe.add_command(self.publish_cmd(msg, accepted_us));
+        }
+        let replies: Vec<(u8, String)> = self
             .with_timeout(async {
-                let mut conn = self.inner.pool.get().await.map_err(unavailable)?;
-                invocation
-                    .invoke_async(&mut *conn)
-                    .await
-                    .map_err(publish_error)
+                let mut conn = self.conn();
+                match pipe.query_async(&mut conn).await {
+                    // The script is not in this server's cache (a restart or failover since
+                    // it was loaded): no command of the pipeline ran, so load it and resend.
+                    Err(e)
+                        if e.kind()
+                            == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                    {
+                        self.inner
+                            .publish
+                            .prepare_invoke()
+                            .load_async(&mut conn)
+                            .await
+                            .map_err(publish_error)?;
+                        pipe.query_async(&mut conn).await.map_err(publish_error)
+                    }
+                    other => other.map_err(publish_error),
+                }
             })
             .await?;
-        let id = id
-            .parse::<Id>()
-            .map_err(|_| unavailable("store returned a malformed id"))?;
-        Ok(Published {
-            id,
-            duplicate: fresh == 0,
-        })
+        if replies.len() != msgs.len() {
+            return Err(unavailable(
+                "the store answered a different number of replies",
+            ));
+        }
+        replies
+            .into_iter()
+            .map(|(fresh, id)| {
+                let id = id
+                    .parse::<Id>()
+                    .map_err(|_| unavailable("store returned a malformed id"))?;
+                Ok(Published {
+                    id,
+                    duplicate: fresh == 0,
+                })
+            })
+            .collect()
     }
 
     async fn subscribe(&self, user: &Arc<str>) -> Result<(), BackplaneError> {
@@ -927,8 +991,8 @@ impl Backplane for RedisBackplane {
             .arg(&message);
         let (receivers,): (usize,) = self
             .with_timeout(async {
-                let mut conn = self.inner.pool.get().await.map_err(unavailable)?;
-                pipe.query_async(&mut *conn).await.map_err(unavailable)
+                let mut conn = self.conn();
+                pipe.query_async(&mut conn).await.map_err(unavailable)
             })
             .await?;
         // Every subscribed node (each holds one pub/sub connection) answers with its count;
@@ -936,7 +1000,17 @@ impl Backplane for RedisBackplane {
         let wait = self.inner.settings.timeout.mul_f64(0.8);
         let deadline = tokio::time::Instant::now() + wait;
         let mut closed = 0usize;
-        let mut conn = self.inner.pool.get().await.map_err(unavailable)?;
+        // A blocking pop must not stall the shared, pipelined connections: a connection of
+        // its own for this rare request.
+        let connection_config = redis::AsyncConnectionConfig::new()
+            .set_response_timeout(Some(self.inner.settings.timeout))
+            .set_connection_timeout(Some(self.inner.settings.timeout));
+        let mut conn = self
+            .inner
+            .client
+            .get_multiplexed_async_connection_with_config(&connection_config)
+            .await
+            .map_err(unavailable)?;
         for _ in 0..receivers {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {
@@ -946,7 +1020,7 @@ impl Backplane for RedisBackplane {
             let popped: Option<(String, usize)> = redis::cmd("BLPOP")
                 .arg(&reply)
                 .arg(left.as_secs_f64().max(0.01))
-                .query_async(&mut *conn)
+                .query_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
             match popped {

@@ -280,3 +280,142 @@ async fn a_repeated_idempotency_key_returns_the_first_id_and_delivers_once() {
     drop(ws);
     app.stop().await;
 }
+
+/// POST /api/publish/batch with a JSON body.
+async fn post_batch(app: &TestApp, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/publish/batch", app.base()))
+        .bearer_auth(&app.api_key)
+        .json(body)
+        .send()
+        .await
+        .expect("batch request");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+async fn batch_in_order_with_ids_and_idempotency(app: &TestApp) {
+    let mut a = WsClient::connect(app, &app.token("ba"), "")
+        .await
+        .expect("ws a");
+    a.envelope().await;
+    let mut b = SseClient::connect(app, &app.token("bb"), "")
+        .await
+        .expect("sse b");
+    b.event().await;
+    let items: Vec<serde_json::Value> = (0..300)
+        .map(|n| {
+            let user = if n % 3 == 0 { "bb" } else { "ba" };
+            json!({"user_id": user, "type": "batch", "data": {"n": n}, "idempotency_key": format!("k{n}")})
+        })
+        .collect();
+    let (status, body) = post_batch(app, &json!({"notifications": items})).await;
+    assert_eq!(status, 200, "{body}");
+    let ids: Vec<String> = body["ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|v| v.as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(ids.len(), 300);
+    // Each user's items arrive in the batch's order, with the ids the answer gave.
+    for n in (0..300).filter(|n| n % 3 != 0) {
+        let e = a.envelope().await;
+        assert_eq!(
+            (e["data"]["n"].clone(), e["id"].clone()),
+            (json!(n), json!(ids[n]))
+        );
+    }
+    for n in (0..300).filter(|n| n % 3 == 0) {
+        let e = b.event().await;
+        assert_eq!(
+            (e.data["data"]["n"].clone(), e.id.clone()),
+            (json!(n), Some(ids[n].clone()))
+        );
+    }
+    // The same keys again: the first ids, nothing published; a new key publishes.
+    let again = json!({"notifications": [
+        {"user_id": "ba", "type": "batch", "data": {"n": 1}, "idempotency_key": "k1"},
+        {"user_id": "ba", "type": "batch", "data": {"n": "new"}, "idempotency_key": "k-new"},
+    ]});
+    let (status, body) = post_batch(app, &again).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["ids"][0], json!(ids[1]));
+    assert_eq!(
+        a.envelope().await["data"]["n"],
+        "new",
+        "only the new key was published"
+    );
+}
+
+#[tokio::test]
+async fn batch_publish_keeps_order_ids_and_idempotency_per_item() {
+    let app = spawn_app().await;
+    batch_in_order_with_ids_and_idempotency(&app).await;
+    app.stop().await;
+    let app = spawn_app_with(&[
+        ("HUB_REDIS_URL", &redis_url()),
+        ("HUB_REDIS_PREFIX", &redis_prefix()),
+    ])
+    .await;
+    batch_in_order_with_ids_and_idempotency(&app).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_invalid_batch_item_is_named_and_nothing_is_published() {
+    let app = spawn_app().await;
+    let mut ws = WsClient::connect(&app, &app.token("bv"), "")
+        .await
+        .expect("ws");
+    ws.envelope().await;
+    let ok = json!({"user_id": "bv", "type": "t", "data": {}});
+    for (bad, index, what) in [
+        (
+            json!({"user_id": "bv", "type": "hub.x", "data": {}}),
+            1,
+            "reserved",
+        ),
+        (
+            json!({"user_id": "b}v", "type": "t", "data": {}}),
+            1,
+            "user_id",
+        ),
+        (
+            json!({"user_id": "bv", "type": "t", "data": "text"}),
+            1,
+            "object",
+        ),
+        (json!({"user_id": "bv", "type": "t"}), usize::MAX, "data"),
+    ] {
+        let (status, body) = post_batch(&app, &json!({"notifications": [ok, bad, ok]})).await;
+        assert_eq!(status, 400, "{body}");
+        let error = body["error"].as_str().unwrap_or_default();
+        if index != usize::MAX {
+            assert!(
+                error.starts_with(&format!("notifications[{index}]")),
+                "{error}"
+            );
+        }
+        assert!(error.contains(what), "{error}");
+    }
+    // Limits: more than 1 000 items, or a body over 1 MiB → 413; no key → 401.
+    let many: Vec<_> = (0..1001).map(|_| ok.clone()).collect();
+    assert_eq!(
+        post_batch(&app, &json!({"notifications": many})).await.0,
+        413
+    );
+    let big = json!({"notifications": [{"user_id": "bv", "type": "t", "data": {"pad": "x".repeat(1100 * 1024)}}]});
+    assert_eq!(post_batch(&app, &big).await.0, 413);
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/publish/batch", app.base()))
+        .json(&json!({"notifications": [ok]}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 401);
+    // Nothing of the refused batches arrived: the next notification is this one.
+    app.publish("bv", "marker", json!({})).await;
+    assert_eq!(ws.envelope().await["type"], "marker");
+    app.stop().await;
+}
