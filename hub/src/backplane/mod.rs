@@ -36,7 +36,7 @@ pub struct Revocation {
 }
 
 /// A notification to accept.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Publish {
     /// Recipient.
     pub user: String,

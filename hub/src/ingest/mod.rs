@@ -6,7 +6,10 @@
 //!   in history, or the record is safely in the DLQ. A redelivered record publishes with the
 //!   same idempotency key (route name + `event_id`), so it makes no second notification.
 //! - **Order:** one worker task per partition processes that partition's records in order;
-//!   partitions proceed in parallel.
+//!   partitions proceed in parallel. A worker takes what is ready (up to 256 records) and
+//!   publishes all their notifications in one backplane round trip; the batch's last offset
+//!   is stored only after the whole batch is durable (or in the DLQ), so a crash mid-batch
+//!   re-reads the batch and the idempotency keys absorb what was already published.
 //! - **Failures:** a transient failure (the backplane unreachable) retries the same record with
 //!   backoff, never skipping it; its worker's queue fills and consumption pauses until it
 //!   recovers. A record that cannot be decoded or routed, is larger than
@@ -33,11 +36,12 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use futures_util::FutureExt;
-
-use crate::backplane::{Backplane, BackplaneError, Publish};
+use crate::backplane::{Backplane, BackplaneError, Publish, Published};
 use crate::envelope::now_micros;
 pub use routes::{RouteError, Routed, Routes, RoutesError};
+
+/// Most records of one partition processed (and published) together.
+const MAX_BATCH: usize = 256;
 
 /// What ingest needs to run.
 #[derive(Clone)]
@@ -266,129 +270,152 @@ enum Done {
     Abandoned,
 }
 
+/// What one record turned into before publishing.
+enum Prepared {
+    /// Notifications to publish (none when the routes filtered it out).
+    Publish(Vec<Publish>),
+    /// The record goes to the DLQ for this reason.
+    Dlq(RouteError),
+}
+
+/// The text of a caught panic.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
+}
+
 impl Worker {
+    /// Processes a partition's records in order, in batches of what is ready (up to
+    /// [`MAX_BATCH`]): every notification of a batch goes to the backplane in one round trip,
+    /// and the batch's last offset is stored only once all of it is durable (or in the DLQ).
     async fn partition(self, mut rx: mpsc::Receiver<OwnedMessage>) {
-        while let Some(message) = rx.recv().await {
-            // A panic while processing one record (a bug, or input no test foresaw) sends
-            // that record to the DLQ instead of ending the partition's worker.
-            let done = match std::panic::AssertUnwindSafe(self.process(&message))
-                .catch_unwind()
-                .await
-            {
-                Ok(done) => done,
-                Err(panic) => {
-                    let what = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_owned())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_default();
-                    tracing::error!(panic = %what, "processing a record panicked");
-                    self.to_dlq(
-                        &message,
-                        &RouteError::Internal(format!("processing panicked: {what}")),
-                    )
-                    .await
+        let mut batch: Vec<OwnedMessage> = Vec::with_capacity(MAX_BATCH);
+        while let Some(first) = rx.recv().await {
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
                 }
-            };
-            match done {
+            }
+            match self.process_batch(&batch).await {
                 Done::Yes => {
-                    if let Err(e) = self.consumer.store_offset(
-                        message.topic(),
-                        message.partition(),
-                        message.offset(),
-                    ) {
+                    if let Some(last) = batch.last()
+                        && let Err(e) = self.consumer.store_offset(
+                            last.topic(),
+                            last.partition(),
+                            last.offset(),
+                        )
+                    {
                         // The partition was revoked meanwhile; its new owner re-reads the
-                        // record and the idempotency key absorbs the repeat.
+                        // records and the idempotency keys absorb the repeats.
                         tracing::debug!(error = %e, "offset not stored");
                     }
                 }
-                // Not stored: the record is read again after a restart.
+                // Not stored: the records are read again after a restart.
                 Done::Abandoned => return,
+            }
+            batch.clear();
+            if batch.capacity() > MAX_BATCH {
+                batch.shrink_to(MAX_BATCH);
             }
         }
     }
 
-    async fn process(&self, message: &OwnedMessage) -> Done {
-        let topic = message.topic();
-        // Read as the contract crate reads it: case and parameters ignored. An unknown
-        // content type is left to the decoder (protobuf), as before.
-        let content_type = message.headers().and_then(|h| {
-            h.iter()
-                .find(|header| header.key.eq_ignore_ascii_case("content-type"))
-                .map(|header| header.value.unwrap_or_default())
-        });
-        let json = matches!(
-            proto::ContentType::from_header(content_type),
-            Ok(proto::ContentType::Json)
-        );
-        let payload = message.payload().unwrap_or_default();
-        if payload.len() > self.max_record_bytes {
-            let e = RouteError::TooLarge(format!(
-                "record of {} bytes is larger than HUB_INGEST_MAX_RECORD_BYTES ({})",
-                payload.len(),
-                self.max_record_bytes
-            ));
-            return self.to_dlq(message, &e).await;
-        }
-        let routed = match self.routes.route(topic, payload, json) {
-            Ok(r) => r,
-            Err(e) => return self.to_dlq(message, &e).await,
-        };
-        if routed.is_empty() {
-            self.metrics
-                .events
-                .with_label_values(&[topic, "filtered"])
-                .inc();
-            return Done::Yes;
-        }
-        let kafka_ms = message.timestamp().to_millis();
-        if let Some(bad) = routed
-            .iter()
-            .find_map(|r| crate::envelope::check_user_id(&r.user).err())
-        {
-            return self
-                .to_dlq(
-                    message,
-                    &RouteError::Unroutable(format!("recipient: {bad}")),
-                )
-                .await;
-        }
-        for r in routed {
-            let Ok(data) = RawValue::from_string(r.data.to_string()) else {
-                return self
-                    .to_dlq(message, &RouteError::Decode("data is not JSON".to_owned()))
-                    .await;
-            };
-            let publish = || Publish {
-                user: r.user.clone(),
-                kind: r.kind.clone(),
-                data: data.clone(),
-                idempotency_key: Some(r.idempotency_key.clone()),
-            };
-            let mut backoff = Duration::from_millis(50);
-            let published = loop {
-                match self.backplane.publish(publish()).await {
-                    Ok(p) => break p,
-                    // Retrying cannot help: the record goes to the DLQ, the partition moves on.
-                    Err(BackplaneError::Rejected(why)) => {
-                        return self
-                            .to_dlq(
-                                message,
-                                &RouteError::Decode(format!("refused by the backplane: {why}")),
-                            )
-                            .await;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, topic, "publish failed, retrying the record");
-                        tokio::select! {
-                            () = self.stop.cancelled() => return Done::Abandoned,
-                            () = tokio::time::sleep(backoff) => {}
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
+    async fn process_batch(&self, batch: &[OwnedMessage]) -> Done {
+        // Decode and route each record; a record that cannot be (or whose routing panics)
+        // goes to the DLQ now, the others' notifications are published together below.
+        let mut pending: Vec<(usize, Vec<Publish>)> = Vec::with_capacity(batch.len());
+        for (index, message) in batch.iter().enumerate() {
+            let prepared =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.prepare(message)))
+                    .unwrap_or_else(|panic| {
+                        let what = panic_text(panic.as_ref());
+                        tracing::error!(panic = %what, "processing a record panicked");
+                        Prepared::Dlq(RouteError::Internal(format!("processing panicked: {what}")))
+                    });
+            match prepared {
+                Prepared::Dlq(e) => {
+                    if let Done::Abandoned = self.to_dlq(message, &e).await {
+                        return Done::Abandoned;
                     }
                 }
-            };
-            let outcome = if published.duplicate {
+                Prepared::Publish(msgs) if msgs.is_empty() => {
+                    self.metrics
+                        .events
+                        .with_label_values(&[message.topic(), "filtered"])
+                        .inc();
+                }
+                Prepared::Publish(msgs) => pending.push((index, msgs)),
+            }
+        }
+        if pending.is_empty() {
+            return Done::Yes;
+        }
+        let all: Vec<Publish> = pending
+            .iter()
+            .flat_map(|(_, m)| m.iter().cloned())
+            .collect();
+        match self.publish_retrying(all).await {
+            Ok(Some(published)) => {
+                let mut results = published.into_iter();
+                for (index, msgs) in &pending {
+                    let outcomes: Vec<Published> = results.by_ref().take(msgs.len()).collect();
+                    self.count(&batch[*index], &outcomes);
+                }
+                Done::Yes
+            }
+            Ok(None) => Done::Abandoned,
+            // One of them is refused for good: find it, record by record.
+            Err(_) => {
+                for (index, msgs) in pending {
+                    let message = &batch[index];
+                    match self.publish_retrying(msgs).await {
+                        Ok(Some(published)) => self.count(message, &published),
+                        Ok(None) => return Done::Abandoned,
+                        Err(why) => {
+                            if let Done::Abandoned =
+                                self.to_dlq(message, &RouteError::Refused(why)).await
+                            {
+                                return Done::Abandoned;
+                            }
+                        }
+                    }
+                }
+                Done::Yes
+            }
+        }
+    }
+
+    /// Publishes, retrying transient failures with backoff until it succeeds (`Some`), the
+    /// node stops (`None`), or the backplane refuses for good (`Err` with the reason).
+    async fn publish_retrying(&self, msgs: Vec<Publish>) -> Result<Option<Vec<Published>>, String> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.backplane.publish_batch(msgs.clone()).await {
+                Ok(p) => return Ok(Some(p)),
+                Err(BackplaneError::Rejected(why)) => return Err(why),
+                Err(e) => {
+                    tracing::warn!(error = %e, "publish failed, retrying the records");
+                    tokio::select! {
+                        () = self.stop.cancelled() => return Ok(None),
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// Counts what one record's notifications did.
+    fn count(&self, message: &OwnedMessage, published: &[Published]) {
+        let topic = message.topic();
+        let kafka_ms = message.timestamp().to_millis();
+        for p in published {
+            let outcome = if p.duplicate {
                 "duplicate"
             } else {
                 self.metrics.published.inc();
@@ -403,7 +430,50 @@ impl Worker {
                 .with_label_values(&[topic, outcome])
                 .inc();
         }
-        Done::Yes
+    }
+
+    /// Decodes and routes one record into the notifications it makes.
+    fn prepare(&self, message: &OwnedMessage) -> Prepared {
+        let topic = message.topic();
+        // Read as the contract crate reads it: case and parameters ignored. An unknown
+        // content type is left to the decoder (protobuf), as before.
+        let content_type = message.headers().and_then(|h| {
+            h.iter()
+                .find(|header| header.key.eq_ignore_ascii_case("content-type"))
+                .map(|header| header.value.unwrap_or_default())
+        });
+        let json = matches!(
+            proto::ContentType::from_header(content_type),
+            Ok(proto::ContentType::Json)
+        );
+        let payload = message.payload().unwrap_or_default();
+        if payload.len() > self.max_record_bytes {
+            return Prepared::Dlq(RouteError::TooLarge(format!(
+                "record of {} bytes is larger than HUB_INGEST_MAX_RECORD_BYTES ({})",
+                payload.len(),
+                self.max_record_bytes
+            )));
+        }
+        let routed = match self.routes.route(topic, payload, json) {
+            Ok(r) => r,
+            Err(e) => return Prepared::Dlq(e),
+        };
+        let mut out = Vec::with_capacity(routed.len());
+        for r in routed {
+            if let Err(bad) = crate::envelope::check_user_id(&r.user) {
+                return Prepared::Dlq(RouteError::Unroutable(format!("recipient: {bad}")));
+            }
+            let Ok(data) = RawValue::from_string(r.data.to_string()) else {
+                return Prepared::Dlq(RouteError::Decode("data is not JSON".to_owned()));
+            };
+            out.push(Publish {
+                user: r.user,
+                kind: r.kind,
+                data,
+                idempotency_key: Some(r.idempotency_key),
+            });
+        }
+        Prepared::Publish(out)
     }
 
     async fn to_dlq(&self, message: &OwnedMessage, error: &RouteError) -> Done {
