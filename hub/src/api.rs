@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
 
-use crate::backplane::{Backplane, BackplaneError, Publish, Revocation};
+use crate::backplane::{Backplane, BackplaneError, Dedupe, Publish, Revocation};
 use crate::metrics::Metrics;
 use crate::shutdown::Lifecycle;
 
@@ -249,7 +249,7 @@ async fn publish(
             user: req.user_id,
             kind: req.kind,
             data: req.data,
-            idempotency_key: req.idempotency_key,
+            dedupe: Dedupe::key(req.idempotency_key),
         })
         .await?;
     if published.duplicate {
@@ -313,7 +313,7 @@ async fn publish_batch(
             user: req.user_id,
             kind: req.kind,
             data: req.data,
-            idempotency_key: req.idempotency_key,
+            dedupe: Dedupe::key(req.idempotency_key),
         });
     }
     let published = state.inner.backplane.publish_batch(msgs).await?;

@@ -154,6 +154,8 @@ fn redis_settings(settings: &Settings, url: &str) -> RedisSettings {
         timeout: settings.redis_timeout,
         history_size: settings.history_size,
         history_ttl: settings.history_ttl,
+        idempotency_ttl: settings.idempotency_ttl,
+        event_window: settings.dedupe_window,
     }
 }
 
@@ -240,7 +242,8 @@ impl Application {
             }
             None => {
                 let memory =
-                    MemoryBackplane::new(sink, settings.history_size, settings.history_ttl);
+                    MemoryBackplane::new(sink, settings.history_size, settings.history_ttl)
+                        .with_dedupe(settings.idempotency_ttl, settings.dedupe_window);
                 background.push(memory.spawn_sweeper());
                 Arc::new(memory)
             }

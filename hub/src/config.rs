@@ -124,6 +124,12 @@ pub struct Settings {
     /// How long a user's history lives after its last notification.
     #[serde(with = "humantime_serde")]
     pub history_ttl: Duration,
+    /// How long an API idempotency key is remembered after its first publish.
+    #[serde(with = "humantime_serde")]
+    pub idempotency_ttl: Duration,
+    /// Ingested events remembered per user for dedupe (a redelivery is recognized while the
+    /// original is among the user's last this many ingested events).
+    pub dedupe_window: usize,
     /// WebSocket ping / SSE heartbeat interval.
     #[serde(with = "humantime_serde")]
     pub ping_interval: Duration,
@@ -205,6 +211,8 @@ impl Default for Settings {
             ingest_builtin_routes: true,
             history_size: 100,
             history_ttl: Duration::from_secs(24 * 3600),
+            idempotency_ttl: Duration::from_secs(600),
+            dedupe_window: 128,
             ping_interval: Duration::from_secs(25),
             pong_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
@@ -492,6 +500,12 @@ impl Settings {
             1_000_000,
         )?;
         at_least("HUB_HISTORY_TTL", self.history_ttl, Duration::from_secs(1))?;
+        at_least(
+            "HUB_IDEMPOTENCY_TTL",
+            self.idempotency_ttl,
+            Duration::from_secs(1),
+        )?;
+        positive("HUB_DEDUPE_WINDOW", self.dedupe_window, 1, 100_000)?;
         at_least(
             "HUB_PING_INTERVAL",
             self.ping_interval,

@@ -14,7 +14,9 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use super::{Backplane, BackplaneError, Publish, Published, Replay, Revocation, Revocations, Sink};
+use super::{
+    Backplane, BackplaneError, Dedupe, Publish, Published, Replay, Revocation, Revocations, Sink,
+};
 use crate::envelope::{Id, Notification, now_micros};
 
 const SHARDS: usize = 64;
@@ -34,6 +36,8 @@ struct Shared {
     size: usize,
     ttl: Duration,
     idempotency_cap: usize,
+    idempotency_ttl: Duration,
+    event_window: usize,
     revocations: Revocations,
 }
 
@@ -45,6 +49,9 @@ struct History {
     idempotency: HashMap<String, (Id, Instant)>,
     /// Keys in insertion order, to expire and cap them without scanning the map.
     idempotency_order: VecDeque<(Instant, String)>,
+    /// The user's last ingested events (route + event id), at most the dedupe window.
+    events: HashMap<String, Id>,
+    events_order: VecDeque<String>,
 }
 
 impl History {
@@ -58,6 +65,33 @@ impl History {
             touched: now,
             idempotency: HashMap::new(),
             idempotency_order: VecDeque::new(),
+            events: HashMap::new(),
+            events_order: VecDeque::new(),
+        }
+    }
+
+    fn seen(&self, dedupe: &Dedupe) -> Option<Id> {
+        match dedupe {
+            Dedupe::Key(key) => self.idempotency.get(key).map(|(id, _)| *id),
+            Dedupe::Event(event) => self.events.get(event).copied(),
+        }
+    }
+
+    fn remember(&mut self, dedupe: Dedupe, id: Id, now: Instant, window: usize) {
+        match dedupe {
+            Dedupe::Key(key) => {
+                self.idempotency.insert(key.clone(), (id, now));
+                self.idempotency_order.push_back((now, key));
+            }
+            Dedupe::Event(event) => {
+                self.events.insert(event.clone(), id);
+                self.events_order.push_back(event);
+                while self.events_order.len() > window {
+                    if let Some(old) = self.events_order.pop_front() {
+                        self.events.remove(&old);
+                    }
+                }
+            }
         }
     }
 
@@ -84,9 +118,21 @@ impl MemoryBackplane {
                 size,
                 ttl,
                 idempotency_cap: (size * 4).max(1024),
+                idempotency_ttl: Duration::from_secs(600),
+                event_window: 128,
                 revocations: Revocations::default(),
             }),
         }
+    }
+
+    /// Sets how long API idempotency keys are remembered and how many recent ingested
+    /// events per user are (before the handle is shared).
+    pub fn with_dedupe(mut self, idempotency_ttl: Duration, event_window: usize) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.idempotency_ttl = idempotency_ttl;
+            shared.event_window = event_window.max(1);
+        }
+        self
     }
 
     fn shard(&self, user: &str) -> &Mutex<HashMap<String, History>> {
@@ -141,12 +187,10 @@ impl Backplane for MemoryBackplane {
         let history = shard
             .entry(msg.user.clone())
             .or_insert_with(|| History::new(now));
-        history.expire_keys(now, shared.ttl, shared.idempotency_cap);
-        if let Some(key) = &msg.idempotency_key
-            && let Some((id, _)) = history.idempotency.get(key)
-        {
+        history.expire_keys(now, shared.idempotency_ttl, shared.idempotency_cap);
+        if let Some(id) = msg.dedupe.as_ref().and_then(|d| history.seen(d)) {
             return Ok(Published {
-                id: *id,
+                id,
                 duplicate: true,
             });
         }
@@ -161,9 +205,8 @@ impl Backplane for MemoryBackplane {
             history.items.pop_front();
         }
         history.touched = now;
-        if let Some(key) = msg.idempotency_key {
-            history.idempotency.insert(key.clone(), (id, now));
-            history.idempotency_order.push_back((now, key));
+        if let Some(dedupe) = msg.dedupe {
+            history.remember(dedupe, id, now, shared.event_window);
         }
         shared.sink.deliver(&msg.user, &n);
         Ok(Published {

@@ -44,9 +44,26 @@ pub struct Publish {
     pub kind: String,
     /// Payload, embedded in the envelope unchanged.
     pub data: Box<RawValue>,
-    /// Publishing again with the same key (per user, within the history TTL) is a no-op that
-    /// returns the first id.
-    pub idempotency_key: Option<String>,
+    /// What makes a repeat of this notification recognizable, if anything.
+    pub dedupe: Option<Dedupe>,
+}
+
+/// How a repeated publish is recognized; a repeat returns the first id and publishes nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dedupe {
+    /// An API idempotency key: recognized for `HUB_IDEMPOTENCY_TTL` after the first publish.
+    Key(String),
+    /// An ingested event (route name + event id): recognized while the original is among the
+    /// user's last `HUB_DEDUPE_WINDOW` ingested events and the user's history lives. Kept
+    /// beside the history, so its memory follows the users, not the event count.
+    Event(String),
+}
+
+impl Dedupe {
+    /// The dedupe of an API idempotency key, if one was given.
+    pub fn key(key: Option<String>) -> Option<Self> {
+        key.map(Dedupe::Key)
+    }
 }
 
 /// The result of [`Backplane::publish`].

@@ -6,7 +6,8 @@
 //! |---|---|---|
 //! | `P:m:{u}` | hash | `epoch` (hex, random per history incarnation), `seq` (last id's sequence) |
 //! | `P:h:{u}` | stream | entries `<seq>-1` with `e` = envelope JSON, `u` = acceptance time (µs) |
-//! | `P:i:{u}:<key>` | string | the id an idempotency key was first published under |
+//! | `P:i:{u}:<key>` | string | the id an API idempotency key was first published under (`HUB_IDEMPOTENCY_TTL`) |
+//! | `P:e:{u}` | sorted set | the user's recent ingested events (hash of route + event id), scored by sequence, about `HUB_DEDUPE_WINDOW` of them |
 //! | `P:c:{u}` | channel | `<id> <µs> <envelope JSON>` for every accepted notification |
 //! | `P:r:{u}` | string | `<issued before> <until>`: the user's revoked tokens (disconnect API) |
 //! | `P:ctl` | channel | `d <request> <issued before> <until> <user>`: disconnect requests to every node |
@@ -48,7 +49,9 @@ use prometheus::{Gauge, IntCounter};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, watch};
 
-use super::{Backplane, BackplaneError, Publish, Published, Replay, Revocation, Revocations, Sink};
+use super::{
+    Backplane, BackplaneError, Dedupe, Publish, Published, Replay, Revocation, Revocations, Sink,
+};
 use crate::envelope::{Id, Notification, now_micros};
 
 /// Connection and history settings of the Redis backplane.
@@ -69,6 +72,10 @@ pub struct RedisSettings {
     pub history_size: usize,
     /// History lifetime after the last notification.
     pub history_ttl: Duration,
+    /// How long an API idempotency key is remembered.
+    pub idempotency_ttl: Duration,
+    /// Recent ingested events remembered per user (the dedupe window).
+    pub event_window: usize,
 }
 
 /// Observability handles the backplane updates.
@@ -81,35 +88,49 @@ pub struct RedisTelemetry {
 }
 
 /// ARGV: fresh epoch, maxlen, TTL (ms, the keys' lifetime), acceptance time (µs), envelope
-/// tail, refresh interval (µs). The keys' TTLs are refreshed at most once per interval (the
+/// tail, refresh interval (µs), dedupe mode (`k`: an API key, KEYS[4] a string that lives
+/// `HUB_IDEMPOTENCY_TTL`; `e`: an ingested event, KEYS[4] the user's sorted set of recent
+/// event hashes scored by sequence, trimmed to about the window; empty: none), the event
+/// hash, the window, the key TTL (ms). The keys' TTLs are refreshed at most once per interval (the
 /// time of the last refresh is the meta hash's `x`), not on every notification; the TTL set
 /// covers the interval too, so a history still lives at least `HUB_HISTORY_TTL` after its
 /// last notification.
 const PUBLISH_SCRIPT: &str = r#"
-local meta, stream, channel, idem = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local meta, stream, channel, dedupe = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local fresh_epoch, maxlen, ttl, us, tail, every = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-if idem then
-  local first = redis.call('GET', idem)
-  if first then return {0, first} end
-end
+local mode, member, window, key_ttl = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local m = redis.call('HMGET', meta, 'epoch', 'x')
 local epoch, refreshed = m[1], m[2]
+if mode == 'k' then
+  local first = redis.call('GET', dedupe)
+  if first then return {0, first} end
+elseif mode == 'e' and epoch then
+  local seq = redis.call('ZSCORE', dedupe, member)
+  if seq then return {0, epoch .. '-' .. seq} end
+end
 if not epoch then
   epoch = fresh_epoch
   redis.call('DEL', stream)
   redis.call('HSET', meta, 'epoch', epoch)
+  if mode == 'e' then redis.call('DEL', dedupe) end
   refreshed = false
 end
 local seq = redis.call('HINCRBY', meta, 'seq', 1)
 local id = epoch .. '-' .. seq
 local env = '{"id":"' .. id .. '",' .. tail
 redis.call('XADD', stream, 'MAXLEN', '~', maxlen, seq .. '-1', 'e', env, 'u', us)
+if mode == 'k' then
+  redis.call('SET', dedupe, id, 'PX', key_ttl)
+elseif mode == 'e' then
+  redis.call('ZADD', dedupe, seq, member)
+  if seq % 32 == 0 then redis.call('ZREMRANGEBYRANK', dedupe, 0, -tonumber(window) - 1) end
+end
 if not refreshed or tonumber(us) - tonumber(refreshed) >= tonumber(every) then
   redis.call('HSET', meta, 'x', us)
   redis.call('PEXPIRE', meta, ttl)
   redis.call('PEXPIRE', stream, ttl)
+  if mode == 'e' then redis.call('PEXPIRE', dedupe, ttl) end
 end
-if idem then redis.call('SET', idem, id, 'PX', ttl) end
 redis.call('PUBLISH', channel, id .. ' ' .. us .. ' ' .. env)
 return {1, id}
 "#;
@@ -248,19 +269,31 @@ impl RedisBackplane {
         let every = refresh_interval(settings.history_ttl);
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.inner.publish.get_hash())
-            .arg(if msg.idempotency_key.is_some() { 4 } else { 3 })
+            .arg(if msg.dedupe.is_some() { 4 } else { 3 })
             .arg(self.key("m", &msg.user))
             .arg(self.key("h", &msg.user))
             .arg(self.key("c", &msg.user));
-        if let Some(key) = &msg.idempotency_key {
-            cmd.arg(format!("{}:{key}", self.key("i", &msg.user)));
-        }
+        let (mode, member) = match &msg.dedupe {
+            None => ("", String::new()),
+            Some(Dedupe::Key(key)) => {
+                cmd.arg(format!("{}:{key}", self.key("i", &msg.user)));
+                ("k", String::new())
+            }
+            Some(Dedupe::Event(event)) => {
+                cmd.arg(self.key("e", &msg.user));
+                ("e", event_member(event))
+            }
+        };
         cmd.arg(format!("{:x}", (rand::random::<u64>() >> 16).max(1)))
             .arg(settings.history_size)
             .arg((settings.history_ttl + every).as_millis() as u64)
             .arg(accepted_us)
             .arg(tail)
-            .arg(every.as_micros() as u64);
+            .arg(every.as_micros() as u64)
+            .arg(mode)
+            .arg(member)
+            .arg(settings.event_window.max(1))
+            .arg(settings.idempotency_ttl.as_millis().max(1) as u64);
         cmd
     }
 
@@ -775,6 +808,13 @@ impl RedisBackplane {
             }
         }
     }
+}
+
+/// The member an event is remembered by: a 128-bit hash (XXH3) of the route and event id,
+/// 32 hex digits, so every member is short whatever the event id (Redis keeps a small sorted
+/// set of short members compact).
+fn event_member(event: &str) -> String {
+    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(event.as_bytes()))
 }
 
 /// How often a busy user's key TTLs are refreshed: a hundredth of the TTL, at most a minute.

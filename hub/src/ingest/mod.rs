@@ -36,7 +36,7 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::backplane::{Backplane, BackplaneError, Publish, Published};
+use crate::backplane::{Backplane, BackplaneError, Dedupe, Publish, Published};
 use crate::envelope::now_micros;
 pub use routes::{RouteError, Routed, Routes, RoutesError};
 
@@ -470,7 +470,7 @@ impl Worker {
                 user: r.user,
                 kind: r.kind,
                 data,
-                idempotency_key: Some(r.idempotency_key),
+                dedupe: Some(Dedupe::Event(r.idempotency_key)),
             });
         }
         Prepared::Publish(out)

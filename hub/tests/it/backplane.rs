@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use hub::backplane::memory::MemoryBackplane;
 use hub::backplane::redis::{RedisBackplane, RedisSettings, RedisTelemetry};
-use hub::backplane::{Backplane, Publish, Sink};
+use hub::backplane::{Backplane, Dedupe, Publish, Sink};
 use hub::envelope::{Id, Notification};
 use parking_lot::Mutex;
 use serde_json::value::RawValue;
@@ -38,7 +38,7 @@ fn msg(user: &str, n: u32, key: Option<&str>) -> Publish {
         user: user.to_owned(),
         kind: "t".to_owned(),
         data: RawValue::from_string(format!("{{\"n\":{n}}}")).expect("json"),
-        idempotency_key: key.map(str::to_owned),
+        dedupe: Dedupe::key(key.map(str::to_owned)),
     }
 }
 
@@ -155,6 +155,75 @@ async fn idempotency_keys_publish_once(bp: &dyn Backplane, rec: &Recorder) {
     assert_eq!(got[before + 1].1, marker.id);
 }
 
+fn event(user: &str, n: u32, event: &str) -> Publish {
+    Publish {
+        dedupe: Some(Dedupe::Event(event.to_owned())),
+        ..msg(user, n, None)
+    }
+}
+
+/// Ingested events are recognized within the user's window (8 here), per user, and apart
+/// from API keys of the same text; beyond the window a repeat is published again (the
+/// documented limit).
+async fn events_are_recognized_within_the_window(bp: &dyn Backplane, rec: &Recorder) {
+    bp.subscribe(&Arc::from("ev")).await.expect("subscribe");
+    let before = of(rec, "ev").len();
+    let first = bp
+        .publish(event("ev", 0, "route:e0"))
+        .await
+        .expect("publish");
+    let again = bp
+        .publish(event("ev", 0, "route:e0"))
+        .await
+        .expect("publish");
+    assert!(again.duplicate && again.id == first.id);
+    assert!(
+        !bp.publish(event("other", 0, "route:e0"))
+            .await
+            .expect("p")
+            .duplicate
+    );
+    assert!(
+        !bp.publish(msg("ev", 1, Some("route:e0")))
+            .await
+            .expect("p")
+            .duplicate
+    );
+    // Seven more events: e0 is still among the last eight.
+    for n in 1..8 {
+        bp.publish(event("ev", n, &format!("route:e{n}")))
+            .await
+            .expect("publish");
+    }
+    assert!(
+        bp.publish(event("ev", 0, "route:e0"))
+            .await
+            .expect("p")
+            .duplicate
+    );
+    // Many more: e0 has left the window.
+    for n in 8..100 {
+        bp.publish(event("ev", n, &format!("route:e{n}")))
+            .await
+            .expect("publish");
+    }
+    assert!(
+        bp.publish(event("ev", 99, "route:e99"))
+            .await
+            .expect("p")
+            .duplicate
+    );
+    let late = bp
+        .publish(event("ev", 0, "route:e0"))
+        .await
+        .expect("publish");
+    assert!(
+        !late.duplicate,
+        "beyond the window a repeat is published again"
+    );
+    delivered(rec, "ev", before + 1 + 1 + 99 + 1).await;
+}
+
 async fn run_scenarios(bp: &dyn Backplane, rec: &Recorder, size: usize) {
     ids_increase_and_reach_subscribers(bp, rec).await;
     history_after_returns_the_rest_in_order(bp).await;
@@ -167,8 +236,10 @@ async fn run_scenarios(bp: &dyn Backplane, rec: &Recorder, size: usize) {
 async fn memory_backplane_scenarios() {
     let size = 10;
     let rec = Arc::new(Recorder::default());
-    let bp = MemoryBackplane::new(rec.clone(), size, Duration::from_secs(3600));
+    let bp = MemoryBackplane::new(rec.clone(), size, Duration::from_secs(3600))
+        .with_dedupe(Duration::from_secs(600), 8);
     run_scenarios(&bp, &rec, size).await;
+    events_are_recognized_within_the_window(&bp, &rec).await;
 }
 
 #[tokio::test]
@@ -211,22 +282,79 @@ async fn redis_backplane_scenarios() {
             .gap
     );
     idempotency_keys_publish_once(&bp, &rec).await;
+    events_are_recognized_within_the_window(&bp, &rec).await;
     assert!(bp.ready().await);
+}
+
+#[tokio::test]
+async fn redis_dedupe_memory_follows_users_not_events() {
+    let rec = Arc::new(Recorder::default());
+    let prefix = redis_prefix();
+    let (bp, _task) = redis_backplane_with(rec.clone(), 10, &prefix).await;
+    // 1 000 ingested events for each of three users: no key per event, and each user's
+    // window holds about 8 (trimmed every 32 sequence numbers).
+    let users = ["m1", "m2", "m3"];
+    for n in 0..1000u32 {
+        let batch: Vec<Publish> = users
+            .iter()
+            .map(|u| event(u, n, &format!("route:{u}-{n}")))
+            .collect();
+        bp.publish_batch(batch).await.expect("publish");
+    }
+    let mut conn = redis::Client::open(redis_url())
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query(&mut conn)
+        .expect("KEYS");
+    assert_eq!(keys.len(), 9, "meta, history and window per user: {keys:?}");
+    for u in users {
+        let window: usize = redis::cmd("ZCARD")
+            .arg(format!("{prefix}:e:{{{u}}}"))
+            .query(&mut conn)
+            .expect("ZCARD");
+        assert!((8..=8 + 32).contains(&window), "{u}: {window} remembered");
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(format!("{prefix}:e:{{{u}}}"))
+            .query(&mut conn)
+            .expect("PTTL");
+        assert!(ttl > 0, "the window expires with the history");
+    }
+    // An API key lives in its own key with the idempotency TTL.
+    bp.publish(msg("m1", 0, Some("api-key")))
+        .await
+        .expect("publish");
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(format!("{prefix}:i:{{m1}}:api-key"))
+        .query(&mut conn)
+        .expect("PTTL");
+    assert!(ttl > 0 && ttl <= 600_000, "{ttl}");
 }
 
 async fn redis_backplane(
     sink: Arc<Recorder>,
     size: usize,
 ) -> (RedisBackplane, tokio::task::JoinHandle<()>) {
+    redis_backplane_with(sink, size, &redis_prefix()).await
+}
+
+async fn redis_backplane_with(
+    sink: Arc<Recorder>,
+    size: usize,
+    prefix: &str,
+) -> (RedisBackplane, tokio::task::JoinHandle<()>) {
     RedisBackplane::connect(
         RedisSettings {
             url: redis_url(),
             ca_file: None,
-            prefix: redis_prefix(),
+            prefix: prefix.to_owned(),
             pool_size: 4,
             timeout: Duration::from_secs(2),
             history_size: size,
             history_ttl: Duration::from_secs(600),
+            idempotency_ttl: Duration::from_secs(600),
+            event_window: 8,
         },
         sink,
         RedisTelemetry {

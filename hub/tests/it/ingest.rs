@@ -1428,3 +1428,80 @@ data = {{ n = "n" }}
     drop(node);
     setup.topic.delete().await;
 }
+
+#[tokio::test]
+async fn an_event_is_one_notification_per_route_and_recipient_whatever_its_repeats() {
+    // Two routes read the same topic: the same event id makes one notification per route
+    // (and per recipient); the event produced again at new offsets (as an outbox relay that
+    // crashed after Kafka's ack would) makes no second one.
+    let routes = |topic: &str| {
+        format!(
+            r#"
+[[route]]
+name = "alert"
+topic = "{topic}"
+message = "json"
+type = "alert"
+recipients = ["to"]
+data = {{ n = "n" }}
+
+[[route]]
+name = "audit"
+topic = "{topic}"
+message = "json"
+type = "audit"
+recipients = ["auditor"]
+data = {{ n = "n" }}
+"#
+        )
+    };
+    let setup = Setup::new(redis_url(), "it-dedupe", routes).await;
+    let topic = setup.topic.name.clone();
+    let node = setup.ingest_node().await;
+    let app = Arc::new(node.as_app());
+    let users = ["dd-a", "dd-b", "dd-audit"];
+    let mut clients = Vec::new();
+    for u in users {
+        clients.push(Client::connect(Kind::Ws, &app, u).await);
+    }
+    let record = |n: u32, to: Value| json!({"event_id": format!("ev-{n}"), "to": to, "auditor": "dd-audit", "n": n});
+    let first = [record(1, json!(["dd-a", "dd-b"])), record(2, json!("dd-a"))];
+    let lines = |records: &[Value]| -> Vec<(String, Vec<u8>)> {
+        records
+            .iter()
+            .map(|r| ("k".to_owned(), r.to_string().into_bytes()))
+            .collect()
+    };
+    kcat_produce(&topic, &lines(&first)).await;
+    // The same events again, later, at new offsets; then a new one to know when all is in.
+    let mut again = first.to_vec();
+    again.push(record(3, json!("dd-b")));
+    kcat_produce(&topic, &lines(&again)).await;
+    let want = |u: &str| match u {
+        "dd-a" => 2,
+        "dd-b" => 2,
+        _ => 3,
+    };
+    wait_received(&clients, want, STEP).await;
+    let seen = finish(&app, clients).await;
+    for (_, user, s) in &seen {
+        let got: Vec<(Value, Value)> = s
+            .notes
+            .iter()
+            .map(|n| (n["type"].clone(), n["data"]["n"].clone()))
+            .collect();
+        let expected: Vec<(Value, Value)> = match user.as_str() {
+            "dd-a" => vec![(json!("alert"), json!(1)), (json!("alert"), json!(2))],
+            "dd-b" => vec![(json!("alert"), json!(1)), (json!("alert"), json!(3))],
+            _ => (1..=3).map(|n| (json!("audit"), json!(n))).collect(),
+        };
+        assert_eq!(got, expected, "{user}: once per route and event, in order");
+    }
+    assert_eq!(
+        ingested(&app, &topic, "duplicate").await,
+        5.0,
+        "the repeats"
+    );
+    drop(node);
+    setup.topic.delete().await;
+}
