@@ -57,13 +57,15 @@ pub enum Command {
     Configure(Box<WorkerSpec>),
     /// Publishing begins now.
     Start,
-    /// Publishing has ended; wait for stragglers, then send the final report.
+    /// Publishing has ended; wait for stragglers, then answer `drained`.
     Drain {
         /// Successfully published notifications per user index.
         published: Vec<u64>,
         /// How long to wait for missing deliveries, in ms.
         timeout_ms: u64,
     },
+    /// Every worker has drained: close the connections and send the final report.
+    Finish,
 }
 
 /// Worker → parent.
@@ -81,6 +83,13 @@ pub enum Event {
     },
     /// The connect phase is over.
     Connected(ConnectedReport),
+    /// The drain is over; the connections stay open until `finish`.
+    Drained {
+        /// Worker number.
+        worker: usize,
+        /// The worker's CPU time at the end of its drain, ms.
+        cpu_ms: u64,
+    },
     /// Final counters after the drain.
     Report(Box<FinalReport>),
     /// The worker gave up.
@@ -199,6 +208,7 @@ mod tests {
                 published: vec![3, 0, 7],
                 timeout_ms: 5000,
             },
+            Command::Finish,
         ] {
             let mut out = Vec::new();
             send_line(&mut out, &command)?;
@@ -224,6 +234,13 @@ mod tests {
         );
         assert_eq!(decode::<Event>(&text)?, event);
         assert!(decode::<Event>(r#"{"event":"nope"}"#).is_err());
+        assert_eq!(
+            decode::<Event>(r#"{"event":"drained","worker":1,"cpu_ms":250}"#)?,
+            Event::Drained {
+                worker: 1,
+                cpu_ms: 250
+            }
+        );
         Ok(())
     }
 }

@@ -2,10 +2,11 @@
 //!
 //! `hub-loadgen run` opens many WebSocket/SSE connections through worker processes,
 //! publishes through the hub's HTTP API at a set rate and reports connect speed, server
-//! memory per connection, delivery latency and loss. `hub-loadgen worker` is the
-//! internal mode those worker processes run in.
+//! memory per connection, delivery latency and loss, and the CPU the hub processes spend
+//! per delivery. `hub-loadgen worker` is the internal mode those worker processes run in.
 
 mod conn;
+mod cpu;
 mod ipc;
 mod proc;
 mod publish;
@@ -27,6 +28,8 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::conn::TransportMode;
+use crate::cpu::CpuPid;
+use crate::publish::PublishMode;
 
 /// Command line.
 #[derive(Debug, Parser)]
@@ -83,7 +86,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECRET")]
     pub jwt_secret: String,
 
-    /// API key for POST /api/publish (required when --rate > 0).
+    /// API key for the publish API (required when --rate > 0).
     #[arg(long, value_name = "KEY")]
     pub api_key: Option<String>,
 
@@ -150,6 +153,31 @@ pub struct RunArgs {
     /// regardless of its user (for nodes that share a backplane).
     #[arg(long)]
     pub publish_any: bool,
+
+    /// Send the publish requests to this hub URL instead of the connection hubs; repeat
+    /// for several, used round-robin, each for any user (the nodes must share a
+    /// backplane). Connections still follow --hub.
+    #[arg(
+        long = "publish-via",
+        value_name = "URL",
+        conflicts_with = "kafka_brokers"
+    )]
+    pub publish_via: Vec<String>,
+
+    /// One notification per POST /api/publish (http), or --batch-size notifications per
+    /// POST /api/publish/batch (batch); --rate counts notifications either way.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = PublishMode::Http)]
+    pub publish_mode: PublishMode,
+
+    /// Notifications per request with --publish-mode batch (the hub takes at most 1000).
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub batch_size: u32,
+
+    /// A server process whose CPU time to report per delivered notification, over the
+    /// window from publish start to drain end, as NAME=PID (e.g. node-a=1234); repeat
+    /// for each process (hub nodes, Redis, Kafka).
+    #[arg(long = "cpu-pid", value_name = "NAME=PID", value_parser = cpu::parse_cpu_pid)]
+    pub cpu_pids: Vec<CpuPid>,
 
     /// Publish by producing JSON records to this Kafka cluster instead of the HTTP API
     /// (`{"event_id","user_id","sent_us","seq"}`, key = user, `content-type:
@@ -255,6 +283,16 @@ mod tests {
             "--server-pid",
             "42",
             "--publish-any",
+            "--publish-via",
+            "http://127.0.0.1:8082",
+            "--publish-mode",
+            "batch",
+            "--batch-size",
+            "1000",
+            "--cpu-pid",
+            "node-a=42",
+            "--cpu-pid",
+            "redis=43",
             "--json",
         ])?;
         let Commands::Run(args) = cli.command else {
@@ -267,6 +305,36 @@ mod tests {
         assert_eq!(args.processes, Some(3));
         assert_eq!(args.source_ips.len(), 2);
         assert!(args.publish_any && args.json);
+        assert_eq!(args.publish_via, ["http://127.0.0.1:8082"]);
+        assert_eq!(args.publish_mode, PublishMode::Batch);
+        assert_eq!(args.batch_size, 1000);
+        let cpu: Vec<(&str, u32)> = args
+            .cpu_pids
+            .iter()
+            .map(|p| (p.name.as_str(), p.pid))
+            .collect();
+        assert_eq!(cpu, [("node-a", 42), ("redis", 43)]);
+        Ok(())
+    }
+
+    #[test]
+    fn publishing_defaults_are_unchanged() -> Result<()> {
+        let cli = Cli::try_parse_from([
+            "hub-loadgen",
+            "run",
+            "--hub",
+            "http://h:1",
+            "--jwt-secret",
+            "s",
+        ])?;
+        let Commands::Run(args) = cli.command else {
+            anyhow::bail!("expected run");
+        };
+        assert!(args.publish_via.is_empty() && args.cpu_pids.is_empty());
+        assert_eq!(
+            (args.publish_mode, args.batch_size),
+            (PublishMode::Http, 100)
+        );
         Ok(())
     }
 
@@ -285,6 +353,12 @@ mod tests {
             ["--rate", "NaN"],
             ["--processes", "0"],
             ["--hold", "5 parsecs"],
+            ["--publish-mode", "bulk"],
+            ["--batch-size", "0"],
+            ["--batch-size", "1001"],
+            ["--cpu-pid", "1234"],
+            ["--cpu-pid", "redis="],
+            ["--cpu-pid", "redis=12 34"],
         ] {
             let args = base.iter().chain(extra.iter());
             assert!(
@@ -293,5 +367,14 @@ mod tests {
             );
         }
         assert!(Cli::try_parse_from(["hub-loadgen", "run", "--jwt-secret", "s"]).is_err());
+        let via_kafka = base.iter().chain(&[
+            "--publish-via",
+            "http://h:2",
+            "--kafka-brokers",
+            "k:9092",
+            "--kafka-topic",
+            "t",
+        ]);
+        assert!(Cli::try_parse_from(via_kafka).is_err());
     }
 }

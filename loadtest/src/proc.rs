@@ -1,5 +1,5 @@
-//! Process facts from `/proc`: resident memory of any pid, CPU time of this process,
-//! and the open-files limit.
+//! Process facts from `/proc`: resident memory and CPU time of any pid, and the
+//! open-files limit.
 
 use std::time::Duration;
 
@@ -34,15 +34,47 @@ fn parse_vm_rss(status: &str) -> Option<u64> {
 pub fn cpu_time() -> Result<Duration> {
     let stat = std::fs::read_to_string("/proc/self/stat").context("reading /proc/self/stat")?;
     let ticks = parse_cpu_ticks(&stat).context("unexpected format of /proc/self/stat")?;
-    Ok(Duration::from_millis(ticks * 1000 / USER_HZ))
+    Ok(ticks_to_duration(ticks))
+}
+
+/// User plus system CPU time consumed so far by process `pid` (its threads included).
+///
+/// Fails if the process does not exist or has exited: an exited process that nobody has
+/// reaped yet still has a `stat` file, but its figures no longer mean anything here.
+pub fn cpu_time_of(pid: u32) -> Result<Duration> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path)
+        .with_context(|| format!("no process {pid} (reading {path})"))?;
+    if parse_state(&stat).is_some_and(|state| matches!(state, 'Z' | 'X')) {
+        bail!("process {pid} has exited");
+    }
+    let ticks = parse_cpu_ticks(&stat).with_context(|| format!("unexpected format of {path}"))?;
+    Ok(ticks_to_duration(ticks))
+}
+
+fn ticks_to_duration(ticks: u64) -> Duration {
+    Duration::from_millis(ticks.saturating_mul(1000) / USER_HZ)
+}
+
+/// The fields after the command name of `/proc/<pid>/stat`, starting with field 3.
+fn fields_after_comm(stat: &str) -> Option<&str> {
+    // The command name (field 2) may contain spaces and parentheses, so count fields
+    // from the last ')' on.
+    Some(&stat[stat.rfind(')')? + 1..])
+}
+
+/// The state letter (field 3) of `/proc/<pid>/stat`, e.g. `S`, or `Z` for a zombie.
+fn parse_state(stat: &str) -> Option<char> {
+    fields_after_comm(stat)?
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
 }
 
 /// Sums utime and stime (fields 14 and 15) from the text of `/proc/<pid>/stat`.
 fn parse_cpu_ticks(stat: &str) -> Option<u64> {
-    // The command name (field 2) may contain spaces and parentheses, so count fields
-    // from the last ')' on; the field after it is field 3 (state).
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace().skip(11);
+    let mut fields = fields_after_comm(stat)?.split_whitespace().skip(11);
     let utime: u64 = fields.next()?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
     Some(utime + stime)
@@ -96,6 +128,9 @@ mod tests {
         assert_eq!(parse_cpu_ticks(stat), Some(325));
         assert_eq!(parse_cpu_ticks("garbage"), None);
         assert_eq!(parse_cpu_ticks("1 (x) S 1 2"), None);
+        assert_eq!(parse_state(stat), Some('S'));
+        assert_eq!(parse_state("7 (a) b) Z 1"), Some('Z'));
+        assert_eq!(parse_state("garbage"), None);
     }
 
     #[test]
@@ -103,7 +138,19 @@ mod tests {
         assert!(rss_kib(None)? > 0);
         assert!(rss_kib(Some(std::process::id()))? > 0);
         cpu_time()?;
+        cpu_time_of(std::process::id())?;
         Ok(())
+    }
+
+    #[test]
+    fn cpu_time_of_a_missing_process_is_an_error() {
+        // Above the largest pid_max Linux allows (2^22), so never a live process.
+        let err = cpu_time_of(5_000_000).err().map(|e| format!("{e:#}"));
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("no process 5000000")),
+            "{err:?}"
+        );
     }
 
     #[test]

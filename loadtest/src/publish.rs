@@ -1,11 +1,13 @@
 //! Publishing through the hub's HTTP API at a paced rate.
 //!
 //! A fixed set of senders each own one HTTP/1.1 keep-alive connection (hyper's
-//! low-level client) and keep one request in flight on it. Each sender is paced by a
-//! token bucket at its share of the total rate: it sends on a fixed schedule and, when
-//! it falls behind, catches up with at most [`MAX_BACKLOG`] worth of requests rather
-//! than bursting the whole deficit. Per-user sequence numbers and success counts are
-//! shared atomics, so any sender can publish to any user.
+//! low-level client) and keep one request in flight on it. A request carries one
+//! notification (`POST /api/publish`) or a batch of them (`POST /api/publish/batch`).
+//! Each sender is paced by a token bucket at its share of the total rate: it sends on a
+//! fixed schedule and, when it falls behind, catches up with at most [`MAX_BACKLOG`]
+//! (or one request, if longer) worth of requests rather than bursting the whole
+//! deficit. Per-user sequence numbers and success counts are shared atomics, so any
+//! sender can publish to any user.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -13,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
+use clap::ValueEnum;
 use hdrhistogram::Histogram;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
 use http::{HeaderValue, Request, StatusCode};
@@ -22,7 +25,7 @@ use hyper_util::rt::TokioIo;
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 
@@ -42,10 +45,29 @@ const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
 
 type Sender = http1::SendRequest<Full<Bytes>>;
 
+/// How notifications go to the publish API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishMode {
+    /// One notification per `POST /api/publish`.
+    Http,
+    /// `--batch-size` notifications per `POST /api/publish/batch`.
+    Batch,
+}
+
+impl std::fmt::Display for PublishMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Http => "http",
+            Self::Batch => "batch",
+        })
+    }
+}
+
 /// What to publish, where and how fast.
 #[derive(Debug, Clone)]
 pub struct PublishConfig {
-    /// Hub nodes.
+    /// Hub nodes to send the publish requests to.
     pub hubs: Vec<HubAddr>,
     /// API key for `Authorization: Bearer`.
     pub api_key: String,
@@ -61,6 +83,10 @@ pub struct PublishConfig {
     pub concurrency: usize,
     /// Publish through any hub, round-robin, instead of the user's own.
     pub publish_any: bool,
+    /// Single or batched publish requests (HTTP API only).
+    pub mode: PublishMode,
+    /// Notifications per request in batch mode.
+    pub batch_size: usize,
     /// Produce to Kafka instead of calling the HTTP API.
     pub kafka: Option<KafkaTarget>,
 }
@@ -85,15 +111,17 @@ struct KafkaEvent<'a> {
 /// What publishing achieved.
 #[derive(Debug)]
 pub struct PublishOutcome {
-    /// Publishes answered 200, per user index.
+    /// Notifications accepted (answered 200), per user index.
     pub published: Vec<u64>,
-    /// Total publishes answered 200.
+    /// Total notifications accepted.
     pub ok: u64,
-    /// Publishes that failed (non-200, transport error, timeout, no connection).
+    /// Notifications that failed (non-200, transport error, timeout, no connection).
     pub failed: u64,
-    /// Why publishes failed.
+    /// Why notifications failed, counted per notification (a failed batch counts each).
     pub errors: ErrorTally,
-    /// From the first send to the last response.
+    /// Requests answered 200 (equal to `ok` unless batching).
+    pub requests_ok: u64,
+    /// From the first send to the last response, and at least the publishing duration.
     pub elapsed: Duration,
     /// Round-trip time of successful publish requests, µs.
     pub request_latency: Histogram<u64>,
@@ -109,6 +137,7 @@ impl PublishOutcome {
             ok: 0,
             failed: 0,
             errors: ErrorTally::default(),
+            requests_ok: 0,
             elapsed: Duration::ZERO,
             request_latency: new_histogram(),
             senders: 0,
@@ -130,14 +159,65 @@ struct LoadData {
     seq: u64,
 }
 
+impl<'a> PublishBody<'a> {
+    fn load(user_id: &'a str, sent_us: u64, seq: u64) -> Self {
+        Self {
+            user_id,
+            kind: "load",
+            data: LoadData { sent_us, seq },
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct BatchBody<'a> {
+    notifications: Vec<PublishBody<'a>>,
+}
+
+/// The part of a batch answer that is checked: one id per item.
+#[derive(Deserialize)]
+struct BatchAnswer {
+    ids: Vec<serde::de::IgnoredAny>,
+}
+
 /// Encodes the request body for one notification.
 fn publish_body(user_id: &str, sent_us: u64, seq: u64) -> Result<Vec<u8>> {
-    serde_json::to_vec(&PublishBody {
-        user_id,
-        kind: "load",
-        data: LoadData { sent_us, seq },
-    })
-    .context("encoding publish body")
+    serde_json::to_vec(&PublishBody::load(user_id, sent_us, seq)).context("encoding publish body")
+}
+
+/// Encodes a batch request body: `(user, seq)` items, all stamped `sent_us`.
+fn batch_body<'a>(
+    items: impl IntoIterator<Item = (&'a str, u64)>,
+    sent_us: u64,
+) -> Result<Vec<u8>> {
+    let notifications = items
+        .into_iter()
+        .map(|(user_id, seq)| PublishBody::load(user_id, sent_us, seq))
+        .collect();
+    serde_json::to_vec(&BatchBody { notifications }).context("encoding batch body")
+}
+
+/// Notifications per request: the batch size in batch mode, otherwise one.
+fn per_request(mode: PublishMode, batch_size: usize) -> usize {
+    match mode {
+        PublishMode::Http => 1,
+        PublishMode::Batch => batch_size.max(1),
+    }
+}
+
+/// How many senders to use for `rate` notifications/s with `per_request` in each
+/// request, at most `concurrency`.
+fn senders_wanted(rate: f64, per_request: usize, concurrency: usize) -> usize {
+    // No more senders than requests per second: a sender slower than 1/s would leave
+    // most of the window idle before its first request.
+    let requests_per_sec = rate / per_request.max(1) as f64;
+    concurrency.min(requests_per_sec.ceil() as usize).max(1)
+}
+
+/// Time between one sender's requests, so that `senders` together publish `rate`
+/// notifications/s with `per_request` in each request.
+fn send_interval(rate: f64, per_request: usize, senders: usize) -> Duration {
+    Duration::from_secs_f64(senders as f64 * per_request.max(1) as f64 / rate)
 }
 
 /// Number of users i < `users` with i % `hubs` == `hub`.
@@ -169,6 +249,7 @@ struct Shared {
     /// Round-robin cursor per hub (a single one with `publish_any`).
     cursors: Vec<AtomicU64>,
     failed: AtomicU64,
+    requests_ok: AtomicU64,
     errors: Mutex<ErrorTally>,
     producer: Option<FutureProducer>,
     paths: Vec<String>,
@@ -211,8 +292,18 @@ impl Shared {
             ok: (0..users).map(|_| AtomicU64::new(0)).collect(),
             cursors: config.hubs.iter().map(|_| AtomicU64::new(0)).collect(),
             failed: AtomicU64::new(0),
+            requests_ok: AtomicU64::new(0),
             errors: Mutex::new(ErrorTally::default()),
-            paths: config.hubs.iter().map(|h| h.path("/api/publish")).collect(),
+            paths: config
+                .hubs
+                .iter()
+                .map(|h| {
+                    h.path(match config.mode {
+                        PublishMode::Http => "/api/publish",
+                        PublishMode::Batch => "/api/publish/batch",
+                    })
+                })
+                .collect(),
             hosts,
             auth,
             config,
@@ -232,12 +323,13 @@ impl Shared {
         hub + hubs * k as usize
     }
 
-    fn fail(&self, kind: &str, detail: &str) {
-        self.failed.fetch_add(1, Ordering::Relaxed);
+    /// Counts `count` notifications as failed for one reason.
+    fn fail(&self, count: usize, kind: &str, detail: &str) {
+        self.failed.fetch_add(count as u64, Ordering::Relaxed);
         self.errors
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .record(kind, detail);
+            .record_n(kind, detail, count as u64);
     }
 
     async fn connect(&self, hub: usize) -> Result<Sender, Failure> {
@@ -287,7 +379,7 @@ impl Shared {
         };
         let body = match serde_json::to_vec(&event) {
             Ok(b) => b,
-            Err(e) => return self.fail("encode", &e.to_string()),
+            Err(e) => return self.fail(1, "encode", &e.to_string()),
         };
         let headers = OwnedHeaders::new().insert(Header {
             key: "content-type",
@@ -305,11 +397,12 @@ impl Shared {
                 let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
                 latency.saturating_record(us);
             }
-            Err((e, _)) => self.fail("kafka produce", &e.to_string()),
+            Err((e, _)) => self.fail(1, "kafka produce", &e.to_string()),
         }
     }
 
-    /// Publishes one notification via `hub`, reusing or replacing `conn`.
+    /// Publishes one request's worth of notifications via `hub`, reusing or replacing
+    /// `conn`.
     async fn publish_one(
         &self,
         hub: usize,
@@ -319,21 +412,33 @@ impl Shared {
         if let Some(producer) = &self.producer {
             return self.produce_one(producer, hub, latency).await;
         }
-        // Get a usable connection before taking a seq, so that a keep-alive connection
+        let count = per_request(self.config.mode, self.config.batch_size);
+        // Get a usable connection before taking seqs, so that a keep-alive connection
         // the server closed while idle costs a reconnect instead of a failed publish.
         let mut sender = match self.ready(hub, conn.take()).await {
             Ok(sender) => sender,
             Err(failure) => {
-                self.fail(&failure.kind, &failure.detail);
+                self.fail(count, &failure.kind, &failure.detail);
                 sleep(RECONNECT_PAUSE).await;
                 return;
             }
         };
-        let user = self.pick_user(hub);
-        let seq = self.seqs[user].fetch_add(1, Ordering::Relaxed) + 1;
-        let body = match publish_body(&self.user_names[user], unix_micros(), seq) {
+        let users: Vec<usize> = (0..count).map(|_| self.pick_user(hub)).collect();
+        let items: Vec<(&str, u64)> = users
+            .iter()
+            .map(|&user| {
+                let seq = self.seqs[user].fetch_add(1, Ordering::Relaxed) + 1;
+                (self.user_names[user].as_str(), seq)
+            })
+            .collect();
+        let sent_us = unix_micros();
+        let body = match (self.config.mode, items.as_slice()) {
+            (PublishMode::Http, &[(user_id, seq)]) => publish_body(user_id, sent_us, seq),
+            _ => batch_body(items, sent_us),
+        };
+        let body = match body {
             Ok(body) => body,
-            Err(e) => return self.fail("encode", &format!("{e:#}")),
+            Err(e) => return self.fail(count, "encode", &format!("{e:#}")),
         };
         let request = Request::post(self.paths[hub].as_str())
             .header(HOST, self.hosts[hub].clone())
@@ -342,27 +447,49 @@ impl Shared {
             .body(Full::new(Bytes::from(body)));
         let request = match request {
             Ok(request) => request,
-            Err(e) => return self.fail("request", &e.to_string()),
+            Err(e) => return self.fail(count, "request", &e.to_string()),
         };
         let started = Instant::now();
         match timeout(REQUEST_TIMEOUT, exchange(&mut sender, request)).await {
-            Ok(Ok((StatusCode::OK, _))) => {
-                self.ok[user].fetch_add(1, Ordering::Relaxed);
+            Ok(Ok((StatusCode::OK, body))) => {
+                for &user in &users {
+                    self.ok[user].fetch_add(1, Ordering::Relaxed);
+                }
+                self.requests_ok.fetch_add(1, Ordering::Relaxed);
                 let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
                 latency.saturating_record(us);
+                if self.config.mode == PublishMode::Batch {
+                    self.check_batch_answer(&body, count);
+                }
                 *conn = Some(sender);
             }
             Ok(Ok((status, body))) => {
                 self.fail(
+                    count,
                     &format!("http {}", status.as_u16()),
                     String::from_utf8_lossy(&body).trim(),
                 );
                 *conn = Some(sender);
             }
             // The connection is in an unknown state after these; drop it.
-            Ok(Err(e)) => self.fail("publish transport", &format!("{e:#}")),
-            Err(_) => self.fail("publish timeout", "no response within 10 s"),
+            Ok(Err(e)) => self.fail(count, "publish transport", &format!("{e:#}")),
+            Err(_) => self.fail(count, "publish timeout", "no response within 10 s"),
         }
+    }
+
+    /// Notes a 200 batch answer without one id per item. The items still count as
+    /// published: the hub accepted the request, and whatever it did not deliver shows
+    /// up as missing.
+    fn check_batch_answer(&self, body: &[u8], count: usize) {
+        let problem = match serde_json::from_slice::<BatchAnswer>(body) {
+            Ok(answer) if answer.ids.len() == count => return,
+            Ok(answer) => format!("{} ids for {count} notifications", answer.ids.len()),
+            Err(e) => format!("not {{\"ids\": [...]}}: {e}"),
+        };
+        self.errors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .record("batch answer", &problem);
     }
 }
 
@@ -396,14 +523,16 @@ async fn run_sender(
     let mut latency = new_histogram();
     let mut conn = None;
     let mut next = first;
+    // Token bucket depth: forget a deficit beyond this so that a stall (ours or the
+    // hub's) is not followed by an unbounded burst. At least one request, so that a
+    // batch sender whose request took a little longer than its interval catches up.
+    let backlog = MAX_BACKLOG.max(interval);
     while next < end {
         let now = Instant::now();
         if next > now {
             sleep_until(next).await;
-        } else if now.duration_since(next) > MAX_BACKLOG {
-            // Token bucket depth: forget a deficit beyond MAX_BACKLOG so that a stall
-            // (ours or the hub's) is not followed by an unbounded burst.
-            next = now.checked_sub(MAX_BACKLOG).unwrap_or(now);
+        } else if now.duration_since(next) > backlog {
+            next = now.checked_sub(backlog).unwrap_or(now);
         }
         next += interval;
         shared.publish_one(hub, &mut conn, &mut latency).await;
@@ -417,12 +546,15 @@ pub async fn run(config: PublishConfig) -> Result<PublishOutcome> {
     if config.rate <= 0.0 || users == 0 || config.hubs.is_empty() {
         return Ok(PublishOutcome::nothing(users));
     }
-    // No more senders than requests per second: a sender slower than 1/s would leave
-    // most of the window idle before its first request.
-    let wanted = config.concurrency.min(config.rate.ceil() as usize);
+    let per_request = if config.kafka.is_some() {
+        1
+    } else {
+        per_request(config.mode, config.batch_size)
+    };
+    let wanted = senders_wanted(config.rate, per_request, config.concurrency);
     let hubs_of_senders = sender_hubs(config.hubs.len(), users, wanted, config.publish_any);
     let senders = hubs_of_senders.len();
-    let interval = Duration::from_secs_f64(senders as f64 / config.rate);
+    let interval = send_interval(config.rate, per_request, senders);
     let shared = Arc::new(Shared::new(config.clone())?);
 
     let start = Instant::now();
@@ -438,7 +570,9 @@ pub async fn run(config: PublishConfig) -> Result<PublishOutcome> {
         let hist = joined.context("publish sender panicked")?;
         merge_histogram(&mut request_latency, &hist)?;
     }
-    let elapsed = start.elapsed();
+    // The schedule covers the whole duration even though its last request goes out up
+    // to one spacing (interval / senders, large when batching) before the end.
+    let elapsed = start.elapsed().max(config.duration);
 
     let published: Vec<u64> = shared
         .ok
@@ -455,6 +589,7 @@ pub async fn run(config: PublishConfig) -> Result<PublishOutcome> {
         published,
         failed: shared.failed.load(Ordering::Relaxed),
         errors,
+        requests_ok: shared.requests_ok.load(Ordering::Relaxed),
         elapsed,
         request_latency,
         senders,
@@ -473,6 +608,43 @@ mod tests {
             serde_json::json!({"user_id": "lt-17", "type": "load", "data": {"sent_us": 123, "seq": 4}})
         );
         Ok(())
+    }
+
+    #[test]
+    fn batch_body_carries_single_publish_items() -> Result<()> {
+        let body: serde_json::Value =
+            serde_json::from_slice(&batch_body([("lt-1", 7), ("lt-2", 1)], 99)?)?;
+        let item = |user: &str, seq: u64| {
+            serde_json::from_slice::<serde_json::Value>(&publish_body(user, 99, seq)?)
+                .context("decoding")
+        };
+        assert_eq!(
+            body,
+            serde_json::json!({"notifications": [item("lt-1", 7)?, item("lt-2", 1)?]})
+        );
+        assert_eq!(
+            body["notifications"][0],
+            serde_json::json!({"user_id": "lt-1", "type": "load", "data": {"sent_us": 99, "seq": 7}})
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn paces_batches_to_the_notification_rate() {
+        // 5 000/s in batches of 100 = 50 requests/s: 32 senders, each every 0.64 s.
+        assert_eq!(senders_wanted(5000.0, 100, 32), 32);
+        assert_eq!(send_interval(5000.0, 100, 32), Duration::from_millis(640));
+        // 500/s in batches of 50 = 10 requests/s: no more senders than that.
+        assert_eq!(senders_wanted(500.0, 50, 32), 10);
+        assert_eq!(send_interval(500.0, 50, 10), Duration::from_secs(1));
+        // Fewer requests than one per second still get one sender.
+        assert_eq!(senders_wanted(10.0, 1000, 32), 1);
+        assert_eq!(send_interval(10.0, 1000, 1), Duration::from_secs(100));
+        // Single publishes as before: senders / rate.
+        assert_eq!(senders_wanted(5000.0, 1, 32), 32);
+        assert_eq!(send_interval(5000.0, 1, 32), Duration::from_micros(6400));
+        assert_eq!(per_request(PublishMode::Http, 100), 1);
+        assert_eq!(per_request(PublishMode::Batch, 100), 100);
     }
 
     #[test]
@@ -496,6 +668,15 @@ mod tests {
     }
 
     fn shared(users: usize, hubs: usize, publish_any: bool) -> Result<Shared> {
+        shared_in(users, hubs, publish_any, PublishMode::Http)
+    }
+
+    fn shared_in(
+        users: usize,
+        hubs: usize,
+        publish_any: bool,
+        mode: PublishMode,
+    ) -> Result<Shared> {
         let hub = HubAddr {
             url: "http://127.0.0.1:1".into(),
             authority: "127.0.0.1:1".into(),
@@ -511,6 +692,8 @@ mod tests {
             duration: Duration::ZERO,
             concurrency: 1,
             publish_any,
+            mode,
+            batch_size: 3,
             kafka: None,
         })
     }
@@ -524,6 +707,30 @@ mod tests {
         let picked: Vec<usize> = (0..6).map(|_| s.pick_user(2)).collect();
         assert_eq!(picked, [0, 1, 2, 3, 4, 0]);
         Ok(())
+    }
+
+    #[test]
+    fn batch_mode_posts_to_the_batch_endpoint_and_checks_the_answer() -> Result<()> {
+        assert_eq!(shared(1, 1, false)?.paths, ["/api/publish"]);
+        let s = shared_in(1, 1, false, PublishMode::Batch)?;
+        assert_eq!(s.paths, ["/api/publish/batch"]);
+        s.check_batch_answer(br#"{"ids":["a","b","c"]}"#, 3);
+        assert!(lock_errors(&s).is_empty());
+        s.check_batch_answer(br#"{"ids":["a"]}"#, 3);
+        s.check_batch_answer(b"ok", 3);
+        let errors = lock_errors(&s);
+        assert_eq!(errors.counts.get("batch answer"), Some(&2));
+        assert!(errors.samples[0].contains("1 ids for 3"), "{errors:?}");
+        // A wrong answer is noted, not counted as a failed notification.
+        assert_eq!(s.failed.load(Ordering::Relaxed), 0);
+        Ok(())
+    }
+
+    fn lock_errors(s: &Shared) -> ErrorTally {
+        s.errors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     #[test]
@@ -543,6 +750,8 @@ mod tests {
             duration: Duration::ZERO,
             concurrency: 1,
             publish_any: false,
+            mode: PublishMode::Http,
+            batch_size: 1,
             kafka: None,
         };
         assert!(Shared::new(config).is_err());

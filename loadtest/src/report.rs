@@ -9,8 +9,9 @@ use serde::Serialize;
 
 use crate::RunArgs;
 use crate::conn::TransportMode;
+use crate::cpu::{CpuReport, CpuSamples};
 use crate::ipc::{ConnectedReport, FinalReport};
-use crate::publish::PublishOutcome;
+use crate::publish::{PublishMode, PublishOutcome};
 use crate::run::Plan;
 use crate::stats::{
     DeliveryCounters, ErrorTally, LatencySummary, add_per_hub, decode_histogram, merge_histogram,
@@ -44,6 +45,8 @@ pub struct Measurements<'a> {
     pub publish: &'a PublishOutcome,
     /// Server memory readings.
     pub servers: Vec<ServerRss>,
+    /// Server CPU readings around the publishing window, with `--cpu-pid`.
+    pub cpu: Option<CpuSamples>,
     /// The parent's own CPU time.
     pub parent_cpu: Duration,
     /// The parent's own RSS, KiB.
@@ -73,6 +76,12 @@ pub struct Setup {
     pub drain_secs: f64,
     /// Whether connections and publishes were spread over hubs regardless of user.
     pub publish_any: bool,
+    /// Hub URLs the publish requests went to instead of `hubs`, if any.
+    pub publish_via: Vec<String>,
+    /// Single or batched publish requests.
+    pub publish_mode: PublishMode,
+    /// Notifications per batch request; absent for single publishes.
+    pub batch_size: Option<u32>,
     /// Number of source addresses.
     pub source_ips: usize,
 }
@@ -128,6 +137,8 @@ pub struct Publishing {
     pub secs: f64,
     /// ok / secs.
     pub achieved_rate: f64,
+    /// Requests answered 200 (fewer than `ok` when batching).
+    pub requests_ok: u64,
     /// Concurrent senders used.
     pub senders: usize,
     /// Publish request round trip.
@@ -189,6 +200,9 @@ pub struct Report {
     pub disconnects: Disconnects,
     /// Own resource use.
     pub loadgen: Loadgen,
+    /// Server CPU per delivery, with `--cpu-pid`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuReport>,
 }
 
 /// `n / secs`, or 0 when no time passed.
@@ -267,6 +281,9 @@ pub fn build(m: &Measurements<'_>) -> Result<Report> {
             hold_secs: m.args.hold.as_secs_f64(),
             drain_secs: m.args.drain.as_secs_f64(),
             publish_any: m.args.publish_any,
+            publish_via: m.args.publish_via.clone(),
+            publish_mode: m.args.publish_mode,
+            batch_size: (m.args.publish_mode == PublishMode::Batch).then_some(m.args.batch_size),
             source_ips: m.args.source_ips.len(),
         },
         connections: Connections {
@@ -286,9 +303,11 @@ pub fn build(m: &Measurements<'_>) -> Result<Report> {
             errors: m.publish.errors.clone(),
             secs: publish_secs,
             achieved_rate: per_sec(m.publish.ok, publish_secs),
+            requests_ok: m.publish.requests_ok,
             senders: m.publish.senders,
             request_latency: LatencySummary::from_histogram(&m.publish.request_latency),
         },
+        cpu: m.cpu.as_ref().map(|c| c.report(counters.deliveries)),
         delivery: Delivery {
             per_sec: per_sec(counters.deliveries, window_secs),
             counters,
@@ -381,6 +400,16 @@ impl fmt::Display for Report {
                 p.request_latency.p50_ms,
                 p.request_latency.p99_ms
             )?;
+            if let Some(size) = s.batch_size {
+                writeln!(
+                    f,
+                    "              {} batch requests of {size} answered 200",
+                    p.requests_ok
+                )?;
+            }
+            if !s.publish_via.is_empty() {
+                writeln!(f, "              via {}", s.publish_via.join(", "))?;
+            }
             write_errors(f, &p.errors)?;
         } else {
             writeln!(f, "publish       nothing published")?;
@@ -417,7 +446,11 @@ impl fmt::Display for Report {
             g.cpu_secs,
             mib(g.workers_rss_kib),
             mib(g.parent_rss_kib)
-        )
+        )?;
+        if let Some(cpu) = &self.cpu {
+            write!(f, "{cpu}")?;
+        }
+        Ok(())
     }
 }
 
@@ -426,6 +459,7 @@ mod tests {
     use super::*;
     use crate::run::plan;
     use crate::stats::encode_histogram;
+    use anyhow::Context;
     use clap::Parser;
 
     #[derive(Parser)]
@@ -450,6 +484,14 @@ mod tests {
             "10",
             "--api-key",
             "k",
+            "--publish-mode",
+            "batch",
+            "--batch-size",
+            "8",
+            "--cpu-pid",
+            "node-a=7",
+            "--cpu-pid",
+            "redis=8",
         ])?
         .args;
         let plan = plan(&args)?;
@@ -507,6 +549,7 @@ mod tests {
         ];
         let mut publish = PublishOutcome::nothing(4);
         publish.ok = 16;
+        publish.requests_ok = 2;
         publish.elapsed = Duration::from_secs(2);
         let report = build(&Measurements {
             args: &args,
@@ -520,6 +563,13 @@ mod tests {
                 before_kib: 1000,
                 after_kib: 1100,
             }],
+            cpu: Some(CpuSamples {
+                pids: args.cpu_pids.clone(),
+                before: vec![Duration::from_secs(1), Duration::ZERO],
+                after: vec![Duration::from_millis(1_045), Duration::from_millis(15)],
+                loadgen: None,
+                window: Duration::from_secs(3),
+            }),
             parent_cpu: Duration::from_millis(100),
             parent_rss_kib: 1,
         })?;
@@ -537,10 +587,31 @@ mod tests {
         assert_eq!(report.disconnects.count, 1);
         assert!((report.publish.achieved_rate - 8.0).abs() < 1e-9);
 
+        // 60 ms of server CPU over 15 deliveries.
+        let cpu = report.cpu.as_ref().context("cpu figures")?;
+        assert_eq!(cpu.deliveries, 15);
+        let total_us = cpu.servers_total.us_per_delivery.context("per delivery")?;
+        assert!((total_us - 4000.0).abs() < 1e-6, "{total_us}");
+        assert_eq!(cpu.processes[1].share_pct.map(f64::round), Some(25.0));
+
         let text = report.to_string();
         assert!(text.contains("3 established, 1 failed"), "{text}");
         assert!(text.contains("http 503 ×1"), "{text}");
+        assert!(text.contains("2 batch requests of 8"), "{text}");
+        assert!(
+            text.contains("cpu per delivery (publish start → drain end, 3.00 s, 15 deliveries)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  servers total    0.06 s  4000.0 µs"),
+            "{text}"
+        );
         let json: serde_json::Value = serde_json::to_value(&report)?;
+        assert_eq!(json["setup"]["publish_mode"], "batch");
+        assert_eq!(json["setup"]["batch_size"], 8);
+        assert_eq!(json["publish"]["requests_ok"], 2);
+        assert_eq!(json["cpu"]["processes"][0]["name"], "node-a");
+        assert_eq!(json["cpu"]["servers_total"]["cpu_secs"], 0.06);
         assert_eq!(json["delivery"]["missing"], 1);
         assert_eq!(json["servers"][0]["kib_per_connection"], 50.0);
         Ok(())

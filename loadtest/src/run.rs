@@ -1,7 +1,8 @@
 //! `hub-loadgen run`: the parent process.
 //!
 //! It plans the run, spawns the worker processes, measures server memory around the
-//! connect phase, publishes, collects the workers' reports and prints the result.
+//! connect phase and server CPU around the publishing window, publishes, collects the
+//! workers' reports and prints the result.
 //! Every wait has a deadline, and the workers are killed if the parent bails out, so a
 //! run always ends by itself.
 
@@ -18,9 +19,10 @@ use tokio::time::{Instant, sleep, timeout, timeout_at};
 
 use crate::RunArgs;
 use crate::conn::Layout;
+use crate::cpu::{self, CpuSamples};
 use crate::ipc::{self, Command, ConnectedReport, Event, FinalReport, WorkerSpec};
 use crate::proc;
-use crate::publish::{self, PublishConfig, PublishOutcome};
+use crate::publish::{self, PublishConfig, PublishMode, PublishOutcome};
 use crate::report::{self, Measurements, ServerRss};
 use crate::target::HubAddr;
 
@@ -63,6 +65,11 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
         args.rate == 0.0 || args.api_key.is_some() || args.kafka_brokers.is_some(),
         "--api-key is required when --rate is above 0"
     );
+    ensure!(
+        args.kafka_brokers.is_none() || args.publish_mode == PublishMode::Http,
+        "--publish-mode batch calls the HTTP API; it does not combine with --kafka-brokers"
+    );
+    cpu::check_unique(&args.cpu_pids)?;
     let processes = args
         .processes
         .map_or_else(|| connections.div_ceil(DEFAULT_PER_PROCESS), |p| p as usize)
@@ -193,6 +200,11 @@ impl WorkerPool {
         })
     }
 
+    /// The workers' process ids, where known.
+    fn pids(&self) -> Vec<Option<u32>> {
+        self.children.iter().map(Child::id).collect()
+    }
+
     /// Sends `command` to one worker.
     async fn send(&mut self, worker: usize, command: &Command) -> Result<()> {
         let mut line = Vec::new();
@@ -308,6 +320,24 @@ impl WorkerPool {
         Ok(reports.into_iter().flatten().collect())
     }
 
+    /// Waits until every worker has drained; returns each worker's CPU time then, ms.
+    async fn wait_drained(&mut self, deadline: Instant) -> Result<Vec<u64>> {
+        let mut cpu: Vec<Option<u64>> = vec![None; self.reported.len()];
+        while cpu.iter().any(Option::is_none) {
+            match self.next(deadline, "the workers to drain").await? {
+                (worker, Event::Drained { cpu_ms, .. }) => {
+                    if let Some(slot) = cpu.get_mut(worker) {
+                        *slot = Some(cpu_ms);
+                    }
+                }
+                // Late progress lines are harmless.
+                (_, Event::Progress { .. }) => {}
+                (worker, other) => bail!("worker {worker} sent {other:?} instead of drained"),
+            }
+        }
+        Ok(cpu.into_iter().flatten().collect())
+    }
+
     /// Waits for every worker's final report.
     async fn wait_reports(&mut self, deadline: Instant) -> Result<Vec<FinalReport>> {
         let mut reports: Vec<Option<FinalReport>> = vec![None; self.reported.len()];
@@ -348,6 +378,39 @@ fn server_rss(pids: &[u32]) -> Result<Vec<u64>> {
         .collect()
 }
 
+/// The load generator's own CPU time (parent and workers) when publishing starts.
+struct OwnCpu {
+    parent: Duration,
+    /// None if a worker's CPU time could not be read.
+    workers: Option<Duration>,
+}
+
+impl OwnCpu {
+    fn read(pool: &WorkerPool) -> Self {
+        let workers = pool
+            .pids()
+            .into_iter()
+            .map(|pid| pid.and_then(|pid| proc::cpu_time_of(pid).ok()))
+            .sum::<Option<Duration>>();
+        Self {
+            parent: proc::cpu_time().unwrap_or_default(),
+            workers,
+        }
+    }
+
+    /// CPU time used since this reading, given the workers' totals at the end of their
+    /// drain.
+    fn since(&self, workers_cpu_ms: &[u64]) -> Option<Duration> {
+        let workers_now: Duration = workers_cpu_ms
+            .iter()
+            .copied()
+            .map(Duration::from_millis)
+            .sum();
+        let parent = proc::cpu_time().ok()?.saturating_sub(self.parent);
+        Some(parent + workers_now.saturating_sub(self.workers?))
+    }
+}
+
 /// Runs the whole load test and prints the report.
 pub async fn run(args: RunArgs) -> Result<()> {
     let plan = plan(&args)?;
@@ -362,9 +425,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     let mut hubs = Vec::with_capacity(args.hubs.len());
     for url in &args.hubs {
-        hubs.push(HubAddr::resolve(url).await?);
+        hubs.push(HubAddr::resolve("--hub", url).await?);
+    }
+    let mut publish_hubs = Vec::with_capacity(args.publish_via.len());
+    for url in &args.publish_via {
+        publish_hubs.push(HubAddr::resolve("--publish-via", url).await?);
     }
     let rss_before = server_rss(&args.server_pids)?;
+    // Fail on a wrong --cpu-pid now rather than after connecting.
+    cpu::sample(&args.cpu_pids)?;
 
     let mut pool = WorkerPool::spawn(plan.processes)?;
     for (worker, slice) in plan.slices.iter().enumerate() {
@@ -408,6 +477,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     sleep(args.hold).await;
     let rss_after = server_rss(&args.server_pids)?;
 
+    let cpu_before = cpu::sample(&args.cpu_pids)?;
+    let own_cpu_before = OwnCpu::read(&pool);
+    let window_start = Instant::now();
     pool.broadcast(&Command::Start).await?;
     let outcome = if args.rate > 0.0 {
         eprintln!(
@@ -415,15 +487,22 @@ pub async fn run(args: RunArgs) -> Result<()> {
             args.rate,
             humantime::format_duration(args.duration)
         );
+        let via_any = !publish_hubs.is_empty();
         publish::run(PublishConfig {
-            hubs: hubs.clone(),
+            hubs: if via_any {
+                publish_hubs.clone()
+            } else {
+                hubs.clone()
+            },
             api_key: args.api_key.clone().unwrap_or_default(),
             users: plan.layout.users,
             user_prefix: args.user_prefix.clone(),
             rate: args.rate,
             duration: args.duration,
             concurrency: args.publish_concurrency as usize,
-            publish_any: args.publish_any,
+            publish_any: args.publish_any || via_any,
+            mode: args.publish_mode,
+            batch_size: args.batch_size as usize,
             kafka: args
                 .kafka_brokers
                 .clone()
@@ -447,10 +526,38 @@ pub async fn run(args: RunArgs) -> Result<()> {
         timeout_ms: millis(args.drain),
     })
     .await?;
+    let drained_cpu = pool
+        .wait_drained((Instant::now() + args.drain + SLACK).min(deadline))
+        .await?;
+    // The window ends when the deliveries are done, while the connections are still
+    // open: closing them costs the hubs work that is not delivery.
+    let window = window_start.elapsed();
+    let cpu_after = cpu::sample(&args.cpu_pids);
+    let own_cpu = own_cpu_before.since(&drained_cpu);
+    pool.broadcast(&Command::Finish).await?;
     let finals = pool
-        .wait_reports((Instant::now() + args.drain + SLACK).min(deadline))
+        .wait_reports((Instant::now() + SLACK).min(deadline))
         .await?;
     pool.shutdown().await;
+    // A server process that vanished spoils only the CPU figures: print the rest, then
+    // fail the run.
+    let (cpu, cpu_error) = match cpu_after {
+        Ok(_) if args.cpu_pids.is_empty() => (None, None),
+        Ok(after) => (
+            Some(CpuSamples {
+                pids: args.cpu_pids.clone(),
+                before: cpu_before,
+                after,
+                loadgen: own_cpu,
+                window,
+            }),
+            None,
+        ),
+        Err(e) => (
+            None,
+            Some(e.context("a --cpu-pid process ended during the run: no CPU figures")),
+        ),
+    };
 
     let servers = args
         .server_pids
@@ -470,6 +577,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         finals: &finals,
         publish: &outcome,
         servers,
+        cpu,
         parent_cpu: proc::cpu_time().unwrap_or_default(),
         parent_rss_kib: proc::rss_kib(None).unwrap_or(0),
     })?;
@@ -481,7 +589,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     } else {
         write!(stdout, "{report}").context("writing the report")?;
     }
-    stdout.flush().context("writing the report")
+    stdout.flush().context("writing the report")?;
+    cpu_error.map_or(Ok(()), Err)
 }
 
 /// A duration in whole milliseconds, saturating.
@@ -534,6 +643,12 @@ mod tests {
         );
         assert!(plan(&args(&["--server-pid", "1", "--server-pid", "2"])?).is_err());
         assert!(plan(&args(&["--rate", "10", "--api-key", "k"])?).is_ok());
+        let kafka = ["--kafka-brokers", "k:9092", "--kafka-topic", "t"];
+        assert!(plan(&args(&kafka)?).is_ok());
+        let batch_kafka = [&kafka[..], &["--publish-mode", "batch"]].concat();
+        assert!(plan(&args(&batch_kafka)?).is_err());
+        let same_name = ["--cpu-pid", "a=1", "--cpu-pid", "a=2"];
+        assert!(plan(&args(&same_name)?).is_err());
         Ok(())
     }
 
@@ -586,6 +701,37 @@ mod tests {
             .wait_reports(Instant::now() + Duration::from_millis(10))
             .await;
         assert!(err.is_err(), "waiting must end at the deadline");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn waits_for_every_worker_to_drain() -> Result<()> {
+        let (mut pool, tx) = fake_pool(2);
+        let drained = |worker, cpu_ms| Incoming::Event(Event::Drained { worker, cpu_ms });
+        tx.send((1, drained(1, 70)))?;
+        tx.send((
+            0,
+            Incoming::Event(Event::Progress {
+                worker: 0,
+                established: 1,
+                failed: 0,
+            }),
+        ))?;
+        tx.send((0, drained(0, 30)))?;
+        let cpu = pool
+            .wait_drained(Instant::now() + Duration::from_secs(5))
+            .await?;
+        assert_eq!(cpu, [30, 70]);
+
+        let (mut pool, tx) = fake_pool(2);
+        tx.send((1, drained(1, 70)))?;
+        tx.send((0, Incoming::Closed))?;
+        let err = pool
+            .wait_drained(Instant::now() + Duration::from_secs(5))
+            .await
+            .err()
+            .context("expected an error")?;
+        assert!(err.to_string().contains("worker 0 exited"), "{err:#}");
         Ok(())
     }
 

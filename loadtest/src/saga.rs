@@ -115,8 +115,8 @@ pub async fn run(args: SagaArgs) -> Result<()> {
         args.users > 0 && args.senders > 0,
         "--users and --senders must be above 0"
     );
-    let hub = HubAddr::resolve(&args.hub).await?;
-    let orders = HubAddr::resolve(&args.orders).await?;
+    let hub = HubAddr::resolve("--hub", &args.hub).await?;
+    let orders = HubAddr::resolve("--orders", &args.orders).await?;
     let minter = TokenMinter::new(&args.jwt_secret, Duration::from_secs(3600));
     let prefix = args
         .user_prefix

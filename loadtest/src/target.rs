@@ -20,9 +20,10 @@ pub struct HubAddr {
 }
 
 impl HubAddr {
-    /// Resolves a `--hub` URL such as `http://127.0.0.1:8080`.
-    pub async fn resolve(url: &str) -> Result<Self> {
-        let parsed = parse_url(url)?;
+    /// Resolves a URL such as `http://127.0.0.1:8080` given with `flag` (e.g. `--hub`,
+    /// named in errors).
+    pub async fn resolve(flag: &str, url: &str) -> Result<Self> {
+        let parsed = parse_url(flag, url)?;
         let addr = tokio::net::lookup_host((parsed.host.as_str(), parsed.port))
             .await
             .with_context(|| format!("resolving {}", parsed.host))?
@@ -51,23 +52,23 @@ struct ParsedUrl {
     prefix: String,
 }
 
-fn parse_url(url: &str) -> Result<ParsedUrl> {
+fn parse_url(flag: &str, url: &str) -> Result<ParsedUrl> {
     let uri: http::Uri = url
         .parse()
-        .with_context(|| format!("--hub {url:?} is not a valid URL"))?;
+        .with_context(|| format!("{flag} {url:?} is not a valid URL"))?;
     match uri.scheme_str() {
         Some("http" | "ws") => {}
-        Some(other) => bail!("--hub {url}: scheme {other:?} is not supported, only plain http"),
-        None => bail!("--hub {url}: needs a scheme, e.g. http://127.0.0.1:8080"),
+        Some(other) => bail!("{flag} {url}: scheme {other:?} is not supported, only plain http"),
+        None => bail!("{flag} {url}: needs a scheme, e.g. http://127.0.0.1:8080"),
     }
     let authority = uri
         .authority()
-        .with_context(|| format!("--hub {url}: no host"))?;
+        .with_context(|| format!("{flag} {url}: no host"))?;
     if authority.as_str().contains('@') {
-        bail!("--hub {url}: credentials in the URL are not supported");
+        bail!("{flag} {url}: credentials in the URL are not supported");
     }
     if uri.query().is_some() {
-        bail!("--hub {url}: must not have a query string");
+        bail!("{flag} {url}: must not have a query string");
     }
     // `Authority::host` keeps the brackets of an IPv6 literal; lookup wants them off.
     let host = authority
@@ -90,7 +91,7 @@ mod tests {
     #[test]
     fn parses_plain_and_prefixed_urls() -> Result<()> {
         assert_eq!(
-            parse_url("http://127.0.0.1:8080")?,
+            parse_url("--hub", "http://127.0.0.1:8080")?,
             ParsedUrl {
                 authority: "127.0.0.1:8080".into(),
                 host: "127.0.0.1".into(),
@@ -98,9 +99,9 @@ mod tests {
                 prefix: String::new(),
             }
         );
-        let p = parse_url("http://hub.local/notify/")?;
+        let p = parse_url("--hub", "http://hub.local/notify/")?;
         assert_eq!((p.port, p.prefix.as_str()), (80, "/notify"));
-        let p = parse_url("ws://[::1]:9000")?;
+        let p = parse_url("--hub", "ws://[::1]:9000")?;
         assert_eq!(
             (p.host.as_str(), p.authority.as_str()),
             ("::1", "[::1]:9000")
@@ -117,13 +118,13 @@ mod tests {
             "http://h:1/?a=b",
             "::",
         ] {
-            assert!(parse_url(bad).is_err(), "{bad} should be rejected");
+            assert!(parse_url("--hub", bad).is_err(), "{bad} should be rejected");
         }
     }
 
     #[tokio::test]
     async fn resolves_loopback() -> Result<()> {
-        let hub = HubAddr::resolve("http://127.0.0.1:8080/x").await?;
+        let hub = HubAddr::resolve("--hub", "http://127.0.0.1:8080/x").await?;
         assert_eq!(hub.addr, "127.0.0.1:8080".parse()?);
         assert_eq!(hub.path("/ws"), "/x/ws");
         Ok(())

@@ -318,6 +318,13 @@ fn read_commands() -> (mpsc::Receiver<Result<Command>>, CancellationToken) {
     (rx, closed)
 }
 
+/// This process's CPU time in ms, or 0 if it cannot be read.
+fn cpu_ms() -> u64 {
+    proc::cpu_time()
+        .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 /// Waits for the next command, failing if stdin closes or the deadline passes.
 async fn next_command(
     commands: &mut mpsc::Receiver<Result<Command>>,
@@ -457,6 +464,17 @@ async fn run_phases(id: usize) -> Result<()> {
         }
     }
     let drain_ms = u64::try_from(drain_started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    // Keep the connections open until every worker has drained and the parent has read
+    // the servers' CPU time: closing them sets the hubs to work on disconnects, which is
+    // no part of what a delivery costs.
+    emit(&Event::Drained {
+        worker: id,
+        cpu_ms: cpu_ms(),
+    })?;
+    match next_command(&mut commands, deadline).await? {
+        Command::Finish => {}
+        other => bail!("expected finish, got {other:?}"),
+    }
     stop.cancel();
     // Let the tasks record their last figures (SSE heartbeat counts); bounded.
     let _ = timeout(WIND_DOWN, async {
@@ -472,9 +490,7 @@ async fn run_phases(id: usize) -> Result<()> {
         disconnect_errors: lock(&shared.disconnect_errors).clone(),
         sse_comments: shared.sse_comments.load(Relaxed),
         drain_ms,
-        cpu_ms: proc::cpu_time()
-            .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0),
+        cpu_ms: cpu_ms(),
         rss_kib: proc::rss_kib(None).unwrap_or(0),
         latency,
     })))?;
