@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use governor::clock::Clock as _;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use prometheus::IntCounter;
 use tokio_util::sync::CancellationToken;
 
 use crate::http::ApiError;
+use crate::metrics::Metrics;
 
 /// A per-user limit; cheap to clone (the buckets are shared behind an `Arc`; governor's map is
 /// sharded and lock-free to read, so no lock of ours is held across an `.await`).
@@ -18,11 +20,13 @@ use crate::http::ApiError;
 pub struct PerUser {
     limiter: Arc<DefaultKeyedRateLimiter<String>>,
     what: &'static str,
+    refused: IntCounter,
 }
 
 impl PerUser {
-    /// `per_minute` sustained, `burst` at once, per user; `what` names the requests in errors.
-    pub fn new(what: &'static str, per_minute: u32, burst: u32) -> Self {
+    /// `per_minute` sustained, `burst` at once, per user; `what` names the requests in errors
+    /// and in the metric `producers_rate_limited_total{limit}`.
+    pub fn new(what: &'static str, per_minute: u32, burst: u32, metrics: &Metrics) -> Self {
         let per_minute = NonZeroU32::new(per_minute).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
         PerUser {
@@ -30,6 +34,7 @@ impl PerUser {
                 Quota::per_minute(per_minute).allow_burst(burst),
             )),
             what,
+            refused: metrics.rate_limited.with_label_values(&[what]),
         }
     }
 
@@ -38,6 +43,7 @@ impl PerUser {
         match self.limiter.check_key(&user.to_owned()) {
             Ok(()) => Ok(()),
             Err(not_until) => {
+                self.refused.inc();
                 let wait = not_until.wait_time_from(self.limiter.clock().now());
                 // Rounded up: a client that waits this long is let in.
                 let retry_after = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -69,7 +75,8 @@ mod tests {
 
     #[test]
     fn a_user_over_the_burst_waits_and_others_are_unaffected() {
-        let limit = PerUser::new("reports", 1, 2);
+        let metrics = Metrics::new("test");
+        let limit = PerUser::new("reports", 1, 2, &metrics);
         limit.check("a").expect("first");
         limit.check("a").expect("second (burst 2)");
         match limit.check("a") {
@@ -80,5 +87,9 @@ mod tests {
             other => panic!("{:?}", other.map_err(|e| e.to_string())),
         }
         limit.check("b").expect("another user");
+        assert_eq!(
+            metrics.rate_limited.with_label_values(&["reports"]).get(),
+            1
+        );
     }
 }

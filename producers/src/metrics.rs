@@ -19,6 +19,8 @@ pub struct Metrics {
     pub outbox_waiting: IntGauge,
     /// Age of the oldest waiting event, in seconds (0 when none waits).
     pub outbox_oldest_age: Gauge,
+    /// Requests refused by a per-user rate limit, by limit (`orders`, `reports`).
+    pub rate_limited: IntCounterVec,
 }
 
 impl Metrics {
@@ -67,6 +69,15 @@ impl Metrics {
         )
         .unwrap_or_else(|e| panic!("metric producers_outbox_oldest_age_seconds: {e}"));
         let _ = registry.register(Box::new(outbox_oldest_age.clone()));
+        let rate_limited = IntCounterVec::new(
+            Opts::new(
+                "producers_rate_limited_total",
+                "Requests refused with 429 by a per-user rate limit, by limit (orders, reports).",
+            ),
+            &["limit"],
+        )
+        .unwrap_or_else(|e| panic!("metric producers_rate_limited_total: {e}"));
+        let _ = registry.register(Box::new(rate_limited.clone()));
         Metrics {
             registry,
             outbox_published,
@@ -74,6 +85,7 @@ impl Metrics {
             consumed,
             outbox_waiting,
             outbox_oldest_age,
+            rate_limited,
         }
     }
 

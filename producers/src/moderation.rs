@@ -37,6 +37,7 @@ pub async fn build(builder: Builder) -> anyhow::Result<Builder> {
         "reports",
         ctx.settings.reports_per_minute,
         ctx.settings.reports_burst,
+        &ctx.metrics,
     );
     let state = ApiState {
         pool: ctx.pool.clone(),

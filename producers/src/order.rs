@@ -37,6 +37,7 @@ pub async fn build(builder: Builder) -> anyhow::Result<Builder> {
         "orders",
         ctx.settings.orders_per_minute,
         ctx.settings.orders_burst,
+        &ctx.metrics,
     );
     let state = ApiState {
         pool: ctx.pool.clone(),

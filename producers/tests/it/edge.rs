@@ -100,6 +100,13 @@ async fn orders_over_the_per_user_limit_get_429_with_retry_after_and_others_are_
     );
     // Another user is not slowed down by rita.
     stack.place_order("sam", 100).await;
+    assert_eq!(
+        stack
+            .service(Kind::Order)
+            .metric("producers_rate_limited_total", &[("limit", "orders")])
+            .await,
+        1.0
+    );
     let orders = stack.db(Kind::Order);
     assert_eq!(
         orders
