@@ -35,6 +35,9 @@ pub enum ApiError {
     /// 408: the body did not arrive in time.
     #[error("request body not received within the time allowed")]
     BodyTimeout,
+    /// 408: the request was not answered in time.
+    #[error("request not completed within the time allowed")]
+    RequestTimeout,
     /// 429 with `Retry-After` (seconds).
     #[error("too many {what}; retry in {retry_after} s")]
     TooManyRequests {
@@ -74,7 +77,7 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::BodyTimeout | ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::TooManyRequests { retry_after, .. } => {
                 let body = Json(json!({"error": self.to_string()}));
                 return (
@@ -170,13 +173,17 @@ pub fn body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
 }
 
 /// Every route's timeouts: the request body must keep arriving (`body`, between chunks) and the
-/// answer must be ready within `request` (else 408).
+/// answer must be ready within `request` (else 408 with a JSON error).
 pub fn with_timeouts(router: Router, body: Duration, request: Duration) -> Router {
     router
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(body))
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            request,
+        .layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| async move {
+                match tokio::time::timeout(request, next.run(req)).await {
+                    Ok(response) => response,
+                    Err(_) => ApiError::RequestTimeout.into_response(),
+                }
+            },
         ))
 }
 

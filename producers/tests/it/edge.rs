@@ -145,6 +145,7 @@ async fn slow_clients_are_cut_off_within_the_timeouts_while_others_are_served() 
         vec![
             ("HTTP_HEADER_TIMEOUT".into(), "1s".into()),
             ("HTTP_BODY_TIMEOUT".into(), "1s".into()),
+            ("HTTP_REQUEST_TIMEOUT".into(), "2s".into()),
         ],
     );
     stack.start_service(Kind::Order);
@@ -170,6 +171,26 @@ async fn slow_clients_are_cut_off_within_the_timeouts_while_others_are_served() 
         )
         .await
         .expect("write");
+
+    // A client that trickles its body, a byte every 300 ms: never idle for the body timeout,
+    // but the whole request outlasts the request timeout.
+    let mut trickle = TcpStream::connect(addr).await.expect("connect");
+    trickle
+        .write_all(
+            format!(
+                "POST /orders HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 200\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("write");
+    let (mut trickle_read, mut trickle_write) = trickle.into_split();
+    let dripping = tokio::spawn(async move {
+        while trickle_write.write_all(b" ").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
 
     // Meanwhile everyone else is served at once.
     for _ in 0..3 {
@@ -205,7 +226,30 @@ async fn slow_clients_are_cut_off_within_the_timeouts_while_others_are_served() 
         sent.ends_with(r#"{"error":"request body not received within the time allowed"}"#),
         "answered {sent:?}"
     );
-    // Nothing was created by either.
+    // The trickling body: 408 once the request timeout is over.
+    let mut sent = Vec::new();
+    let mut buf = [0u8; 1024];
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while !String::from_utf8_lossy(&sent).contains("allowed\"}") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match timeout(left, trickle_read.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => sent.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    let sent = String::from_utf8_lossy(&sent);
+    let after = Instant::now() - started;
+    assert!(sent.starts_with("HTTP/1.1 408"), "answered {sent:?}");
+    assert!(
+        sent.ends_with(r#"{"error":"request not completed within the time allowed"}"#),
+        "answered {sent:?}"
+    );
+    assert!(
+        after >= Duration::from_millis(1900) && after < Duration::from_secs(5),
+        "answered after {after:?}"
+    );
+    dripping.abort();
+    // Nothing was created by any of them.
     let orders = stack.db(Kind::Order);
     assert_eq!(
         orders
