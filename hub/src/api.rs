@@ -124,6 +124,16 @@ impl From<BackplaneError> for ApiError {
     }
 }
 
+/// Whether an `Authorization` value carries the API key (constant-time comparison).
+pub(crate) fn bearer_matches(value: Option<&str>, expected: &str) -> bool {
+    value
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .is_some_and(|given| bool::from(given.trim().as_bytes().ct_eq(expected.as_bytes())))
+}
+
 /// Extractor: the request carries the publish API key.
 pub struct ApiKey;
 
@@ -210,6 +220,29 @@ fn parse_publish(body: &[u8]) -> Result<PublishRequest, ApiError> {
     let req: PublishRequest = serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
     check_publish(req)
+}
+
+/// Checks one notification's parts as the HTTP API does (for the gRPC API); the error text is
+/// the reason to send back.
+pub(crate) fn publish_from_parts(
+    user_id: String,
+    kind: String,
+    data: Box<RawValue>,
+    idempotency_key: Option<String>,
+) -> Result<Publish, String> {
+    let req = check_publish(PublishRequest {
+        user_id,
+        kind,
+        data,
+        idempotency_key,
+    })
+    .map_err(|e| e.to_string())?;
+    Ok(Publish {
+        user: req.user_id,
+        kind: req.kind,
+        data: req.data,
+        dedupe: Dedupe::key(req.idempotency_key),
+    })
 }
 
 /// Checks one publish request's fields.

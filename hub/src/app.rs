@@ -52,6 +52,7 @@ pub struct Application {
     dev: Option<DevCredentials>,
     background: Vec<tokio::task::JoinHandle<()>>,
     ingest: Option<(IngestSettings, Arc<dyn Backplane>, IngestMetrics)>,
+    grpc: Option<(TcpListener, crate::grpc::Publisher)>,
 }
 
 /// Hands backplane notifications to the local registry and counts slow consumers.
@@ -277,14 +278,23 @@ impl Application {
                 drain_window: settings.drain_window,
             },
         });
+        let api_key = dev
+            .as_ref()
+            .map(|d| d.api_key.clone())
+            .or(settings.api_key.clone());
+        let grpc = match settings.grpc_addr {
+            Some(addr) => Some((
+                bind(addr)
+                    .with_context(|| format!("config: HUB_GRPC_ADDR: cannot listen on {addr}"))?,
+                crate::grpc::Publisher::new(backplane.clone(), metrics.clone(), api_key.clone()),
+            )),
+            None => None,
+        };
         let api = api::router(ApiState::new(ApiInner {
             backplane,
             metrics,
             lifecycle: lifecycle.clone(),
-            api_key: dev
-                .as_ref()
-                .map(|d| d.api_key.clone())
-                .or(settings.api_key.clone()),
+            api_key,
             dev_secret: dev_secret.filter(|_| options.dev),
             audience: settings.jwt_audience.clone(),
             issuer: settings.jwt_issuer.clone(),
@@ -329,7 +339,16 @@ impl Application {
             dev,
             background,
             ingest,
+            grpc,
         })
+    }
+
+    /// The gRPC listener's port, when `HUB_GRPC_ADDR` is set.
+    pub fn grpc_port(&self) -> Option<u16> {
+        self.grpc
+            .as_ref()
+            .and_then(|(l, _)| l.local_addr().ok())
+            .map(|a| a.port())
     }
 
     /// The bound address.
@@ -363,6 +382,20 @@ impl Application {
             self.router,
             stop.clone().cancelled_owned(),
         ));
+        let grpc = self.grpc.map(|(listener, publisher)| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let incoming =
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                let served = tonic::transport::Server::builder()
+                    .add_service(publisher.server())
+                    .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "gRPC server failed");
+                }
+            })
+        });
         let ingest_stop = CancellationToken::new();
         let ingest = self.ingest.map(|(settings, backplane, metrics)| {
             tokio::spawn(ingest::run(
@@ -397,6 +430,9 @@ impl Application {
         }
         stop.cancel();
         let _ = server.await;
+        if let Some(grpc) = grpc {
+            let _ = grpc.await;
+        }
         for task in self.background {
             task.abort();
         }

@@ -43,6 +43,9 @@ pub enum Environment {
 pub struct Settings {
     /// Client and API listener.
     pub addr: SocketAddr,
+    /// Listener of the gRPC publish API; off when unset.
+    #[serde(default)]
+    pub grpc_addr: Option<SocketAddr>,
     /// HS256 secret.
     #[serde(default, deserialize_with = "opt_string")]
     pub jwt_secret: Option<String>,
@@ -183,6 +186,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            grpc_addr: None,
             jwt_secret: None,
             jwt_public_key_file: None,
             jwt_jwks_url: None,

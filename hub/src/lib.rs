@@ -7,10 +7,13 @@
 //! - [`auth`]: JWT verification (secret, PEM key, JWKS) and the origin policy.
 //! - [`envelope`]: the wire envelope and notification ids, rendered once per notification.
 //! - [`fanout`]: the local registry user → connections and bounded per-connection queues.
-//! - [`backplane`]: where notifications are accepted, stored and routed (in-memory today).
+//! - [`backplane`]: where notifications are accepted, stored and routed (in memory for one
+//!   node, Redis for many).
 //! - [`transport`]: the front door, the handshake, and WebSocket / SSE connections.
 //! - [`ingest`]: Kafka consumer, config-driven routes, dedupe, DLQ, commits.
-//! - [`api`]: publish API, health, readiness, metrics, dev login, demo page.
+//! - [`api`]: publish API (single, batch), disconnect API, health, readiness, metrics, dev
+//!   login, demo page.
+//! - [`grpc`]: the gRPC publish API (`Publish`, `PublishBatch`, `PublishStream`).
 //! - [`metrics`]: every metric, defined once.
 //! - [`shutdown`]: signals and the drain state.
 //! - [`app`]: builds a node from settings and runs it until drained.
@@ -22,6 +25,7 @@ pub mod backplane;
 pub mod config;
 pub mod envelope;
 pub mod fanout;
+pub mod grpc;
 pub mod ingest;
 pub mod metrics;
 pub mod shutdown;

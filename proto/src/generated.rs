@@ -34,6 +34,12 @@ pub mod notifications {
             ));
         }
     }
+    pub mod hub {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/notifications.hub.v1.rs"));
+            include!(concat!(env!("OUT_DIR"), "/notifications.hub.v1.serde.rs"));
+        }
+    }
     pub mod delivery {
         pub mod v1 {
             include!(concat!(env!("OUT_DIR"), "/notifications.delivery.v1.rs"));

@@ -52,6 +52,8 @@ pub struct TestApp {
     pub secret: String,
     /// Publish API key.
     pub api_key: String,
+    /// gRPC listener, when `HUB_GRPC_ADDR` was set.
+    pub grpc: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<()>>,
     http: reqwest::Client,
@@ -79,6 +81,9 @@ pub async fn spawn_app_with(pairs: &[(&str, &str)]) -> TestApp {
         .await
         .expect("app builds");
     let addr: SocketAddr = ([127, 0, 0, 1], app.port()).into();
+    let grpc = app
+        .grpc_port()
+        .map(|port| SocketAddr::from(([127, 0, 0, 1], port)));
     let (stop, stopped) = oneshot::channel::<()>();
     let done = tokio::spawn(async move {
         let _ = app
@@ -95,6 +100,7 @@ pub async fn spawn_app_with(pairs: &[(&str, &str)]) -> TestApp {
             secret
         },
         api_key,
+        grpc,
         stop: Some(stop),
         done: Some(done),
         http: reqwest::Client::new(),
@@ -714,6 +720,7 @@ impl HubProcess {
             addr: self.addr,
             secret: self.secret.clone(),
             api_key: self.api_key.clone(),
+            grpc: None,
             stop: None,
             done: None,
             http: reqwest::Client::new(),

@@ -7,6 +7,7 @@ mod cluster;
 mod drain;
 mod edge;
 mod expiry;
+mod grpc;
 mod heartbeat;
 mod helpers;
 mod ingest;

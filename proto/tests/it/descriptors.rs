@@ -31,6 +31,10 @@ fn holds_every_generated_message_and_nothing_test_only() {
         proto::moderation::v1::ModerationTask::full_name(),
         proto::payments::v1::PaymentCompleted::full_name(),
         proto::delivery::v1::DeliveryStatusUpdated::full_name(),
+        proto::hub::v1::PublishRequest::full_name(),
+        proto::hub::v1::PublishResponse::full_name(),
+        proto::hub::v1::PublishBatchRequest::full_name(),
+        proto::hub::v1::PublishBatchResponse::full_name(),
         "google.protobuf.Timestamp".to_owned(),
     ] {
         assert!(
@@ -38,7 +42,7 @@ fn holds_every_generated_message_and_nothing_test_only() {
             "{expected} missing from {names:?}"
         );
     }
-    assert_eq!(names.len(), 8, "{names:?}");
+    assert_eq!(names.len(), 12, "{names:?}");
     assert!(
         set.file
             .iter()
@@ -61,6 +65,7 @@ fn contract_packages_end_in_a_version() {
         packages,
         [
             "notifications.delivery.v1",
+            "notifications.hub.v1",
             "notifications.moderation.v1",
             "notifications.orders.v1",
             "notifications.payments.v1",
