@@ -34,8 +34,11 @@ const BATCH: usize = 64;
 
 /// Where a stream's bytes go.
 pub trait SseOut: Send {
-    /// Writes one pre-rendered notification.
-    fn notification(&mut self, n: &Notification) -> impl Future<Output = io::Result<()>> + Send;
+    /// Writes pre-rendered notifications, several in one write when more than one is queued.
+    fn notifications(
+        &mut self,
+        ns: &[Arc<Notification>],
+    ) -> impl Future<Output = io::Result<()>> + Send;
     /// Writes raw event bytes (greeting, heartbeat).
     fn event(&mut self, bytes: Bytes) -> impl Future<Output = io::Result<()>> + Send;
     /// Resolves when the client has gone away.
@@ -50,8 +53,20 @@ pub(super) struct RawOut {
 }
 
 impl SseOut for RawOut {
-    async fn notification(&mut self, n: &Notification) -> io::Result<()> {
-        self.stream.write_all(&n.sse_chunk).await
+    async fn notifications(&mut self, ns: &[Arc<Notification>]) -> io::Result<()> {
+        match ns {
+            [] => Ok(()),
+            [one] => self.stream.write_all(&one.sse_chunk).await,
+            many => {
+                // One chunk holding every event: one syscall, one TCP segment train.
+                let len: usize = many.iter().map(|n| n.sse_event.len()).sum();
+                let mut events = bytes::BytesMut::with_capacity(len);
+                for n in many {
+                    events.extend_from_slice(&n.sse_event);
+                }
+                self.stream.write_all(&chunk(&events)).await
+            }
+        }
     }
 
     async fn event(&mut self, bytes: Bytes) -> io::Result<()> {
@@ -77,8 +92,18 @@ struct BodyOut {
 }
 
 impl SseOut for BodyOut {
-    async fn notification(&mut self, n: &Notification) -> io::Result<()> {
-        self.event(n.sse_event.clone()).await
+    async fn notifications(&mut self, ns: &[Arc<Notification>]) -> io::Result<()> {
+        match ns {
+            [] => Ok(()),
+            [one] => self.event(one.sse_event.clone()).await,
+            many => {
+                let mut events = bytes::BytesMut::new();
+                for n in many {
+                    events.extend_from_slice(&n.sse_event);
+                }
+                self.event(events.freeze()).await
+            }
+        }
     }
 
     async fn event(&mut self, bytes: Bytes) -> io::Result<()> {
@@ -342,7 +367,7 @@ pub(super) async fn run<O: SseOut>(ctx: Context, mut out: O, mut session: Sessio
         if let Some(replay) = replay {
             for n in &replay.items {
                 if is_new(&mut last, n) {
-                    write_timeout(timing.write_timeout, &session, out.notification(n)).await?;
+                    write_timeout(timing.write_timeout, &session, out.notifications(std::slice::from_ref(n))).await?;
                     metrics.delivered.inc();
                 }
             }
@@ -359,12 +384,10 @@ pub(super) async fn run<O: SseOut>(ctx: Context, mut out: O, mut session: Sessio
                 next = session.queue.recv() => {
                     let Some(n) = next else { return Err(evicted_end(&session)) };
                     session.fill_batch(n, &mut batch, BATCH);
+                    batch.retain(|n| is_new(&mut last, n));
+                    write_timeout(timing.write_timeout, &session, out.notifications(&batch)).await?;
                     let now = now_micros();
                     for n in batch.drain(..) {
-                        if !is_new(&mut last, &n) {
-                            continue;
-                        }
-                        write_timeout(timing.write_timeout, &session, out.notification(&n)).await?;
                         if !n.gap {
                             metrics.delivered.inc();
                             ctx.metrics
