@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Installs, when missing, what the deployment and observability checks (`make ops-check`) need
+# (idempotent; Debian/Ubuntu):
+#   prometheus, promtool   Debian's `prometheus` package; its own service is kept from starting
+#                          (the Debian policy-rc.d hook while installing, then disabled when
+#                          systemd runs), since the checks and `make demo` run their own
+#   /usr/bin/python3 yaml  Debian's `python3-yaml`, for the checks' YAML and JSON parsing
+#   helm                   Helm 3 (HELM_VERSION, default v3.22.0) built from the Go module proxy
+#                          with `go install` into $(go env GOPATH)/bin (cached there; about a
+#                          minute of compiling the first time); needs Go (`golang-go` when missing)
+# Prints where each tool is. Fails (exit 1) when something cannot be installed.
+set -euo pipefail
+
+HELM_VERSION=${HELM_VERSION:-v3.22.0}
+SUDO=""
+[[ $(id -u) -ne 0 ]] && SUDO=sudo
+
+say() { echo "ops-deps: $*"; }
+die() { echo "ops-deps: $*" >&2; exit 1; }
+
+updated=0
+apt_install() {
+  command -v apt-get >/dev/null || die "$* missing and apt-get is not available; install it and retry"
+  if ((!updated)); then $SUDO apt-get update -qq; updated=1; fi
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
+
+# Debian's prometheus: the checks need promtool, the dashboard test and `make demo` the server.
+if ! [[ -x /usr/bin/promtool && -x /usr/bin/prometheus ]]; then
+  say "installing the Debian package prometheus (promtool and the server; its service is not started)"
+  policy=/usr/sbin/policy-rc.d made_policy=0 rc=0
+  if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null && $SUDO chmod 755 "$policy" && made_policy=1
+  fi
+  apt_install prometheus || rc=$?
+  if ((made_policy)); then $SUDO rm -f "$policy"; fi
+  ((rc == 0)) || die "apt-get failed (exit $rc) while installing prometheus"
+  # Keep the distro's service off for later boots too (only where systemd runs).
+  if [[ -d /run/systemd/system ]]; then
+    $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
+  [[ -x /usr/bin/promtool ]] || die "promtool missing after installing prometheus"
+fi
+
+if ! /usr/bin/python3 -c 'import yaml' 2>/dev/null; then
+  say "installing the Debian package python3-yaml"
+  apt_install python3-yaml
+  /usr/bin/python3 -c 'import yaml' || die "python3-yaml installed, but /usr/bin/python3 cannot import yaml"
+fi
+
+# Helm: from the Go module proxy (no binary download), cached in GOPATH/bin.
+helm_bin() {
+  local gobin
+  if command -v helm >/dev/null && helm version --short 2>/dev/null | grep -q "^${HELM_VERSION}+"; then
+    command -v helm
+    return 0
+  fi
+  command -v go >/dev/null || return 1
+  gobin=$(go env GOBIN)
+  [[ -n $gobin ]] || gobin=$(go env GOPATH)/bin
+  if [[ -x $gobin/helm ]] && "$gobin/helm" version --short 2>/dev/null | grep -q "^${HELM_VERSION}+"; then
+    echo "$gobin/helm"
+    return 0
+  fi
+  return 1
+}
+
+if ! helm_bin >/dev/null; then
+  command -v go >/dev/null || { say "installing the Debian package golang-go (to build helm)"; apt_install golang-go; }
+  say "building helm $HELM_VERSION with go install (Go module proxy; cached in $(go env GOPATH)/bin)"
+  GOFLAGS=-mod=mod nice -n 10 go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" \
+    || die "go install helm.sh/helm/v3/cmd/helm@$HELM_VERSION failed"
+  helm_bin >/dev/null || die "helm $HELM_VERSION not found after go install"
+fi
+
+say "promtool $(/usr/bin/promtool --version 2>&1 | awk 'NR==1{print $3}'), helm $(helm_bin) ($HELM_VERSION), $(/usr/bin/python3 -c 'import yaml; print("PyYAML", yaml.__version__)')"
