@@ -5,6 +5,7 @@
 #                          (the Debian policy-rc.d hook while installing, then disabled when
 #                          systemd runs), since the checks and `make demo` run their own
 #   /usr/bin/python3 yaml  Debian's `python3-yaml`, for the checks' YAML and JSON parsing
+#   kcat                   Debian's `kcat`: the dashboard test writes undecodable records with it
 #   helm                   Helm 3 (HELM_VERSION, default v3.22.0) built from the Go module proxy
 #                          with `go install` into $(go env GOPATH)/bin (cached there; about a
 #                          minute of compiling the first time); needs Go (`golang-go` when missing)
@@ -48,17 +49,22 @@ if ! /usr/bin/python3 -c 'import yaml' 2>/dev/null; then
   /usr/bin/python3 -c 'import yaml' || die "python3-yaml installed, but /usr/bin/python3 cannot import yaml"
 fi
 
-# Helm: from the Go module proxy (no binary download), cached in GOPATH/bin.
+command -v kcat >/dev/null || { say "installing the Debian package kcat"; apt_install kcat; }
+
+# Helm: from the Go module proxy (no binary download), cached in GOPATH/bin. A helm built by
+# `go install` reports only its minor version (e.g. "v3.22"), so that is what is compared.
+HELM_MINOR=${HELM_VERSION%.*}
+helm_ok() { "$1" version --short 2>/dev/null | grep -Eq "^${HELM_MINOR//./\\.}([.+]|\$)"; }
 helm_bin() {
   local gobin
-  if command -v helm >/dev/null && helm version --short 2>/dev/null | grep -q "^${HELM_VERSION}+"; then
+  if command -v helm >/dev/null && helm_ok "$(command -v helm)"; then
     command -v helm
     return 0
   fi
   command -v go >/dev/null || return 1
   gobin=$(go env GOBIN)
   [[ -n $gobin ]] || gobin=$(go env GOPATH)/bin
-  if [[ -x $gobin/helm ]] && "$gobin/helm" version --short 2>/dev/null | grep -q "^${HELM_VERSION}+"; then
+  if [[ -x $gobin/helm ]] && helm_ok "$gobin/helm"; then
     echo "$gobin/helm"
     return 0
   fi
