@@ -4,8 +4,8 @@
 Run by infra/grafana/check.sh (part of `make ops-check`), which builds the binaries and starts
 Kafka and PostgreSQL first. This script:
 
- 1. checks the dashboards' structure (ids, titles, descriptions, datasource, targets) and the
-    provisioning files;
+ 1. checks the dashboards' structure (ids, titles, descriptions, datasource, targets), that
+    docs/operations.md describes every panel, and the provisioning files;
  2. starts a hub node (Kafka ingest on, routes for this run's topics) and the order, payment,
     delivery and moderation services, on free 127.0.0.1 ports, with their own databases and
     topics under a random prefix;
@@ -149,6 +149,11 @@ def static_checks():
                 q = v.get("query")
                 q = q.get("query") if isinstance(q, dict) else q
                 variables.append((name, v["name"], q))
+    # No screenshot can show a panel: docs/operations.md describes each one.
+    docs = open(os.path.join(ROOT, "docs/operations.md")).read()
+    for _, title, _, _ in queries:
+        if f"\n| {title} |" not in docs:
+            problems.append(f"panel {title!r} is not described in docs/operations.md (Dashboards)")
     for f in sorted(glob.glob(os.path.join(ROOT, "infra/grafana/provisioning/*/*.yaml"))):
         doc = yaml.safe_load(open(f))
         if doc.get("apiVersion") != 1 or not (doc.get("datasources") or doc.get("providers")):

@@ -3,8 +3,8 @@
 #   promtool check config prometheus.yml (which also checks the rule files it loads)
 #   promtool check rules rules/*.yml
 #   promtool test rules tests/*.yml
-#   every alert has a test where it fires and one where it does not, and every recording rule
-#   is evaluated by a test
+#   every alert has a test where it fires and one where it does not, and a runbook section in
+#   docs/operations.md; every recording rule is evaluated by a test
 # Needs promtool and /usr/bin/python3 with yaml (infra/local/ops-deps.sh installs both).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -50,6 +50,11 @@ for name in sorted(alerts):
         problems.append(f"alert {name}: no test where it does not fire")
 for name in sorted(records - evaluated):
     problems.append(f"recording rule {name}: no promql_expr_test evaluates it")
+# Each alert's runbook is a section of docs/operations.md.
+docs = open("../../docs/operations.md").read()
+for name in sorted(alerts):
+    if f"\n#### {name}\n" not in docs:
+        problems.append(f"alert {name}: no '#### {name}' section (its runbook) in docs/operations.md")
 if problems:
     sys.exit("prometheus check:\n  " + "\n  ".join(problems))
 print(f"prometheus check: {len(alerts)} alerts each tested firing and not firing; "
