@@ -9,8 +9,15 @@
 #   helm                   Helm 3 (HELM_VERSION, default v3.22.0) built from the Go module proxy
 #                          with `go install` into $(go env GOPATH)/bin (cached there; about a
 #                          minute of compiling the first time); needs Go (`golang-go` when missing)
-# Prints where each tool is. Fails (exit 1) when something cannot be installed.
+# With arguments, only those of: prometheus, python-yaml, kcat, helm (`make demo` needs only
+# prometheus). Prints the versions. Fails (exit 1) when something cannot be installed.
 set -euo pipefail
+
+WANT=" ${*:-prometheus python-yaml kcat helm} "
+for w in $WANT; do
+  [[ $w =~ ^(prometheus|python-yaml|kcat|helm)$ ]] || { echo "ops-deps: unknown part '$w' (prometheus, python-yaml, kcat, helm)" >&2; exit 2; }
+done
+wants() { [[ $WANT == *" $1 "* ]]; }
 
 HELM_VERSION=${HELM_VERSION:-v3.22.0}
 SUDO=""
@@ -27,7 +34,7 @@ apt_install() {
 }
 
 # Debian's prometheus: the checks need promtool, the dashboard test and `make demo` the server.
-if ! [[ -x /usr/bin/promtool && -x /usr/bin/prometheus ]]; then
+if wants prometheus && ! [[ -x /usr/bin/promtool && -x /usr/bin/prometheus ]]; then
   say "installing the Debian package prometheus (promtool and the server; its service is not started)"
   policy=/usr/sbin/policy-rc.d made_policy=0 rc=0
   if [[ ! -e $policy ]]; then
@@ -43,13 +50,13 @@ if ! [[ -x /usr/bin/promtool && -x /usr/bin/prometheus ]]; then
   [[ -x /usr/bin/promtool ]] || die "promtool missing after installing prometheus"
 fi
 
-if ! /usr/bin/python3 -c 'import yaml' 2>/dev/null; then
+if wants python-yaml && ! /usr/bin/python3 -c 'import yaml' 2>/dev/null; then
   say "installing the Debian package python3-yaml"
   apt_install python3-yaml
   /usr/bin/python3 -c 'import yaml' || die "python3-yaml installed, but /usr/bin/python3 cannot import yaml"
 fi
 
-command -v kcat >/dev/null || { say "installing the Debian package kcat"; apt_install kcat; }
+if wants kcat && ! command -v kcat >/dev/null; then say "installing the Debian package kcat"; apt_install kcat; fi
 
 # Helm: from the Go module proxy (no binary download), cached in GOPATH/bin. A helm built by
 # `go install` reports only its minor version (e.g. "v3.22"), so that is what is compared.
@@ -71,7 +78,7 @@ helm_bin() {
   return 1
 }
 
-if ! helm_bin >/dev/null; then
+if wants helm && ! helm_bin >/dev/null; then
   command -v go >/dev/null || { say "installing the Debian package golang-go (to build helm)"; apt_install golang-go; }
   say "building helm $HELM_VERSION with go install (Go module proxy; cached in $(go env GOPATH)/bin)"
   GOFLAGS=-mod=mod nice -n 10 go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" \
@@ -79,4 +86,9 @@ if ! helm_bin >/dev/null; then
   helm_bin >/dev/null || die "helm $HELM_VERSION not found after go install"
 fi
 
-say "promtool $(/usr/bin/promtool --version 2>&1 | awk 'NR==1{print $3}'), helm $(helm_bin) ($HELM_VERSION), $(/usr/bin/python3 -c 'import yaml; print("PyYAML", yaml.__version__)')"
+versions=()
+wants prometheus && versions+=("promtool $(/usr/bin/promtool --version 2>&1 | awk 'NR==1{print $3}')")
+wants python-yaml && versions+=("$(/usr/bin/python3 -c 'import yaml; print("PyYAML", yaml.__version__)')")
+wants kcat && versions+=("kcat")
+wants helm && versions+=("helm $(helm_bin) ($HELM_VERSION)")
+say "$(IFS=,; echo "${versions[*]}" | sed 's/,/, /g')"
