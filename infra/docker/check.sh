@@ -34,16 +34,18 @@ TAG=check
 HUB=notification-hub/hub:$TAG
 SERVICES=notification-hub/services:$TAG
 NAME=ops-check-hub-$$
+LOG=$(mktemp)
 cleanup() {
   podman rm -f -t 0 "$NAME" >/dev/null 2>&1 || true
   podman rmi -f "$HUB" "$SERVICES" >/dev/null 2>&1 || true
+  rm -f "$LOG"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-infra/docker/images.sh --tag "$TAG" --prebuilt target/debug --strip > "${TMPDIR:-/tmp}/ops-check-images.log" 2>&1 \
-  || { tail -n 30 "${TMPDIR:-/tmp}/ops-check-images.log" >&2; die "building the images failed"; }
+infra/docker/images.sh --tag "$TAG" --prebuilt target/debug --strip > "$LOG" 2>&1 \
+  || { tail -n 30 "$LOG" >&2; die "building the images failed"; }
 say "built $HUB and $SERVICES"
 
 for image in "$HUB" "$SERVICES"; do

@@ -536,7 +536,13 @@ def main():
         say(f"{'passed' if ok else 'FAILED'} in {time.monotonic() - t0:.0f} s")
 
 
+def terminated(signum, frame):
+    # SIGTERM (e.g. from make's or CI's timeout): unwind through main's cleanup, as for Ctrl-C.
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, terminated)
     try:
         main()
     except Failure as e:
