@@ -4,8 +4,10 @@
 #   helm template of both, parsed, with the properties the deployment relies on asserted
 #   (check_rendered.py: probes, drain timing, security context, resources, secrets by
 #   reference only, HPA, PDB, routes ConfigMap, ingress timeouts, selectors);
+#   every rendered object decodes strictly into its Kubernetes API type (validate/, Go: unknown
+#   or misplaced fields, wrong types and bad quantities fail);
 #   values that would deploy a broken system are refused (several hub replicas without Redis).
-# Needs helm 3 (infra/local/ops-deps.sh builds it into $(go env GOPATH)/bin) and python3-yaml.
+# Needs Go, helm 3 (infra/local/ops-deps.sh builds it into $(go env GOPATH)/bin) and python3-yaml.
 set -euo pipefail
 cd "$(dirname "$0")"
 CHART=notification-hub
@@ -26,6 +28,10 @@ trap 'rm -rf "$out"' EXIT
 "$HELM" template hub "$CHART" --kube-version "$KUBE" -f "$CHART/ci/full-values.yaml" > "$out/full.yaml"
 /usr/bin/python3 check_rendered.py default "$out/default.yaml"
 /usr/bin/python3 check_rendered.py full "$out/full.yaml"
+# Strict decoding into the Kubernetes API types (validate/, Go; modules from the Go module proxy).
+(cd validate && GOFLAGS=-mod=mod nice -n 10 go build -o "$out/validate" .)
+"$out/validate" "$out/default.yaml"
+"$out/validate" "$out/full.yaml"
 
 # Refused values: each must fail to render, naming the setting.
 refused() {
