@@ -59,7 +59,7 @@ say "both images run as uid/gid 10001"
 port=$(/usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 key=$(openssl rand -hex 24)
 podman run -d --name "$NAME" --network host --read-only --cap-drop ALL --security-opt no-new-privileges \
-  -e HUB_ADDR=127.0.0.1:$port -e HUB_JWT_SECRET="$(openssl rand -hex 32)" -e HUB_API_KEY="$key" \
+  -e HUB_ADDR="127.0.0.1:$port" -e HUB_JWT_SECRET="$(openssl rand -hex 32)" -e HUB_API_KEY="$key" \
   -e HUB_DRAIN_WINDOW=1s "$HUB" > /dev/null
 deadline=$((SECONDS + 30))
 until curl -fsS "http://127.0.0.1:$port/readyz" > /dev/null 2>&1; do

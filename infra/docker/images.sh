@@ -65,6 +65,8 @@ make_base() {
   local tmp
   tmp=$(mktemp -d)
   say "making $BASE locally with mmdebstrap (minbase, bookworm; about half a minute)"
+  # The hook's "$1" is expanded by mmdebstrap (the root directory), not here.
+  # shellcheck disable=SC2016
   if ! mmdebstrap --quiet --variant=minbase \
       --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright' \
       --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/locale/*' \

@@ -91,4 +91,5 @@ wants prometheus && versions+=("promtool $(/usr/bin/promtool --version 2>&1 | aw
 wants python-yaml && versions+=("$(/usr/bin/python3 -c 'import yaml; print("PyYAML", yaml.__version__)')")
 wants kcat && versions+=("kcat")
 wants helm && versions+=("helm $(helm_bin) ($HELM_VERSION)")
-say "$(IFS=,; echo "${versions[*]}" | sed 's/,/, /g')"
+joined=$(IFS=,; echo "${versions[*]}")
+say "${joined//,/, }"
