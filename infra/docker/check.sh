@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Checks the images (part of `make ops-check`): installs podman and runc when missing, builds
 # the hub and the services (debug) when needed, builds both images from those binaries
-# (images.sh --prebuilt target/debug --strip, tag `check`), then:
+# (images.sh --prebuilt <target dir>/debug --strip, tag `check`), then:
 #   both images run as uid/gid 10001;
 #   the hub image, run with a read-only root filesystem and no capabilities, answers /readyz,
 #   accepts a publish, and exits 0 on SIGTERM after draining;
@@ -29,6 +29,8 @@ fi
 CARGO=${CARGO:-cargo}
 say "$CARGO build -p hub -p producers"
 nice -n 10 "$CARGO" build -q -p hub -p producers
+BIN=$("$CARGO" metadata --format-version 1 --no-deps \
+  | /usr/bin/python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/debug
 
 TAG=check
 HUB=notification-hub/hub:$TAG
@@ -44,7 +46,7 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-infra/docker/images.sh --tag "$TAG" --prebuilt target/debug --strip > "$LOG" 2>&1 \
+infra/docker/images.sh --tag "$TAG" --prebuilt "$BIN" --strip > "$LOG" 2>&1 \
   || { tail -n 30 "$LOG" >&2; die "building the images failed"; }
 say "built $HUB and $SERVICES"
 

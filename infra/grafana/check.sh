@@ -15,6 +15,10 @@ command -v kcat >/dev/null || die "kcat missing; run infra/local/ops-deps.sh"
 CARGO=${CARGO:-cargo}
 echo "dashboards: $CARGO build -p hub -p producers"
 nice -n 10 "$CARGO" build -q -p hub -p producers
+# The binaries' directory, wherever the target directory is (CARGO_TARGET_DIR, config).
+OPS_CHECK_BIN=$("$CARGO" metadata --format-version 1 --no-deps \
+  | /usr/bin/python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/debug
+export OPS_CHECK_BIN
 
 rec=$(mktemp)
 trap 'infra/local/infra.sh down --only kafka,postgres --record "$rec"' EXIT
