@@ -77,7 +77,9 @@ status=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $key" 
 podman stop -t 20 "$NAME" > /dev/null
 code=$(podman inspect "$NAME" --format '{{.State.ExitCode}}')
 [[ $code == 0 ]] || { podman logs "$NAME" 2>&1 | tail -n 20 >&2; die "the hub container exited with $code after SIGTERM, not 0"; }
-podman logs "$NAME" 2>&1 | grep -q 'SIGTERM received' || die "the hub container's log shows no SIGTERM drain"
+# (The log is read whole first: `grep -q` on a pipe would end podman early, failing pipefail.)
+logs=$(podman logs "$NAME" 2>&1)
+[[ $logs == *"SIGTERM received"* ]] || die "the hub container's log shows no SIGTERM drain: $logs"
 say "the hub image serves (readyz, publish) read-only without capabilities, and drains on SIGTERM (exit 0)"
 
 for bin in order payment delivery moderation; do

@@ -61,7 +61,10 @@ if wants kcat && ! command -v kcat >/dev/null; then say "installing the Debian p
 # Helm: from the Go module proxy (no binary download), cached in GOPATH/bin. A helm built by
 # `go install` reports only its minor version (e.g. "v3.22"), so that is what is compared.
 HELM_MINOR=${HELM_VERSION%.*}
-helm_ok() { "$1" version --short 2>/dev/null | grep -Eq "^${HELM_MINOR//./\\.}([.+]|\$)"; }
+helm_ok() {
+  local v re="^${HELM_MINOR//./\\.}([.+]|\$)"
+  v=$("$1" version --short 2>/dev/null) && [[ $v =~ $re ]]
+}
 helm_bin() {
   local gobin
   if command -v helm >/dev/null && helm_ok "$(command -v helm)"; then
