@@ -263,9 +263,14 @@ class Run:
         kafka = os.path.join(ROOT, "infra/local/kafka.sh")
         pending = self.topics()
         self.topics_made = True
-        # Each create is a JVM start: four at a time.
+        # Each create is a JVM start: four at a time, after a first one alone (it resolves the
+        # Kafka classpath when this checkout has none yet, e.g. with a broker started elsewhere;
+        # concurrent resolutions would race).
+        first = True
         while pending:
-            batch, pending = pending[:4], pending[4:]
+            size = 1 if first else 4
+            first = False
+            batch, pending = pending[:size], pending[size:]
             procs = [subprocess.Popen([kafka, "topics-create", t, "1"], stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True) for t in batch]
             for t, p in zip(batch, procs):
