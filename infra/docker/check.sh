@@ -71,7 +71,7 @@ until curl -fsS "http://127.0.0.1:$port/readyz" > /dev/null 2>&1; do
   fi
   sleep 0.2
 done
-status=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $key" \
+status=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $key" -H 'content-type: application/json' \
   -d '{"user_id":"alice","type":"check","data":{}}' "http://127.0.0.1:$port/api/publish")
 [[ $status == 200 ]] || die "publish to the hub container answered $status"
 podman stop -t 20 "$NAME" > /dev/null
