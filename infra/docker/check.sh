@@ -2,6 +2,8 @@
 # Checks the images (part of `make ops-check`): installs podman and runc when missing, builds
 # the hub and the services (debug) when needed, builds both images from those binaries
 # (images.sh --prebuilt <target dir>/debug --strip, tag `check`), then:
+#   the default target's build stage copies a complete workspace (check_context.py; that
+#   target itself is not built here: it needs rust:1-bookworm from a registry);
 #   both images run as uid/gid 10001;
 #   the hub image, run with a read-only root filesystem and no capabilities, answers /readyz,
 #   accepts a publish, and exits 0 on SIGTERM after draining;
@@ -45,6 +47,10 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+
+# The default target compiles in rust:1-bookworm, which this check does not pull: check instead
+# that its build stage copies a complete workspace.
+/usr/bin/python3 infra/docker/check_context.py infra/docker/hub.Dockerfile infra/docker/services.Dockerfile
 
 infra/docker/images.sh --tag "$TAG" --prebuilt "$BIN" --strip > "$LOG" 2>&1 \
   || { tail -n 30 "$LOG" >&2; die "building the images failed"; }
