@@ -8,13 +8,13 @@ export LOCAL_PG_PORT ?= 5432
 HUB_TEST_REDIS_URL ?= redis://127.0.0.1:$(LOCAL_REDIS_PORT)
 PRODUCERS_TEST_DATABASE_URL ?= postgres://notify:notify@127.0.0.1:$(LOCAL_PG_PORT)/postgres
 
-.PHONY: test deps fmt-check clippy k6-check browser-deps demo stop build-release infra-up infra-down
+.PHONY: test deps fmt-check clippy k6-check browser-deps demo stop build-release infra-up infra-down ops-check ops-deps images images-prebuilt
 
 ## test: install what is missing, then format check, lints, and every test (Rust unit and
 ## integration, the browser test in headless Chromium) against a local Redis, Kafka and
 ## PostgreSQL. Stops afterwards only what this run started (also when tests fail); services
 ## already running, e.g. from `make infra-up`, are left running. Exits non-zero on any failure.
-test: deps fmt-check clippy k6-check browser-deps
+test: deps fmt-check clippy k6-check browser-deps ops-check
 	@rec=$$(mktemp); \
 	trap 'infra/local/infra.sh down --record "$$rec"' EXIT; \
 	trap 'exit 130' INT; trap 'exit 143' TERM; \
@@ -41,6 +41,31 @@ k6-check:
 browser-deps:
 	@command -v npm >/dev/null || { echo "browser-deps: npm not found; install Node.js 18+ with npm and retry" >&2; exit 1; }
 	cd web-demo/tests && npm ci --no-audit --no-fund
+
+## ops-check: the deployment and observability checks: promtool (config, rules, the rules' unit
+## tests), helm lint and template of the chart with its required properties, and every Grafana
+## panel query evaluated by a live Prometheus scraping a hub node and the four services (builds
+## them, and starts Kafka and PostgreSQL unless they run, stopping only what it started).
+## The images check builds both images from the debug binaries with podman (installed when
+## missing) and runs them.
+ops-check: ops-deps
+	infra/prometheus/check.sh
+	infra/helm/check.sh
+	CARGO=$(CARGO) infra/grafana/check.sh
+	CARGO=$(CARGO) infra/docker/check.sh
+
+## ops-deps: promtool and prometheus (Debian's, service not started), helm (go install), python3-yaml, kcat.
+ops-deps:
+	@infra/local/ops-deps.sh
+
+## images: notification-hub/hub:dev and notification-hub/services:dev with podman or docker,
+## compiled inside the build (rust:1-bookworm, from the engine's registry).
+## images-prebuilt: the same images from the binaries of `make build-release` (no Rust image needed).
+images:
+	infra/docker/images.sh
+
+images-prebuilt: build-release
+	infra/docker/images.sh --prebuilt target/release
 
 build-release:
 	$(CARGO) build --release -p hub -p loadtest -p producers

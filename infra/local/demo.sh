@@ -6,6 +6,8 @@
 #   moderation   127.0.0.1:8083  REST reports; moderation worker
 #   payment      127.0.0.1:8084  (health and metrics only)
 #   delivery     127.0.0.1:8085  (health and metrics only)
+#   prometheus   127.0.0.1:9090  Debian's, with infra/prometheus/prometheus.yml and the repo's
+#                                rules (data in .run/prometheus/, kept across restarts)
 # on the local Redis, Kafka and PostgreSQL that `make demo` starts first (infra/local/infra.sh).
 # Each service gets its own database (created and migrated at start). The hub's signing secret
 # and API key are written to .run/demo.env (git-ignored); the services verify tokens signed with
@@ -31,7 +33,7 @@ REDIS=redis://127.0.0.1:${LOCAL_REDIS_PORT:-6379}
 ORIGINS=http://127.0.0.1:8080,http://localhost:8080
 
 # name:port, in start order (stopped in reverse).
-PROCS=("hub-a:8080" "hub-b:8082" "order:8081" "payment:8084" "delivery:8085" "moderation:8083")
+PROCS=("hub-a:8080" "hub-b:8082" "order:8081" "payment:8084" "delivery:8085" "moderation:8083" "prometheus:9090")
 
 # Topics and their partition counts (every one also gets a .dlq with the same count).
 TOPICS=(order.created payment.completed delivery.status.updated order.status.changed moderation.tasks moderation.results)
@@ -80,13 +82,17 @@ start_proc() {
     moderation) launch "$name" MODERATION_ADDR=127.0.0.1:$port MODERATION_DATABASE_URL="$($PG url moderation)" \
                   $(kafka_env MODERATION_ services) MODERATION_JWT_SECRET="$HUB_JWT_SECRET" \
                   MODERATION_ALLOWED_ORIGINS="$ORIGINS" MODERATION_DEMO_ADS=true nohup "$BIN/moderation-service" ;;
+    prometheus) launch "$name" nohup /usr/bin/prometheus --config.file=infra/prometheus/prometheus.yml \
+                  --storage.tsdb.path="$RUN/prometheus" --storage.tsdb.retention.time=2d \
+                  --web.listen-address=127.0.0.1:$port ;;
   esac
 }
 
 wait_ready() {
-  local name=$1 port=$2
+  local name=$1 port=$2 path=/readyz
+  [[ $name == prometheus ]] && path=/-/ready
   for _ in $(seq 1 300); do
-    if curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1; then return 0; fi
+    if curl -fsS "http://127.0.0.1:$port$path" >/dev/null 2>&1; then return 0; fi
     if ! running "$name"; then
       echo "demo: $name exited; see $RUN/$name.log:" >&2
       tail -5 "$RUN/$name.log" >&2
@@ -102,6 +108,7 @@ start() {
   for b in hub order-service payment-service delivery-service moderation-service; do
     [[ -x $BIN/$b ]] || { echo "demo: $BIN/$b missing; run make build-release (make demo does)" >&2; exit 1; }
   done
+  infra/local/ops-deps.sh prometheus >/dev/null
   if [[ ! -f $RUN/demo.env ]]; then
     {
       echo "HUB_JWT_SECRET=$(openssl rand -hex 32)"
@@ -127,7 +134,8 @@ start() {
   cat <<MSG
 
   The demo is running: two hub nodes on Redis, the order, payment, delivery and moderation
-  services on PostgreSQL and Kafka (${#TOPICS[@]} topics × $PARTITIONS partitions, each with a .dlq).
+  services on PostgreSQL and Kafka (${#TOPICS[@]} topics × $PARTITIONS partitions, each with a .dlq),
+  and Prometheus scraping them all.
 
   Open:  http://127.0.0.1:8080/
          Sign in (alice, or "broke" who cannot pay), place an order, watch it travel.
@@ -151,7 +159,8 @@ start() {
                        -d '{"user_id":"alice","type":"promo","data":{"text":"hello"}}' \\
                        http://127.0.0.1:8080/api/publish
                      (HUB_API_KEY and HUB_JWT_SECRET are in .run/demo.env)
-  Logs:              .run/<name>.log (hub-a, hub-b, order, payment, delivery, moderation)
+  Prometheus:        http://127.0.0.1:9090/  (alerts: /alerts; rules and alerts in infra/prometheus/)
+  Logs:              .run/<name>.log (hub-a, hub-b, order, payment, delivery, moderation, prometheus)
   Stop:              make stop
 
 MSG

@@ -1,0 +1,51 @@
+{{/* The release-scoped name prefix of every object. */}}
+{{- define "nh.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Labels of every object; pass (dict "ctx" $ "component" "hub"). */}}
+{{- define "nh.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+{{ include "nh.selectorLabels" . }}
+{{- end -}}
+
+{{/* The labels a component's selectors match on. */}}
+{{- define "nh.selectorLabels" -}}
+app.kubernetes.io/name: {{ .ctx.Chart.Name }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* An image reference; pass (dict "ctx" $ "image" .Values.image.hub). */}}
+{{- define "nh.image" -}}
+{{- printf "%s%s:%s" .ctx.Values.image.registry .image.repository (toString .image.tag) -}}
+{{- end -}}
+
+{{/* The Secret reference of a key; pass (dict "name" ... "key" ... "what" "the values path"). */}}
+{{- define "nh.secretRef" -}}
+valueFrom:
+  secretKeyRef:
+    name: {{ required (printf "%s.name is required: the name of an existing Secret" .what) .name }}
+    key: {{ required (printf "%s.key is required" .what) .key }}
+{{- end -}}
+
+{{/* Checks of values that would otherwise deploy a broken system. */}}
+{{- define "nh.validate" -}}
+{{- $h := .Values.hub -}}
+{{- $redis := or .Values.external.redis.url .Values.external.redis.urlSecret.name -}}
+{{- if and (not $redis) (or (gt (int $h.replicas) 1) $h.autoscaling.enabled) -}}
+{{- fail "external.redis.url (or external.redis.urlSecret.name) is required with more than one hub replica or autoscaling: without Redis each node has its own history" -}}
+{{- end -}}
+{{- if lt (int $h.shutdownGraceSeconds) (int $h.drainWindowSeconds) -}}
+{{- fail "hub.shutdownGraceSeconds must be at least hub.drainWindowSeconds" -}}
+{{- end -}}
+{{- if and $h.autoscaling.enabled (lt (int $h.autoscaling.minReplicas) 2) $h.pdb.enabled -}}
+{{- fail "hub.autoscaling.minReplicas must be at least 2 with the PodDisruptionBudget (one node must stay up during a disruption)" -}}
+{{- end -}}
+{{- end -}}
