@@ -163,15 +163,111 @@ impl FromRequestParts<ApiState> for ApiKey {
     }
 }
 
-#[derive(Deserialize)]
+/// One notification to publish.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PublishRequest {
+    /// The recipient: 1–256 bytes, no `{`, `}` or control characters.
+    #[schema(example = "alice")]
     user_id: String,
+    /// The notification type: 1–256 bytes, not starting with `hub.`.
     #[serde(rename = "type")]
+    #[schema(example = "order.status")]
     kind: String,
+    /// A JSON object, delivered unchanged (line breaks become spaces).
+    #[schema(value_type = Object)]
     data: Box<RawValue>,
+    /// A repeat within `HUB_IDEMPOTENCY_TTL` returns the first id and publishes nothing.
     #[serde(default)]
+    #[schema(max_length = 256)]
     idempotency_key: Option<String>,
+}
+
+/// `{"id": "..."}`: the notification's id in the user's history.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct PublishResponse {
+    #[schema(example = "5f1c0a3e2b-42")]
+    id: String,
+}
+
+/// `{"ids": [...]}`: one id per item, in the items' order.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct BatchResponse {
+    ids: Vec<String>,
+}
+
+/// `{"disconnected": n}`: connections closed over all nodes.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct DisconnectResponse {
+    disconnected: usize,
+}
+
+/// `{"error": "..."}`: why the request was refused (never echoes a secret).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct ErrorBody {
+    error: String,
+}
+
+/// `{"token": "..."}` from the dev login.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct TokenResponse {
+    token: String,
+}
+
+/// The OpenAPI 3.1 description of this API, generated from the handlers and types.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "notification hub HTTP API",
+        description = "Publish notifications, disconnect users, probes and metrics. The client endpoints /ws and /sse are described in docs/asyncapi.yaml."
+    ),
+    paths(publish, publish_batch, disconnect, healthz, readyz, metrics, dev_token),
+    components(schemas(
+        PublishRequest,
+        PublishResponse,
+        BatchRequest,
+        BatchResponse,
+        DisconnectRequest,
+        DisconnectResponse,
+        DevLogin,
+        TokenResponse,
+        ErrorBody
+    )),
+    modifiers(&BearerKey)
+)]
+struct ApiDoc;
+
+/// The API key as a bearer scheme.
+struct BearerKey;
+
+impl utoipa::Modify for BearerKey {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("HUB_API_KEY"))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The document served at `GET /api/openapi.json`.
+pub fn openapi_json() -> String {
+    use utoipa::OpenApi;
+    ApiDoc::openapi().to_json().unwrap_or_default()
+}
+
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        openapi_json(),
+    )
+        .into_response()
 }
 
 fn check_field(name: &str, value: &str) -> Result<(), ApiError> {
@@ -266,6 +362,21 @@ fn check_publish(req: PublishRequest) -> Result<PublishRequest, ApiError> {
     Ok(req)
 }
 
+/// Publishes one notification to a user.
+#[utoipa::path(
+    post,
+    path = "/api/publish",
+    request_body(content = PublishRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Accepted; the id in history (the first id for a repeated key)", body = PublishResponse),
+        (status = 400, description = "Bad JSON, a missing, empty or invalid field, a `hub.` type", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key (everyone, when none is configured)", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB", body = ErrorBody),
+        (status = 415, description = "Content-Type other than application/json", body = ErrorBody),
+        (status = 503, description = "Backplane unreachable; retry with the same idempotency key", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
 async fn publish(
     State(state): State<ApiState>,
     _key: ApiKey,
@@ -293,14 +404,30 @@ async fn publish(
     Ok(Json(serde_json::json!({ "id": published.id.to_string() })))
 }
 
-#[derive(Deserialize)]
+/// Up to 1 000 notifications (and 1 MiB).
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct BatchRequest {
+    #[schema(max_items = 1000)]
     notifications: Vec<PublishRequest>,
 }
 
 /// `POST /api/publish/batch`: up to 1 000 notifications in one request and one store round
 /// trip; all or nothing at validation, ids in the items' order.
+#[utoipa::path(
+    post,
+    path = "/api/publish/batch",
+    request_body(content = BatchRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "All accepted; ids in the items' order", body = BatchResponse),
+        (status = 400, description = "An invalid item (named by its index); nothing was published", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 413, description = "More than 1 000 items or a body over 1 MiB", body = ErrorBody),
+        (status = 415, description = "Content-Type other than application/json", body = ErrorBody),
+        (status = 503, description = "Backplane unreachable; retry (idempotency keys make it safe)", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
 async fn publish_batch(
     State(state): State<ApiState>,
     _key: ApiKey,
@@ -361,10 +488,17 @@ async fn publish_batch(
     Ok(Json(serde_json::json!({ "ids": ids })))
 }
 
+/// Liveness: 200 while the process runs.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "Running", body = String)))]
 async fn healthz() -> &'static str {
     "ok"
 }
 
+/// Readiness: 200 when the backplane is reachable and the node is not draining.
+#[utoipa::path(get, path = "/readyz", responses(
+    (status = 200, description = "Ready", body = Object),
+    (status = 503, description = "Draining, or the backplane is unreachable", body = Object),
+))]
 async fn readyz(State(state): State<ApiState>) -> Response {
     if state.inner.lifecycle.is_draining() {
         return (
@@ -391,6 +525,8 @@ async fn readyz(State(state): State<ApiState>) -> Response {
     }
 }
 
+/// Prometheus metrics (text exposition format).
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Metrics", content_type = "text/plain; version=0.0.4", body = String)))]
 async fn metrics(State(state): State<ApiState>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -399,16 +535,31 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         .into_response()
 }
 
-#[derive(Deserialize)]
+/// Whom to disconnect, and optionally which of their tokens to refuse from now on.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct DisconnectRequest {
+    #[schema(example = "alice")]
     user_id: String,
+    /// Unix seconds: tokens of the user issued earlier (or without `iat`) are refused.
     #[serde(default)]
     revoke_tokens_issued_before: Option<u64>,
 }
 
 /// `POST /api/disconnect`: closes every connection of a user on every node and optionally
 /// revokes the user's tokens issued before a time.
+#[utoipa::path(
+    post,
+    path = "/api/disconnect",
+    request_body(content = DisconnectRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Every connection of the user on every node closed (WS 4010, SSE end)", body = DisconnectResponse),
+        (status = 400, description = "Bad JSON or user id", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 503, description = "Backplane unreachable", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
 async fn disconnect(
     State(state): State<ApiState>,
     _key: ApiKey,
@@ -447,7 +598,8 @@ async fn disconnect(
     Ok(Json(serde_json::json!({ "disconnected": closed })))
 }
 
-#[derive(Deserialize)]
+/// The dev login's request (only with `hub serve --dev`, loopback clients only).
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct DevLogin {
     user_id: String,
@@ -459,6 +611,16 @@ struct DevLogin {
 
 /// `POST /api/dev/token` (only with `--dev`): answers loopback clients only, so a dev node
 /// reachable from elsewhere does not mint tokens for strangers.
+#[utoipa::path(
+    post,
+    path = "/api/dev/token",
+    request_body(content = DevLogin, content_type = "application/json"),
+    responses(
+        (status = 200, description = "A one-hour token (only with --dev)", body = TokenResponse),
+        (status = 400, description = "Bad body", body = ErrorBody),
+        (status = 403, description = "Not a loopback client", body = ErrorBody),
+    )
+)]
 async fn dev_token(
     State(state): State<ApiState>,
     extensions: http::Extensions,
@@ -527,6 +689,7 @@ pub fn router(state: ApiState) -> axum::Router {
             "/api/disconnect",
             post(disconnect).layer(DefaultBodyLimit::max(MAX_BODY)),
         )
+        .route("/api/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -584,6 +747,32 @@ mod tests {
             req.extensions_mut().insert(ConnectInfo(addr));
         }
         dev_router().oneshot(req).await.expect("answer").status()
+    }
+
+    #[test]
+    fn the_openapi_document_names_every_route_and_schema() {
+        let doc: serde_json::Value = serde_json::from_str(&openapi_json()).expect("JSON");
+        assert_eq!(doc["openapi"], "3.1.0");
+        for path in [
+            "/api/publish",
+            "/api/publish/batch",
+            "/api/disconnect",
+            "/healthz",
+            "/readyz",
+            "/metrics",
+            "/api/dev/token",
+        ] {
+            assert!(doc["paths"][path].is_object(), "{path} missing");
+        }
+        let publish = &doc["components"]["schemas"]["PublishRequest"];
+        assert_eq!(
+            publish["required"],
+            serde_json::json!(["user_id", "type", "data"])
+        );
+        assert_eq!(
+            doc["paths"]["/api/publish"]["post"]["security"][0]["api_key"],
+            serde_json::json!([])
+        );
     }
 
     #[tokio::test]
