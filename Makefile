@@ -8,13 +8,13 @@ export LOCAL_PG_PORT ?= 5432
 HUB_TEST_REDIS_URL ?= redis://127.0.0.1:$(LOCAL_REDIS_PORT)
 PRODUCERS_TEST_DATABASE_URL ?= postgres://notify:notify@127.0.0.1:$(LOCAL_PG_PORT)/postgres
 
-.PHONY: test deps fmt-check clippy k6-check browser-deps demo stop build-release infra-up infra-down ops-check ops-deps images images-prebuilt
+.PHONY: api-docs-check test deps fmt-check clippy k6-check browser-deps demo stop build-release infra-up infra-down ops-check ops-deps images images-prebuilt
 
 ## test: install what is missing, then format check, lints, and every test (Rust unit and
 ## integration, the browser test in headless Chromium) against a local Redis, Kafka and
 ## PostgreSQL. Stops afterwards only what this run started (also when tests fail); services
 ## already running, e.g. from `make infra-up`, are left running. Exits non-zero on any failure.
-test: deps fmt-check clippy k6-check browser-deps ops-check
+test: deps fmt-check clippy k6-check browser-deps ops-check api-docs-check
 	@rec=$$(mktemp); \
 	trap 'infra/local/infra.sh down --record "$$rec"' EXIT; \
 	trap 'exit 130' INT; trap 'exit 143' TERM; \
@@ -31,6 +31,11 @@ fmt-check:
 
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## api-docs-check: the hub's OpenAPI 3.1 (served at /api/openapi.json) and docs/asyncapi.yaml
+## (AsyncAPI 3) validated by independent validators (infra/api-docs; needs node and npm).
+api-docs-check:
+	infra/api-docs/check.sh
 
 ## k6-check: type-check the k6 scripts (loadtest/k6) against @types/k6; needs node and npm.
 k6-check:
