@@ -151,6 +151,7 @@ impl Consumer {
         let mut workers: HashMap<(String, i32), mpsc::Sender<OwnedMessage>> = HashMap::new();
         let mut tasks = JoinSet::new();
         let committer = tokio::spawn(this.clone().commit_periodically(stop.clone()));
+        let mut last_error_log: Option<std::time::Instant> = None;
         loop {
             let message = tokio::select! {
                 () = stop.cancelled() => break,
@@ -159,8 +160,15 @@ impl Consumer {
             let message = match message {
                 Ok(m) => m.detach(),
                 Err(e) => {
-                    tracing::warn!(error = %e, "kafka: consume error");
-                    if sleep_or_stop(Duration::from_millis(500), &stop).await {
+                    // librdkafka reconnects by itself. While the brokers are away it queues an
+                    // error event per failed attempt; pausing long on each would delay the
+                    // first records after they are back by as many pauses (tens of seconds), so
+                    // the queue is drained quickly and the log says it once a second at most.
+                    if last_error_log.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                        tracing::warn!(error = %e, "kafka: consume error");
+                        last_error_log = Some(std::time::Instant::now());
+                    }
+                    if sleep_or_stop(Duration::from_millis(10), &stop).await {
                         break;
                     }
                     continue;
