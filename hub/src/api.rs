@@ -263,11 +263,7 @@ pub fn openapi_json() -> String {
 }
 
 async fn openapi() -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        openapi_json(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "application/json")], openapi_json()).into_response()
 }
 
 fn check_field(name: &str, value: &str) -> Result<(), ApiError> {

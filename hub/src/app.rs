@@ -173,6 +173,22 @@ fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(4096)
 }
 
+/// Makes request ids: a random 64-bit value in hex, for requests that come without one.
+#[derive(Clone, Copy)]
+struct RequestIds;
+
+impl tower_http::request_id::MakeRequestId for RequestIds {
+    fn make_request_id<B>(
+        &mut self,
+        _: &http::Request<B>,
+    ) -> Option<tower_http::request_id::RequestId> {
+        let id = format!("{:016x}", rand::random::<u64>());
+        http::HeaderValue::from_str(&id)
+            .ok()
+            .map(tower_http::request_id::RequestId::new)
+    }
+}
+
 /// Forgets per-user handshake rate state that has been idle, so the limiter's memory follows
 /// the users connecting now, not every user ever seen.
 fn spawn_rate_sweeper(ctx: Context) -> tokio::task::JoinHandle<()> {
@@ -312,18 +328,31 @@ impl Application {
             .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
                 settings.handshake_timeout,
             ))
+            // The request id (`x-request-id`: the caller's, or a fresh one) is in every log
+            // line of the request and in the response.
+            .layer(tower_http::request_id::PropagateRequestIdLayer::x_request_id())
             .layer(
                 // Spans carry the path only: the query string may hold a token.
                 TraceLayer::new_for_http()
                     .make_span_with(|req: &http::Request<_>| {
-                        tracing::debug_span!("http", method = %req.method(), path = %req.uri().path())
+                        let request_id = req
+                            .headers()
+                            .get("x-request-id")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default();
+                        tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id)
                     })
                     // A 503 (draining, backplane down) is expected and counted elsewhere;
                     // it is not an error in the node's own log.
+                    .on_request(tower_http::trace::DefaultOnRequest::new().level(tracing::Level::DEBUG))
+                    .on_response(tower_http::trace::DefaultOnResponse::new().level(tracing::Level::DEBUG))
                     .on_failure(
                         tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
                     ),
-            );
+            )
+            .layer(tower_http::request_id::SetRequestIdLayer::x_request_id(
+                RequestIds,
+            ));
 
         let listener = bind(settings.addr)
             .with_context(|| format!("config: HUB_ADDR: cannot listen on {}", settings.addr))?;

@@ -278,6 +278,18 @@ enum Prepared {
     Dlq(RouteError),
 }
 
+/// The trace id of a record's W3C `traceparent` header (`00-<trace id>-<span id>-<flags>`).
+fn trace_id(message: &OwnedMessage) -> Option<&str> {
+    let value = message.headers().and_then(|h| {
+        h.iter()
+            .find(|header| header.key.eq_ignore_ascii_case("traceparent"))
+            .and_then(|header| header.value)
+    })?;
+    let text = std::str::from_utf8(value).ok()?;
+    let id = text.split('-').nth(1)?;
+    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
+}
+
 /// The text of a caught panic.
 fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
     panic
@@ -410,9 +422,25 @@ impl Worker {
         }
     }
 
-    /// Counts what one record's notifications did.
+    /// Counts what one record's notifications did, and logs them (at debug) with the
+    /// record's W3C trace id, so one order can be followed from its API call through the
+    /// outbox and Kafka into the hub.
     fn count(&self, message: &OwnedMessage, published: &[Published]) {
         let topic = message.topic();
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let trace_id = trace_id(message).unwrap_or_default();
+            for p in published {
+                tracing::debug!(
+                    topic,
+                    partition = message.partition(),
+                    offset = message.offset(),
+                    trace_id,
+                    id = %p.id,
+                    duplicate = p.duplicate,
+                    "ingested record published"
+                );
+            }
+        }
         let kafka_ms = message.timestamp().to_millis();
         for p in published {
             let outcome = if p.duplicate {
@@ -482,7 +510,8 @@ impl Worker {
         let partition = message.partition().to_string();
         let offset = message.offset().to_string();
         let reason = error.to_string();
-        tracing::warn!(topic, partition = message.partition(), offset = message.offset(), %reason, "record to DLQ");
+        let trace_id = trace_id(message).unwrap_or_default();
+        tracing::warn!(topic, partition = message.partition(), offset = message.offset(), trace_id, %reason, "record to DLQ");
         let mut backoff = Duration::from_millis(100);
         loop {
             let mut headers = OwnedHeaders::new()

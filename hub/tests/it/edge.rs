@@ -674,3 +674,27 @@ async fn sse_preflight_allows_header_auth_for_accepted_origins_only() {
     assert_eq!(sse.event().await.data["type"], "hub.connected");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn every_api_response_carries_a_request_id() {
+    let app = spawn_app().await;
+    let client = reqwest::Client::new();
+    let r = client
+        .get(format!("{}/healthz", app.base()))
+        .send()
+        .await
+        .expect("GET");
+    let made = r.headers()["x-request-id"]
+        .to_str()
+        .expect("text")
+        .to_owned();
+    assert_eq!(made.len(), 16, "a fresh id: {made}");
+    let r = client
+        .get(format!("{}/readyz", app.base()))
+        .header("x-request-id", "from-the-caller-1")
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.headers()["x-request-id"], "from-the-caller-1");
+    app.stop().await;
+}
