@@ -87,53 +87,81 @@ pub struct RedisTelemetry {
     pub lag_seconds: Gauge,
 }
 
-/// ARGV: fresh epoch, maxlen, TTL (ms, the keys' lifetime), acceptance time (µs), envelope
-/// tail, refresh interval (µs), dedupe mode (`k`: an API key, KEYS[4] a string that lives
-/// `HUB_IDEMPOTENCY_TTL`; `e`: an ingested event, KEYS[4] the user's sorted set of recent
-/// event hashes scored by sequence, trimmed to about the window; empty: none), the event
-/// hash, the window, the key TTL (ms). The keys' TTLs are refreshed at most once per interval (the
-/// time of the last refresh is the meta hash's `x`), not on every notification; the TTL set
-/// covers the interval too, so a history still lives at least `HUB_HISTORY_TTL` after its
-/// last notification.
+/// Publishes any number of notifications in one call (so the script's per-call cost is paid
+/// once per batch, not per notification). KEYS: four per notification — meta, stream, channel,
+/// dedupe key (the meta key again when there is none). ARGV: maxlen, TTL (ms, the keys'
+/// lifetime), refresh interval (µs), dedupe window, API key TTL (ms), then five per
+/// notification — fresh epoch, acceptance time (µs), envelope tail, dedupe mode (`k`: an API
+/// key, the dedupe key a string that lives `HUB_IDEMPOTENCY_TTL`; `e`: an ingested event, the
+/// dedupe key the user's sorted set of recent event hashes scored by sequence, trimmed to about
+/// the window; empty: none), event hash. The keys' TTLs are refreshed at most once per interval
+/// (the time of the last refresh is the meta hash's `x`), not on every notification; the TTL
+/// set covers the interval too, so a history still lives at least `HUB_HISTORY_TTL` after its
+/// last notification. Returns `fresh, id` per notification (`fresh` 0: a repeat, with the
+/// first id).
 const PUBLISH_SCRIPT: &str = r#"
-local meta, stream, channel, dedupe = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local fresh_epoch, maxlen, ttl, us, tail, every = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local mode, member, window, key_ttl = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
-local m = redis.call('HMGET', meta, 'epoch', 'x')
-local epoch, refreshed = m[1], m[2]
-if mode == 'k' then
-  local first = redis.call('GET', dedupe)
-  if first then return {0, first} end
-elseif mode == 'e' and epoch then
-  local seq = redis.call('ZSCORE', dedupe, member)
-  if seq then return {0, epoch .. '-' .. seq} end
+local maxlen, ttl, every, window, key_ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local out = {}
+for i = 0, #KEYS / 4 - 1 do
+  local meta, stream, channel, dedupe = KEYS[i * 4 + 1], KEYS[i * 4 + 2], KEYS[i * 4 + 3], KEYS[i * 4 + 4]
+  local a = 5 + i * 5
+  local fresh_epoch, us, tail, mode, member = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
+  local m = redis.call('HMGET', meta, 'epoch', 'x')
+  local epoch, refreshed = m[1], m[2]
+  local first = false
+  if mode == 'k' then
+    first = redis.call('GET', dedupe)
+  elseif mode == 'e' and epoch then
+    local seen = redis.call('ZSCORE', dedupe, member)
+    if seen then first = epoch .. '-' .. seen end
+  end
+  if first then
+    out[#out + 1] = 0
+    out[#out + 1] = first
+  else
+    if not epoch then
+      epoch = fresh_epoch
+      redis.call('DEL', stream)
+      redis.call('HSET', meta, 'epoch', epoch)
+      if mode == 'e' then redis.call('DEL', dedupe) end
+      refreshed = false
+    end
+    local seq = redis.call('HINCRBY', meta, 'seq', 1)
+    local id = epoch .. '-' .. seq
+    local env = '{"id":"' .. id .. '",' .. tail
+    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, seq .. '-1', 'e', env, 'u', us)
+    if mode == 'k' then
+      redis.call('SET', dedupe, id, 'PX', key_ttl)
+    elseif mode == 'e' then
+      redis.call('ZADD', dedupe, seq, member)
+      if seq % 32 == 0 then redis.call('ZREMRANGEBYRANK', dedupe, 0, -tonumber(window) - 1) end
+    end
+    if not refreshed or tonumber(us) - tonumber(refreshed) >= every then
+      redis.call('HSET', meta, 'x', us)
+      redis.call('PEXPIRE', meta, ttl)
+      redis.call('PEXPIRE', stream, ttl)
+      if mode == 'e' then redis.call('PEXPIRE', dedupe, ttl) end
+    end
+    redis.call('PUBLISH', channel, id .. ' ' .. us .. ' ' .. env)
+    out[#out + 1] = 1
+    out[#out + 1] = id
+  end
 end
-if not epoch then
-  epoch = fresh_epoch
-  redis.call('DEL', stream)
-  redis.call('HSET', meta, 'epoch', epoch)
-  if mode == 'e' then redis.call('DEL', dedupe) end
-  refreshed = false
-end
-local seq = redis.call('HINCRBY', meta, 'seq', 1)
-local id = epoch .. '-' .. seq
-local env = '{"id":"' .. id .. '",' .. tail
-redis.call('XADD', stream, 'MAXLEN', '~', maxlen, seq .. '-1', 'e', env, 'u', us)
-if mode == 'k' then
-  redis.call('SET', dedupe, id, 'PX', key_ttl)
-elseif mode == 'e' then
-  redis.call('ZADD', dedupe, seq, member)
-  if seq % 32 == 0 then redis.call('ZREMRANGEBYRANK', dedupe, 0, -tonumber(window) - 1) end
-end
-if not refreshed or tonumber(us) - tonumber(refreshed) >= tonumber(every) then
-  redis.call('HSET', meta, 'x', us)
-  redis.call('PEXPIRE', meta, ttl)
-  redis.call('PEXPIRE', stream, ttl)
-  if mode == 'e' then redis.call('PEXPIRE', dedupe, ttl) end
-end
-redis.call('PUBLISH', channel, id .. ' ' .. us .. ' ' .. env)
-return {1, id}
+return out
 "#;
+
+/// Most notifications in one script call: a script blocks Redis while it runs, so a large
+/// batch goes out as several calls (pipelined) and other clients are served in between.
+const SCRIPT_BATCH: usize = 64;
+
+/// Most single publishes one coalescing round gathers into a script call.
+const COALESCE: usize = 64;
+
+/// A single publish waiting for the coalescer.
+struct Job {
+    msg: Publish,
+    done: tokio::sync::oneshot::Sender<Result<Published, BackplaneError>>,
+}
 
 /// Cheap-to-clone handle on the Redis backplane.
 #[derive(Clone)]
@@ -146,6 +174,8 @@ struct Inner {
     /// go out pipelined; each reconnects by itself after a failure.
     conns: Vec<ConnectionManager>,
     next: std::sync::atomic::AtomicUsize,
+    /// One coalescing task per command connection (see [`RedisBackplane::coalesce`]).
+    coalescers: Vec<mpsc::Sender<Job>>,
     client: redis::Client,
     settings: RedisSettings,
     publish: redis::Script,
@@ -241,10 +271,13 @@ impl RedisBackplane {
             .map_err(unavailable)?;
         let (changed, changes) = mpsc::channel(1);
         let (live, _) = watch::channel(0);
+        let (coalescers, jobs): (Vec<_>, Vec<_>) =
+            conns.iter().map(|_| mpsc::channel::<Job>(1024)).unzip();
         let this = RedisBackplane {
             inner: Arc::new(Inner {
                 conns,
                 next: std::sync::atomic::AtomicUsize::new(0),
+                coalescers,
                 client: client.clone(),
                 settings,
                 publish: redis::Script::new(PUBLISH_SCRIPT),
@@ -258,43 +291,151 @@ impl RedisBackplane {
             }),
         };
         this.ping().await?;
-        let task = tokio::spawn(this.clone().pubsub_task(client, changes));
+        // One task for the pub/sub loop and the coalescers: aborting it stops them all.
+        let pubsub = this.clone().pubsub_task(client, changes);
+        let coalescers =
+            futures_util::future::join_all(jobs.into_iter().map(|rx| this.clone().coalesce(rx)));
+        let task = tokio::spawn(async move {
+            tokio::join!(pubsub, coalescers);
+        });
         Ok((this, task))
     }
 
-    /// The publish script's `EVALSHA` for one notification.
-    fn publish_cmd(&self, msg: &Publish, accepted_us: u64) -> redis::Cmd {
+    /// The publish script's `EVALSHA` for a chunk of notifications.
+    fn publish_cmd(&self, msgs: &[Publish], accepted_us: u64) -> redis::Cmd {
         let settings = &self.inner.settings;
-        let tail = Notification::envelope_tail(&msg.kind, &msg.data, accepted_us);
         let every = refresh_interval(settings.history_ttl);
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.inner.publish.get_hash())
-            .arg(if msg.dedupe.is_some() { 4 } else { 3 })
-            .arg(self.key("m", &msg.user))
-            .arg(self.key("h", &msg.user))
-            .arg(self.key("c", &msg.user));
-        let (mode, member) = match &msg.dedupe {
-            None => ("", String::new()),
-            Some(Dedupe::Key(key)) => {
-                cmd.arg(format!("{}:{key}", self.key("i", &msg.user)));
-                ("k", String::new())
-            }
-            Some(Dedupe::Event(event)) => {
-                cmd.arg(self.key("e", &msg.user));
-                ("e", event_member(event))
-            }
-        };
-        cmd.arg(format!("{:x}", (rand::random::<u64>() >> 16).max(1)))
-            .arg(settings.history_size)
+        cmd.arg(self.inner.publish.get_hash()).arg(msgs.len() * 4);
+        for msg in msgs {
+            let meta = self.key("m", &msg.user);
+            let dedupe = match &msg.dedupe {
+                None => meta.clone(),
+                Some(Dedupe::Key(key)) => format!("{}:{key}", self.key("i", &msg.user)),
+                Some(Dedupe::Event(_)) => self.key("e", &msg.user),
+            };
+            cmd.arg(meta)
+                .arg(self.key("h", &msg.user))
+                .arg(self.key("c", &msg.user))
+                .arg(dedupe);
+        }
+        cmd.arg(settings.history_size)
             .arg((settings.history_ttl + every).as_millis() as u64)
-            .arg(accepted_us)
-            .arg(tail)
             .arg(every.as_micros() as u64)
-            .arg(mode)
-            .arg(member)
             .arg(settings.event_window.max(1))
             .arg(settings.idempotency_ttl.as_millis().max(1) as u64);
+        for msg in msgs {
+            let (mode, member) = match &msg.dedupe {
+                None => ("", String::new()),
+                Some(Dedupe::Key(_)) => ("k", String::new()),
+                Some(Dedupe::Event(event)) => ("e", event_member(event)),
+            };
+            cmd.arg(format!("{:x}", (rand::random::<u64>() >> 16).max(1)))
+                .arg(accepted_us)
+                .arg(Notification::envelope_tail(
+                    &msg.kind,
+                    &msg.data,
+                    accepted_us,
+                ))
+                .arg(mode)
+                .arg(member);
+        }
         cmd
+    }
+
+    /// Publishes through the script: one call per [`SCRIPT_BATCH`] notifications, the calls
+    /// pipelined on one connection (so their order holds).
+    async fn run_scripts(&self, msgs: &[Publish]) -> Result<Vec<Published>, BackplaneError> {
+        if msgs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let accepted_us = now_micros();
+        let mut pipe = redis::pipe();
+        for chunk in msgs.chunks(SCRIPT_BATCH) {
+            pipe.add_command(self.publish_cmd(chunk, accepted_us));
+        }
+        let replies: Vec<Vec<redis::Value>> = self
+            .with_timeout(async {
+                let mut conn = self.conn();
+                match pipe.query_async(&mut conn).await {
+                    // The script is not in this server's cache (a restart or failover since
+                    // it was loaded): no call of the pipeline ran, so load it and resend.
+                    Err(e)
+                        if e.kind()
+                            == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                    {
+                        self.inner
+                            .publish
+                            .prepare_invoke()
+                            .load_async(&mut conn)
+                            .await
+                            .map_err(publish_error)?;
+                        pipe.query_async(&mut conn).await.map_err(publish_error)
+                    }
+                    other => other.map_err(publish_error),
+                }
+            })
+            .await?;
+        let mut out = Vec::with_capacity(msgs.len());
+        for reply in replies {
+            for pair in reply.chunks(2) {
+                let [fresh, id] = pair else {
+                    return Err(unavailable("the store answered an odd reply"));
+                };
+                let fresh: u8 = redis::from_redis_value(fresh.clone())
+                    .map_err(|_| unavailable("store returned a malformed reply"))?;
+                let id: String = redis::from_redis_value(id.clone())
+                    .map_err(|_| unavailable("store returned a malformed reply"))?;
+                let id = id
+                    .parse::<Id>()
+                    .map_err(|_| unavailable("store returned a malformed id"))?;
+                out.push(Published {
+                    id,
+                    duplicate: fresh == 0,
+                });
+            }
+        }
+        if out.len() != msgs.len() {
+            return Err(unavailable(
+                "the store answered a different number of replies",
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Gathers the single publishes that are waiting (up to [`COALESCE`]) into one script
+    /// call, so concurrent API requests share the script's per-call cost and one round trip.
+    /// One such task per command connection; a publish waits only for the round in flight.
+    async fn coalesce(self, mut jobs: mpsc::Receiver<Job>) {
+        let mut batch: Vec<Job> = Vec::with_capacity(COALESCE);
+        while let Some(first) = jobs.recv().await {
+            batch.push(first);
+            while batch.len() < COALESCE {
+                match jobs.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            let (msgs, dones): (Vec<Publish>, Vec<_>) =
+                batch.drain(..).map(|j| (j.msg, j.done)).unzip();
+            match self.run_scripts(&msgs).await {
+                Ok(published) => {
+                    for (done, p) in dones.into_iter().zip(published) {
+                        let _ = done.send(Ok(p));
+                    }
+                }
+                Err(e) => {
+                    for done in dones {
+                        let _ = done.send(Err(match &e {
+                            BackplaneError::Rejected(why) => BackplaneError::Rejected(why.clone()),
+                            BackplaneError::Unavailable(why) => {
+                                BackplaneError::Unavailable(why.clone())
+                            }
+                        }));
+                    }
+                }
+            }
+        }
     }
 
     /// A command connection (cheap clone of a multiplexed one).
@@ -884,59 +1025,19 @@ fn parse_payload(payload: &[u8]) -> Option<(Id, u64, &str)> {
 #[async_trait]
 impl Backplane for RedisBackplane {
     async fn publish(&self, msg: Publish) -> Result<Published, BackplaneError> {
-        let mut out = self.publish_batch(vec![msg]).await?;
-        out.pop()
-            .ok_or_else(|| unavailable("the store answered nothing"))
+        let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.coalescers.len();
+        let (done, answer) = tokio::sync::oneshot::channel();
+        self.inner.coalescers[i]
+            .send(Job { msg, done })
+            .await
+            .map_err(|_| unavailable("the publishing task stopped"))?;
+        answer
+            .await
+            .map_err(|_| unavailable("the publishing task stopped"))?
     }
 
     async fn publish_batch(&self, msgs: Vec<Publish>) -> Result<Vec<Published>, BackplaneError> {
-        if msgs.is_empty() {
-            return Ok(Vec::new());
-        }
-        let accepted_us = now_micros();
-        let mut pipe = redis::pipe();
-        for msg in &msgs {
-            pipe.add_command(self.publish_cmd(msg, accepted_us));
-        }
-        let replies: Vec<(u8, String)> = self
-            .with_timeout(async {
-                let mut conn = self.conn();
-                match pipe.query_async(&mut conn).await {
-                    // The script is not in this server's cache (a restart or failover since
-                    // it was loaded): no command of the pipeline ran, so load it and resend.
-                    Err(e)
-                        if e.kind()
-                            == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                    {
-                        self.inner
-                            .publish
-                            .prepare_invoke()
-                            .load_async(&mut conn)
-                            .await
-                            .map_err(publish_error)?;
-                        pipe.query_async(&mut conn).await.map_err(publish_error)
-                    }
-                    other => other.map_err(publish_error),
-                }
-            })
-            .await?;
-        if replies.len() != msgs.len() {
-            return Err(unavailable(
-                "the store answered a different number of replies",
-            ));
-        }
-        replies
-            .into_iter()
-            .map(|(fresh, id)| {
-                let id = id
-                    .parse::<Id>()
-                    .map_err(|_| unavailable("store returned a malformed id"))?;
-                Ok(Published {
-                    id,
-                    duplicate: fresh == 0,
-                })
-            })
-            .collect()
+        self.run_scripts(&msgs).await
     }
 
     async fn subscribe(&self, user: &Arc<str>) -> Result<(), BackplaneError> {
