@@ -152,6 +152,7 @@ fn redis_settings(settings: &Settings, url: &str) -> RedisSettings {
         ca_file: settings.redis_ca_file.clone(),
         prefix: settings.redis_prefix.clone(),
         pool_size: settings.redis_pool_size,
+        linger: settings.publish_linger,
         timeout: settings.redis_timeout,
         history_size: settings.history_size,
         history_ttl: settings.history_ttl,

@@ -87,6 +87,12 @@ pub struct Settings {
     pub redis_ca_file: Option<PathBuf>,
     /// Key and channel prefix in Redis (several deployments can share one Redis).
     pub redis_prefix: String,
+    /// Single publishes wait up to this long to share a Redis script call with others (more
+    /// notifications per call, fewer wakeups everywhere; adds up to this much latency).
+    #[serde(with = "humantime_serde")]
+    pub publish_linger: Duration,
+    /// Worker threads of the node's runtime; 0 means one per CPU.
+    pub worker_threads: usize,
     /// Multiplexed command connections to Redis per node (each pipelines every concurrent
     /// command).
     pub redis_pool_size: usize,
@@ -202,6 +208,8 @@ impl Default for Settings {
             redis_ca_file: None,
             redis_prefix: "hub".to_owned(),
             redis_pool_size: 2,
+            publish_linger: Duration::ZERO,
+            worker_threads: 0,
             redis_timeout: Duration::from_secs(2),
             kafka_brokers: None,
             kafka_group: "hub-ingest".to_owned(),
@@ -408,6 +416,18 @@ impl Settings {
             ));
         }
         positive("HUB_REDIS_POOL_SIZE", self.redis_pool_size, 1, 1024)?;
+        if self.publish_linger > Duration::from_millis(100) {
+            return Err(ConfigError::new(
+                "HUB_PUBLISH_LINGER",
+                "must be at most 100ms",
+            ));
+        }
+        if self.worker_threads > 1024 {
+            return Err(ConfigError::new(
+                "HUB_WORKER_THREADS",
+                "must be at most 1024 (0: one per CPU)",
+            ));
+        }
         at_least(
             "HUB_REDIS_TIMEOUT",
             self.redis_timeout,

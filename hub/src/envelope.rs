@@ -88,10 +88,11 @@ pub struct Notification {
     pub accepted_us: u64,
     /// The envelope JSON, ready to be a WebSocket text frame.
     pub json: Utf8Bytes,
-    /// `id: ..\ndata: ..\n\n`, for an SSE body that a framing layer wraps.
-    pub sse_event: Bytes,
-    /// The same event as one HTTP/1.1 chunk, for the raw SSE path.
-    pub sse_chunk: Bytes,
+    /// `id: ..\ndata: ..\n\n`, made on first use (only nodes with SSE clients of the user
+    /// pay for it), then shared.
+    sse_event: std::sync::OnceLock<Bytes>,
+    /// The same event as one HTTP/1.1 chunk, for the raw SSE path; made on first use.
+    sse_chunk: std::sync::OnceLock<Bytes>,
     /// A `hub.gap` marker rather than a notification: the backplane lost the user's history
     /// while connections were open; the bytes are the control message (no SSE `id:` line).
     pub gap: bool,
@@ -116,16 +117,27 @@ impl Notification {
 
     /// Wraps an envelope rendered elsewhere (by the backplane's store) with its id.
     pub fn from_json(id: Id, json: String, accepted_us: u64) -> Self {
-        let sse_event = sse_event(Some(id), &json);
-        let sse_chunk = chunk(&sse_event);
         Notification {
             id,
             accepted_us,
             json: Utf8Bytes::from(json),
-            sse_event,
-            sse_chunk,
+            sse_event: std::sync::OnceLock::new(),
+            sse_chunk: std::sync::OnceLock::new(),
             gap: false,
         }
+    }
+
+    /// The SSE event: `id:` and `data:` lines (a gap marker has no `id:` line).
+    pub fn sse_event(&self) -> &Bytes {
+        self.sse_event.get_or_init(|| {
+            let id = (!self.gap).then_some(self.id);
+            sse_event(id, self.json.as_str())
+        })
+    }
+
+    /// The SSE event framed as one HTTP/1.1 chunk.
+    pub fn sse_chunk(&self) -> &Bytes {
+        self.sse_chunk.get_or_init(|| chunk(self.sse_event()))
     }
 
     /// The envelope minus its opening `{"id":"..",`: what the store prefixes with the id it
@@ -146,14 +158,12 @@ impl Notification {
     /// drops it (seam filter) and any other is told and then takes what follows.
     pub fn gap_marker(id: Id, reason: &str) -> Self {
         let control = Control::gap(reason);
-        let sse_event = control.sse_event();
-        let sse_chunk = chunk(&sse_event);
         Notification {
             id,
             accepted_us: now_micros(),
             json: Utf8Bytes::from(control.json),
-            sse_event,
-            sse_chunk,
+            sse_event: std::sync::OnceLock::new(),
+            sse_chunk: std::sync::OnceLock::new(),
             gap: true,
         }
     }
@@ -308,9 +318,9 @@ mod tests {
             n.json.as_str(),
             r#"{"id":"1-2","type":"promo","data":{"a":[1,2],"s":"x\ny"},"ts":1700000000123}"#
         );
-        let event = std::str::from_utf8(&n.sse_event).unwrap();
+        let event = std::str::from_utf8(n.sse_event()).unwrap();
         assert_eq!(event, format!("id: 1-2\ndata: {}\n\n", n.json.as_str()));
-        let chunk = std::str::from_utf8(&n.sse_chunk).unwrap();
+        let chunk = std::str::from_utf8(n.sse_chunk()).unwrap();
         assert_eq!(chunk, format!("{:x}\r\n{event}\r\n", event.len()));
     }
 
@@ -335,7 +345,7 @@ mod tests {
         let data = RawValue::from_string(raw.to_owned()).unwrap();
         let n = Notification::render(Id { epoch: 1, seq: 1 }, "t", &data, 0);
         assert!(!n.json.as_str().contains(['\n', '\r']));
-        let event = std::str::from_utf8(&n.sse_event).unwrap();
+        let event = std::str::from_utf8(n.sse_event()).unwrap();
         assert_eq!(
             event.matches('\n').count(),
             3,

@@ -196,18 +196,22 @@ impl Fanout {
         let Some(slots) = shard.get_mut(user) else {
             return out;
         };
-        slots.retain(|slot| match slot.tx.try_send(n.clone()) {
-            Ok(()) => {
-                out.queued += 1;
-                true
+        // Most deliveries remove nothing: only a failed send makes the slots be rewritten.
+        let mut failed = false;
+        for slot in slots.iter() {
+            match slot.tx.try_send(n.clone()) {
+                Ok(()) => out.queued += 1,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    out.slow += 1;
+                    slot.eviction.token.cancel();
+                    failed = true;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => failed = true,
             }
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                out.slow += 1;
-                slot.eviction.token.cancel();
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        });
+        }
+        if failed {
+            slots.retain(|slot| !slot.eviction.token.is_cancelled() && !slot.tx.is_closed());
+        }
         out
     }
 

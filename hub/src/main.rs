@@ -131,6 +131,16 @@ fn ingest(config: Option<PathBuf>) -> ExitCode {
     }
 }
 
+/// The node's runtime: `HUB_WORKER_THREADS` workers (one per CPU when 0).
+fn runtime(settings: &Settings) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if settings.worker_threads > 0 {
+        builder.worker_threads(settings.worker_threads);
+    }
+    builder.build()
+}
+
 fn init_telemetry(settings: &Settings) {
     let filter = tracing_subscriber::EnvFilter::try_new(&settings.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -174,7 +184,7 @@ fn serve(config: Option<PathBuf>, dev: bool) -> ExitCode {
         Ok(n) => tracing::debug!(limit = n, "open files limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime(&settings) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");

@@ -66,6 +66,8 @@ pub struct RedisSettings {
     pub prefix: String,
     /// Multiplexed command connections (each pipelines every concurrent command).
     pub pool_size: usize,
+    /// How long a single publish may wait for others to share its script call.
+    pub linger: Duration,
     /// Deadline for one command or connection attempt.
     pub timeout: Duration,
     /// Notifications kept per user (approximately; trimming is lazy).
@@ -408,12 +410,18 @@ impl RedisBackplane {
     /// One such task per command connection; a publish waits only for the round in flight.
     async fn coalesce(self, mut jobs: mpsc::Receiver<Job>) {
         let mut batch: Vec<Job> = Vec::with_capacity(COALESCE);
+        let linger = self.inner.settings.linger;
         while let Some(first) = jobs.recv().await {
             batch.push(first);
+            let until = tokio::time::Instant::now() + linger;
             while batch.len() < COALESCE {
                 match jobs.try_recv() {
                     Ok(job) => batch.push(job),
-                    Err(_) => break,
+                    Err(_) if linger.is_zero() => break,
+                    Err(_) => match tokio::time::timeout_at(until, jobs.recv()).await {
+                        Ok(Some(job)) => batch.push(job),
+                        Ok(None) | Err(_) => break,
+                    },
                 }
             }
             let (msgs, dones): (Vec<Publish>, Vec<_>) =

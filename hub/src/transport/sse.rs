@@ -56,13 +56,13 @@ impl SseOut for RawOut {
     async fn notifications(&mut self, ns: &[Arc<Notification>]) -> io::Result<()> {
         match ns {
             [] => Ok(()),
-            [one] => self.stream.write_all(&one.sse_chunk).await,
+            [one] => self.stream.write_all(one.sse_chunk()).await,
             many => {
                 // One chunk holding every event: one syscall, one TCP segment train.
-                let len: usize = many.iter().map(|n| n.sse_event.len()).sum();
+                let len: usize = many.iter().map(|n| n.sse_event().len()).sum();
                 let mut events = bytes::BytesMut::with_capacity(len);
                 for n in many {
-                    events.extend_from_slice(&n.sse_event);
+                    events.extend_from_slice(n.sse_event());
                 }
                 self.stream.write_all(&chunk(&events)).await
             }
@@ -95,11 +95,11 @@ impl SseOut for BodyOut {
     async fn notifications(&mut self, ns: &[Arc<Notification>]) -> io::Result<()> {
         match ns {
             [] => Ok(()),
-            [one] => self.event(one.sse_event.clone()).await,
+            [one] => self.event(one.sse_event().clone()).await,
             many => {
                 let mut events = bytes::BytesMut::new();
                 for n in many {
-                    events.extend_from_slice(&n.sse_event);
+                    events.extend_from_slice(n.sse_event());
                 }
                 self.event(events.freeze()).await
             }
@@ -378,6 +378,10 @@ pub(super) async fn run<O: SseOut>(ctx: Context, mut out: O, mut session: Sessio
         let heartbeat = sleep(timing.ping_interval);
         tokio::pin!(heartbeat);
         let mut draining = false;
+        // Made once: a new wait for the drain on every message would register and unregister
+        // with the drain token each time.
+        let drained = ctx.lifecycle.drained();
+        tokio::pin!(drained);
         let mut batch: Vec<Arc<Notification>> = Vec::new();
         loop {
             tokio::select! {
@@ -405,7 +409,7 @@ pub(super) async fn run<O: SseOut>(ctx: Context, mut out: O, mut session: Sessio
                     heartbeat.as_mut().reset(Instant::now() + timing.ping_interval);
                 }
                 () = &mut close_at => return Err(End::Close(closing)),
-                () = ctx.lifecycle.drained(), if !draining => {
+                () = &mut drained, if !draining => {
                     draining = true;
                     let at = Instant::now() + drain_delay(timing.drain_window);
                     if at < close_at.deadline() {
@@ -455,6 +459,12 @@ async fn write_timeout<F>(limit: Duration, session: &Session, f: F) -> Result<()
 where
     F: Future<Output = io::Result<()>>,
 {
+    let mut f = std::pin::pin!(f);
+    // Most writes finish at once (the socket has room): those need no timer and no wait
+    // for eviction.
+    if let Some(done) = futures_util::FutureExt::now_or_never(f.as_mut()) {
+        return done.map_err(|_| End::Gone);
+    }
     tokio::select! {
         r = timeout(limit, f) => match r {
             Ok(Ok(())) => Ok(()),

@@ -295,6 +295,10 @@ where
         tokio::pin!(heartbeat);
         let mut awaiting_pong = false;
         let mut draining = false;
+        // Made once: a new wait for the drain on every message would register and unregister
+        // with the drain token each time.
+        let drained = ctx.lifecycle.drained();
+        tokio::pin!(drained);
         // Created at the first client message: idle connections do not pay for it.
         let mut inbound: Option<Box<governor::DefaultDirectRateLimiter>> = None;
         let mut batch: Vec<Arc<Notification>> = Vec::new();
@@ -375,7 +379,7 @@ where
                     heartbeat.as_mut().reset(Instant::now() + timing.pong_timeout);
                 }
                 () = &mut close_at => return Err(closing),
-                () = ctx.lifecycle.drained(), if !draining => {
+                () = &mut drained, if !draining => {
                     draining = true;
                     let at = Instant::now() + drain_delay(timing.drain_window);
                     if at < close_at.deadline() {
@@ -424,6 +428,12 @@ async fn write_timeout<F, T, E>(limit: Duration, session: &Session, f: F) -> Res
 where
     F: Future<Output = Result<T, E>>,
 {
+    let mut f = std::pin::pin!(f);
+    // Most writes finish at once (the socket has room): those need no timer and no wait
+    // for eviction.
+    if let Some(done) = futures_util::FutureExt::now_or_never(f.as_mut()) {
+        return done.map_err(|_| End::Gone);
+    }
     tokio::select! {
         r = timeout(limit, f) => match r {
             Ok(Ok(v)) => Ok(v),

@@ -350,6 +350,7 @@ async fn redis_backplane_with(
             ca_file: None,
             prefix: prefix.to_owned(),
             pool_size: 4,
+            linger: Duration::ZERO,
             timeout: Duration::from_secs(2),
             history_size: size,
             history_ttl: Duration::from_secs(600),
