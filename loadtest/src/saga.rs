@@ -44,6 +44,15 @@ pub struct SagaArgs {
     #[arg(long, value_name = "SECRET")]
     pub jwt_secret: String,
 
+    /// Audience of the tokens the listeners give the hub (its HUB_JWT_AUDIENCE; `make demo`
+    /// sets `hub`); empty for none.
+    #[arg(long, value_name = "AUD", default_value = "hub")]
+    pub hub_audience: String,
+
+    /// Audience of the tokens orders are placed with (ORDER_JWT_AUDIENCE).
+    #[arg(long, value_name = "AUD", default_value = "orders")]
+    pub orders_audience: String,
+
     /// Users listening (orders go to them in turn).
     #[arg(long, value_name = "N", default_value_t = 100)]
     pub users: usize,
@@ -117,7 +126,11 @@ pub async fn run(args: SagaArgs) -> Result<()> {
     );
     let hub = HubAddr::resolve("--hub", &args.hub).await?;
     let orders = HubAddr::resolve("--orders", &args.orders).await?;
-    let minter = TokenMinter::new(&args.jwt_secret, Duration::from_secs(3600));
+    let audience = |a: &str| (!a.is_empty()).then(|| a.to_owned());
+    let minter = TokenMinter::new(&args.jwt_secret, Duration::from_secs(3600))
+        .with_audience(audience(&args.hub_audience));
+    let order_minter = TokenMinter::new(&args.jwt_secret, Duration::from_secs(3600))
+        .with_audience(audience(&args.orders_audience));
     let prefix = args
         .user_prefix
         .clone()
@@ -126,6 +139,10 @@ pub async fn run(args: SagaArgs) -> Result<()> {
     let tokens = users
         .iter()
         .map(|u| minter.mint(u))
+        .collect::<Result<Vec<_>>>()?;
+    let order_tokens = users
+        .iter()
+        .map(|u| order_minter.mint(u))
         .collect::<Result<Vec<_>>>()?;
     let tracks: Tracks = Arc::default();
 
@@ -175,7 +192,7 @@ pub async fn run(args: SagaArgs) -> Result<()> {
     for s in 0..args.senders {
         let (orders, tokens, tracks, failures) = (
             orders.clone(),
-            tokens.clone(),
+            order_tokens.clone(),
             tracks.clone(),
             failures.clone(),
         );

@@ -15,6 +15,9 @@ pub struct Claims {
     pub exp: u64,
     /// Issue time, Unix seconds.
     pub iat: u64,
+    /// Audience, when the receiving service checks one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
 }
 
 /// Mints HS256 tokens with one secret and lifetime.
@@ -22,6 +25,7 @@ pub struct TokenMinter {
     key: EncodingKey,
     header: Header,
     ttl: Duration,
+    aud: Option<String>,
 }
 
 impl TokenMinter {
@@ -31,7 +35,15 @@ impl TokenMinter {
             key: EncodingKey::from_secret(secret.as_bytes()),
             header: Header::new(Algorithm::HS256),
             ttl,
+            aud: None,
         }
+    }
+
+    /// The same minter, putting `aud` into every token (for a hub or service that checks
+    /// its audience).
+    pub fn with_audience(mut self, aud: Option<String>) -> Self {
+        self.aud = aud;
+        self
     }
 
     /// Mints a token for `user`, issued now.
@@ -49,6 +61,7 @@ impl TokenMinter {
             sub: user.to_owned(),
             exp: iat.saturating_add(self.ttl.as_secs()),
             iat,
+            aud: self.aud.clone(),
         };
         jsonwebtoken::encode(&self.header, &claims, &self.key)
             .with_context(|| format!("signing token for {user}"))
