@@ -631,8 +631,14 @@ impl Settings {
         if let Some(p) = &self.kafka_security_protocol {
             out.push(("security.protocol", p.to_ascii_lowercase()));
         }
-        if let Some(m) = &self.kafka_sasl_mechanism {
-            out.push(("sasl.mechanism", m.clone()));
+        match &self.kafka_sasl_mechanism {
+            Some(m) => out.push(("sasl.mechanism", m.clone())),
+            // librdkafka's own default is GSSAPI (Kerberos); PLAIN is what a username and
+            // password mean everywhere else.
+            None if self.kafka_sasl_username.is_some() => {
+                out.push(("sasl.mechanism", "PLAIN".to_owned()));
+            }
+            None => {}
         }
         if let Some(u) = &self.kafka_sasl_username {
             out.push(("sasl.username", u.clone()));

@@ -58,6 +58,38 @@ pub struct IngestSettings {
     pub security: Vec<(&'static str, String)>,
 }
 
+/// The features this build's librdkafka has (`ssl`, `sasl_scram`, ...).
+fn builtin_features() -> Vec<String> {
+    ClientConfig::new()
+        .create_native_config()
+        .and_then(|c| c.get("builtin.features"))
+        .map(|f| f.split(',').map(|s| s.trim().to_owned()).collect())
+        .unwrap_or_default()
+}
+
+/// Refuses security settings this build's Kafka client cannot honour, naming the setting,
+/// instead of failing later on every connection attempt.
+pub fn check_security(security: &[(&'static str, String)]) -> Result<(), IngestError> {
+    let features = builtin_features();
+    let has = |f: &str| features.iter().any(|x| x == f);
+    for (key, value) in security {
+        let tls = *key == "security.protocol" && value.ends_with("ssl");
+        if tls && !has("ssl") {
+            return Err(IngestError::Setting(
+                "HUB_KAFKA_SECURITY_PROTOCOL",
+                format!("{value} needs librdkafka with SSL, and this build has none"),
+            ));
+        }
+        if *key == "sasl.mechanism" && value.starts_with("SCRAM") && !has("sasl_scram") {
+            return Err(IngestError::Setting(
+                "HUB_KAFKA_SASL_MECHANISM",
+                format!("{value} needs librdkafka with SSL, and this build has none"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A client configuration with the brokers and security settings.
 fn base_config(settings: &IngestSettings) -> ClientConfig {
     let mut config = ClientConfig::new();
@@ -89,6 +121,9 @@ pub enum IngestError {
     /// The Kafka client could not be created or subscribe.
     #[error("config: HUB_KAFKA_BROKERS: {0}")]
     Kafka(String),
+    /// A setting this build cannot honour.
+    #[error("config: {0}: {1}")]
+    Setting(&'static str, String),
     /// A partition worker stopped unexpectedly; ingest cannot go on safely.
     #[error("ingest: a partition worker stopped unexpectedly")]
     WorkerStopped,

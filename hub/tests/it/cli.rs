@@ -79,6 +79,14 @@ fn bad_settings_stop_the_node_with_one_line_naming_the_setting() {
         (
             vec![
                 ("HUB_JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+                ("HUB_KAFKA_BROKERS", "127.0.0.1:9"),
+                ("HUB_KAFKA_SECURITY_PROTOCOL", "ssl"),
+            ],
+            "HUB_KAFKA_SECURITY_PROTOCOL",
+        ),
+        (
+            vec![
+                ("HUB_JWT_SECRET", "0123456789abcdef0123456789abcdef"),
                 ("HUB_JWT_MAX_LIFETIME", "400d"),
             ],
             "HUB_JWT_MAX_LIFETIME",
