@@ -224,7 +224,7 @@ impl Default for Settings {
             history_size: 100,
             history_ttl: Duration::from_secs(24 * 3600),
             idempotency_ttl: Duration::from_secs(600),
-            dedupe_window: 128,
+            dedupe_window: 96,
             ping_interval: Duration::from_secs(25),
             pong_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),

@@ -119,7 +119,7 @@ impl MemoryBackplane {
                 ttl,
                 idempotency_cap: (size * 4).max(1024),
                 idempotency_ttl: Duration::from_secs(600),
-                event_window: 128,
+                event_window: 96,
                 revocations: Revocations::default(),
             }),
         }
