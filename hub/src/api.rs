@@ -295,23 +295,31 @@ fn json_content_type(headers: &http::HeaderMap) -> Result<(), ApiError> {
     }
 }
 
+/// A JSON request body: the content type checked, the size limit's refusal as `too_large`.
 fn read_body(
+    headers: &http::HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    too_large: impl FnOnce() -> ApiError,
 ) -> Result<Bytes, ApiError> {
+    json_content_type(headers)?;
     body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::TooLarge
+            too_large()
         } else {
             ApiError::BadRequest(e.body_text())
         }
     })
 }
 
+/// Parses a JSON body into `T`, a 400 naming what is wrong otherwise.
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+}
+
 /// Reads and checks one publish body.
 fn parse_publish(body: &[u8]) -> Result<PublishRequest, ApiError> {
-    let req: PublishRequest = serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
-    check_publish(req)
+    check_publish(parse_json(body)?)
 }
 
 /// Checks one notification's parts as the HTTP API does (for the gRPC API); the error text is
@@ -379,8 +387,7 @@ async fn publish(
     headers: http::HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    json_content_type(&headers)?;
-    let body = read_body(body)?;
+    let body = read_body(&headers, body, || ApiError::TooLarge)?;
     let req = parse_publish(&body)?;
     let published = state
         .inner
@@ -430,16 +437,10 @@ async fn publish_batch(
     headers: http::HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    json_content_type(&headers)?;
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::BatchTooLarge(format!("batch body larger than {MAX_BATCH_BODY} bytes"))
-        } else {
-            ApiError::BadRequest(e.body_text())
-        }
+    let body = read_body(&headers, body, || {
+        ApiError::BatchTooLarge(format!("batch body larger than {MAX_BATCH_BODY} bytes"))
     })?;
-    let batch: BatchRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
+    let batch: BatchRequest = parse_json(&body)?;
     if batch.notifications.len() > MAX_BATCH_ITEMS {
         return Err(ApiError::BatchTooLarge(format!(
             "{} notifications, at most {MAX_BATCH_ITEMS} per batch",
@@ -562,10 +563,8 @@ async fn disconnect(
     headers: http::HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    json_content_type(&headers)?;
-    let body = read_body(body)?;
-    let req: DisconnectRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
+    let body = read_body(&headers, body, || ApiError::TooLarge)?;
+    let req: DisconnectRequest = parse_json(&body)?;
     crate::envelope::check_user_id(&req.user_id)
         .map_err(|e| ApiError::BadRequest(format!("user_id: {e}")))?;
     let now = crate::envelope::now_micros() / 1_000_000;
@@ -706,16 +705,8 @@ mod tests {
 
     use super::*;
     use crate::backplane::memory::MemoryBackplane;
-    use crate::envelope::Notification;
 
-    struct NoSink;
-
-    impl crate::backplane::Sink for NoSink {
-        fn deliver(&self, _: &str, _: &Arc<Notification>) {}
-        fn disconnect(&self, _: &str) -> usize {
-            0
-        }
-    }
+    use crate::backplane::NoSink;
 
     fn dev_router() -> axum::Router {
         router(ApiState::new(ApiInner {

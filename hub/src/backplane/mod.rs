@@ -25,6 +25,18 @@ pub trait Sink: Send + Sync + 'static {
     fn disconnect(&self, user: &str) -> usize;
 }
 
+/// A sink that drops everything (unit tests).
+#[cfg(test)]
+pub(crate) struct NoSink;
+
+#[cfg(test)]
+impl Sink for NoSink {
+    fn deliver(&self, _: &str, _: &Arc<Notification>) {}
+    fn disconnect(&self, _: &str) -> usize {
+        0
+    }
+}
+
 /// A disconnect request: close the user's connections everywhere, and optionally refuse
 /// the user's tokens issued before a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -141,18 +141,10 @@ mod tests {
 
     use super::*;
     use crate::backplane::memory::MemoryBackplane;
-    use crate::envelope::Notification;
     use crate::fanout::Limits;
     use crate::metrics::Transport;
 
-    struct NoSink;
-
-    impl crate::backplane::Sink for NoSink {
-        fn deliver(&self, _: &str, _: &Arc<Notification>) {}
-        fn disconnect(&self, _: &str) -> usize {
-            0
-        }
-    }
+    use crate::backplane::NoSink;
 
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
