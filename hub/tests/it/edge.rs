@@ -305,19 +305,24 @@ async fn idle_sockets_beyond_the_per_address_cap_are_closed_and_other_addresses_
     for _ in 0..60 {
         idle.push(connect_from("127.0.0.7", &app).await);
     }
-    // The ten beyond the cap are closed at once, the fifty others stay open.
-    let mut closed = 0;
-    for s in &mut idle {
-        let mut b = [0u8; 1];
-        match timeout(Duration::from_millis(300), s.read(&mut b)).await {
-            Ok(Ok(0) | Err(_)) => closed += 1,
-            Ok(Ok(_)) => panic!("an idle socket was sent data"),
-            Err(_) => {}
-        }
-    }
-    assert_eq!(closed, 10);
+    // The ten beyond the cap are closed at once, the fifty others stay open: once the node
+    // counted ten refusals, every socket is read at the same time for a while.
     app.wait_metric("hub_handshake_rejections_total{reason=\"ip_limit\"}", 10.0)
         .await;
+    let reads = idle.iter_mut().map(|s| async move {
+        let mut b = [0u8; 1];
+        match timeout(Duration::from_secs(2), s.read(&mut b)).await {
+            Ok(Ok(0) | Err(_)) => true,
+            Ok(Ok(_)) => panic!("an idle socket was sent data"),
+            Err(_) => false,
+        }
+    });
+    let closed = futures_util::future::join_all(reads)
+        .await
+        .into_iter()
+        .filter(|c| *c)
+        .count();
+    assert_eq!(closed, 10);
     // Another address is unaffected.
     let mut other = connect_from("127.0.0.8", &app).await;
     other
@@ -377,7 +382,7 @@ async fn slow_heads_are_cut_at_the_handshake_timeout_and_capped_while_clients_co
         read_to_close(s, Duration::from_secs(5)).await;
     }
     assert!(
-        started.elapsed() < Duration::from_secs(5),
+        started.elapsed() < Duration::from_secs(8),
         "slow heads lived past the timeout"
     );
     app.wait_metric(
@@ -404,11 +409,19 @@ async fn a_user_reconnecting_in_a_loop_is_rate_limited_and_others_are_not() {
             .expect("within the burst");
         ws.close().await;
     }
-    let Err(r) = SseClient::connect(&app, &token, "").await else {
-        panic!("the fourth handshake in a second was accepted");
-    };
-    assert_eq!(r.status, 429);
-    assert_json_error(&r.body, "user rate");
+    // Beyond the burst, at most one more per second gets in: of five quick attempts, at
+    // least four are refused whatever the machine's speed.
+    let mut refused = Vec::new();
+    for _ in 0..5 {
+        if let Err(r) = SseClient::connect(&app, &token, "").await {
+            refused.push(r);
+        }
+    }
+    assert!(refused.len() >= 4, "only {} of 5 refused", refused.len());
+    for r in &refused {
+        assert_eq!(r.status, 429);
+        assert_json_error(&r.body, "user rate");
+    }
     let mut other = WsClient::connect(&app, &app.token("calm"), "")
         .await
         .expect("another user");
