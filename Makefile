@@ -8,13 +8,13 @@ export LOCAL_PG_PORT ?= 5432
 HUB_TEST_REDIS_URL ?= redis://127.0.0.1:$(LOCAL_REDIS_PORT)
 PRODUCERS_TEST_DATABASE_URL ?= postgres://notify:notify@127.0.0.1:$(LOCAL_PG_PORT)/postgres
 
-.PHONY: api-docs-check test deps fmt-check clippy k6-check browser-deps demo stop build-release infra-up infra-down ops-check ops-deps images images-prebuilt
+.PHONY: api-docs-check test deps fmt-check clippy k6-check browser-deps demo stop build-release infra-up infra-down ops-check ops-deps images images-prebuilt compose-check
 
 ## test: install what is missing, then format check, lints, and every test (Rust unit and
 ## integration, the browser test in headless Chromium) against a local Redis, Kafka and
 ## PostgreSQL. Stops afterwards only what this run started (also when tests fail); services
 ## already running, e.g. from `make infra-up`, are left running. Exits non-zero on any failure.
-test: deps fmt-check clippy k6-check browser-deps ops-check api-docs-check
+test: deps fmt-check clippy k6-check browser-deps ops-check api-docs-check compose-check
 	@rec=$$(mktemp); \
 	trap 'infra/local/infra.sh down --record "$$rec"' EXIT; \
 	trap 'exit 130' INT; trap 'exit 143' TERM; \
@@ -71,6 +71,13 @@ images:
 
 images-prebuilt: build-release
 	infra/docker/images.sh --prebuilt target/release
+
+## compose-check: infra/compose/compose.yaml with podman-compose (installed when missing) under a
+## project of its own: every service healthy, then an order's statuses CREATED -> ... -> DELIVERED
+## on a hub node over SSE, each once and in order; takes the project down afterwards. Builds
+## the registry-free stand-ins (infra/docker/standins) and the app images when missing.
+compose-check:
+	CARGO=$(CARGO) infra/compose/check.sh
 
 build-release:
 	$(CARGO) build --release -p hub -p loadtest -p producers
