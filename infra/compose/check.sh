@@ -10,8 +10,8 @@
 # project's network), and podman-compose from PyPI (PODMAN_COMPOSE_VERSION) into
 # .run/compose/venv. Builds when missing: the stand-ins for the upstream Redis, Kafka,
 # PostgreSQL and Prometheus images (infra/docker/standins/build.sh: no registry is needed) and
-# notification-hub/hub:dev and notification-hub/services:dev from the release binaries
-# (infra/docker/images.sh --prebuilt target/release; the binaries are built when missing).
+# notification-hub/hub and notification-hub/services from the current debug binaries under the
+# tag `compose-check` (infra/docker/images.sh --prebuilt <target>/debug --strip), removed after.
 # Secrets are random for each run; every port is published on 127.0.0.1 only, on free ports.
 # Deadline: COMPOSE_CHECK_TIMEOUT seconds (default 240) for the stack to become healthy, then
 # 120 s for the order. About two minutes once the images exist.
@@ -63,20 +63,17 @@ compose() { "$VENV/bin/podman-compose" --project-name "$PROJECT" --env-file "$EN
 
 # --- images --------------------------------------------------------------------------------
 
-if ! podman image exists notification-hub/hub:dev || ! podman image exists notification-hub/services:dev; then
-  bins=(hub order-service payment-service delivery-service moderation-service)
-  for b in "${bins[@]}"; do
-    if [[ ! -x target/release/$b ]]; then
-      say "building the release binaries (cargo build --release -p hub -p producers)"
-      nice -n 10 "${CARGO:-cargo}" build -q --release -p hub -p producers
-      break
-    fi
-  done
-  say "building notification-hub/hub:dev and notification-hub/services:dev (images.sh --prebuilt target/release)"
-  log=$(mktemp)
-  infra/docker/images.sh --prebuilt target/release > "$log" 2>&1 || { tail -n 30 "$log" >&2; rm -f "$log"; die "building the images failed"; }
-  rm -f "$log"
-fi
+IMAGE_TAG=compose-check
+# The app images are built for this run from the current debug binaries (stripped), under a
+# tag of the check's own, so they are never stale and a user's `dev` images are left alone.
+say "building the binaries (cargo build -p hub -p producers) and notification-hub/{hub,services}:$IMAGE_TAG"
+nice -n 10 "${CARGO:-cargo}" build -q -p hub -p producers
+BIN=$(nice -n 10 "${CARGO:-cargo}" metadata --format-version 1 --no-deps \
+  | /usr/bin/python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/debug
+log=$(mktemp)
+infra/docker/images.sh --tag "$IMAGE_TAG" --prebuilt "$BIN" --strip > "$log" 2>&1 \
+  || { tail -n 30 "$log" >&2; rm -f "$log"; die "building the images failed"; }
+rm -f "$log"
 infra/docker/standins/build.sh
 
 # --- the stack -----------------------------------------------------------------------------
@@ -102,6 +99,7 @@ cleanup() {
   podman ps -a -q --filter "label=io.podman.compose.project=$PROJECT" | xargs -r podman rm -f -t 0 > /dev/null 2>&1 || true
   podman network rm -f "${PROJECT}_default" > /dev/null 2>&1 || true
   podman volume ls -q --filter "label=io.podman.compose.project=$PROJECT" | xargs -r podman volume rm -f > /dev/null 2>&1 || true
+  podman rmi -f "notification-hub/hub:$IMAGE_TAG" "notification-hub/services:$IMAGE_TAG" > /dev/null 2>&1 || true
   rm -rf "$WORK"
   exit "$rc"
 }
@@ -120,6 +118,7 @@ SECRET=$(openssl rand -hex 32)
   echo "HUB_API_KEY=$(openssl rand -hex 24)"
   echo "POSTGRES_PASSWORD=$(openssl rand -hex 12)"
   echo "DELIVERY_STEP_INTERVAL=1s"
+  echo "IMAGE_TAG=$IMAGE_TAG"
   for p in "${!PORT[@]}"; do echo "$p=${PORT[$p]}"; done
 } > "$ENVFILE"
 
