@@ -4,7 +4,8 @@
 # through node B, server CPU per delivery split by process (node A, node B, Redis).
 #
 #   loadtest/bench/publish-path.sh MODE TRANSPORT [extra hub-loadgen args...]
-#     MODE       http | batch      (single POST /api/publish, or /api/publish/batch of BATCH)
+#     MODE       http | batch | grpc  (single POST /api/publish, /api/publish/batch of BATCH, or
+#                                     gRPC PublishStream to node B's HUB_GRPC_ADDR)
 #     TRANSPORT  ws | sse | mixed
 #   Environment: CONNECTIONS (10000), RATE (5000), DURATION (20s), BATCH (100),
 #                REDIS_PORT (6390), PORT_A (9101), PORT_B (9102)
@@ -17,7 +18,7 @@ MODE=${1:?usage: publish-path.sh http|batch ws|sse|mixed}
 TRANSPORT=${2:?usage: publish-path.sh http|batch ws|sse|mixed}
 shift 2
 CONNECTIONS=${CONNECTIONS:-10000} RATE=${RATE:-5000} DURATION=${DURATION:-20s} BATCH=${BATCH:-100}
-REDIS_PORT=${REDIS_PORT:-6390} PORT_A=${PORT_A:-9101} PORT_B=${PORT_B:-9102}
+REDIS_PORT=${REDIS_PORT:-6390} PORT_A=${PORT_A:-9101} PORT_B=${PORT_B:-9102} GRPC_B=${GRPC_B:-9202}
 BIN=target/release
 [[ -x $BIN/hub && -x $BIN/hub-loadgen ]] || { echo "build first: cargo build --release -p hub -p loadtest" >&2; exit 1; }
 
@@ -40,14 +41,16 @@ export HUB_JWT_SECRET=benchsecretbenchsecretbenchsecret01 HUB_API_KEY=benchkeybe
 # One client address holds every connection here.
 export HUB_MAX_CONNECTIONS_PER_IP=1000000
 HUB_ADDR=127.0.0.1:$PORT_A $BIN/hub serve & a=$!; pids+=("$a")
-HUB_ADDR=127.0.0.1:$PORT_B $BIN/hub serve & b=$!; pids+=("$b")
+HUB_ADDR=127.0.0.1:$PORT_B HUB_GRPC_ADDR=127.0.0.1:$GRPC_B $BIN/hub serve & b=$!; pids+=("$b")
 for port in "$PORT_A" "$PORT_B"; do
   until curl -fs "http://127.0.0.1:$port/readyz" >/dev/null; do sleep 0.1; done
 done
 
 args=(--publish-mode "$MODE")
 [[ $MODE == batch ]] && args+=(--batch-size "$BATCH")
-$BIN/hub-loadgen run --hub "http://127.0.0.1:$PORT_A" --publish-via "http://127.0.0.1:$PORT_B" \
+via="http://127.0.0.1:$PORT_B"
+[[ $MODE == grpc ]] && via="http://127.0.0.1:$GRPC_B"
+$BIN/hub-loadgen run --hub "http://127.0.0.1:$PORT_A" --publish-via "$via" \
   --jwt-secret "$HUB_JWT_SECRET" --api-key "$HUB_API_KEY" --transport "$TRANSPORT" \
   --connections "$CONNECTIONS" --rate "$RATE" --duration "$DURATION" --hold 3s --drain 5s \
   --source-port-base 12000 --server-pid "$a" \

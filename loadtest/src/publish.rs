@@ -53,6 +53,9 @@ pub enum PublishMode {
     Http,
     /// `--batch-size` notifications per `POST /api/publish/batch`.
     Batch,
+    /// One gRPC `PublishStream` per sender, one request per notification; the publish
+    /// targets (`--publish-via`, else `--hub`) are then the nodes' gRPC listeners.
+    Grpc,
 }
 
 impl std::fmt::Display for PublishMode {
@@ -60,6 +63,7 @@ impl std::fmt::Display for PublishMode {
         f.write_str(match self {
             Self::Http => "http",
             Self::Batch => "batch",
+            Self::Grpc => "grpc",
         })
     }
 }
@@ -200,7 +204,7 @@ fn batch_body<'a>(
 /// Notifications per request: the batch size in batch mode, otherwise one.
 fn per_request(mode: PublishMode, batch_size: usize) -> usize {
     match mode {
-        PublishMode::Http => 1,
+        PublishMode::Http | PublishMode::Grpc => 1,
         PublishMode::Batch => batch_size.max(1),
     }
 }
@@ -299,7 +303,7 @@ impl Shared {
                 .iter()
                 .map(|h| {
                     h.path(match config.mode {
-                        PublishMode::Http => "/api/publish",
+                        PublishMode::Http | PublishMode::Grpc => "/api/publish",
                         PublishMode::Batch => "/api/publish/batch",
                     })
                 })
@@ -540,6 +544,136 @@ async fn run_sender(
     latency
 }
 
+/// One gRPC sender: a `PublishStream` to `hub`'s gRPC listener, a request every `interval`
+/// from `first` until `end`; the answers (in order) are matched to the requests sent.
+async fn run_grpc_sender(
+    shared: Arc<Shared>,
+    hub: usize,
+    interval: Duration,
+    first: Instant,
+    end: Instant,
+) -> Histogram<u64> {
+    use hub::grpc::PublisherClient;
+    use proto::hub::v1::PublishRequest;
+
+    let mut latency = new_histogram();
+    let url = format!("http://{}", shared.config.hubs[hub].addr);
+    let client = timeout(CONNECT_TIMEOUT, PublisherClient::connect(url.clone())).await;
+    let mut client = match client {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            shared.fail(0, "grpc connect", &format!("{url}: {e}"));
+            return latency;
+        }
+        Err(_) => {
+            shared.fail(0, "grpc connect", &format!("{url}: timed out"));
+            return latency;
+        }
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<PublishRequest>(1024);
+    let outbound =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    let mut request = tonic::Request::new(outbound);
+    match format!("Bearer {}", shared.config.api_key).parse() {
+        Ok(value) => {
+            request.metadata_mut().insert("authorization", value);
+        }
+        Err(_) => {
+            shared.fail(0, "grpc", "--api-key is not valid metadata");
+            return latency;
+        }
+    }
+    // What was sent and is not answered yet, in order: (user, send time).
+    let pending: Arc<Mutex<std::collections::VecDeque<(usize, Instant)>>> = Arc::default();
+    let reader = {
+        let (shared, pending) = (shared.clone(), pending.clone());
+        tokio::spawn(async move {
+            let mut latency = new_histogram();
+            let mut answers = match client.publish_stream(request).await {
+                Ok(r) => r.into_inner(),
+                Err(status) => {
+                    shared.fail(0, "grpc stream", status.message());
+                    return latency;
+                }
+            };
+            loop {
+                match answers.message().await {
+                    Ok(Some(_)) => {
+                        let sent = pending
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .pop_front();
+                        if let Some((user, at)) = sent {
+                            shared.ok[user].fetch_add(1, Ordering::Relaxed);
+                            shared.requests_ok.fetch_add(1, Ordering::Relaxed);
+                            let us = u64::try_from(at.elapsed().as_micros()).unwrap_or(u64::MAX);
+                            latency.saturating_record(us);
+                        }
+                    }
+                    Ok(None) => return latency,
+                    Err(status) => {
+                        let left = pending.lock().unwrap_or_else(PoisonError::into_inner).len();
+                        shared.fail(left, "grpc stream", status.message());
+                        return latency;
+                    }
+                }
+            }
+        })
+    };
+    let mut next = first;
+    let backlog = MAX_BACKLOG.max(interval);
+    while next < end {
+        let now = Instant::now();
+        if next > now {
+            sleep_until(next).await;
+        } else if now.duration_since(next) > backlog {
+            next = now.checked_sub(backlog).unwrap_or(now);
+        }
+        next += interval;
+        let user = shared.pick_user(hub);
+        let seq = shared.seqs[user].fetch_add(1, Ordering::Relaxed) + 1;
+        let data = match serde_json::to_vec(&LoadData {
+            sent_us: unix_micros(),
+            seq,
+        }) {
+            Ok(d) => d,
+            Err(e) => {
+                shared.fail(1, "encode", &e.to_string());
+                continue;
+            }
+        };
+        let req = PublishRequest {
+            user_id: shared.user_names[user].clone(),
+            r#type: "load".to_owned(),
+            data,
+            ..Default::default()
+        };
+        pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push_back((user, Instant::now()));
+        if tx.send(req).await.is_err() {
+            shared.fail(1, "grpc stream", "the stream ended");
+            break;
+        }
+    }
+    drop(tx);
+    match timeout(REQUEST_TIMEOUT, reader).await {
+        Ok(Ok(answers)) => {
+            if let Err(e) = merge_histogram(&mut latency, &answers) {
+                shared.fail(0, "grpc", &format!("{e:#}"));
+            }
+        }
+        Ok(Err(e)) => shared.fail(0, "grpc reader", &e.to_string()),
+        Err(_) => shared.fail(
+            0,
+            "grpc",
+            "answers still missing 10 s after the last request",
+        ),
+    }
+    latency
+}
+
 /// Publishes at `config.rate` for `config.duration` and reports what was accepted.
 pub async fn run(config: PublishConfig) -> Result<PublishOutcome> {
     let users = config.users;
@@ -563,7 +697,11 @@ pub async fn run(config: PublishConfig) -> Result<PublishOutcome> {
     for (index, hub) in hubs_of_senders.into_iter().enumerate() {
         // Stagger the senders over one interval so requests are spread evenly in time.
         let first = start + interval.mul_f64(index as f64 / senders as f64);
-        tasks.spawn(run_sender(shared.clone(), hub, interval, first, end));
+        if config.mode == PublishMode::Grpc && config.kafka.is_none() {
+            tasks.spawn(run_grpc_sender(shared.clone(), hub, interval, first, end));
+        } else {
+            tasks.spawn(run_sender(shared.clone(), hub, interval, first, end));
+        }
     }
     let mut request_latency = new_histogram();
     while let Some(joined) = tasks.join_next().await {

@@ -67,7 +67,7 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
     );
     ensure!(
         args.kafka_brokers.is_none() || args.publish_mode == PublishMode::Http,
-        "--publish-mode batch calls the HTTP API; it does not combine with --kafka-brokers"
+        "--publish-mode batch and grpc call the hub's APIs; they do not combine with --kafka-brokers"
     );
     cpu::check_unique(&args.cpu_pids)?;
     let processes = args
