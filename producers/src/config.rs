@@ -183,6 +183,8 @@ pub struct Settings {
     /// Tracing filter.
     #[serde(default, deserialize_with = "text")]
     pub log: String,
+    /// `text` (people) or `json` (one object per line, for a log pipeline).
+    pub log_format: LogFormat,
 }
 
 impl Default for Settings {
@@ -222,8 +224,20 @@ impl Default for Settings {
                 .to_vec(),
             worker_id: None,
             log: "info".to_owned(),
+            log_format: LogFormat::Text,
         }
     }
+}
+
+/// How log lines are written (to stderr).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, with the fields of the enclosing spans (`request_id`,
+    /// `trace_id`).
+    Json,
 }
 
 /// A setting that cannot be used; `Display` is the one line printed before exiting.
@@ -262,6 +276,7 @@ const COMMON_KEYS: &[&str] = &[
     "outbox_batch",
     "outbox_poll",
     "log",
+    "log_format",
 ];
 
 /// Environment variables with the prefix that are not settings.

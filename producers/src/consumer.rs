@@ -25,11 +25,13 @@ use sqlx::{PgConnection, PgPool};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::config::Settings;
 use crate::kafka::Producer;
 use crate::metrics::Metrics;
 use crate::outbox::sleep_or_stop;
+use crate::trace::TraceContext;
 
 /// One consumed record, as a handler sees it.
 pub struct Record<'a> {
@@ -88,8 +90,14 @@ pub trait Handler: Send + Sync + 'static {
     /// The id that makes a redelivered event a duplicate.
     fn event_id(event: &Self::Event) -> &str;
 
-    /// Writes the effect of an event seen for the first time, inside `tx`.
-    async fn apply(&self, tx: &mut PgConnection, event: &Self::Event) -> Result<(), HandleError>;
+    /// Writes the effect of an event seen for the first time, inside `tx`. `trace` is this
+    /// handling's span (the record's trace, a new span id): the events it emits carry it.
+    async fn apply(
+        &self,
+        tx: &mut PgConnection,
+        event: &Self::Event,
+        trace: &TraceContext,
+    ) -> Result<(), HandleError>;
 }
 
 /// The consumer of one service process.
@@ -240,6 +248,38 @@ impl Consumer {
         stop: &CancellationToken,
     ) -> bool {
         let topic = message.topic();
+        // The record's trace continues here (a record without one starts a new trace), so
+        // what this handling logs and emits shares the trace id of the order it is about.
+        let traceparent = message
+            .headers()
+            .and_then(|h| {
+                h.iter()
+                    .find(|h| h.key.eq_ignore_ascii_case(crate::trace::HEADER))
+            })
+            .and_then(|h| h.value)
+            .and_then(|v| std::str::from_utf8(v).ok());
+        let trace = TraceContext::continue_or_start(traceparent);
+        let span = tracing::info_span!(
+            "record",
+            topic,
+            partition = message.partition(),
+            offset = message.offset(),
+            trace_id = %trace.trace_id()
+        );
+        self.handle(handler, message, &trace, stop)
+            .instrument(span)
+            .await
+    }
+
+    /// [`Consumer::process`] inside the record's span.
+    async fn handle<H: Handler>(
+        &self,
+        handler: &H,
+        message: &OwnedMessage,
+        trace: &TraceContext,
+        stop: &CancellationToken,
+    ) -> bool {
+        let topic = message.topic();
         let content_type = message
             .headers()
             .and_then(|h| {
@@ -275,7 +315,7 @@ impl Consumer {
                     tx.rollback().await?;
                     return Ok(Handled::Duplicate);
                 }
-                handler.apply(&mut tx, &event).await?;
+                handler.apply(&mut tx, &event, trace).await?;
                 tx.commit().await?;
                 Ok::<_, HandleError>(Handled::Applied)
             }

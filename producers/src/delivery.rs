@@ -16,6 +16,7 @@ use crate::consumer::{HandleError, Handler, Record};
 use crate::outbox::sleep_or_stop;
 use crate::service::Builder;
 use crate::topics;
+use crate::trace::TraceContext;
 
 /// Internal status of a delivery created but not yet on its way.
 const PENDING: &str = "PENDING";
@@ -59,27 +60,34 @@ impl Handler for Deliveries {
         &self,
         tx: &mut PgConnection,
         payment: &PaymentCompleted,
+        trace: &TraceContext,
     ) -> Result<(), HandleError> {
         if payment.status() != PaymentStatus::Success {
             tracing::info!(
                 order_id = payment.order_id,
                 status = payment.status().short_name(),
+                trace_id = %trace.trace_id(),
                 "no delivery: payment failed"
             );
             return Ok(());
         }
         sqlx::query(
-            "INSERT INTO deliveries (id, order_id, user_id, status, next_at) \
-             VALUES ($1, $2, $3, $4, now() + $5) ON CONFLICT (order_id) DO NOTHING",
+            "INSERT INTO deliveries (id, order_id, user_id, status, next_at, traceparent) \
+             VALUES ($1, $2, $3, $4, now() + $5, $6) ON CONFLICT (order_id) DO NOTHING",
         )
         .bind(Uuid::now_v7())
         .bind(&payment.order_id)
         .bind(&payment.user_id)
         .bind(PENDING)
         .bind(interval(self.step))
+        .bind(trace.to_string())
         .execute(&mut *tx)
         .await?;
-        tracing::info!(order_id = payment.order_id, "delivery created");
+        tracing::info!(
+            order_id = payment.order_id,
+            trace_id = %trace.trace_id(),
+            "delivery created"
+        );
         Ok(())
     }
 }
@@ -129,7 +137,7 @@ impl Stepper {
     async fn advance_due(&self) -> Result<usize, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let due = sqlx::query(
-            "SELECT id, order_id, user_id, status FROM deliveries \
+            "SELECT id, order_id, user_id, status, traceparent FROM deliveries \
              WHERE next_at IS NOT NULL AND next_at <= now() ORDER BY next_at LIMIT 100 \
              FOR UPDATE SKIP LOCKED",
         )
@@ -139,6 +147,9 @@ impl Stepper {
             let id: Uuid = row.try_get("id")?;
             let order_id: String = row.try_get("order_id")?;
             let status: String = row.try_get("status")?;
+            // Each step is a span of the trace of the payment that created the delivery.
+            let traceparent: Option<String> = row.try_get("traceparent")?;
+            let trace = TraceContext::continue_or_start(traceparent.as_deref());
             let Some((to, more)) = next(&status) else {
                 sqlx::query("UPDATE deliveries SET next_at = NULL WHERE id = $1")
                     .bind(id)
@@ -170,9 +181,15 @@ impl Stepper {
                 &order_id,
                 &event.event_id,
                 proto::encode_protobuf(&event),
+                &trace,
             )
             .await?;
-            tracing::info!(order_id, status = to.short_name(), "delivery step");
+            tracing::info!(
+                order_id,
+                status = to.short_name(),
+                trace_id = %trace.trace_id(),
+                "delivery step"
+            );
         }
         tx.commit().await?;
         Ok(due.len())

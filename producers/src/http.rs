@@ -7,13 +7,13 @@ use std::time::Duration;
 use axum::Json;
 use axum::Router;
 use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::limit::RequestBodyLimitLayer;
 
 use crate::metrics::Metrics;
 
@@ -32,6 +32,9 @@ pub enum ApiError {
     /// 404.
     #[error("{0}")]
     NotFound(&'static str),
+    /// 413: the body is larger than [`BODY_LIMIT`].
+    #[error("body larger than 64 KiB")]
+    TooLarge,
     /// 408: the body did not arrive in time.
     #[error("request body not received within the time allowed")]
     BodyTimeout,
@@ -67,6 +70,9 @@ impl From<JsonRejection> for ApiError {
             }
             source = err.source();
         }
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return ApiError::TooLarge;
+        }
         ApiError::BadRequest(e.body_text())
     }
 }
@@ -77,6 +83,7 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BodyTimeout | ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::TooManyRequests { retry_after, .. } => {
                 let body = Json(json!({"error": self.to_string()}));
@@ -96,6 +103,15 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// What the operational routes need.
+#[derive(Clone)]
+struct Ops {
+    pool: sqlx::PgPool,
+    metrics: Metrics,
+    stopping: CancellationToken,
+    kafka_auth: crate::kafka::AuthFailure,
+}
+
 /// `/healthz`, `/readyz` (the database answers, Kafka has not refused our credentials and the
 /// process is not stopping) and `/metrics`.
 pub fn ops_routes(
@@ -105,47 +121,116 @@ pub fn ops_routes(
     kafka_auth: crate::kafka::AuthFailure,
 ) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let (pool, stopping) = (pool.clone(), stopping.clone());
-                let refused = kafka_auth.get().is_some();
-                async move {
-                    if stopping.is_cancelled() {
-                        return (StatusCode::SERVICE_UNAVAILABLE, "stopping");
-                    }
-                    if refused {
-                        return (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "kafka refused our credentials",
-                        );
-                    }
-                    let ping = sqlx::query("SELECT 1").execute(&pool);
-                    match tokio::time::timeout(Duration::from_secs(2), ping).await {
-                        Ok(Ok(_)) => (StatusCode::OK, "ready"),
-                        _ => (StatusCode::SERVICE_UNAVAILABLE, "database unreachable"),
-                    }
-                }
-            }),
-        )
-        .route(
-            "/metrics",
-            get(move || {
-                let metrics = metrics.clone();
-                async move {
-                    (
-                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                        metrics.render(),
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_page))
+        .with_state(Ops {
+            pool,
+            metrics,
+            stopping,
+            kafka_auth,
+        })
+}
+
+/// The operational routes' part of each service's OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(healthz, readyz, metrics_page))]
+pub struct OpsDoc;
+
+/// Liveness: 200 while the process runs.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses(
+    (status = 200, description = "Running", content_type = "text/plain", body = String),
+))]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Readiness: the database answers, Kafka has not refused the credentials, not stopping.
+#[utoipa::path(get, path = "/readyz", tag = "operations", responses(
+    (status = 200, description = "Ready", content_type = "text/plain", body = String),
+    (status = 503, description = "Stopping, the database unreachable, or Kafka refused our credentials", content_type = "text/plain", body = String),
+))]
+async fn readyz(State(ops): State<Ops>) -> (StatusCode, &'static str) {
+    if ops.stopping.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "stopping");
+    }
+    if ops.kafka_auth.get().is_some() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "kafka refused our credentials",
+        );
+    }
+    let ping = sqlx::query("SELECT 1").execute(&ops.pool);
+    match tokio::time::timeout(Duration::from_secs(2), ping).await {
+        Ok(Ok(_)) => (StatusCode::OK, "ready"),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "database unreachable"),
+    }
+}
+
+/// Prometheus metrics (text exposition format).
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses(
+    (status = 200, description = "Metrics", content_type = "text/plain; version=0.0.4", body = String),
+))]
+async fn metrics_page(State(ops): State<Ops>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        ops.metrics.render(),
+    )
+}
+
+/// Makes request ids: a random 64-bit value in hex, for requests that come without one.
+#[derive(Clone, Copy)]
+struct RequestIds;
+
+impl tower_http::request_id::MakeRequestId for RequestIds {
+    fn make_request_id<B>(
+        &mut self,
+        _: &axum::http::Request<B>,
+    ) -> Option<tower_http::request_id::RequestId> {
+        let id = format!("{:016x}", rand::random::<u64>());
+        HeaderValue::from_str(&id)
+            .ok()
+            .map(tower_http::request_id::RequestId::new)
+    }
+}
+
+/// Every request gets an id (`x-request-id`: the caller's, or a fresh one), which is in the
+/// request's log span, so in every line logged while it is handled, and in the response. The
+/// span also has a `trace_id`, which handlers that know the request's trace fill in.
+pub fn with_request_ids(router: Router) -> Router {
+    use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
+    use tower_http::trace::{DefaultOnFailure, DefaultOnRequest, DefaultOnResponse, TraceLayer};
+    router
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(
+            // The path only: a query string is the client's business.
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &axum::http::Request<_>| {
+                    let request_id = req
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default();
+                    tracing::info_span!(
+                        "http",
+                        method = %req.method(),
+                        path = %req.uri().path(),
+                        request_id,
+                        trace_id = tracing::field::Empty
                     )
-                }
-            }),
+                })
+                .on_request(DefaultOnRequest::new().level(tracing::Level::DEBUG))
+                .on_response(DefaultOnResponse::new().level(tracing::Level::DEBUG))
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
         )
+        .layer(SetRequestIdLayer::x_request_id(RequestIds))
 }
 
 /// The API's middleware: a body limit, and CORS for the listed browser origins.
 pub fn with_api_layers(router: Router, allowed_origins: &[String]) -> Router {
-    let router = router.layer(RequestBodyLimitLayer::new(BODY_LIMIT));
+    // Enforced by the JSON extractor, so that a larger body is answered like any other error:
+    // 413 with `{"error": ...}` (see `From<JsonRejection>`).
+    let router = router.layer(DefaultBodyLimit::max(BODY_LIMIT));
     let origins: Vec<HeaderValue> = allowed_origins
         .iter()
         .filter_map(|o| HeaderValue::from_str(o).ok())
@@ -161,8 +246,13 @@ pub fn with_api_layers(router: Router, allowed_origins: &[String]) -> Router {
                 header::AUTHORIZATION,
                 header::CONTENT_TYPE,
                 HeaderName::from_static("idempotency-key"),
+                HeaderName::from_static("traceparent"),
+                HeaderName::from_static("x-request-id"),
             ])
-            .expose_headers([HeaderName::from_static("idempotent-replayed")])
+            .expose_headers([
+                HeaderName::from_static("idempotent-replayed"),
+                HeaderName::from_static("x-request-id"),
+            ])
             .max_age(Duration::from_secs(600)),
     )
 }

@@ -7,7 +7,11 @@
 //! - [`config`]: typed settings per service (`ORDER_*`, `PAYMENT_*`, ...), validated at start.
 //! - [`auth`]: the user of a REST request, from the hub's HS256 JWT.
 //! - [`http`]: error responses, health/readiness/metrics routes, CORS, body limit, timeouts,
-//!   the listener.
+//!   request ids, the listener.
+//! - [`openapi`]: what the OpenAPI documents of the two REST APIs share; served at
+//!   `GET /api/openapi.json`.
+//! - [`trace`]: W3C trace context, carried from the order API through the outbox and Kafka
+//!   headers.
 //! - [`limit`]: per-user rate limits of the REST APIs.
 //! - [`kafka`]: Kafka client settings (brokers, security) and the context that notices a
 //!   refused authentication.
@@ -29,10 +33,12 @@ pub mod kafka;
 pub mod limit;
 pub mod metrics;
 pub mod moderation;
+pub mod openapi;
 pub mod order;
 pub mod outbox;
 pub mod payment;
 pub mod service;
+pub mod trace;
 
 /// Kafka topics of the saga (before the configured prefix). Keys: the order id for the order
 /// saga, the report id for moderation, so each order's or report's events stay in one

@@ -11,12 +11,11 @@
 use async_trait::async_trait;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRef, Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use proto::moderation::v1::{Decision, ModerationResult, ModerationTask, TargetType};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
@@ -24,8 +23,10 @@ use crate::auth::{User, Verifier};
 use crate::consumer::{HandleError, Handler, Record};
 use crate::http::{ApiError, body};
 use crate::limit::PerUser;
+use crate::openapi::ErrorBody;
 use crate::service::Builder;
 use crate::topics;
+use crate::trace::TraceContext;
 
 /// Adds the report API and a worker to `builder`.
 pub async fn build(builder: Builder) -> anyhow::Result<Builder> {
@@ -57,8 +58,10 @@ pub async fn build(builder: Builder) -> anyhow::Result<Builder> {
             .clone()
             .unwrap_or_else(|| format!("{}-{:04x}", std::process::id(), rand::random::<u16>())),
     };
+    let doc = openapi_json(&ctx.settings.jwt_audience(ctx.service));
     builder
         .api(router(state))
+        .api(crate::openapi::route(doc))
         .task("report rate limit", limit.clean_until(ctx.stop.clone()))
         .consume(&[topics::MODERATION_TASKS], worker)
 }
@@ -111,18 +114,108 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-#[derive(Debug, Deserialize)]
+/// A report. The target's owner is never named here (a body with `target_owner_id` is
+/// refused): the service looks it up in its own records.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewReport {
+    #[schema(value_type = TargetKind)]
     target_type: String,
+    /// An ad id of the catalogue, or a user id (1 to 128 bytes, no spaces).
+    #[schema(min_length = 1, max_length = 128, example = "ad-1")]
     target_id: String,
+    /// 1 to 1000 bytes; a blocked word (whole word, any case) gets the target removed.
+    #[schema(min_length = 1, max_length = 1000, example = "looks like a scam")]
     reason: String,
 }
 
-#[derive(Debug, Deserialize)]
+/// What a report is about.
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)] // Documentation only: the body's field is read as text.
+enum TargetKind {
+    Ad,
+    User,
+}
+
+/// A report's decision (`PENDING` until a worker made it).
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "SCREAMING_SNAKE_CASE")]
+#[allow(dead_code)] // Documentation only: decisions are stored and sent as text.
+enum DecisionName {
+    Pending,
+    Dismissed,
+    Removed,
+}
+
+/// `202` to `POST /reports`.
+#[derive(Serialize, utoipa::ToSchema)]
+struct ReportAccepted {
+    #[schema(example = "01934b7e-8f3a-7c1e-9d2a-5b6c7d8e9f01")]
+    report_id: String,
+}
+
+/// A report as its reporter sees it.
+#[derive(Serialize, utoipa::ToSchema)]
+struct ReportView {
+    report_id: String,
+    #[schema(value_type = TargetKind)]
+    target_type: String,
+    target_id: String,
+    #[schema(value_type = DecisionName)]
+    decision: String,
+}
+
+/// An ad to publish; whoever publishes it owns it.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewAd {
+    /// 1 to 200 bytes (trimmed).
+    #[schema(min_length = 1, max_length = 200, example = "Mountain bike, 21 gears")]
     title: String,
+}
+
+/// An ad of the catalogue.
+#[derive(Serialize, utoipa::ToSchema)]
+struct Ad {
+    #[schema(example = "ad-0123456789ab")]
+    ad_id: String,
+    owner_id: String,
+    title: String,
+}
+
+/// `GET /ads`: the newest 100 ads.
+#[derive(Serialize, utoipa::ToSchema)]
+struct AdList {
+    ads: Vec<Ad>,
+}
+
+/// The OpenAPI 3.1 description of the moderation API, generated from the handlers and types.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "moderation service HTTP API",
+        description = "Reports on ads and users, and the catalogue of ads. Decisions reach the reporter (and the owner of a removed target) through the hub as `moderation.result` notifications (docs/asyncapi.yaml)."
+    ),
+    paths(create, fetch, create_ad, list_ads),
+    components(schemas(
+        NewReport,
+        TargetKind,
+        DecisionName,
+        ReportAccepted,
+        ReportView,
+        NewAd,
+        Ad,
+        AdList,
+        ErrorBody
+    ))
+)]
+struct ApiDoc;
+
+/// The document served at `GET /api/openapi.json`; `audience` is the `aud` tokens must carry.
+pub fn openapi_json(audience: &str) -> String {
+    use utoipa::OpenApi as _;
+    crate::openapi::finish(ApiDoc::openapi(), audience)
 }
 
 /// A user id as tokens carry it: 1–128 bytes, no whitespace or control characters.
@@ -148,11 +241,40 @@ fn required(field: &str, value: &str, max: usize) -> Result<String, ApiError> {
     Ok(v.to_owned())
 }
 
+/// Reports an ad or a user; a worker decides it later.
+#[utoipa::path(
+    post,
+    path = "/reports",
+    tag = "reports",
+    params(
+        ("traceparent" = Option<String>, Header, description = "W3C trace context; the report's task and result on Kafka continue this trace (a new one starts without it)"),
+    ),
+    request_body(content = NewReport, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Accepted; the decision comes later", body = ReportAccepted),
+        (status = 400, description = "Bad JSON, an unknown field (e.g. `target_owner_id`), a field out of its limits", body = ErrorBody),
+        (status = 401, description = "No, bad or expired token, or a token for another audience", body = ErrorBody),
+        (status = 404, description = "No such ad in the catalogue", body = ErrorBody),
+        (status = 408, description = "The body did not arrive, or the request was not completed, in time", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB", body = ErrorBody),
+        (status = 429, description = "Too many reports of this reporter", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until one more report is allowed"))),
+        (status = 503, description = "The database did not answer", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 async fn create(
     State(state): State<ApiState>,
     User(reporter): User,
+    headers: HeaderMap,
     report: Result<Json<NewReport>, JsonRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<ReportAccepted>), ApiError> {
+    let trace = TraceContext::continue_or_start(
+        headers
+            .get(crate::trace::HEADER)
+            .and_then(|v| v.to_str().ok()),
+    );
+    tracing::Span::current().record("trace_id", trace.trace_id().as_str());
     let report = body(report)?;
     state.limit.check(&reporter)?;
     let target_type = match report.target_type.as_str() {
@@ -210,21 +332,40 @@ async fn create(
         &task.report_id,
         &task.event_id,
         proto::encode_protobuf(&task),
+        &trace,
     )
     .await?;
     tx.commit().await?;
+    tracing::info!(report_id = task.report_id, trace_id = %trace.trace_id(), "report filed");
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({"report_id": task.report_id})),
+        Json(ReportAccepted {
+            report_id: task.report_id,
+        }),
     ))
 }
 
 /// `POST /ads`: the signed-in user publishes an ad and owns it.
+#[utoipa::path(
+    post,
+    path = "/ads",
+    tag = "ads",
+    request_body(content = NewAd, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Published; the token's user owns it", body = Ad),
+        (status = 400, description = "Bad JSON, an unknown field, a title out of its limits", body = ErrorBody),
+        (status = 401, description = "No, bad or expired token, or a token for another audience", body = ErrorBody),
+        (status = 408, description = "The body did not arrive, or the request was not completed, in time", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB", body = ErrorBody),
+        (status = 503, description = "The database did not answer", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 async fn create_ad(
     State(state): State<ApiState>,
     User(owner): User,
     ad: Result<Json<NewAd>, JsonRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<Ad>), ApiError> {
     let ad = body(ad)?;
     let title = required("title", &ad.title, 200)?;
     let id = format!("ad-{}", &Uuid::new_v4().simple().to_string()[..12]);
@@ -237,12 +378,26 @@ async fn create_ad(
     tracing::info!(ad_id = id, "ad published");
     Ok((
         StatusCode::CREATED,
-        Json(json!({"ad_id": id, "owner_id": owner, "title": title})),
+        Json(Ad {
+            ad_id: id,
+            owner_id: owner,
+            title,
+        }),
     ))
 }
 
 /// `GET /ads`: the catalogue, newest first (at most 100). Ads are public, owners included.
-async fn list_ads(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/ads",
+    tag = "ads",
+    responses(
+        (status = 200, description = "The newest 100 ads with their owners (no token needed)", body = AdList),
+        (status = 408, description = "The request was not completed in time", body = ErrorBody),
+        (status = 503, description = "The database did not answer", body = ErrorBody),
+    )
+)]
+async fn list_ads(State(state): State<ApiState>) -> Result<Json<AdList>, ApiError> {
     let rows = sqlx::query(
         "SELECT id, owner_id, title FROM ads ORDER BY created_at DESC, id DESC LIMIT 100",
     )
@@ -251,21 +406,36 @@ async fn list_ads(State(state): State<ApiState>) -> Result<Json<Value>, ApiError
     let ads = rows
         .iter()
         .map(|r| {
-            Ok(json!({
-                "ad_id": r.try_get::<String, _>("id")?,
-                "owner_id": r.try_get::<String, _>("owner_id")?,
-                "title": r.try_get::<String, _>("title")?,
-            }))
+            Ok(Ad {
+                ad_id: r.try_get("id")?,
+                owner_id: r.try_get("owner_id")?,
+                title: r.try_get("title")?,
+            })
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
-    Ok(Json(json!({"ads": ads})))
+    Ok(Json(AdList { ads }))
 }
 
+/// One report of the token's user, with its decision.
+#[utoipa::path(
+    get,
+    path = "/reports/{id}",
+    tag = "reports",
+    params(("id" = String, Path, description = "The report id (`report_id` of the 202)")),
+    responses(
+        (status = 200, description = "The report", body = ReportView),
+        (status = 401, description = "No, bad or expired token, or a token for another audience", body = ErrorBody),
+        (status = 404, description = "No such report of this user", body = ErrorBody),
+        (status = 408, description = "The request was not completed in time", body = ErrorBody),
+        (status = 503, description = "The database did not answer", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 async fn fetch(
     State(state): State<ApiState>,
     User(user): User,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ReportView>, ApiError> {
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound("no such report"))?;
     let row = sqlx::query(
         "SELECT r.id, r.target_type, r.target_id, d.decision FROM reports r \
@@ -276,12 +446,14 @@ async fn fetch(
     .fetch_optional(&state.pool)
     .await?
     .ok_or(ApiError::NotFound("no such report"))?;
-    Ok(Json(json!({
-        "report_id": row.try_get::<Uuid, _>("id")?.to_string(),
-        "target_type": row.try_get::<String, _>("target_type")?,
-        "target_id": row.try_get::<String, _>("target_id")?,
-        "decision": row.try_get::<Option<String>, _>("decision")?.unwrap_or_else(|| "PENDING".to_owned()),
-    })))
+    Ok(Json(ReportView {
+        report_id: row.try_get::<Uuid, _>("id")?.to_string(),
+        target_type: row.try_get("target_type")?,
+        target_id: row.try_get("target_id")?,
+        decision: row
+            .try_get::<Option<String>, _>("decision")?
+            .unwrap_or_else(|| "PENDING".to_owned()),
+    }))
 }
 
 /// The decision rule: a reason containing a blocked word (whole word, any case) removes the
@@ -334,7 +506,12 @@ impl Handler for Worker {
         &task.event_id
     }
 
-    async fn apply(&self, tx: &mut PgConnection, task: &ModerationTask) -> Result<(), HandleError> {
+    async fn apply(
+        &self,
+        tx: &mut PgConnection,
+        task: &ModerationTask,
+        trace: &TraceContext,
+    ) -> Result<(), HandleError> {
         let (decision, rule) = self.rule.decide(&task.reason);
         let first = sqlx::query(
             "INSERT INTO decisions (report_id, decision, rule, worker) VALUES ($1, $2, $3, $4) \
@@ -370,12 +547,14 @@ impl Handler for Worker {
             &result.report_id,
             &result.event_id,
             proto::encode_protobuf(&result),
+            trace,
         )
         .await?;
         tracing::info!(
             report_id = result.report_id,
             decision = decision.short_name(),
             worker = self.name,
+            trace_id = %trace.trace_id(),
             "moderation decision"
         );
         Ok(())
@@ -385,6 +564,66 @@ impl Handler for Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_openapi_document_names_every_route_and_schema() {
+        let doc: serde_json::Value =
+            serde_json::from_str(&openapi_json("moderation")).expect("JSON");
+        assert_eq!(doc["openapi"], "3.1.0");
+        for (path, method) in [
+            ("/reports", "post"),
+            ("/reports/{id}", "get"),
+            ("/ads", "post"),
+            ("/ads", "get"),
+            ("/healthz", "get"),
+            ("/readyz", "get"),
+            ("/metrics", "get"),
+        ] {
+            assert!(
+                doc["paths"][path][method].is_object(),
+                "{method} {path} missing"
+            );
+        }
+        let post = &doc["paths"]["/reports"]["post"];
+        assert_eq!(post["security"][0]["bearer"], serde_json::json!([]));
+        for status in ["202", "400", "401", "404", "408", "413", "429", "503"] {
+            assert!(
+                post["responses"][status].is_object(),
+                "POST /reports {status}"
+            );
+        }
+        assert!(post["responses"]["429"]["headers"]["Retry-After"].is_object());
+        // The catalogue is public.
+        assert!(doc["paths"]["/ads"]["get"]["security"].is_null());
+        let schemas = &doc["components"]["schemas"];
+        assert_eq!(
+            schemas["NewReport"]["required"],
+            serde_json::json!(["target_type", "target_id", "reason"])
+        );
+        assert_eq!(schemas["NewReport"]["additionalProperties"], false);
+        assert_eq!(
+            schemas["TargetKind"]["enum"],
+            serde_json::json!(["ad", "user"])
+        );
+        for name in [
+            "ReportAccepted",
+            "ReportView",
+            "NewAd",
+            "Ad",
+            "AdList",
+            "DecisionName",
+            "ErrorBody",
+        ] {
+            assert!(schemas[name].is_object(), "schema {name} missing");
+        }
+        let bearer = &doc["components"]["securitySchemes"]["bearer"];
+        assert!(
+            bearer["description"]
+                .as_str()
+                .is_some_and(|d| d.contains("`moderation`")),
+            "{bearer}"
+        );
+    }
 
     #[test]
     fn the_word_list_decides_on_whole_words_in_any_case() {

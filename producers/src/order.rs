@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
@@ -26,8 +26,10 @@ use crate::auth::{User, Verifier};
 use crate::consumer::{HandleError, Handler, Record};
 use crate::http::{ApiError, body};
 use crate::limit::PerUser;
+use crate::openapi::ErrorBody;
 use crate::service::Builder;
 use crate::topics;
+use crate::trace::TraceContext;
 
 /// Adds the order service's API and consumer to `builder`.
 pub async fn build(builder: Builder) -> anyhow::Result<Builder> {
@@ -48,8 +50,10 @@ pub async fn build(builder: Builder) -> anyhow::Result<Builder> {
     let handler = Events {
         prefix: ctx.settings.topic_prefix.clone(),
     };
+    let doc = openapi_json(&ctx.settings.jwt_audience(ctx.service));
     builder
         .api(router(state))
+        .api(crate::openapi::route(doc))
         .task("order rate limit", limit.clean_until(ctx.stop.clone()))
         .consume(
             &[topics::PAYMENT_COMPLETED, topics::DELIVERY_STATUS_UPDATED],
@@ -86,19 +90,114 @@ const MAX_QUANTITY: u32 = 1_000;
 const MAX_PRICE_CENTS: i64 = 100_000_000;
 const MAX_TEXT: usize = 500;
 
-#[derive(Debug, Deserialize)]
+/// An order to place. The user is the token's `sub`, never a body field.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewOrder {
+    /// 1 to 100 items.
+    #[schema(min_items = 1, max_items = 100)]
     items: Vec<NewItem>,
+    /// 1 to 500 bytes (trimmed).
+    #[schema(min_length = 1, max_length = 500, example = "1 Main St")]
     delivery_address: String,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+/// One line of an order.
+#[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewItem {
+    /// 1 to 64 bytes (trimmed).
+    #[schema(min_length = 1, max_length = 64, example = "p1")]
     product_id: String,
+    #[schema(minimum = 1, maximum = 1000, example = 2)]
     quantity: u32,
+    /// Unit price.
+    #[schema(minimum = 0, maximum = 100000000, example = 14999)]
     price_cents: i64,
+}
+
+/// An order's status (the notification `order.status` carries the same names).
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "SCREAMING_SNAKE_CASE")]
+#[allow(dead_code)] // Documentation only: statuses are stored and sent as text.
+enum Status {
+    Created,
+    Paid,
+    InTransit,
+    OutForDelivery,
+    Delivered,
+    PaymentFailed,
+}
+
+/// `201` to `POST /orders`.
+#[derive(Serialize, utoipa::ToSchema)]
+struct Placed {
+    #[schema(example = "01934b7e-8f3a-7c1e-9d2a-5b6c7d8e9f01")]
+    order_id: String,
+    /// Always `CREATED` (also for a replayed idempotency key).
+    #[schema(value_type = Status)]
+    status: &'static str,
+}
+
+/// An order as its owner sees it.
+#[derive(Serialize, utoipa::ToSchema)]
+struct OrderView {
+    order_id: String,
+    user_id: String,
+    #[schema(value_type = Status)]
+    status: String,
+    #[schema(value_type = Vec<NewItem>)]
+    items: Value,
+    total_cents: i64,
+    delivery_address: String,
+    #[schema(value_type = String, format = DateTime)]
+    created_at: chrono::DateTime<chrono::Utc>,
+    #[schema(value_type = String, format = DateTime)]
+    updated_at: chrono::DateTime<chrono::Utc>,
+    /// Every status the order reached, oldest first.
+    history: Vec<HistoryEntry>,
+}
+
+/// A status the order reached, and when.
+#[derive(Serialize, utoipa::ToSchema)]
+struct HistoryEntry {
+    #[schema(value_type = Status)]
+    status: String,
+    #[schema(value_type = String, format = DateTime)]
+    at: chrono::DateTime<chrono::Utc>,
+}
+
+/// `GET /orders`: the user's last 50 orders, newest first.
+#[derive(Serialize, utoipa::ToSchema)]
+struct OrderList {
+    orders: Vec<OrderView>,
+}
+
+/// The OpenAPI 3.1 description of the order API, generated from the handlers and types.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "order service HTTP API",
+        description = "Places and shows orders. The order's statuses then reach its user through the hub as `order.status` notifications (docs/asyncapi.yaml)."
+    ),
+    paths(create, fetch, list),
+    components(schemas(
+        NewOrder,
+        NewItem,
+        Status,
+        Placed,
+        OrderView,
+        HistoryEntry,
+        OrderList,
+        ErrorBody
+    ))
+)]
+struct ApiDoc;
+
+/// The document served at `GET /api/openapi.json`; `audience` is the `aud` tokens must carry.
+pub fn openapi_json(audience: &str) -> String {
+    use utoipa::OpenApi as _;
+    crate::openapi::finish(ApiDoc::openapi(), audience)
 }
 
 impl NewOrder {
@@ -152,12 +251,43 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     }
 }
 
+/// Places an order for the token's user.
+#[utoipa::path(
+    post,
+    path = "/orders",
+    tag = "orders",
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "1 to 128 characters, per user: a repeated key answers 201 with the order the first request created (and `Idempotent-Replayed: true`) instead of creating and charging a second one"),
+        ("traceparent" = Option<String>, Header, description = "W3C trace context; the order's events on Kafka continue this trace (a new one starts without it)"),
+    ),
+    request_body(content = NewOrder, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Created (or replayed for a repeated Idempotency-Key)", body = Placed,
+            headers(("Idempotent-Replayed" = String, description = "`true` when the key was seen before and no order was created"))),
+        (status = 400, description = "Bad JSON, an unknown field (e.g. `user_id`), a field out of its limits, a bad Idempotency-Key", body = ErrorBody),
+        (status = 401, description = "No, bad or expired token, or a token for another audience", body = ErrorBody),
+        (status = 408, description = "The body did not arrive, or the request was not completed, in time", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB", body = ErrorBody),
+        (status = 429, description = "Too many orders of this user", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until one more order is allowed"))),
+        (status = 503, description = "The database did not answer", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 async fn create(
     State(state): State<ApiState>,
     User(user): User,
     headers: HeaderMap,
     order: Result<Json<NewOrder>, JsonRejection>,
-) -> Result<(StatusCode, HeaderMap, Json<Value>), ApiError> {
+) -> Result<(StatusCode, HeaderMap, Json<Placed>), ApiError> {
+    // This request's span of the caller's trace, or the start of a new one: every event of
+    // the order carries its trace id, and so does every log line of this request.
+    let trace = TraceContext::continue_or_start(
+        headers
+            .get(crate::trace::HEADER)
+            .and_then(|v| v.to_str().ok()),
+    );
+    tracing::Span::current().record("trace_id", trace.trace_id().as_str());
     state.limit.check(&user)?;
     let key = idempotency_key(&headers)?;
     let order = body(order)?;
@@ -194,7 +324,10 @@ async fn create(
         return Ok((
             StatusCode::CREATED,
             replayed,
-            Json(json!({"order_id": first.to_string(), "status": "CREATED"})),
+            Json(Placed {
+                order_id: first.to_string(),
+                status: "CREATED",
+            }),
         ));
     }
     let created = OrderCreated {
@@ -221,6 +354,7 @@ async fn create(
         &order_id,
         &created.event_id,
         proto::encode_protobuf(&created),
+        &trace,
     )
     .await?;
     record_transition(
@@ -230,18 +364,38 @@ async fn create(
         &user,
         OrderStatus::Unspecified,
         OrderStatus::Created,
+        &trace,
     )
     .await?;
     tx.commit().await?;
-    tracing::info!(order_id, total_cents = total, "order created");
+    tracing::info!(order_id, total_cents = total, trace_id = %trace.trace_id(), "order created");
     Ok((
         StatusCode::CREATED,
         HeaderMap::new(),
-        Json(json!({"order_id": order_id, "status": "CREATED"})),
+        Json(Placed {
+            order_id,
+            status: "CREATED",
+        }),
     ))
 }
 
-async fn list(State(state): State<ApiState>, User(user): User) -> Result<Json<Value>, ApiError> {
+/// The token's user's last 50 orders, newest first.
+#[utoipa::path(
+    get,
+    path = "/orders",
+    tag = "orders",
+    responses(
+        (status = 200, description = "The user's orders (possibly none)", body = OrderList),
+        (status = 401, description = "No, bad or expired token, or a token for another audience", body = ErrorBody),
+        (status = 408, description = "The request was not completed in time", body = ErrorBody),
+        (status = 503, description = "The database did not answer", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+async fn list(
+    State(state): State<ApiState>,
+    User(user): User,
+) -> Result<Json<OrderList>, ApiError> {
     let rows =
         sqlx::query("SELECT id FROM orders WHERE user_id = $1 ORDER BY created_at DESC LIMIT 50")
             .bind(&user)
@@ -254,14 +408,29 @@ async fn list(State(state): State<ApiState>, User(user): User) -> Result<Json<Va
             orders.push(order);
         }
     }
-    Ok(Json(json!({"orders": orders})))
+    Ok(Json(OrderList { orders }))
 }
 
+/// One order of the token's user, with its status history.
+#[utoipa::path(
+    get,
+    path = "/orders/{id}",
+    tag = "orders",
+    params(("id" = String, Path, description = "The order id (`order_id` of the 201)")),
+    responses(
+        (status = 200, description = "The order", body = OrderView),
+        (status = 401, description = "No, bad or expired token, or a token for another audience", body = ErrorBody),
+        (status = 404, description = "No such order of this user (another user's order is answered the same way)", body = ErrorBody),
+        (status = 408, description = "The request was not completed in time", body = ErrorBody),
+        (status = 503, description = "The database did not answer", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 async fn fetch(
     State(state): State<ApiState>,
     User(user): User,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<OrderView>, ApiError> {
     // Another user's order is answered exactly like a missing one.
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound("no such order"))?;
     load(&state.pool, id, &user)
@@ -271,7 +440,7 @@ async fn fetch(
 }
 
 /// The order `id` if `user` owns it, with its status history.
-async fn load(pool: &PgPool, id: Uuid, user: &str) -> Result<Option<Value>, sqlx::Error> {
+async fn load(pool: &PgPool, id: Uuid, user: &str) -> Result<Option<OrderView>, sqlx::Error> {
     let Some(row) = sqlx::query(
         "SELECT id, user_id, status, items, total_cents, delivery_address, created_at, updated_at \
          FROM orders WHERE id = $1 AND user_id = $2",
@@ -292,28 +461,28 @@ async fn load(pool: &PgPool, id: Uuid, user: &str) -> Result<Option<Value>, sqlx
     let history = history
         .iter()
         .map(|h| {
-            Ok(json!({
-                "status": h.try_get::<String, _>("status")?,
-                "at": h.try_get::<chrono::DateTime<chrono::Utc>, _>("changed_at")?,
-            }))
+            Ok(HistoryEntry {
+                status: h.try_get("status")?,
+                at: h.try_get("changed_at")?,
+            })
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
     let items: sqlx::types::Json<Value> = row.try_get("items")?;
-    Ok(Some(json!({
-        "order_id": row.try_get::<Uuid, _>("id")?.to_string(),
-        "user_id": row.try_get::<String, _>("user_id")?,
-        "status": row.try_get::<String, _>("status")?,
-        "items": items.0,
-        "total_cents": row.try_get::<i64, _>("total_cents")?,
-        "delivery_address": row.try_get::<String, _>("delivery_address")?,
-        "created_at": row.try_get::<chrono::DateTime<chrono::Utc>, _>("created_at")?,
-        "updated_at": row.try_get::<chrono::DateTime<chrono::Utc>, _>("updated_at")?,
-        "history": history,
-    })))
+    Ok(Some(OrderView {
+        order_id: row.try_get::<Uuid, _>("id")?.to_string(),
+        user_id: row.try_get("user_id")?,
+        status: row.try_get("status")?,
+        items: items.0,
+        total_cents: row.try_get("total_cents")?,
+        delivery_address: row.try_get("delivery_address")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        history,
+    }))
 }
 
 /// Writes a transition: the order row (unless it is the creation), its history, and an
-/// `OrderStatusChanged` in the outbox.
+/// `OrderStatusChanged` in the outbox (with `trace`, the span of the work that moved it).
 async fn record_transition(
     conn: &mut PgConnection,
     prefix: &str,
@@ -321,6 +490,7 @@ async fn record_transition(
     user: &str,
     from: OrderStatus,
     to: OrderStatus,
+    trace: &TraceContext,
 ) -> Result<(), sqlx::Error> {
     if from != OrderStatus::Unspecified {
         sqlx::query("UPDATE orders SET status = $2, updated_at = now() WHERE id = $1")
@@ -349,6 +519,7 @@ async fn record_transition(
         &event.order_id,
         &event.event_id,
         proto::encode_protobuf(&event),
+        trace,
     )
     .await
 }
@@ -446,7 +617,12 @@ impl Handler for Events {
         &event.event_id
     }
 
-    async fn apply(&self, tx: &mut PgConnection, event: &StatusEvent) -> Result<(), HandleError> {
+    async fn apply(
+        &self,
+        tx: &mut PgConnection,
+        event: &StatusEvent,
+        trace: &TraceContext,
+    ) -> Result<(), HandleError> {
         let StatusEvent {
             order_id,
             id,
@@ -471,16 +647,18 @@ impl Handler for Events {
                 order_id,
                 from = status,
                 to = target.short_name(),
+                trace_id = %trace.trace_id(),
                 "event does not apply to the order's status; ignored"
             );
         }
         let mut from = current;
         for to in steps {
-            record_transition(tx, &self.prefix, id, &user, from, to).await?;
+            record_transition(tx, &self.prefix, id, &user, from, to, trace).await?;
             tracing::info!(
                 order_id,
                 from = from.short_name(),
                 to = to.short_name(),
+                trace_id = %trace.trace_id(),
                 "order status changed"
             );
             from = to;
@@ -494,6 +672,7 @@ impl Handler for Events {
 mod tests {
     use super::*;
     use OrderStatus::*;
+    use serde_json::json;
 
     #[test]
     fn steps_walk_forward_only() {
@@ -508,6 +687,74 @@ mod tests {
         assert_eq!(steps(Created, PaymentFailed), vec![PaymentFailed]);
         assert!(steps(Paid, PaymentFailed).is_empty());
         assert!(steps(PaymentFailed, InTransit).is_empty());
+    }
+
+    #[test]
+    fn the_openapi_document_names_every_route_and_schema() {
+        let doc: Value = serde_json::from_str(&openapi_json("orders")).expect("JSON");
+        assert_eq!(doc["openapi"], "3.1.0");
+        for (path, method) in [
+            ("/orders", "post"),
+            ("/orders", "get"),
+            ("/orders/{id}", "get"),
+            ("/healthz", "get"),
+            ("/readyz", "get"),
+            ("/metrics", "get"),
+        ] {
+            assert!(
+                doc["paths"][path][method].is_object(),
+                "{method} {path} missing"
+            );
+        }
+        let post = &doc["paths"]["/orders"]["post"];
+        assert_eq!(post["security"][0]["bearer"], json!([]));
+        let headers: Vec<&str> = post["parameters"]
+            .as_array()
+            .expect("parameters")
+            .iter()
+            .filter(|p| p["in"] == "header")
+            .filter_map(|p| p["name"].as_str())
+            .collect();
+        assert_eq!(headers, ["Idempotency-Key", "traceparent"]);
+        for status in ["201", "400", "401", "408", "413", "429", "503"] {
+            assert!(
+                post["responses"][status].is_object(),
+                "POST /orders {status}"
+            );
+        }
+        assert!(post["responses"]["429"]["headers"]["Retry-After"].is_object());
+        assert_eq!(
+            doc["paths"]["/orders/{id}"]["get"]["responses"]["404"]["content"]["application/json"]
+                ["schema"]["$ref"],
+            "#/components/schemas/ErrorBody"
+        );
+        let schemas = &doc["components"]["schemas"];
+        assert_eq!(
+            schemas["NewOrder"]["required"],
+            json!(["items", "delivery_address"])
+        );
+        assert_eq!(schemas["NewOrder"]["additionalProperties"], false);
+        for name in [
+            "NewItem",
+            "Placed",
+            "OrderView",
+            "OrderList",
+            "HistoryEntry",
+            "Status",
+            "ErrorBody",
+        ] {
+            assert!(schemas[name].is_object(), "schema {name} missing");
+        }
+        let bearer = &doc["components"]["securitySchemes"]["bearer"];
+        assert_eq!(bearer["scheme"], "bearer");
+        assert!(
+            bearer["description"]
+                .as_str()
+                .is_some_and(|d| d.contains("`orders`")),
+            "{bearer}"
+        );
+        // Probes and metrics are public.
+        assert!(doc["paths"]["/readyz"]["get"]["security"].is_null());
     }
 
     #[test]

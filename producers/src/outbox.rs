@@ -24,25 +24,31 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 use crate::kafka::Producer;
 use crate::metrics::Metrics;
+use crate::trace::TraceContext;
 
 /// PostgreSQL channel the relay listens on; a transaction that enqueues notifies it.
 const CHANNEL: &str = "outbox";
 
-/// Writes `payload` for `topic` under `key`, in the caller's transaction.
+/// Writes `payload` for `topic` under `key`, in the caller's transaction, with the trace
+/// context of the work that emits it (sent as the Kafka header `traceparent`).
 pub async fn enqueue(
     conn: &mut PgConnection,
     topic: &str,
     key: &str,
     event_id: &str,
     payload: Vec<u8>,
+    trace: &TraceContext,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO outbox (topic, key, event_id, payload) VALUES ($1, $2, $3, $4)")
-        .bind(topic)
-        .bind(key)
-        .bind(event_id)
-        .bind(payload)
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query(
+        "INSERT INTO outbox (topic, key, event_id, payload, traceparent) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(topic)
+    .bind(key)
+    .bind(event_id)
+    .bind(payload)
+    .bind(trace.to_string())
+    .execute(&mut *conn)
+    .await?;
     // Delivered at commit (and coalesced within the transaction): wakes the relay at once.
     sqlx::query("SELECT pg_notify($1, '')")
         .bind(CHANNEL)
@@ -84,6 +90,7 @@ struct Waiting {
     key: String,
     event_id: String,
     payload: Vec<u8>,
+    traceparent: Option<String>,
 }
 
 impl Relay {
@@ -188,7 +195,7 @@ impl Relay {
     async fn publish_batch(&self) -> Result<Batch, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(
-            "SELECT id, topic, key, event_id, payload FROM outbox \
+            "SELECT id, topic, key, event_id, payload, traceparent FROM outbox \
              WHERE id IN (SELECT min(id) FROM outbox GROUP BY key) \
              ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
@@ -207,14 +214,21 @@ impl Relay {
                     key: r.try_get("key")?,
                     event_id: r.try_get("event_id")?,
                     payload: r.try_get("payload")?,
+                    traceparent: r.try_get("traceparent")?,
                 })
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()?;
         let sends = waiting.iter().map(|w| {
-            let headers = OwnedHeaders::new().insert(Header {
+            let mut headers = OwnedHeaders::new().insert(Header {
                 key: "event-id",
                 value: Some(w.event_id.as_bytes()),
             });
+            if let Some(traceparent) = &w.traceparent {
+                headers = headers.insert(Header {
+                    key: crate::trace::HEADER,
+                    value: Some(traceparent.as_bytes()),
+                });
+            }
             let record = FutureRecord::to(&w.topic)
                 .key(&w.key)
                 .payload(&w.payload)
@@ -227,10 +241,19 @@ impl Relay {
         let mut failed = 0;
         for (w, result) in waiting.iter().zip(results) {
             match result {
-                Ok(_) => done.push(w.id),
+                Ok(_) => {
+                    tracing::debug!(
+                        topic = %w.topic,
+                        key = %w.key,
+                        event_id = %w.event_id,
+                        trace_id = trace_id(w.traceparent.as_deref()),
+                        "outbox: published"
+                    );
+                    done.push(w.id);
+                }
                 Err((e, _)) => {
                     failed += 1;
-                    tracing::debug!(topic = %w.topic, event_id = %w.event_id, error = %e, "outbox: publish failed");
+                    tracing::debug!(topic = %w.topic, event_id = %w.event_id, trace_id = trace_id(w.traceparent.as_deref()), error = %e, "outbox: publish failed");
                 }
             }
         }
@@ -252,6 +275,14 @@ impl Relay {
 struct Batch {
     published: usize,
     failed: usize,
+}
+
+/// The trace id of a stored `traceparent` (empty when there is none).
+fn trace_id(traceparent: Option<&str>) -> String {
+    traceparent
+        .and_then(TraceContext::parse)
+        .map(|t| t.trace_id())
+        .unwrap_or_default()
 }
 
 /// Sleeps for `d`; true when `stop` was cancelled first.

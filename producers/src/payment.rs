@@ -11,6 +11,7 @@ use sqlx::{PgConnection, Row};
 use crate::consumer::{HandleError, Handler, Record};
 use crate::service::Builder;
 use crate::topics;
+use crate::trace::TraceContext;
 
 /// Adds the payment consumer to `builder`.
 pub async fn build(builder: Builder) -> anyhow::Result<Builder> {
@@ -49,7 +50,12 @@ impl Handler for Payments {
         &order.event_id
     }
 
-    async fn apply(&self, tx: &mut PgConnection, order: &OrderCreated) -> Result<(), HandleError> {
+    async fn apply(
+        &self,
+        tx: &mut PgConnection,
+        order: &OrderCreated,
+        trace: &TraceContext,
+    ) -> Result<(), HandleError> {
         // One payment per order, even if the order were announced twice under two event ids.
         let first = sqlx::query(
             "INSERT INTO payments (order_id, user_id, amount_cents, status) VALUES ($1, $2, $3, 'PENDING') \
@@ -108,6 +114,7 @@ impl Handler for Payments {
             &event.order_id,
             &event.event_id,
             proto::encode_protobuf(&event),
+            trace,
         )
         .await?;
         let balance = debited.map(|r| r.try_get::<i64, _>(0)).transpose()?;
@@ -115,6 +122,7 @@ impl Handler for Payments {
             order_id = order.order_id,
             status = status.short_name(),
             ?balance,
+            trace_id = %trace.trace_id(),
             "payment"
         );
         Ok(())

@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Service, Settings};
+use crate::config::{LogFormat, Service, Settings};
 use crate::consumer::{Consumer, Handler};
 use crate::kafka::{AuthFailure, Producer};
 use crate::metrics::Metrics;
@@ -145,6 +145,8 @@ impl Builder {
             ctx.settings.http_body_timeout,
             ctx.settings.http_request_timeout,
         );
+        // Outermost, so that a 408 of the timeouts carries the request id too.
+        let router = crate::http::with_request_ids(router);
         Ok(Running {
             ctx,
             listener,
@@ -263,10 +265,16 @@ pub fn main(service: Service, build: Build) -> std::process::ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&settings.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    // Colour only for a terminal: a log file or pipe gets plain text, so `grep trace_id=...`
+    // finds its lines.
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match settings.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs.init(),
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

@@ -259,3 +259,50 @@ async fn slow_clients_are_cut_off_within_the_timeouts_while_others_are_served() 
     );
     stack.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_apis_serve_their_openapi_document_and_answer_errors_in_json_with_a_request_id() {
+    let mut stack = Stack::prepare("edge-openapi").await;
+    stack.start_service(Kind::Order);
+    stack.start_service(Kind::Moderation);
+    for (kind, path, audience) in [
+        (Kind::Order, "/orders", "`orders`"),
+        (Kind::Moderation, "/reports", "`moderation`"),
+    ] {
+        let service = stack.service(kind);
+        // Public: no token.
+        let resp = reqwest::get(service.url("/api/openapi.json"))
+            .await
+            .expect("GET /api/openapi.json");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-type"], "application/json");
+        assert_eq!(
+            resp.headers()["x-request-id"].len(),
+            16,
+            "a fresh request id"
+        );
+        let doc: Value = resp.json().await.expect("JSON");
+        assert_eq!(doc["openapi"], "3.1.0");
+        assert!(doc["paths"][path]["post"].is_object(), "{path}");
+        let scheme = doc["components"]["securitySchemes"]["bearer"]["description"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(scheme.contains(audience), "{scheme}");
+
+        // A body over 64 KiB: 413 with a JSON error, and the caller's request id back.
+        let big = json!({"items": [], "delivery_address": "x".repeat(70 * 1024)});
+        let resp = reqwest::Client::new()
+            .post(service.url(path))
+            .bearer_auth(stack.token(kind, "quinn"))
+            .header("x-request-id", "it-too-large")
+            .json(&big)
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(resp.status(), 413, "{path}");
+        assert_eq!(resp.headers()["x-request-id"], "it-too-large");
+        let body: Value = resp.json().await.expect("JSON error");
+        assert_eq!(body, json!({"error": "body larger than 64 KiB"}));
+    }
+    stack.cleanup().await;
+}

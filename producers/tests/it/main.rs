@@ -10,3 +10,4 @@ mod kafka_sasl;
 mod moderation;
 mod outbox;
 mod saga;
+mod trace_context;
