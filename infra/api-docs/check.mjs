@@ -24,7 +24,7 @@ for (const url of process.argv.slice(2)) {
   } else if (!doc.openapi?.startsWith("3.1")) {
     failures.push(`${url}: OpenAPI ${doc.openapi}, expected 3.1`);
   } else {
-    console.log(`${url}: valid OpenAPI ${doc.openapi} (${Object.keys(doc.paths).length} paths)`);
+    console.log(`${url}: valid OpenAPI ${doc.openapi}, ${doc.info?.title} (${Object.keys(doc.paths).length} paths)`);
   }
 }
 
