@@ -32,7 +32,8 @@ fmt-check:
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## api-docs-check: the hub's OpenAPI 3.1 (served at /api/openapi.json) and docs/asyncapi.yaml
+## api-docs-check: the OpenAPI 3.1 of the hub and the order and moderation services (served at
+## /api/openapi.json) and docs/asyncapi.yaml
 ## (AsyncAPI 3) validated by independent validators (infra/api-docs; needs node and npm).
 api-docs-check:
 	infra/api-docs/check.sh
