@@ -49,7 +49,8 @@ browser-deps:
 	cd web-demo/tests && npm ci --no-audit --no-fund
 
 ## ops-check: the deployment and observability checks: promtool (config, rules, the rules' unit
-## tests), helm lint and template of the chart with its required properties, and every Grafana
+## tests), helm lint and template of the chart with its required properties, the rendered hub
+## Deployment and a Redis pod run with `podman kube play` until the hub answers /readyz, and every Grafana
 ## panel query evaluated by a live Prometheus scraping a hub node and the four services (builds
 ## them, and starts Kafka and PostgreSQL unless they run, stopping only what it started).
 ## The images check builds both images from the debug binaries with podman (installed when
@@ -57,6 +58,7 @@ browser-deps:
 ops-check: ops-deps
 	infra/prometheus/check.sh
 	infra/helm/check.sh
+	CARGO=$(CARGO) infra/helm/kube-play.sh
 	CARGO=$(CARGO) infra/grafana/check.sh
 	CARGO=$(CARGO) infra/docker/check.sh
 
