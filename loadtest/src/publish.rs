@@ -526,22 +526,48 @@ async fn run_sender(
 ) -> Histogram<u64> {
     let mut latency = new_histogram();
     let mut conn = None;
-    let mut next = first;
-    // Token bucket depth: forget a deficit beyond this so that a stall (ours or the
-    // hub's) is not followed by an unbounded burst. At least one request, so that a
-    // batch sender whose request took a little longer than its interval catches up.
-    let backlog = MAX_BACKLOG.max(interval);
-    while next < end {
-        let now = Instant::now();
-        if next > now {
-            sleep_until(next).await;
-        } else if now.duration_since(next) > backlog {
-            next = now.checked_sub(backlog).unwrap_or(now);
-        }
-        next += interval;
+    let mut pacer = Pacer::new(interval, first, end);
+    while pacer.wait().await {
         shared.publish_one(hub, &mut conn, &mut latency).await;
     }
     latency
+}
+
+/// A sender's schedule: a request every `interval` from `first` until `end`.
+struct Pacer {
+    next: Instant,
+    end: Instant,
+    interval: Duration,
+    /// Token bucket depth: a deficit beyond this is forgotten, so that a stall (ours or
+    /// the hub's) is not followed by an unbounded burst. At least one request, so that a
+    /// batch sender whose request took a little longer than its interval catches up.
+    backlog: Duration,
+}
+
+impl Pacer {
+    fn new(interval: Duration, first: Instant, end: Instant) -> Self {
+        Pacer {
+            next: first,
+            end,
+            interval,
+            backlog: MAX_BACKLOG.max(interval),
+        }
+    }
+
+    /// Waits for the next slot; false once the schedule is over.
+    async fn wait(&mut self) -> bool {
+        if self.next >= self.end {
+            return false;
+        }
+        let now = Instant::now();
+        if self.next > now {
+            sleep_until(self.next).await;
+        } else if now.duration_since(self.next) > self.backlog {
+            self.next = now.checked_sub(self.backlog).unwrap_or(now);
+        }
+        self.next += self.interval;
+        true
+    }
 }
 
 /// One gRPC sender: a `PublishStream` to `hub`'s gRPC listener, a request every `interval`
@@ -620,16 +646,8 @@ async fn run_grpc_sender(
             }
         })
     };
-    let mut next = first;
-    let backlog = MAX_BACKLOG.max(interval);
-    while next < end {
-        let now = Instant::now();
-        if next > now {
-            sleep_until(next).await;
-        } else if now.duration_since(next) > backlog {
-            next = now.checked_sub(backlog).unwrap_or(now);
-        }
-        next += interval;
+    let mut pacer = Pacer::new(interval, first, end);
+    while pacer.wait().await {
         let user = shared.pick_user(hub);
         let seq = shared.seqs[user].fetch_add(1, Ordering::Relaxed) + 1;
         let data = match serde_json::to_vec(&LoadData {
