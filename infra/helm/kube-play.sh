@@ -32,7 +32,7 @@ free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("12
 work=$(mktemp -d)
 cleanup() {
   for f in "$work/hub-play.yaml" "$work/redis.yaml"; do
-    [[ -f $f ]] && podman kube down "$f" >/dev/null 2>&1 || true
+    if [[ -f $f ]]; then podman kube down "$f" >/dev/null 2>&1 || true; fi
   done
   podman rmi -f "notification-hub/hub:$TAG" "notification-hub/services:$TAG" >/dev/null 2>&1 || true
   rm -rf "$work"
