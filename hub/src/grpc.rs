@@ -81,19 +81,8 @@ impl Publisher {
         }
     }
 
-    async fn publish_all(&self, mut msgs: Vec<Publish>) -> Result<Vec<Published>, Status> {
-        // A lone notification goes the single-publish way, where the backplane may share
-        // one store call with other concurrent publishes.
-        let published = match msgs.pop() {
-            Some(only) if msgs.is_empty() => {
-                self.inner.backplane.publish(only).await.map(|p| vec![p])
-            }
-            Some(last) => {
-                msgs.push(last);
-                self.inner.backplane.publish_batch(msgs).await
-            }
-            None => Ok(Vec::new()),
-        };
+    async fn publish_all(&self, msgs: Vec<Publish>) -> Result<Vec<Published>, Status> {
+        let published = self.inner.backplane.publish_batch(msgs).await;
         let published = published.map_err(|e| match e {
             BackplaneError::Rejected(why) => Status::invalid_argument(format!("refused: {why}")),
             BackplaneError::Unavailable(_) => {

@@ -1044,7 +1044,17 @@ impl Backplane for RedisBackplane {
             .map_err(|_| unavailable("the publishing task stopped"))?
     }
 
-    async fn publish_batch(&self, msgs: Vec<Publish>) -> Result<Vec<Published>, BackplaneError> {
+    async fn publish_batch(
+        &self,
+        mut msgs: Vec<Publish>,
+    ) -> Result<Vec<Published>, BackplaneError> {
+        // A batch of one (an ingest partition or a gRPC stream at a low rate) goes the
+        // single-publish way, where it may share a script call with concurrent publishes.
+        if msgs.len() == 1
+            && let Some(only) = msgs.pop()
+        {
+            return self.publish(only).await.map(|p| vec![p]);
+        }
         self.run_scripts(&msgs).await
     }
 
