@@ -124,14 +124,26 @@ impl From<BackplaneError> for ApiError {
     }
 }
 
-/// Whether an `Authorization` value carries the API key (constant-time comparison).
-pub(crate) fn bearer_matches(value: Option<&str>, expected: &str) -> bool {
-    value
+/// Checks an `Authorization` value against the API key (constant-time comparison), for the
+/// HTTP and gRPC APIs alike; the error is the reason to answer with.
+pub(crate) fn check_api_key(
+    expected: Option<&str>,
+    authorization: Option<&str>,
+) -> Result<(), &'static str> {
+    let Some(expected) = expected else {
+        return Err("publish API disabled: no API key configured");
+    };
+    let given = authorization
         .and_then(|v| {
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
         })
-        .is_some_and(|given| bool::from(given.trim().as_bytes().ct_eq(expected.as_bytes())))
+        .ok_or("missing API key")?;
+    if bool::from(given.trim().as_bytes().ct_eq(expected.as_bytes())) {
+        Ok(())
+    } else {
+        Err("wrong API key")
+    }
 }
 
 /// Extractor: the request carries the publish API key.
@@ -141,25 +153,13 @@ impl FromRequestParts<ApiState> for ApiKey {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
-        let Some(expected) = &state.inner.api_key else {
-            return Err(ApiError::Unauthorized(
-                "publish API disabled: no API key configured",
-            ));
-        };
-        let given = parts
+        let authorization = parts
             .headers
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .ok_or(ApiError::Unauthorized("missing API key"))?;
-        if bool::from(given.trim().as_bytes().ct_eq(expected.as_bytes())) {
-            Ok(ApiKey)
-        } else {
-            Err(ApiError::Unauthorized("wrong API key"))
-        }
+            .and_then(|v| v.to_str().ok());
+        check_api_key(state.inner.api_key.as_deref(), authorization)
+            .map(|()| ApiKey)
+            .map_err(ApiError::Unauthorized)
     }
 }
 

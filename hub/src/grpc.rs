@@ -62,34 +62,29 @@ impl Publisher {
     }
 
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let Some(expected) = &self.inner.api_key else {
-            return Err(Status::unauthenticated(
-                "publish API disabled: no API key configured",
-            ));
-        };
-        let given = request
+        let authorization = request
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        if given.is_none() {
-            return Err(Status::unauthenticated("missing API key"));
-        }
-        if crate::api::bearer_matches(given, expected) {
-            Ok(())
-        } else {
-            Err(Status::unauthenticated("wrong API key"))
-        }
+        crate::api::check_api_key(self.inner.api_key.as_deref(), authorization)
+            .map_err(Status::unauthenticated)
     }
 
     async fn publish_all(&self, msgs: Vec<Publish>) -> Result<Vec<Published>, Status> {
-        let published = self.inner.backplane.publish_batch(msgs).await;
-        let published = published.map_err(|e| match e {
-            BackplaneError::Rejected(why) => Status::invalid_argument(format!("refused: {why}")),
-            BackplaneError::Unavailable(_) => {
-                tracing::warn!(error = %e, "gRPC publish failed");
-                Status::unavailable("backplane unavailable, retry")
-            }
-        })?;
+        let published = self
+            .inner
+            .backplane
+            .publish_batch(msgs)
+            .await
+            .map_err(|e| match e {
+                BackplaneError::Rejected(why) => {
+                    Status::invalid_argument(format!("refused: {why}"))
+                }
+                BackplaneError::Unavailable(_) => {
+                    tracing::warn!(error = %e, "gRPC publish failed");
+                    Status::unavailable("backplane unavailable, retry")
+                }
+            })?;
         let duplicates = published.iter().filter(|p| p.duplicate).count() as u64;
         self.inner.metrics.publish_duplicates().inc_by(duplicates);
         self.inner

@@ -98,7 +98,7 @@ pub struct Replay {
 }
 
 /// A backplane operation that failed; the caller answers 503 and nothing half-happened.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BackplaneError {
     /// The backing store cannot be reached or answered with a transient error: retry.
     #[error("backplane unavailable: {0}")]

@@ -434,12 +434,7 @@ impl RedisBackplane {
                 }
                 Err(e) => {
                     for done in dones {
-                        let _ = done.send(Err(match &e {
-                            BackplaneError::Rejected(why) => BackplaneError::Rejected(why.clone()),
-                            BackplaneError::Unavailable(why) => {
-                                BackplaneError::Unavailable(why.clone())
-                            }
-                        }));
+                        let _ = done.send(Err(e.clone()));
                     }
                 }
             }
