@@ -100,6 +100,43 @@ fn drain_delay(window: Duration) -> Duration {
     window.mul_f64(rand::random::<f64>())
 }
 
+/// What a transport's session ends with when a write under the write timeout fails.
+struct WriteEnds<X> {
+    /// The peer closed or the write failed.
+    gone: X,
+    /// No progress within the write timeout.
+    stalled: X,
+    /// The fan-out dropped the connection (slow consumer or the disconnect API).
+    evicted: fn(&handshake::Session) -> X,
+}
+
+/// Runs one write with the write timeout, cut short when the connection is dropped by the
+/// fan-out (it may be blocked on a client that stopped reading). Shared by both transports.
+async fn write_within<F, T, E, X>(
+    limit: Duration,
+    session: &handshake::Session,
+    f: F,
+    ends: WriteEnds<X>,
+) -> Result<T, X>
+where
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    let mut f = std::pin::pin!(f);
+    // Most writes finish at once (the socket has room): those need no timer and no wait
+    // for eviction.
+    if let Some(done) = futures_util::FutureExt::now_or_never(f.as_mut()) {
+        return done.map_err(|_| ends.gone);
+    }
+    tokio::select! {
+        r = tokio::time::timeout(limit, f) => match r {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(_)) => Err(ends.gone),
+            Err(_) => Err(ends.stalled),
+        },
+        () = session.evicted() => Err((ends.evicted)(session)),
+    }
+}
+
 /// Longest wait a connection's clock is asked to hold (tokens are capped by
 /// `HUB_JWT_MAX_LIFETIME`, at most a year; this only keeps the arithmetic safe).
 const FAR: Duration = Duration::from_secs(400 * 24 * 3600);

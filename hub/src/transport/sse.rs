@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 
+use super::WriteEnds;
 use super::gate::IpSlot;
 use super::handshake::{self, Rejection, RequestInfo, Session, is_new};
 use super::http1::Head;
@@ -453,24 +454,26 @@ fn evicted_end(session: &Session) -> End {
     }
 }
 
-/// Runs one write with the write timeout, cut short when the connection is evicted as a
-/// slow consumer (it may be blocked on a client that stopped reading).
-async fn write_timeout<F>(limit: Duration, session: &Session, f: F) -> Result<(), End>
+/// One write under the write timeout (see [`super::write_within`]), its failure as an end.
+/// A plain function returning the shared future: no wrapper state in the session's task.
+fn write_timeout<'a, F, T, E>(
+    limit: Duration,
+    session: &'a Session,
+    f: F,
+) -> impl Future<Output = Result<T, End>> + 'a
 where
-    F: Future<Output = io::Result<()>>,
+    F: Future<Output = Result<T, E>> + 'a,
+    T: 'a,
+    E: 'a,
 {
-    let mut f = std::pin::pin!(f);
-    // Most writes finish at once (the socket has room): those need no timer and no wait
-    // for eviction.
-    if let Some(done) = futures_util::FutureExt::now_or_never(f.as_mut()) {
-        return done.map_err(|_| End::Gone);
-    }
-    tokio::select! {
-        r = timeout(limit, f) => match r {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(End::Gone),
-            Err(_) => Err(End::Stalled),
+    super::write_within(
+        limit,
+        session,
+        f,
+        WriteEnds {
+            gone: End::Gone,
+            stalled: End::Stalled,
+            evicted: evicted_end,
         },
-        () = session.evicted() => Err(evicted_end(session)),
-    }
+    )
 }
