@@ -9,23 +9,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
-use serde::{Deserialize, Deserializer, Serialize};
+use figment::providers::{Env, Serialized};
+use serde::{Deserialize, Serialize};
+use service_kit::settings::{self, at_least, within};
+pub use service_kit::{ConfigError, LogFormat};
 
 /// Shortest accepted HS256 secret, in bytes (RFC 7518 §3.2: at least the hash size).
 pub const MIN_SECRET_LEN: usize = 32;
 /// Largest accepted clock leeway for `exp` / `nbf`.
 pub const MAX_LEEWAY: Duration = Duration::from_secs(60);
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
 
 /// Deployment environment; `production` refuses `--dev`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,19 +39,19 @@ pub struct Settings {
     #[serde(default)]
     pub grpc_addr: Option<SocketAddr>,
     /// HS256 secret.
-    #[serde(default, deserialize_with = "opt_string")]
+    #[serde(default, deserialize_with = "settings::opt_text")]
     pub jwt_secret: Option<String>,
     /// PEM public key (RSA, EC P-256 or Ed25519) for RS256 / ES256 / EdDSA.
     #[serde(default)]
     pub jwt_public_key_file: Option<PathBuf>,
     /// JWKS endpoint.
-    #[serde(default, deserialize_with = "opt_string")]
+    #[serde(default, deserialize_with = "settings::opt_text")]
     pub jwt_jwks_url: Option<String>,
     /// Required `iss`, when set.
-    #[serde(default, deserialize_with = "opt_string")]
+    #[serde(default, deserialize_with = "settings::opt_text")]
     pub jwt_issuer: Option<String>,
     /// Required `aud`, when set.
-    #[serde(default, deserialize_with = "opt_string")]
+    #[serde(default, deserialize_with = "settings::opt_text")]
     pub jwt_audience: Option<String>,
     /// Clock leeway for `exp` and `nbf` (at most 60 s).
     #[serde(with = "humantime_serde")]
@@ -74,13 +66,13 @@ pub struct Settings {
     #[serde(with = "humantime_serde")]
     pub jwt_jwks_refresh: Duration,
     /// Bearer key for the publish API.
-    #[serde(default, deserialize_with = "opt_string")]
+    #[serde(default, deserialize_with = "settings::opt_text")]
     pub api_key: Option<String>,
     /// Exact origins allowed to connect (comma-separated in the environment).
-    #[serde(default, deserialize_with = "string_list")]
+    #[serde(default, deserialize_with = "settings::text_list")]
     pub allowed_origins: Vec<String>,
     /// Redis backplane and history.
-    #[serde(default, deserialize_with = "opt_string")]
+    #[serde(default, deserialize_with = "settings::opt_text")]
     pub redis_url: Option<String>,
     /// PEM CA bundle for a `rediss://` server certificate.
     #[serde(default)]
@@ -101,21 +93,21 @@ pub struct Settings {
     #[serde(with = "humantime_serde")]
     pub redis_timeout: Duration,
     /// Kafka ingest: bootstrap brokers (`host:port,...`).
-    #[serde(default, deserialize_with = "opt_string")]
+    #[serde(default, deserialize_with = "settings::opt_text")]
     pub kafka_brokers: Option<String>,
     /// Kafka consumer group of ingest.
     pub kafka_group: String,
     /// Kafka `security.protocol`: plaintext, ssl, sasl_plaintext or sasl_ssl.
-    #[serde(default, deserialize_with = "opt_string")]
+    #[serde(default, deserialize_with = "settings::opt_text")]
     pub kafka_security_protocol: Option<String>,
     /// Kafka `sasl.mechanism`: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.
-    #[serde(default, deserialize_with = "opt_string")]
+    #[serde(default, deserialize_with = "settings::opt_text")]
     pub kafka_sasl_mechanism: Option<String>,
     /// Kafka SASL user name.
-    #[serde(default, deserialize_with = "opt_string")]
+    #[serde(default, deserialize_with = "settings::opt_text")]
     pub kafka_sasl_username: Option<String>,
     /// Kafka SASL password.
-    #[serde(default, deserialize_with = "opt_string")]
+    #[serde(default, deserialize_with = "settings::opt_text")]
     pub kafka_sasl_password: Option<String>,
     /// PEM CA bundle for the brokers' certificates (`ssl.ca.location`).
     #[serde(default)]
@@ -247,25 +239,6 @@ impl Default for Settings {
     }
 }
 
-/// A setting that cannot be used; `Display` is the one line printed before exiting.
-#[derive(Debug, thiserror::Error)]
-#[error("config: {setting}: {problem}")]
-pub struct ConfigError {
-    /// The environment variable (or TOML key) at fault.
-    pub setting: String,
-    /// What is wrong with it.
-    pub problem: String,
-}
-
-impl ConfigError {
-    fn new(setting: &str, problem: impl Into<String>) -> Self {
-        Self {
-            setting: setting.to_owned(),
-            problem: problem.into(),
-        }
-    }
-}
-
 /// Environment variables that belong to the hub but are not settings of [`Settings`].
 const NOT_SETTINGS: &[&str] = &["CONFIG"];
 
@@ -279,46 +252,19 @@ impl Settings {
     pub fn load_from_pairs<'a>(
         pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> Result<Self, ConfigError> {
-        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
-        for (key, value) in pairs {
-            let key = key.strip_prefix("HUB_").unwrap_or(key).to_ascii_lowercase();
-            figment = figment.merge((key.as_str(), parse_env_value(value)));
-        }
-        Self::extract(figment)
+        let defaults = Figment::from(Serialized::defaults(Settings::default()));
+        Self::extract(settings::with_pairs(defaults, "HUB_", pairs))
     }
 
     fn load_from(file: Option<&Path>, env: Env) -> Result<Self, ConfigError> {
-        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
-        if let Some(path) = file {
-            if !path.is_file() {
-                return Err(ConfigError::new(
-                    "--config",
-                    format!("{} is not a readable file", path.display()),
-                ));
-            }
-            figment = figment.merge(Toml::file(path));
-        }
-        Self::extract(figment.merge(env))
+        let figment = Figment::from(Serialized::defaults(Settings::default()));
+        Self::extract(settings::with_file(figment, file)?.merge(env))
     }
 
     fn extract(figment: Figment) -> Result<Self, ConfigError> {
-        let settings: Settings = figment.extract().map_err(|e| {
-            let setting = e
-                .path
-                .last()
-                .map(|key| format!("HUB_{}", key.to_ascii_uppercase()))
-                .unwrap_or_else(|| "HUB_*".to_owned());
-            let problem = match &e.kind {
-                figment::error::Kind::UnknownField(field, _) => {
-                    return ConfigError::new(
-                        &format!("HUB_{}", field.to_ascii_uppercase()),
-                        "unknown setting",
-                    );
-                }
-                kind => kind.to_string(),
-            };
-            ConfigError::new(&setting, problem)
-        })?;
+        let settings: Settings = figment
+            .extract()
+            .map_err(|e| ConfigError::from_figment("HUB_", &e))?;
         settings.validate()?;
         Ok(settings)
     }
@@ -415,7 +361,7 @@ impl Settings {
                 "must be non-empty letters, digits, '-', '_', '.' or ':'",
             ));
         }
-        positive("HUB_REDIS_POOL_SIZE", self.redis_pool_size, 1, 1024)?;
+        within("HUB_REDIS_POOL_SIZE", self.redis_pool_size, 1, 1024)?;
         if self.publish_linger > Duration::from_millis(100) {
             return Err(ConfigError::new(
                 "HUB_PUBLISH_LINGER",
@@ -452,7 +398,7 @@ impl Settings {
             }
         }
         self.validate_kafka_security()?;
-        positive(
+        within(
             "HUB_INGEST_MAX_RECORD_BYTES",
             self.ingest_max_record_bytes,
             1024,
@@ -484,40 +430,40 @@ impl Settings {
                 "is false and HUB_INGEST_ROUTES names no file: ingest would have no route",
             ));
         }
-        positive("HUB_HISTORY_SIZE", self.history_size, 1, 100_000)?;
-        positive("HUB_SEND_QUEUE", self.send_queue, 8, 65_536)?;
-        positive("HUB_MAX_CONNECTIONS", self.max_connections, 1, 10_000_000)?;
-        positive(
+        within("HUB_HISTORY_SIZE", self.history_size, 1, 100_000)?;
+        within("HUB_SEND_QUEUE", self.send_queue, 8, 65_536)?;
+        within("HUB_MAX_CONNECTIONS", self.max_connections, 1, 10_000_000)?;
+        within(
             "HUB_MAX_CONNECTIONS_PER_USER",
             self.max_connections_per_user,
             1,
             100_000,
         )?;
-        positive(
+        within(
             "HUB_MAX_CONNECTIONS_PER_IP",
             self.max_connections_per_ip,
             1,
             10_000_000,
         )?;
-        positive(
+        within(
             "HUB_MAX_PENDING_HANDSHAKES",
             self.max_pending_handshakes,
             1,
             10_000_000,
         )?;
-        positive(
+        within(
             "HUB_USER_HANDSHAKES_PER_SECOND",
             self.user_handshakes_per_second as usize,
             1,
             1_000_000,
         )?;
-        positive(
+        within(
             "HUB_USER_HANDSHAKE_BURST",
             self.user_handshake_burst as usize,
             1,
             1_000_000,
         )?;
-        positive(
+        within(
             "HUB_WS_MESSAGES_PER_SECOND",
             self.ws_messages_per_second as usize,
             1,
@@ -529,7 +475,7 @@ impl Settings {
             self.idempotency_ttl,
             Duration::from_secs(1),
         )?;
-        positive("HUB_DEDUPE_WINDOW", self.dedupe_window, 1, 100_000)?;
+        within("HUB_DEDUPE_WINDOW", self.dedupe_window, 1, 100_000)?;
         at_least(
             "HUB_PING_INTERVAL",
             self.ping_interval,
@@ -651,76 +597,6 @@ impl Settings {
         }
         out
     }
-}
-
-fn positive(setting: &str, value: usize, min: usize, max: usize) -> Result<(), ConfigError> {
-    if value < min || value > max {
-        return Err(ConfigError::new(
-            setting,
-            format!("must be between {min} and {max}, got {value}"),
-        ));
-    }
-    Ok(())
-}
-
-fn at_least(setting: &str, value: Duration, min: Duration) -> Result<(), ConfigError> {
-    if value < min {
-        return Err(ConfigError::new(
-            setting,
-            format!("must be at least {}", humantime::format_duration(min)),
-        ));
-    }
-    Ok(())
-}
-
-/// Parses a raw value the way figment parses an environment variable.
-fn parse_env_value(value: &str) -> figment::value::Value {
-    value
-        .parse::<figment::value::Value>()
-        .unwrap_or_else(|_| figment::value::Value::from(value.to_owned()))
-}
-
-/// Accepts a string, or a number or boolean the environment parser produced from one
-/// (a numeric API key or secret must stay a string).
-fn opt_string<'de, D: Deserializer<'de>>(de: D) -> Result<Option<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Scalar {
-        Str(String),
-        Int(i64),
-        Uint(u64),
-        Float(f64),
-        Bool(bool),
-    }
-    let value: Option<Scalar> = Option::deserialize(de)?;
-    Ok(value
-        .map(|v| match v {
-            Scalar::Str(s) => s,
-            Scalar::Int(n) => n.to_string(),
-            Scalar::Uint(n) => n.to_string(),
-            Scalar::Float(n) => n.to_string(),
-            Scalar::Bool(b) => b.to_string(),
-        })
-        .filter(|s| !s.is_empty()))
-}
-
-/// Accepts `"a,b"` (environment) or `["a", "b"]` (TOML).
-fn string_list<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum List {
-        One(String),
-        Many(Vec<String>),
-    }
-    let list = match List::deserialize(de)? {
-        List::One(s) => s.split(',').map(str::to_owned).collect(),
-        List::Many(v) => v,
-    };
-    Ok(list
-        .into_iter()
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .collect())
 }
 
 #[cfg(test)]

@@ -52,24 +52,7 @@ impl FromStr for Id {
     }
 }
 
-/// Longest user id (`sub`, `user_id`, a routed recipient), in bytes.
-pub const MAX_USER_ID: usize = 256;
-
-/// Checks a user id: 1–256 bytes, no control characters, and no `{` or `}` (the Redis keys
-/// wrap the user in a `{...}` hash tag; a brace inside would move the tag and let two users'
-/// keys meet). The same rule holds for tokens, the publish API and Kafka routes.
-pub fn check_user_id(user: &str) -> Result<(), &'static str> {
-    if user.is_empty() {
-        return Err("user id must not be empty");
-    }
-    if user.len() > MAX_USER_ID {
-        return Err("user id longer than 256 bytes");
-    }
-    if user.chars().any(|c| c.is_control() || c == '{' || c == '}') {
-        return Err("user id must not contain '{', '}' or control characters");
-    }
-    Ok(())
-}
+pub use proto::user_id::{MAX_LEN as MAX_USER_ID, check as check_user_id};
 
 /// Microseconds since the Unix epoch, the hub's acceptance clock.
 pub fn now_micros() -> u64 {

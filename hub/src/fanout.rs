@@ -7,20 +7,14 @@
 //! resumes from history, so the node never buffers more than `send_queue` notifications per
 //! connection.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::envelope::Notification;
-
-const SHARDS: usize = 64;
-
-type Shard = Mutex<HashMap<Arc<str>, Vec<Slot>>>;
+use crate::sharded::ShardedMap;
 
 /// The receiving end of one connection's queue.
 pub type Queue = mpsc::Receiver<Arc<Notification>>;
@@ -34,8 +28,7 @@ pub struct Fanout {
 struct Shared {
     /// Sharded so that deliveries to different users rarely contend. A shard lock is held only
     /// for map updates and non-blocking `try_send`s, never across an `.await`.
-    shards: Box<[Shard]>,
-    hasher: RandomState,
+    users: ShardedMap<Arc<str>, Vec<Slot>>,
     next_id: AtomicU64,
     open: AtomicUsize,
     limits: Limits,
@@ -122,11 +115,9 @@ impl Drop for Registration {
 impl Fanout {
     /// An empty registry.
     pub fn new(limits: Limits) -> Self {
-        let shards = (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect();
         Fanout {
             shared: Arc::new(Shared {
-                shards,
-                hasher: RandomState::new(),
+                users: ShardedMap::new(),
                 next_id: AtomicU64::new(1),
                 open: AtomicUsize::new(0),
                 limits,
@@ -134,15 +125,10 @@ impl Fanout {
         }
     }
 
-    fn shard(&self, user: &str) -> &Shard {
-        let h = self.shared.hasher.hash_one(user) as usize;
-        &self.shared.shards[h % SHARDS]
-    }
-
     /// Registers a connection of `user`, enforcing the node and per-user caps atomically.
     pub fn register(&self, user: Arc<str>) -> Result<(Registration, Queue), RegisterError> {
         let limits = self.shared.limits;
-        let mut shard = self.shard(&user).lock();
+        let mut shard = self.shared.users.lock(&*user);
         let slots = shard.entry(user.clone()).or_default();
         if slots.len() >= limits.max_per_user {
             if slots.is_empty() {
@@ -180,7 +166,7 @@ impl Fanout {
 
     fn unregister(&self, user: &str, id: u64) {
         self.shared.open.fetch_sub(1, Ordering::AcqRel);
-        let mut shard = self.shard(user).lock();
+        let mut shard = self.shared.users.lock(user);
         if let Some(slots) = shard.get_mut(user) {
             slots.retain(|s| s.id != id);
             if slots.is_empty() {
@@ -192,7 +178,7 @@ impl Fanout {
     /// Queues `n` for every local connection of `user`, dropping the ones that are full.
     pub fn deliver(&self, user: &str, n: &Arc<Notification>) -> Delivered {
         let mut out = Delivered::default();
-        let mut shard = self.shard(user).lock();
+        let mut shard = self.shared.users.lock(user);
         let Some(slots) = shard.get_mut(user) else {
             return out;
         };
@@ -218,7 +204,7 @@ impl Fanout {
     /// Removes every local connection of `user` and tells each it was disconnected by the
     /// server API; returns how many there were.
     pub fn disconnect(&self, user: &str) -> usize {
-        let Some(slots) = self.shard(user).lock().remove(user) else {
+        let Some(slots) = self.shared.users.lock(user).remove(user) else {
             return 0;
         };
         for slot in &slots {
@@ -235,7 +221,7 @@ impl Fanout {
 
     /// Local connections of one user.
     pub fn user_connections(&self, user: &str) -> usize {
-        self.shard(user).lock().get(user).map_or(0, Vec::len)
+        self.shared.users.lock(user).get(user).map_or(0, Vec::len)
     }
 }
 

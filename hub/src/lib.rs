@@ -6,6 +6,8 @@
 //! - [`config`]: typed settings from `HUB_*` variables and an optional TOML file.
 //! - [`auth`]: JWT verification (secret, PEM key, JWKS) and the origin policy.
 //! - [`envelope`]: the wire envelope and notification ids, rendered once per notification.
+//! - [`sharded`]: the map in independently locked shards that the registry and the in-process
+//!   history share.
 //! - [`fanout`]: the local registry user → connections and bounded per-connection queues.
 //! - [`backplane`]: where notifications are accepted, stored and routed (in memory for one
 //!   node, Redis for many).
@@ -15,7 +17,7 @@
 //!   login, demo page.
 //! - [`grpc`]: the gRPC publish API (`Publish`, `PublishBatch`, `PublishStream`).
 //! - [`metrics`]: every metric, defined once.
-//! - [`shutdown`]: signals and the drain state.
+//! - [`shutdown`]: the drain state.
 //! - [`app`]: builds a node from settings and runs it until drained.
 
 pub mod api;
@@ -28,5 +30,6 @@ pub mod fanout;
 pub mod grpc;
 pub mod ingest;
 pub mod metrics;
+pub mod sharded;
 pub mod shutdown;
 pub mod transport;

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use hub::app::{Application, Options};
-use hub::config::{Environment, LogFormat, Settings};
+use hub::config::{Environment, Settings};
+use service_kit::telemetry::LogOutput;
 
 #[derive(Parser)]
 #[command(name = "hub", version, about = "Real-time notification hub")]
@@ -122,7 +123,10 @@ fn ingest(config: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(hub::app::run_ingest_only(settings, hub::shutdown::signal())) {
+    match runtime.block_on(hub::app::run_ingest_only(
+        settings,
+        service_kit::signal::shutdown(),
+    )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{e:#}");
@@ -142,17 +146,7 @@ fn runtime(settings: &Settings) -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn init_telemetry(settings: &Settings) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&settings.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colour only for a terminal: a log file or pipe gets plain text.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
-    match settings.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
+    service_kit::telemetry::init(&settings.log, settings.log_format, LogOutput::Stdout);
 }
 
 /// What a node started this way will surprise its operator with.
@@ -230,7 +224,7 @@ fn serve(config: Option<PathBuf>, dev: bool) -> ExitCode {
                 );
             }
         }
-        match app.run_until_stopped(hub::shutdown::signal()).await {
+        match app.run_until_stopped(service_kit::signal::shutdown()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("{e:#}");

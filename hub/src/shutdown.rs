@@ -1,5 +1,5 @@
-//! The node's lifecycle: one signal function (SIGINT + SIGTERM) and the drain state every
-//! connection and the readiness probe watch.
+//! The node's lifecycle: the drain state every connection and the readiness probe watch (the
+//! stop signal itself is `service_kit::signal::shutdown`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,33 +40,5 @@ impl Lifecycle {
     /// Resolves when draining starts.
     pub async fn drained(&self) {
         self.inner.drain.cancelled().await;
-    }
-}
-
-/// Resolves on the first SIGINT or SIGTERM.
-pub async fn signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received"),
-        () = term => tracing::info!("SIGTERM received"),
     }
 }

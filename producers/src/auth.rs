@@ -55,8 +55,10 @@ impl Verifier {
             };
             ApiError::Unauthorized(reason)
         })?;
-        if data.claims.sub.is_empty() || data.claims.sub.len() > 128 {
-            return Err(ApiError::Unauthorized("token subject is empty or too long"));
+        if proto::user_id::check(&data.claims.sub).is_err() {
+            return Err(ApiError::Unauthorized(
+                "token subject is not a valid user id",
+            ));
         }
         Ok(data.claims.sub)
     }
@@ -171,7 +173,7 @@ mod tests {
                     SECRET,
                     json!({"sub": "", "exp": now() + 60, "aud": "orders"}),
                 ),
-                "token subject is empty or too long",
+                "token subject is not a valid user id",
             ),
             ("garbage".to_owned(), "malformed token"),
             (

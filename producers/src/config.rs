@@ -5,14 +5,15 @@
 //! `DELIVERY_`, `MODERATION_`); a setting that belongs to another service is refused, so a
 //! misplaced variable is reported instead of silently ignored.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
-use serde::{Deserialize, Deserializer, Serialize};
+use figment::providers::{Env, Serialized};
+use serde::{Deserialize, Serialize};
+use service_kit::settings;
+pub use service_kit::{ConfigError, LogFormat};
 
 /// Which service a process is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,35 +100,35 @@ impl Service {
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// PostgreSQL URL of the service's own database.
-    #[serde(default, deserialize_with = "opt_text")]
+    #[serde(default, deserialize_with = "settings::opt_text")]
     pub database_url: Option<String>,
     /// Database connections per process.
     pub database_pool_size: u32,
     /// Kafka bootstrap servers.
-    #[serde(default, deserialize_with = "opt_text")]
+    #[serde(default, deserialize_with = "settings::opt_text")]
     pub kafka_brokers: Option<String>,
     /// Consumer group (default: the service name).
-    #[serde(default, deserialize_with = "opt_text")]
+    #[serde(default, deserialize_with = "settings::opt_text")]
     pub kafka_group: Option<String>,
     /// How long the relay's producer keeps trying one event before the relay rolls back and
     /// retries the batch later.
     #[serde(with = "humantime_serde")]
     pub kafka_timeout: Duration,
     /// Prepended to every topic name (e.g. `staging.`); the hub's routes must name the same.
-    #[serde(default, deserialize_with = "text")]
+    #[serde(default, deserialize_with = "settings::text")]
     pub topic_prefix: String,
     /// Kafka security protocol of every producer and consumer.
     pub kafka_security_protocol: SecurityProtocol,
     /// SASL mechanism (with a `sasl_*` protocol; `PLAIN` when unset).
     pub kafka_sasl_mechanism: Option<SaslMechanism>,
     /// SASL user name (with a `sasl_*` protocol).
-    #[serde(default, deserialize_with = "opt_text")]
+    #[serde(default, deserialize_with = "settings::opt_text")]
     pub kafka_sasl_username: Option<String>,
     /// SASL password (with a `sasl_*` protocol). Never logged.
-    #[serde(default, deserialize_with = "opt_text")]
+    #[serde(default, deserialize_with = "settings::opt_text")]
     pub kafka_sasl_password: Option<String>,
     /// PEM CA bundle that signs the brokers' certificates (with `ssl` or `sasl_ssl`).
-    #[serde(default, deserialize_with = "opt_text")]
+    #[serde(default, deserialize_with = "settings::opt_text")]
     pub kafka_ssl_ca_file: Option<String>,
     /// HTTP listener (API where there is one, plus health, readiness and metrics).
     pub addr: Option<SocketAddr>,
@@ -148,10 +149,10 @@ pub struct Settings {
     #[serde(with = "humantime_serde")]
     pub outbox_poll: Duration,
     /// HS256 secret shared with the hub (order and moderation services).
-    #[serde(default, deserialize_with = "opt_text")]
+    #[serde(default, deserialize_with = "settings::opt_text")]
     pub jwt_secret: Option<String>,
     /// The `aud` a token must carry (default: `orders` / `moderation`).
-    #[serde(default, deserialize_with = "opt_text")]
+    #[serde(default, deserialize_with = "settings::opt_text")]
     pub jwt_audience: Option<String>,
     /// Orders one user may place per minute, sustained (order service).
     pub orders_per_minute: u32,
@@ -164,24 +165,24 @@ pub struct Settings {
     /// Seed the catalogue with the demo's ads (`ad-1`..`ad-5` of alice, bob and broke).
     pub demo_ads: bool,
     /// Browser origins allowed to call the REST API (CORS), comma-separated.
-    #[serde(default, deserialize_with = "text_list")]
+    #[serde(default, deserialize_with = "settings::text_list")]
     pub allowed_origins: Vec<String>,
     /// Opening balance of a user's account (payment service).
     pub opening_balance_cents: i64,
     /// Users whose account opens empty (payment service), comma-separated.
-    #[serde(default, deserialize_with = "text_list")]
+    #[serde(default, deserialize_with = "settings::text_list")]
     pub unfunded_users: Vec<String>,
     /// Time between delivery steps (delivery service).
     #[serde(with = "humantime_serde")]
     pub step_interval: Duration,
     /// A report whose reason contains one of these words removes its target (moderation).
-    #[serde(default, deserialize_with = "text_list")]
+    #[serde(default, deserialize_with = "settings::text_list")]
     pub blocked_words: Vec<String>,
     /// Name of this moderation worker in decisions (default: `<host pid>-<random>`).
-    #[serde(default, deserialize_with = "opt_text")]
+    #[serde(default, deserialize_with = "settings::opt_text")]
     pub worker_id: Option<String>,
     /// Tracing filter.
-    #[serde(default, deserialize_with = "text")]
+    #[serde(default, deserialize_with = "settings::text")]
     pub log: String,
     /// `text` (people) or `json` (one object per line, for a log pipeline).
     pub log_format: LogFormat,
@@ -229,32 +230,6 @@ impl Default for Settings {
     }
 }
 
-/// How log lines are written (to stderr).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line, with the fields of the enclosing spans (`request_id`,
-    /// `trace_id`).
-    Json,
-}
-
-/// A setting that cannot be used; `Display` is the one line printed before exiting.
-#[derive(Debug, thiserror::Error)]
-pub struct ConfigError {
-    /// The variable at fault (with the service's prefix).
-    pub setting: String,
-    /// What is wrong with it.
-    pub problem: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "config: {}: {}", self.setting, self.problem)
-    }
-}
-
 /// Keys every service reads.
 const COMMON_KEYS: &[&str] = &[
     "database_url",
@@ -285,16 +260,7 @@ const NOT_SETTINGS: &[&str] = &["CONFIG"];
 impl Settings {
     /// Defaults, then the TOML file (if any), then `<PREFIX>*` environment variables.
     pub fn load(service: Service, file: Option<&Path>) -> Result<Self, ConfigError> {
-        let mut given = Figment::new();
-        if let Some(path) = file {
-            if !path.is_file() {
-                return Err(ConfigError {
-                    setting: "--config".to_owned(),
-                    problem: format!("{} is not a readable file", path.display()),
-                });
-            }
-            given = given.merge(Toml::file(path));
-        }
+        let given = settings::with_file(Figment::new(), file)?;
         let env = Env::prefixed(service.prefix()).ignore(NOT_SETTINGS);
         Self::extract(service, given.merge(env))
     }
@@ -304,27 +270,15 @@ impl Settings {
         service: Service,
         pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> Result<Self, ConfigError> {
-        let mut given = Figment::new();
-        for (key, value) in pairs {
-            let key = key
-                .strip_prefix(service.prefix())
-                .unwrap_or(key)
-                .to_ascii_lowercase();
-            // Parsed as the environment provider parses a value.
-            let value = value
-                .parse::<figment::value::Value>()
-                .unwrap_or_else(|_| figment::value::Value::from(value.to_owned()));
-            given = given.merge((key.as_str(), value));
-        }
-        Self::extract(service, given)
+        Self::extract(
+            service,
+            settings::with_pairs(Figment::new(), service.prefix(), pairs),
+        )
     }
 
     /// `given` holds what the file and the environment set, without the defaults.
     fn extract(service: Service, given: Figment) -> Result<Self, ConfigError> {
-        let err = |key: &str, problem: String| ConfigError {
-            setting: format!("{}{}", service.prefix(), key.to_ascii_uppercase()),
-            problem,
-        };
+        let err = |key: &str, problem: String| ConfigError::for_key(service.prefix(), key, problem);
         // Settings of another service are refused rather than silently ignored.
         for key in Settings::all_keys() {
             let own = COMMON_KEYS.contains(&key) || service.own_keys().contains(&key);
@@ -335,15 +289,7 @@ impl Settings {
         let settings: Settings = Figment::from(Serialized::defaults(Settings::default()))
             .merge(given)
             .extract()
-            .map_err(|e| match &e.kind {
-                figment::error::Kind::UnknownField(field, _) => {
-                    err(field, "unknown setting".to_owned())
-                }
-                kind => err(
-                    e.path.last().map(String::as_str).unwrap_or("*"),
-                    kind.to_string(),
-                ),
-            })?;
+            .map_err(|e| ConfigError::from_figment(service.prefix(), &e))?;
         settings
             .validate(service)
             .map_err(|(key, problem)| err(key, problem))?;
@@ -624,50 +570,6 @@ impl SaslMechanism {
             SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
         }
     }
-}
-
-/// A scalar read as text (the environment gives `123` as a number).
-fn opt_text<'de, D: Deserializer<'de>>(de: D) -> Result<Option<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Scalar {
-        Text(String),
-        Signed(i64),
-        Unsigned(u64),
-        Float(f64),
-        Flag(bool),
-    }
-    let value = Option::<Scalar>::deserialize(de)?.map(|v| match v {
-        Scalar::Text(s) => s,
-        Scalar::Signed(n) => n.to_string(),
-        Scalar::Unsigned(n) => n.to_string(),
-        Scalar::Float(n) => n.to_string(),
-        Scalar::Flag(b) => b.to_string(),
-    });
-    Ok(value.filter(|s| !s.trim().is_empty()))
-}
-
-fn text<'de, D: Deserializer<'de>>(de: D) -> Result<String, D::Error> {
-    Ok(opt_text(de)?.unwrap_or_default())
-}
-
-/// `"a,b"` (environment) or `["a", "b"]` (TOML).
-fn text_list<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum List {
-        One(String),
-        Many(Vec<String>),
-    }
-    let items = match List::deserialize(de)? {
-        List::One(s) => s.split(',').map(str::to_owned).collect(),
-        List::Many(v) => v,
-    };
-    Ok(items
-        .into_iter()
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .collect())
 }
 
 #[cfg(test)]

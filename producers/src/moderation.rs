@@ -121,8 +121,9 @@ pub fn router(state: ApiState) -> Router {
 struct NewReport {
     #[schema(value_type = TargetKind)]
     target_type: String,
-    /// An ad id of the catalogue, or a user id (1 to 128 bytes, no spaces).
-    #[schema(min_length = 1, max_length = 128, example = "ad-1")]
+    /// An ad id of the catalogue, or a user id (1 to 256 bytes, no braces or control
+    /// characters).
+    #[schema(min_length = 1, max_length = 256, example = "ad-1")]
     target_id: String,
     /// 1 to 1000 bytes; a blocked word (whole word, any case) gets the target removed.
     #[schema(min_length = 1, max_length = 1000, example = "looks like a scam")]
@@ -218,16 +219,9 @@ pub fn openapi_json(audience: &str) -> String {
     crate::openapi::finish(ApiDoc::openapi(), audience)
 }
 
-/// A user id as tokens carry it: 1–128 bytes, no whitespace or control characters.
+/// A user id as tokens carry it (the rule of `proto::user_id`).
 fn user_id(field: &str, value: &str) -> Result<String, ApiError> {
-    if value.is_empty()
-        || value.len() > 128
-        || value.chars().any(|c| c.is_whitespace() || c.is_control())
-    {
-        return Err(ApiError::BadRequest(format!(
-            "{field}: a user id (1 to 128 bytes, no spaces)"
-        )));
-    }
+    proto::user_id::check(value).map_err(|e| ApiError::BadRequest(format!("{field}: {e}")))?;
     Ok(value.to_owned())
 }
 

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
+use service_kit::Backoff;
 use sqlx::postgres::PgListener;
 use sqlx::{PgConnection, PgPool, Row};
 use tokio_util::sync::CancellationToken;
@@ -108,7 +109,7 @@ impl Relay {
     /// Publishes until `stop` is cancelled; errors are logged and retried with backoff.
     pub async fn run(self, stop: CancellationToken) {
         let mut listener = self.listen().await;
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut sampled = None;
         loop {
             if stop.is_cancelled() {
@@ -119,25 +120,25 @@ impl Relay {
                     published,
                     failed: 0,
                 }) if published > 0 => {
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                     continue;
                 }
-                Ok(Batch { failed: 0, .. }) => backoff = Duration::from_millis(100),
+                Ok(Batch { failed: 0, .. }) => backoff.reset(),
                 Ok(Batch { failed, .. }) => {
                     self.sample_backlog(&mut sampled).await;
-                    tracing::warn!(failed, retry_in = ?backoff, "outbox: events not published; retrying");
-                    if sleep_or_stop(backoff, &stop).await {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(failed, retry_in = ?delay, "outbox: events not published; retrying");
+                    if sleep_or_stop(delay, &stop).await {
                         return;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "outbox: database error; retrying");
-                    if sleep_or_stop(backoff, &stop).await {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?delay, "outbox: database error; retrying");
+                    if sleep_or_stop(delay, &stop).await {
                         return;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     // The database may have dropped the listening connection too.
                     listener = self.listen().await;
                     continue;

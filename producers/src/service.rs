@@ -12,11 +12,12 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{LogFormat, Service, Settings};
+use crate::config::{Service, Settings};
 use crate::consumer::{Consumer, Handler};
 use crate::kafka::{AuthFailure, Producer};
 use crate::metrics::Metrics;
 use crate::outbox::{Relay, producer};
+use service_kit::telemetry::LogOutput;
 
 /// What every part of a service gets.
 #[derive(Clone)]
@@ -227,28 +228,6 @@ impl Running {
     }
 }
 
-/// Completes on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
-}
-
 /// Adds a service's parts to a [`Builder`].
 pub type Build = fn(Builder) -> Pin<Box<dyn Future<Output = anyhow::Result<Builder>> + Send>>;
 
@@ -263,18 +242,7 @@ pub fn main(service: Service, build: Build) -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(&settings.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colour only for a terminal: a log file or pipe gets plain text, so `grep trace_id=...`
-    // finds its lines.
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match settings.log_format {
-        LogFormat::Json => logs.json().init(),
-        LogFormat::Text => logs.init(),
-    }
+    service_kit::telemetry::init(&settings.log, settings.log_format, LogOutput::Stderr);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -291,7 +259,9 @@ pub fn main(service: Service, build: Build) -> std::process::ExitCode {
             service.name(),
             running.local_addr()
         );
-        running.run_until_stopped(shutdown_signal()).await
+        running
+            .run_until_stopped(service_kit::signal::shutdown())
+            .await
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -36,6 +36,7 @@
 pub mod codec;
 mod enums;
 mod generated;
+pub mod user_id;
 
 pub use codec::{
     ContentType, Error, decode, decode_json, decode_protobuf, encode_json, encode_protobuf,

@@ -6,20 +6,18 @@
 //! delivery order always agree.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use parking_lot::Mutex;
+
 use tokio::time::Instant;
 
 use super::{
     Backplane, BackplaneError, Dedupe, Publish, Published, Replay, Revocation, Revocations, Sink,
 };
 use crate::envelope::{Id, Notification, now_micros};
-
-const SHARDS: usize = 64;
+use crate::sharded::ShardedMap;
 
 /// Cheap-to-clone handle on the in-process history.
 #[derive(Clone)]
@@ -30,8 +28,7 @@ pub struct MemoryBackplane {
 struct Shared {
     /// Sharded by user; a shard lock covers append + hand-off to the sink (which only does
     /// non-blocking queue pushes), never an `.await`.
-    shards: Box<[Mutex<HashMap<String, History>>]>,
-    hasher: RandomState,
+    users: ShardedMap<String, History>,
     sink: Arc<dyn Sink>,
     size: usize,
     ttl: Duration,
@@ -109,11 +106,9 @@ impl History {
 impl MemoryBackplane {
     /// A backplane keeping `size` notifications per user for `ttl` after the last one.
     pub fn new(sink: Arc<dyn Sink>, size: usize, ttl: Duration) -> Self {
-        let shards = (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect();
         MemoryBackplane {
             shared: Arc::new(Shared {
-                shards,
-                hasher: RandomState::new(),
+                users: ShardedMap::new(),
                 sink,
                 size,
                 ttl,
@@ -135,17 +130,12 @@ impl MemoryBackplane {
         self
     }
 
-    fn shard(&self, user: &str) -> &Mutex<HashMap<String, History>> {
-        let h = self.shared.hasher.hash_one(user) as usize;
-        &self.shared.shards[h % SHARDS]
-    }
-
     /// Drops histories idle for longer than the TTL; call periodically.
     pub fn sweep(&self) -> usize {
         let now = Instant::now();
         let ttl = self.shared.ttl;
         let mut removed = 0;
-        for shard in self.shared.shards.iter() {
+        for shard in self.shared.users.shards() {
             let mut shard = shard.lock();
             shard.retain(|_, h| {
                 let keep = now.duration_since(h.touched) < ttl;
@@ -177,7 +167,7 @@ impl Backplane for MemoryBackplane {
     async fn publish(&self, msg: Publish) -> Result<Published, BackplaneError> {
         let now = Instant::now();
         let shared = &self.shared;
-        let mut shard = self.shard(&msg.user).lock();
+        let mut shard = self.shared.users.lock(msg.user.as_str());
         let expired = shard
             .get(&msg.user)
             .is_some_and(|h| now.duration_since(h.touched) >= shared.ttl);
@@ -224,7 +214,7 @@ impl Backplane for MemoryBackplane {
 
     async fn history_after(&self, user: &str, after: Id) -> Result<Replay, BackplaneError> {
         let now = Instant::now();
-        let shard = self.shard(user).lock();
+        let shard = self.shared.users.lock(user);
         let Some(history) = shard
             .get(user)
             .filter(|h| now.duration_since(h.touched) < self.shared.ttl)

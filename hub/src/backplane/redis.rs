@@ -47,6 +47,7 @@ use futures_util::StreamExt;
 use parking_lot::Mutex;
 use prometheus::{Gauge, IntCounter};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use service_kit::Backoff;
 use tokio::sync::{mpsc, watch};
 
 use super::{
@@ -798,23 +799,19 @@ impl RedisBackplane {
     }
 
     async fn pubsub_task(self, client: redis::Client, mut changes: mpsc::Receiver<()>) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut first = true;
         loop {
             let connected =
                 tokio::time::timeout(self.inner.settings.timeout, client.get_async_pubsub()).await;
             let pubsub = match connected {
                 Ok(Ok(p)) => p,
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "pub/sub connect failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
-                }
-                Err(_) => {
-                    tracing::warn!("pub/sub connect timed out");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                failed => {
+                    match failed {
+                        Ok(Err(e)) => tracing::warn!(error = %e, "pub/sub connect failed"),
+                        _ => tracing::warn!("pub/sub connect timed out"),
+                    }
+                    tokio::time::sleep(backoff.next_delay()).await;
                     continue;
                 }
             };
@@ -823,7 +820,7 @@ impl RedisBackplane {
                 tracing::info!("pub/sub reconnected");
             }
             first = false;
-            backoff = Duration::from_millis(100);
+            backoff.reset();
             let (mut sink, mut stream) = pubsub.split();
             // Everything subscribed before is gone with the old connection.
             let catch_up: Vec<(Arc<str>, Option<Id>)> = {
