@@ -449,10 +449,7 @@ impl Application {
                 _ => {}
             }
         }
-        let deadline = tokio::time::Instant::now() + self.grace;
-        while self.fanout.connections() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let _ = tokio::time::timeout(self.grace, self.fanout.all_closed()).await;
         let left = self.fanout.connections();
         if left > 0 {
             tracing::warn!(

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
 
 use crate::envelope::Notification;
 use crate::sharded::ShardedMap;
@@ -29,6 +30,8 @@ struct Shared {
     /// Sharded so that deliveries to different users rarely contend. A shard lock is held only
     /// for map updates and non-blocking `try_send`s, never across an `.await`.
     users: ShardedMap<Arc<str>, Vec<Slot>>,
+    /// Holds one token per registered connection, so a drain can wait for the last to close.
+    tracker: TaskTracker,
     next_id: AtomicU64,
     open: AtomicUsize,
     limits: Limits,
@@ -87,6 +90,8 @@ pub struct Registration {
     user: Arc<str>,
     id: u64,
     eviction: Arc<Eviction>,
+    /// Counts this connection in [`Fanout::all_closed`] until it is dropped.
+    _open: TaskTrackerToken,
 }
 
 impl Registration {
@@ -118,6 +123,7 @@ impl Fanout {
         Fanout {
             shared: Arc::new(Shared {
                 users: ShardedMap::new(),
+                tracker: TaskTracker::new(),
                 next_id: AtomicU64::new(1),
                 open: AtomicUsize::new(0),
                 limits,
@@ -159,6 +165,7 @@ impl Fanout {
                 user,
                 id,
                 eviction,
+                _open: self.shared.tracker.token(),
             },
             rx,
         ))
@@ -217,6 +224,13 @@ impl Fanout {
     /// Open connections on this node.
     pub fn connections(&self) -> usize {
         self.shared.open.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no connection is registered (for the drain; the node refuses new
+    /// connections by then).
+    pub async fn all_closed(&self) {
+        self.shared.tracker.close();
+        self.shared.tracker.wait().await;
     }
 
     /// Local connections of one user.
