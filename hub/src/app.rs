@@ -206,6 +206,134 @@ fn spawn_rate_sweeper(ctx: Context) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// The state every client connection shares.
+fn client_context(
+    settings: &Settings,
+    verifier: Verifier,
+    fanout: Fanout,
+    backplane: Arc<dyn Backplane>,
+    metrics: Metrics,
+    lifecycle: Lifecycle,
+) -> Context {
+    Context::new(ContextInner {
+        verifier,
+        origins: OriginPolicy::new(&settings.allowed_origins),
+        fanout,
+        backplane,
+        metrics,
+        lifecycle,
+        gate: gate::Gate::new(
+            settings.max_connections_per_ip,
+            settings.max_pending_handshakes,
+        ),
+        user_rate: crate::transport::user_rate(
+            settings.user_handshakes_per_second,
+            settings.user_handshake_burst,
+        ),
+        ws_inbound: crate::transport::ws_inbound(settings.ws_messages_per_second),
+        timing: Timing {
+            ping_interval: settings.ping_interval,
+            pong_timeout: settings.pong_timeout,
+            handshake_timeout: settings.handshake_timeout,
+            write_timeout: settings.write_timeout,
+            sse_retry: settings.sse_retry,
+            drain_window: settings.drain_window,
+        },
+    })
+}
+
+/// The Redis backplane when `HUB_REDIS_URL` is set, else the in-process one; with the task
+/// that keeps it (pub/sub or the history sweeper).
+async fn connect_backplane(
+    settings: &Settings,
+    sink: Arc<FanoutSink>,
+    metrics: &Metrics,
+) -> anyhow::Result<(Arc<dyn Backplane>, tokio::task::JoinHandle<()>)> {
+    match &settings.redis_url {
+        Some(url) => {
+            let (redis, task) = RedisBackplane::connect(
+                redis_settings(settings, url),
+                sink,
+                RedisTelemetry {
+                    reconnects: metrics.backplane_reconnects().clone(),
+                    lag_seconds: metrics.backplane_lag().clone(),
+                },
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("config: HUB_REDIS_URL: {e}"))?;
+            Ok((Arc::new(redis), task))
+        }
+        None => {
+            let memory = MemoryBackplane::new(sink, settings.history_size, settings.history_ttl)
+                .with_dedupe(settings.idempotency_ttl, settings.dedupe_window);
+            let task = memory.spawn_sweeper();
+            Ok((Arc::new(memory), task))
+        }
+    }
+}
+
+impl DevCredentials {
+    /// The configured secret and API key, or fresh random ones.
+    fn for_settings(settings: &Settings) -> Self {
+        DevCredentials {
+            secret: settings
+                .jwt_secret
+                .clone()
+                .unwrap_or_else(|| random_hex(32)),
+            api_key: settings.api_key.clone().unwrap_or_else(|| random_hex(24)),
+        }
+    }
+}
+
+/// The secret `--dev` signs tokens with, when the node verifies with it: when no key is
+/// configured, or the configured key is that secret.
+fn dev_token_secret(settings: &Settings, dev: Option<&DevCredentials>) -> Option<String> {
+    let has_key = settings.jwt_secret.is_some()
+        || settings.jwt_public_key_file.is_some()
+        || settings.jwt_jwks_url.is_some();
+    dev.filter(|_| !has_key || settings.jwt_secret.is_some())
+        .map(|d| d.secret.clone())
+}
+/// Every HTTP route of a node: the API, and `/ws` and `/sse` for clients that do not come
+/// through the front door, with the request id, tracing and body timeout layers.
+fn router(api: Router, ctx: Context, handshake_timeout: Duration) -> Router {
+    let transport = Router::new()
+        .route("/ws", get(ws::handler))
+        .route("/sse", get(sse::handler).options(sse::handler))
+        .with_state(ctx.clone());
+    api.merge(transport)
+        // A request body that does not arrive within the handshake timeout ends the
+        // request (heads are bounded by hyper, writes by the connection's write timeout).
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            handshake_timeout,
+        ))
+        // The request id (`x-request-id`: the caller's, or a fresh one) is in every log
+        // line of the request and in the response.
+        .layer(tower_http::request_id::PropagateRequestIdLayer::x_request_id())
+        .layer(
+            // Spans carry the path only: the query string may hold a token.
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &http::Request<_>| {
+                    let request_id = req
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default();
+                    tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id)
+                })
+                // A 503 (draining, backplane down) is expected and counted elsewhere;
+                // it is not an error in the node's own log.
+                .on_request(tower_http::trace::DefaultOnRequest::new().level(tracing::Level::DEBUG))
+                .on_response(tower_http::trace::DefaultOnResponse::new().level(tracing::Level::DEBUG))
+                .on_failure(
+                    tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
+                ),
+        )
+        .layer(tower_http::request_id::SetRequestIdLayer::x_request_id(
+            RequestIds,
+        ))
+}
+
 fn random_hex(bytes: usize) -> String {
     (0..bytes)
         .map(|_| format!("{:02x}", rand::random::<u8>()))
@@ -215,20 +343,8 @@ fn random_hex(bytes: usize) -> String {
 impl Application {
     /// Builds every part and binds the listener (port 0 picks a free port).
     pub async fn build(settings: Settings, options: Options) -> anyhow::Result<Self> {
-        let has_key = settings.jwt_secret.is_some()
-            || settings.jwt_public_key_file.is_some()
-            || settings.jwt_jwks_url.is_some();
-        let dev = options.dev.then(|| DevCredentials {
-            secret: settings
-                .jwt_secret
-                .clone()
-                .unwrap_or_else(|| random_hex(32)),
-            api_key: settings.api_key.clone().unwrap_or_else(|| random_hex(24)),
-        });
-        let dev_secret = dev
-            .as_ref()
-            .filter(|_| !has_key || settings.jwt_secret.is_some())
-            .map(|d| d.secret.clone());
+        let dev = options.dev.then(|| DevCredentials::for_settings(&settings));
+        let dev_secret = dev_token_secret(&settings, dev.as_ref());
         let verifier = Verifier::from_settings(&settings, dev_secret.as_deref())?;
         let mut background = Vec::new();
         if let Some(jwks) = verifier.jwks() {
@@ -245,58 +361,20 @@ impl Application {
             fanout: fanout.clone(),
             metrics: metrics.clone(),
         });
-        let backplane: Arc<dyn Backplane> = match &settings.redis_url {
-            Some(url) => {
-                let (redis, task) = RedisBackplane::connect(
-                    redis_settings(&settings, url),
-                    sink,
-                    RedisTelemetry {
-                        reconnects: metrics.backplane_reconnects().clone(),
-                        lag_seconds: metrics.backplane_lag().clone(),
-                    },
-                )
-                .await
-                .map_err(|e| anyhow::anyhow!("config: HUB_REDIS_URL: {e}"))?;
-                background.push(task);
-                Arc::new(redis)
-            }
-            None => {
-                let memory =
-                    MemoryBackplane::new(sink, settings.history_size, settings.history_ttl)
-                        .with_dedupe(settings.idempotency_ttl, settings.dedupe_window);
-                background.push(memory.spawn_sweeper());
-                Arc::new(memory)
-            }
-        };
+        let (backplane, task) = connect_backplane(&settings, sink, &metrics).await?;
+        background.push(task);
 
         let ingest = ingest_settings(&settings)?.map(|i| (i, backplane.clone(), metrics.ingest()));
 
         let lifecycle = Lifecycle::new();
-        let ctx = Context::new(ContextInner {
+        let ctx = client_context(
+            &settings,
             verifier,
-            origins: OriginPolicy::new(&settings.allowed_origins),
-            fanout: fanout.clone(),
-            backplane: backplane.clone(),
-            metrics: metrics.clone(),
-            lifecycle: lifecycle.clone(),
-            gate: gate::Gate::new(
-                settings.max_connections_per_ip,
-                settings.max_pending_handshakes,
-            ),
-            user_rate: crate::transport::user_rate(
-                settings.user_handshakes_per_second,
-                settings.user_handshake_burst,
-            ),
-            ws_inbound: crate::transport::ws_inbound(settings.ws_messages_per_second),
-            timing: Timing {
-                ping_interval: settings.ping_interval,
-                pong_timeout: settings.pong_timeout,
-                handshake_timeout: settings.handshake_timeout,
-                write_timeout: settings.write_timeout,
-                sse_retry: settings.sse_retry,
-                drain_window: settings.drain_window,
-            },
-        });
+            fanout.clone(),
+            backplane.clone(),
+            metrics.clone(),
+            lifecycle.clone(),
+        );
         let api_key = dev
             .as_ref()
             .map(|d| d.api_key.clone())
@@ -320,42 +398,7 @@ impl Application {
             revocation_ttl: settings.jwt_max_lifetime + settings.jwt_leeway,
         }));
         background.push(spawn_rate_sweeper(ctx.clone()));
-        let transport = Router::new()
-            .route("/ws", get(ws::handler))
-            .route("/sse", get(sse::handler).options(sse::handler))
-            .with_state(ctx.clone());
-        let router = api
-            .merge(transport)
-            // A request body that does not arrive within the handshake timeout ends the
-            // request (heads are bounded by hyper, writes by the connection's write timeout).
-            .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-                settings.handshake_timeout,
-            ))
-            // The request id (`x-request-id`: the caller's, or a fresh one) is in every log
-            // line of the request and in the response.
-            .layer(tower_http::request_id::PropagateRequestIdLayer::x_request_id())
-            .layer(
-                // Spans carry the path only: the query string may hold a token.
-                TraceLayer::new_for_http()
-                    .make_span_with(|req: &http::Request<_>| {
-                        let request_id = req
-                            .headers()
-                            .get("x-request-id")
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or_default();
-                        tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id)
-                    })
-                    // A 503 (draining, backplane down) is expected and counted elsewhere;
-                    // it is not an error in the node's own log.
-                    .on_request(tower_http::trace::DefaultOnRequest::new().level(tracing::Level::DEBUG))
-                    .on_response(tower_http::trace::DefaultOnResponse::new().level(tracing::Level::DEBUG))
-                    .on_failure(
-                        tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
-                    ),
-            )
-            .layer(tower_http::request_id::SetRequestIdLayer::x_request_id(
-                RequestIds,
-            ));
+        let router = router(api, ctx.clone(), settings.handshake_timeout);
 
         let listener = bind(settings.addr)
             .with_context(|| format!("config: HUB_ADDR: cannot listen on {}", settings.addr))?;
