@@ -62,10 +62,7 @@ struct Inner {
     write_timeouts: IntCounter,
     backplane_reconnects: IntCounter,
     backplane_lag: prometheus::Gauge,
-    ingest_events: IntCounterVec,
-    ingest_dlq: IntCounterVec,
-    ingest_lag: IntGaugeVec,
-    ingest_latency: Histogram,
+    ingest: IngestFamilies,
 }
 
 /// Reasons a handshake is refused (`hub_handshake_rejections_total{reason}`).
@@ -118,73 +115,129 @@ fn register(registry: &Registry, c: Box<dyn prometheus::core::Collector>) {
     }
 }
 
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    register(registry, Box::new(h.clone()));
+    h
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    register(registry, Box::new(g.clone()));
+    g
+}
+
+/// `hub_connections`, `hub_connections_total` and `hub_messages_delivered_total`, resolved
+/// once per transport.
+fn transport_metrics(registry: &Registry) -> (TransportMetrics, TransportMetrics) {
+    let gauges = gauge_vec(
+        registry,
+        "hub_connections",
+        "Open client connections",
+        &["transport"],
+    );
+    let totals = counter_vec(
+        registry,
+        "hub_connections_total",
+        "Client connections accepted",
+        &["transport"],
+    );
+    let delivered = counter_vec(
+        registry,
+        "hub_messages_delivered_total",
+        "Notifications written to client sockets",
+        &["transport"],
+    );
+    let per = |label: &str| TransportMetrics {
+        connections: gauges.with_label_values(&[label]),
+        connections_total: totals.with_label_values(&[label]),
+        delivered: delivered.with_label_values(&[label]),
+    };
+    (per("ws"), per("sse"))
+}
+
+/// `hub_handshake_rejections_total`, every reason present from the start.
+fn rejection_counter(registry: &Registry) -> IntCounterVec {
+    let rejections = counter_vec(
+        registry,
+        "hub_handshake_rejections_total",
+        "Client handshakes refused, by reason",
+        &["reason"],
+    );
+    for r in [
+        reason::MISSING_TOKEN,
+        reason::INVALID_TOKEN,
+        reason::ORIGIN,
+        reason::USER_LIMIT,
+        reason::NODE_LIMIT,
+        reason::DRAINING,
+        reason::BAD_REQUEST,
+        reason::UNAVAILABLE,
+        reason::TIMEOUT,
+        reason::IP_LIMIT,
+        reason::PENDING_LIMIT,
+        reason::USER_RATE,
+        reason::REVOKED,
+    ] {
+        rejections.with_label_values(&[r]);
+    }
+    rejections
+}
+
+/// The Kafka ingest families.
+struct IngestFamilies {
+    events: IntCounterVec,
+    dlq: IntCounterVec,
+    lag: IntGaugeVec,
+    latency: Histogram,
+}
+
+impl IngestFamilies {
+    fn new(registry: &Registry) -> Self {
+        IngestFamilies {
+            events: counter_vec(
+                registry,
+                "hub_ingest_events_total",
+                "Kafka records handled by ingest, by outcome (published, duplicate, filtered, dlq)",
+                &["topic", "outcome"],
+            ),
+            dlq: counter_vec(
+                registry,
+                "hub_ingest_dlq_total",
+                "Kafka records sent to the topic's DLQ",
+                &["topic"],
+            ),
+            lag: gauge_vec(
+                registry,
+                "hub_ingest_consumer_lag",
+                "Records behind the partition's end",
+                &["topic", "partition"],
+            ),
+            latency: histogram(
+                registry,
+                "hub_ingest_latency_seconds",
+                "From the Kafka record's timestamp to the notification in history",
+                &[
+                    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+                ],
+            ),
+        }
+    }
+}
+
 impl Metrics {
     /// A fresh registry with every metric at zero.
     pub fn new() -> Self {
         let registry = Registry::new();
-        let gauges = IntGaugeVec::new(
-            Opts::new("hub_connections", "Open client connections"),
-            &["transport"],
-        )
-        .unwrap_or_else(|e| panic!("metric hub_connections: {e}"));
-        register(&registry, Box::new(gauges.clone()));
-        let totals = counter_vec(
-            &registry,
-            "hub_connections_total",
-            "Client connections accepted",
-            &["transport"],
-        );
-        let delivered = counter_vec(
-            &registry,
-            "hub_messages_delivered_total",
-            "Notifications written to client sockets",
-            &["transport"],
-        );
-        let per = |t: Transport| TransportMetrics {
-            connections: gauges.with_label_values(&[t.as_str()]),
-            connections_total: totals.with_label_values(&[t.as_str()]),
-            delivered: delivered.with_label_values(&[t.as_str()]),
-        };
+        let (ws, sse) = transport_metrics(&registry);
         let published = counter_vec(
             &registry,
             "hub_notifications_published_total",
             "Notifications accepted into history",
             &["source"],
         );
-        let delivery_latency = Histogram::with_opts(
-            HistogramOpts::new(
-                "hub_delivery_latency_seconds",
-                "From acceptance by the hub to the write to the client socket",
-            )
-            .buckets(vec![
-                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-            ]),
-        )
-        .unwrap_or_else(|e| panic!("metric hub_delivery_latency_seconds: {e}"));
-        register(&registry, Box::new(delivery_latency.clone()));
-        let rejections = counter_vec(
-            &registry,
-            "hub_handshake_rejections_total",
-            "Client handshakes refused, by reason",
-            &["reason"],
-        );
-        for r in [
-            reason::MISSING_TOKEN,
-            reason::INVALID_TOKEN,
-            reason::ORIGIN,
-            reason::USER_LIMIT,
-            reason::NODE_LIMIT,
-            reason::DRAINING,
-            reason::BAD_REQUEST,
-            reason::UNAVAILABLE,
-            reason::TIMEOUT,
-            reason::IP_LIMIT,
-            reason::PENDING_LIMIT,
-            reason::USER_RATE,
-            reason::REVOKED,
-        ] {
-            rejections.with_label_values(&[r]);
-        }
         let resumes = counter_vec(
             &registry,
             "hub_resumes_total",
@@ -193,91 +246,54 @@ impl Metrics {
         );
         resumes.with_label_values(&["replayed"]);
         resumes.with_label_values(&["gap"]);
+        let backplane_lag = prometheus::Gauge::new(
+            "hub_backplane_lag_seconds",
+            "Acceptance to receipt by this node of the latest backplane message",
+        )
+        .unwrap_or_else(|e| panic!("metric hub_backplane_lag_seconds: {e}"));
+        register(&registry, Box::new(backplane_lag.clone()));
+        let counter = |name, help| counter(&registry, name, help);
         let inner = Inner {
-            ws: per(Transport::Ws),
-            sse: per(Transport::Sse),
-            rejections,
+            ws,
+            sse,
+            rejections: rejection_counter(&registry),
             published_api: published.with_label_values(&["api"]),
             published_kafka: published.with_label_values(&["kafka"]),
             publish_duplicates: counter(
-                &registry,
                 "hub_publish_duplicates_total",
                 "Publishes answered from an idempotency key without publishing",
             ),
-            delivery_latency,
-            slow_consumers: counter(
+            delivery_latency: histogram(
                 &registry,
+                "hub_delivery_latency_seconds",
+                "From acceptance by the hub to the write to the client socket",
+                &[
+                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ],
+            ),
+            slow_consumers: counter(
                 "hub_slow_consumer_disconnects_total",
                 "Connections dropped because their send queue was full",
             ),
             api_disconnects: counter(
-                &registry,
                 "hub_api_disconnects_total",
                 "Connections closed by the disconnect API",
             ),
             inbound_rate_closes: counter(
-                &registry,
                 "hub_inbound_rate_closes_total",
                 "WebSocket connections closed for sending messages faster than allowed",
             ),
             resumes,
             write_timeouts: counter(
-                &registry,
                 "hub_write_timeouts_total",
                 "Connections closed because a socket write made no progress in time",
             ),
             backplane_reconnects: counter(
-                &registry,
                 "hub_backplane_reconnects_total",
                 "Reconnects of this node's backplane pub/sub connection",
             ),
-            backplane_lag: {
-                let g = prometheus::Gauge::new(
-                    "hub_backplane_lag_seconds",
-                    "Acceptance to receipt by this node of the latest backplane message",
-                )
-                .unwrap_or_else(|e| panic!("metric hub_backplane_lag_seconds: {e}"));
-                register(&registry, Box::new(g.clone()));
-                g
-            },
-            ingest_events: counter_vec(
-                &registry,
-                "hub_ingest_events_total",
-                "Kafka records handled by ingest, by outcome (published, duplicate, filtered, dlq)",
-                &["topic", "outcome"],
-            ),
-            ingest_dlq: counter_vec(
-                &registry,
-                "hub_ingest_dlq_total",
-                "Kafka records sent to the topic's DLQ",
-                &["topic"],
-            ),
-            ingest_lag: {
-                let g = IntGaugeVec::new(
-                    Opts::new(
-                        "hub_ingest_consumer_lag",
-                        "Records behind the partition's end",
-                    ),
-                    &["topic", "partition"],
-                )
-                .unwrap_or_else(|e| panic!("metric hub_ingest_consumer_lag: {e}"));
-                register(&registry, Box::new(g.clone()));
-                g
-            },
-            ingest_latency: {
-                let h = Histogram::with_opts(
-                    HistogramOpts::new(
-                        "hub_ingest_latency_seconds",
-                        "From the Kafka record's timestamp to the notification in history",
-                    )
-                    .buckets(vec![
-                        0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
-                    ]),
-                )
-                .unwrap_or_else(|e| panic!("metric hub_ingest_latency_seconds: {e}"));
-                register(&registry, Box::new(h.clone()));
-                h
-            },
+            backplane_lag,
+            ingest: IngestFamilies::new(&registry),
             registry,
         };
         Metrics {
@@ -351,10 +367,10 @@ impl Metrics {
     /// Handles for Kafka ingest.
     pub fn ingest(&self) -> crate::ingest::IngestMetrics {
         crate::ingest::IngestMetrics {
-            events: self.inner.ingest_events.clone(),
-            dlq: self.inner.ingest_dlq.clone(),
-            lag: self.inner.ingest_lag.clone(),
-            latency: self.inner.ingest_latency.clone(),
+            events: self.inner.ingest.events.clone(),
+            dlq: self.inner.ingest.dlq.clone(),
+            lag: self.inner.ingest.lag.clone(),
+            latency: self.inner.ingest.latency.clone(),
             published: self.inner.published_kafka.clone(),
         }
     }
