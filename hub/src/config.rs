@@ -271,6 +271,17 @@ impl Settings {
 
     /// Cross-field and range checks that the types alone do not express.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_auth()?;
+        self.validate_api()?;
+        self.validate_redis()?;
+        self.validate_ingest()?;
+        self.validate_capacity()?;
+        self.validate_timing()?;
+        Ok(())
+    }
+
+    /// Token keys and claims limits.
+    fn validate_auth(&self) -> Result<(), ConfigError> {
         let keys = [
             self.jwt_secret.is_some(),
             self.jwt_public_key_file.is_some(),
@@ -326,6 +337,11 @@ impl Settings {
                 "must be at most 366d",
             ));
         }
+        Ok(())
+    }
+
+    /// The API key and the allowed origins.
+    fn validate_api(&self) -> Result<(), ConfigError> {
         if matches!(&self.api_key, Some(k) if k.len() < 16) {
             return Err(ConfigError::new(
                 "HUB_API_KEY",
@@ -342,6 +358,11 @@ impl Settings {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// The Redis backplane and the publish path.
+    fn validate_redis(&self) -> Result<(), ConfigError> {
         if let Some(url) = &self.redis_url
             && !(url.starts_with("redis://") || url.starts_with("rediss://"))
         {
@@ -397,6 +418,11 @@ impl Settings {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Kafka ingest.
+    fn validate_ingest(&self) -> Result<(), ConfigError> {
         self.validate_kafka_security()?;
         within(
             "HUB_INGEST_MAX_RECORD_BYTES",
@@ -430,6 +456,11 @@ impl Settings {
                 "is false and HUB_INGEST_ROUTES names no file: ingest would have no route",
             ));
         }
+        Ok(())
+    }
+
+    /// History, queues, caps and rates.
+    fn validate_capacity(&self) -> Result<(), ConfigError> {
         within("HUB_HISTORY_SIZE", self.history_size, 1, 100_000)?;
         within("HUB_SEND_QUEUE", self.send_queue, 8, 65_536)?;
         within("HUB_MAX_CONNECTIONS", self.max_connections, 1, 10_000_000)?;
@@ -476,6 +507,11 @@ impl Settings {
             Duration::from_secs(1),
         )?;
         within("HUB_DEDUPE_WINDOW", self.dedupe_window, 1, 100_000)?;
+        Ok(())
+    }
+
+    /// Heartbeats, timeouts and the drain.
+    fn validate_timing(&self) -> Result<(), ConfigError> {
         at_least(
             "HUB_PING_INTERVAL",
             self.ping_interval,
