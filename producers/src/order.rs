@@ -313,40 +313,9 @@ async fn create(
     if inserted.rows_affected() == 0 {
         // A retry: answer with the order the first request created (it holds the key).
         tx.rollback().await?;
-        let first: Uuid =
-            sqlx::query_scalar("SELECT id FROM orders WHERE user_id = $1 AND idempotency_key = $2")
-                .bind(&user)
-                .bind(&key)
-                .fetch_one(&state.pool)
-                .await?;
-        let mut replayed = HeaderMap::new();
-        replayed.insert("idempotent-replayed", HeaderValue::from_static("true"));
-        return Ok((
-            StatusCode::CREATED,
-            replayed,
-            Json(Placed {
-                order_id: first.to_string(),
-                status: "CREATED",
-            }),
-        ));
+        return replay(&state, &user, key.as_deref()).await;
     }
-    let created = OrderCreated {
-        event_id: crate::event_id(),
-        order_id: order_id.clone(),
-        user_id: user.clone(),
-        items: order
-            .items
-            .iter()
-            .map(|i| OrderItem {
-                product_id: i.product_id.trim().to_owned(),
-                quantity: i.quantity,
-                price_cents: i.price_cents,
-            })
-            .collect(),
-        total_cents: total,
-        delivery_address: address,
-        occurred_at: Some(crate::now()),
-    };
+    let created = order_created(&order_id, &user, &order, total, address);
     let topic = format!("{}{}", state.prefix, topics::ORDER_CREATED);
     crate::outbox::enqueue(
         &mut tx,
@@ -377,6 +346,57 @@ async fn create(
             status: "CREATED",
         }),
     ))
+}
+
+/// The answer to a repeated `Idempotency-Key`: the order the first request created.
+async fn replay(
+    state: &ApiState,
+    user: &str,
+    key: Option<&str>,
+) -> Result<(StatusCode, HeaderMap, Json<Placed>), ApiError> {
+    let first: Uuid =
+        sqlx::query_scalar("SELECT id FROM orders WHERE user_id = $1 AND idempotency_key = $2")
+            .bind(user)
+            .bind(key)
+            .fetch_one(&state.pool)
+            .await?;
+    let mut replayed = HeaderMap::new();
+    replayed.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    Ok((
+        StatusCode::CREATED,
+        replayed,
+        Json(Placed {
+            order_id: first.to_string(),
+            status: "CREATED",
+        }),
+    ))
+}
+
+/// The `order.created` event of a new order.
+fn order_created(
+    order_id: &str,
+    user: &str,
+    order: &NewOrder,
+    total: i64,
+    address: String,
+) -> OrderCreated {
+    OrderCreated {
+        event_id: crate::event_id(),
+        order_id: order_id.to_owned(),
+        user_id: user.to_owned(),
+        items: order
+            .items
+            .iter()
+            .map(|i| OrderItem {
+                product_id: i.product_id.trim().to_owned(),
+                quantity: i.quantity,
+                price_cents: i.price_cents,
+            })
+            .collect(),
+        total_cents: total,
+        delivery_address: address,
+        occurred_at: Some(crate::now()),
+    }
 }
 
 /// The token's user's last 50 orders, newest first.
