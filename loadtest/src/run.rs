@@ -423,39 +423,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
     )?;
     warn_about_ports(&plan);
 
-    let mut hubs = Vec::with_capacity(args.hubs.len());
-    for url in &args.hubs {
-        hubs.push(HubAddr::resolve("--hub", url).await?);
-    }
-    let mut publish_hubs = Vec::with_capacity(args.publish_via.len());
-    for url in &args.publish_via {
-        publish_hubs.push(HubAddr::resolve("--publish-via", url).await?);
-    }
+    let hubs = resolve_all("--hub", &args.hubs).await?;
+    let publish_hubs = resolve_all("--publish-via", &args.publish_via).await?;
     let rss_before = server_rss(&args.server_pids)?;
     // Fail on a wrong --cpu-pid now rather than after connecting.
     cpu::sample(&args.cpu_pids)?;
 
     let mut pool = WorkerPool::spawn(plan.processes)?;
-    for (worker, slice) in plan.slices.iter().enumerate() {
-        let spec = WorkerSpec {
-            worker,
-            first: slice.start,
-            end: slice.end,
-            layout: plan.layout.clone(),
-            hubs: hubs.clone(),
-            source_ips: args.source_ips.clone(),
-            source_port_base: args.source_port_base,
-            user_prefix: args.user_prefix.clone(),
-            jwt_secret: args.jwt_secret.clone(),
-            token_ttl_secs: args.token_ttl.as_secs(),
-            connect_concurrency: args.connect_concurrency as usize,
-            connect_timeout_ms: millis(args.connect_timeout),
-            max_connect_ms: millis(args.max_connect_time),
-            deadline_ms: millis(plan.deadline),
-        };
-        pool.send(worker, &Command::Configure(Box::new(spec)))
-            .await?;
-    }
+    configure_workers(&mut pool, &args, &plan, &hubs).await?;
     eprintln!(
         "hub-loadgen: {} {} connection(s) to {} hub(s) from {} worker process(es)",
         plan.layout.connections,
@@ -481,41 +456,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let own_cpu_before = OwnCpu::read(&pool);
     let window_start = Instant::now();
     pool.broadcast(&Command::Start).await?;
-    let outcome = if args.rate > 0.0 {
-        eprintln!(
-            "publishing {}/s for {}",
-            args.rate,
-            humantime::format_duration(args.duration)
-        );
-        let via_any = !publish_hubs.is_empty();
-        publish::run(PublishConfig {
-            hubs: if via_any {
-                publish_hubs.clone()
-            } else {
-                hubs.clone()
-            },
-            api_key: args.api_key.clone().unwrap_or_default(),
-            users: plan.layout.users,
-            user_prefix: args.user_prefix.clone(),
-            rate: args.rate,
-            duration: args.duration,
-            concurrency: args.publish_concurrency as usize,
-            publish_any: args.publish_any || via_any,
-            mode: args.publish_mode,
-            batch_size: args.batch_size as usize,
-            kafka: args
-                .kafka_brokers
-                .clone()
-                .zip(args.kafka_topic.clone())
-                .map(|(brokers, topic)| publish::KafkaTarget { brokers, topic }),
-        })
-        .await?
-    } else {
-        // Nothing to publish: keep the connections open for the same time anyway, so
-        // that idle stability (pings, heartbeats, disconnects) is observed.
-        sleep(args.duration).await;
-        PublishOutcome::nothing(plan.layout.users)
-    };
+    let outcome = publish_phase(&args, &plan, &hubs, &publish_hubs).await?;
 
     eprintln!(
         "draining for up to {}",
@@ -541,23 +482,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     pool.shutdown().await;
     // A server process that vanished spoils only the CPU figures: print the rest, then
     // fail the run.
-    let (cpu, cpu_error) = match cpu_after {
-        Ok(_) if args.cpu_pids.is_empty() => (None, None),
-        Ok(after) => (
-            Some(CpuSamples {
-                pids: args.cpu_pids.clone(),
-                before: cpu_before,
-                after,
-                loadgen: own_cpu,
-                window,
-            }),
-            None,
-        ),
-        Err(e) => (
-            None,
-            Some(e.context("a --cpu-pid process ended during the run: no CPU figures")),
-        ),
-    };
+    let (cpu, cpu_error) = cpu_figures(&args, cpu_before, cpu_after, own_cpu, window);
 
     let servers = args
         .server_pids
@@ -581,16 +506,132 @@ pub async fn run(args: RunArgs) -> Result<()> {
         parent_cpu: proc::cpu_time().unwrap_or_default(),
         parent_rss_kib: proc::rss_kib(None).unwrap_or(0),
     })?;
+    print_report(&report, args.json)?;
+    cpu_error.map_or(Ok(()), Err)
+}
+
+/// Resolves every URL given with `flag`.
+async fn resolve_all(flag: &str, urls: &[String]) -> Result<Vec<HubAddr>> {
+    let mut out = Vec::with_capacity(urls.len());
+    for url in urls {
+        out.push(HubAddr::resolve(flag, url).await?);
+    }
+    Ok(out)
+}
+
+/// Sends each worker process its slice of the connections.
+async fn configure_workers(
+    pool: &mut WorkerPool,
+    args: &RunArgs,
+    plan: &Plan,
+    hubs: &[HubAddr],
+) -> Result<()> {
+    for (worker, slice) in plan.slices.iter().enumerate() {
+        let spec = WorkerSpec {
+            worker,
+            first: slice.start,
+            end: slice.end,
+            layout: plan.layout.clone(),
+            hubs: hubs.to_vec(),
+            source_ips: args.source_ips.clone(),
+            source_port_base: args.source_port_base,
+            user_prefix: args.user_prefix.clone(),
+            jwt_secret: args.jwt_secret.clone(),
+            token_ttl_secs: args.token_ttl.as_secs(),
+            connect_concurrency: args.connect_concurrency as usize,
+            connect_timeout_ms: millis(args.connect_timeout),
+            max_connect_ms: millis(args.max_connect_time),
+            deadline_ms: millis(plan.deadline),
+        };
+        pool.send(worker, &Command::Configure(Box::new(spec)))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Publishes at the configured rate (or, with none, keeps the connections open as long).
+async fn publish_phase(
+    args: &RunArgs,
+    plan: &Plan,
+    hubs: &[HubAddr],
+    publish_hubs: &[HubAddr],
+) -> Result<PublishOutcome> {
+    let outcome = if args.rate > 0.0 {
+        eprintln!(
+            "publishing {}/s for {}",
+            args.rate,
+            humantime::format_duration(args.duration)
+        );
+        let via_any = !publish_hubs.is_empty();
+        publish::run(PublishConfig {
+            hubs: if via_any {
+                publish_hubs.to_vec()
+            } else {
+                hubs.to_vec()
+            },
+            api_key: args.api_key.clone().unwrap_or_default(),
+            users: plan.layout.users,
+            user_prefix: args.user_prefix.clone(),
+            rate: args.rate,
+            duration: args.duration,
+            concurrency: args.publish_concurrency as usize,
+            publish_any: args.publish_any || via_any,
+            mode: args.publish_mode,
+            batch_size: args.batch_size as usize,
+            kafka: args
+                .kafka_brokers
+                .clone()
+                .zip(args.kafka_topic.clone())
+                .map(|(brokers, topic)| publish::KafkaTarget { brokers, topic }),
+        })
+        .await?
+    } else {
+        // Nothing to publish: keep the connections open for the same time anyway, so
+        // that idle stability (pings, heartbeats, disconnects) is observed.
+        sleep(args.duration).await;
+        PublishOutcome::nothing(plan.layout.users)
+    };
+    Ok(outcome)
+}
+
+/// The CPU figures of the window, or why there are none.
+fn cpu_figures(
+    args: &RunArgs,
+    before: Vec<Duration>,
+    after: Result<Vec<Duration>>,
+    loadgen: Option<Duration>,
+    window: Duration,
+) -> (Option<CpuSamples>, Option<anyhow::Error>) {
+    match after {
+        Ok(_) if args.cpu_pids.is_empty() => (None, None),
+        Ok(after) => (
+            Some(CpuSamples {
+                pids: args.cpu_pids.clone(),
+                before,
+                after,
+                loadgen,
+                window,
+            }),
+            None,
+        ),
+        Err(e) => (
+            None,
+            Some(e.context("a --cpu-pid process ended during the run: no CPU figures")),
+        ),
+    }
+}
+
+/// Writes the report to stdout (as JSON with `--json`, the text then on stderr).
+fn print_report(report: &report::Report, json: bool) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
-    if args.json {
+    if json {
         eprint!("{report}");
-        let json = serde_json::to_string(&report).context("encoding the JSON report")?;
+        let json = serde_json::to_string(report).context("encoding the JSON report")?;
         writeln!(stdout, "{json}").context("writing the report")?;
     } else {
         write!(stdout, "{report}").context("writing the report")?;
     }
-    stdout.flush().context("writing the report")?;
-    cpu_error.map_or(Ok(()), Err)
+    stdout.flush().context("writing the report")
 }
 
 /// A duration in whole milliseconds, saturating.
