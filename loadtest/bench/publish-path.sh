@@ -11,7 +11,8 @@
 #                                     ingests: the Kafka-ingest-on-Redis path end to end)
 #     TRANSPORT  ws | sse | mixed
 #   Environment: CONNECTIONS (10000), RATE (5000), DURATION (20s), BATCH (100),
-#                REDIS_PORT (6390), PORT_A (9101), PORT_B (9102)
+#                REDIS_PORT (6390), PORT_A (9101), PORT_B (9102), BIN_DIR (target/release:
+#                where hub and hub-loadgen are, e.g. a previous build to compare with)
 #
 # Needs release builds (`cargo build --release -p hub -p loadtest`) and redis-server. Stops
 # everything it started, also on failure.
@@ -22,7 +23,7 @@ TRANSPORT=${2:?usage: publish-path.sh http|batch ws|sse|mixed}
 shift 2
 CONNECTIONS=${CONNECTIONS:-10000} RATE=${RATE:-5000} DURATION=${DURATION:-20s} BATCH=${BATCH:-100}
 REDIS_PORT=${REDIS_PORT:-6390} PORT_A=${PORT_A:-9101} PORT_B=${PORT_B:-9102} GRPC_B=${GRPC_B:-9202}
-BIN=target/release
+BIN=${BIN_DIR:-target/release}
 [[ -x $BIN/hub && -x $BIN/hub-loadgen ]] || { echo "build first: cargo build --release -p hub -p loadtest" >&2; exit 1; }
 
 dir=$(mktemp -d)
