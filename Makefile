@@ -85,7 +85,7 @@ compose-check:
 build-release:
 	$(CARGO) build --release -p hub -p loadtest -p producers
 
-## infra-up / infra-down: start / stop the local Redis, Kafka and PostgreSQL; idempotent.
+## infra-up / infra-down: start / stop the local Redis, Redis Cluster (3 masters + 3 replicas), Kafka and PostgreSQL; idempotent.
 infra-up:
 	@infra/local/infra.sh up
 
@@ -95,7 +95,7 @@ infra-down:
 ## demo: start Redis, Kafka, PostgreSQL, two hub nodes (dev mode), the order, payment, delivery and
 ## moderation services in the background; wait until all are ready; print the URL and a token.
 demo: deps build-release
-	@infra/local/infra.sh up
+	@infra/local/infra.sh up --only redis,kafka,postgres
 	@infra/local/demo.sh start
 
 ## stop: stop everything `make demo` or `make infra-up` started (hub and services first, then the infrastructure).

@@ -5,6 +5,7 @@
 #                                127.0.0.1:${LOCAL_REDIS_PORT:-6379} and wait until it answers PONG
 #   infra/local/redis.sh stop    stop the instance this script started (nothing else)
 #   infra/local/redis.sh status  one line; exit 0 when the port answers PONG, 3 when not
+#   infra/local/redis.sh install install redis-server and redis-cli if missing (nothing starts)
 #
 # Our instance keeps its pid file, log and data dir under .run/redis/ (git-ignored), one set per
 # port, and has no persistence (--save '' --appendonly no). If something else already answers
@@ -145,5 +146,6 @@ case "${1:-}" in
   start) start ;;
   stop) stop ;;
   status) status ;;
-  *) echo "usage: $0 start|stop|status   (port: LOCAL_REDIS_PORT, default 6379)" >&2; exit 2 ;;
+  install) install_redis ;;
+  *) echo "usage: $0 start|stop|status|install   (port: LOCAL_REDIS_PORT, default 6379)" >&2; exit 2 ;;
 esac
