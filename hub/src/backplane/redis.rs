@@ -358,7 +358,7 @@ impl RedisBackplane {
             pipe.add_command(self.publish_cmd(chunk, accepted_us));
         }
         let replies: Vec<Vec<redis::Value>> = self
-            .with_timeout(async {
+            .bounded(async {
                 let mut conn = self.conn();
                 match pipe.query_async(&mut conn).await {
                     // The script is not in this server's cache (a restart or failover since
@@ -473,7 +473,9 @@ impl RedisBackplane {
         }
     }
 
-    async fn with_timeout<T>(
+    /// Bounds a backplane operation by `HUB_REDIS_TIMEOUT`; running out of it is
+    /// "unavailable".
+    async fn bounded<T>(
         &self,
         f: impl Future<Output = Result<T, BackplaneError>>,
     ) -> Result<T, BackplaneError> {
@@ -495,7 +497,7 @@ impl RedisBackplane {
     ) -> Result<Option<(u64, Vec<Arc<Notification>>)>, BackplaneError> {
         let meta = self.key("m", user);
         let stream = self.key("h", user);
-        self.with_timeout(async {
+        self.bounded(async {
             let mut conn = self.conn();
             let (epoch, entries): (Option<String>, redis::streams::StreamRangeReply) =
                 redis::pipe()
@@ -523,7 +525,7 @@ impl RedisBackplane {
         let meta = self.key("m", user);
         let stream = self.key("h", user);
         let from = format!("{}-0", after.seq.saturating_add(1));
-        self.with_timeout(async {
+        self.bounded(async {
             let mut conn = self.conn();
             let ((epoch, last), first, entries): (
                 (Option<String>, Option<u64>),
@@ -570,7 +572,7 @@ impl RedisBackplane {
         let this = self.clone();
         tokio::spawn(async move {
             let done = this
-                .with_timeout(async {
+                .bounded(async {
                     let mut conn = this.conn();
                     redis::pipe()
                         .rpush(&reply, closed)
@@ -592,7 +594,7 @@ impl RedisBackplane {
         let pattern = format!("{}:r:{{*", self.inner.settings.prefix);
         let prefix_len = pattern.len() - 1;
         let found: Vec<(String, String)> = self
-            .with_timeout(async {
+            .bounded(async {
                 let mut conn = self.conn();
                 let mut keys = Vec::new();
                 let mut cursor: u64 = 0;
@@ -774,7 +776,7 @@ impl RedisBackplane {
                 .arg("seq");
         }
         let heads: Vec<(Option<String>, Option<u64>)> = self
-            .with_timeout(async {
+            .bounded(async {
                 let mut conn = self.conn();
                 pipe.query_async(&mut conn).await.map_err(unavailable)
             })
@@ -834,7 +836,7 @@ impl RedisBackplane {
             let mut on_redis: HashSet<Arc<str>> = HashSet::new();
             // Control first, then the revocations stored meanwhile: none is missed.
             if self
-                .timed(sink.subscribe(self.control_channel()))
+                .pubsub_command(sink.subscribe(self.control_channel()))
                 .await
                 .is_err()
             {
@@ -902,7 +904,7 @@ impl RedisBackplane {
         let channel = |u: &Arc<str>| format!("{prefix}{u}}}");
         for batch in remove.chunks(BATCH) {
             let names: Vec<String> = batch.iter().map(channel).collect();
-            self.timed(sink.unsubscribe(&names)).await?;
+            self.pubsub_command(sink.unsubscribe(&names)).await?;
             for u in batch {
                 on_redis.remove(u);
             }
@@ -921,7 +923,7 @@ impl RedisBackplane {
                 return Err(());
             }
             let names: Vec<String> = batch.iter().map(channel).collect();
-            self.timed(sink.subscribe(&names)).await?;
+            self.pubsub_command(sink.subscribe(&names)).await?;
             on_redis.extend(batch.iter().cloned());
             {
                 let mut subs = self.inner.subs.lock();
@@ -936,7 +938,12 @@ impl RedisBackplane {
         Ok(())
     }
 
-    async fn timed(&self, f: impl Future<Output = redis::RedisResult<()>>) -> Result<(), ()> {
+    /// Runs a command on the pub/sub connection within `HUB_REDIS_TIMEOUT`, logging why it
+    /// failed (the caller then reconnects).
+    async fn pubsub_command(
+        &self,
+        f: impl Future<Output = redis::RedisResult<()>>,
+    ) -> Result<(), ()> {
         match tokio::time::timeout(self.inner.settings.timeout, f).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
@@ -1141,7 +1148,7 @@ impl Backplane for RedisBackplane {
             .arg(self.control_channel())
             .arg(&message);
         let (receivers,): (usize,) = self
-            .with_timeout(async {
+            .bounded(async {
                 let mut conn = self.conn();
                 pipe.query_async(&mut conn).await.map_err(unavailable)
             })
