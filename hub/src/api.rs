@@ -617,9 +617,10 @@ struct DevLogin {
     )
 )]
 async fn dev_token(
-    State(state): State<ApiState>,
+    state: ApiState,
     extensions: http::Extensions,
     body: Bytes,
+    secret: &str,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let peer = extensions.get::<ConnectInfo<std::net::SocketAddr>>();
     if !peer.is_some_and(|ConnectInfo(addr)| addr.ip().is_loopback()) {
@@ -627,8 +628,6 @@ async fn dev_token(
             "the dev login answers loopback clients only",
         ));
     }
-    // The route exists only with `--dev`, which always sets the secret.
-    let secret = state.inner.dev_secret.as_deref().unwrap_or_default();
     let login: DevLogin = serde_json::from_slice(&body).map_err(|e| {
         ApiError::BadRequest(format!(
             "expected {{\"user_id\": \"...\", \"audience\": \"optional\"}}: {e}"
@@ -690,8 +689,18 @@ pub fn router(state: ApiState) -> axum::Router {
         .route("/metrics", get(metrics))
         .route("/", get(demo_page))
         .route("/hub-client.js", get(demo_client));
-    if state.inner.dev_secret.is_some() {
-        router = router.route("/api/dev/token", post(dev_token));
+    // The route exists only with `--dev`, and signs with its secret.
+    if let Some(secret) = state.inner.dev_secret.clone() {
+        let secret: Arc<str> = secret.into();
+        router = router.route(
+            "/api/dev/token",
+            post(
+                move |State(state): State<ApiState>, extensions: http::Extensions, body: Bytes| {
+                    let secret = secret.clone();
+                    async move { dev_token(state, extensions, body, &secret).await }
+                },
+            ),
+        );
     }
     router.with_state(state)
 }
