@@ -9,6 +9,7 @@
 //! deficit. Per-user sequence numbers and success counts are shared atomics, so any
 //! sender can publish to any user.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -20,14 +21,18 @@ use hdrhistogram::Histogram;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
 use http::{HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
+use hub::grpc::PublisherClient;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use proto::hub::v1::PublishRequest;
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tonic::metadata::AsciiMetadataValue;
+use tonic::transport::Channel;
 
 use crate::conn::{Failure, tcp_connect};
 use crate::stats::{ErrorTally, merge_histogram, new_histogram, unix_micros};
@@ -570,6 +575,9 @@ impl Pacer {
     }
 }
 
+/// gRPC requests sent and not answered yet, in order: (user, send time).
+type Pending = Arc<Mutex<VecDeque<(usize, Instant)>>>;
+
 /// One gRPC sender: a `PublishStream` to `hub`'s gRPC listener, a request every `interval`
 /// from `first` until `end`; the answers (in order) are matched to the requests sent.
 async fn run_grpc_sender(
@@ -579,92 +587,28 @@ async fn run_grpc_sender(
     first: Instant,
     end: Instant,
 ) -> Histogram<u64> {
-    use hub::grpc::PublisherClient;
-    use proto::hub::v1::PublishRequest;
-
     let mut latency = new_histogram();
-    let url = format!("http://{}", shared.config.hubs[hub].addr);
-    let client = timeout(CONNECT_TIMEOUT, PublisherClient::connect(url.clone())).await;
-    let mut client = match client {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            shared.fail(0, "grpc connect", &format!("{url}: {e}"));
-            return latency;
-        }
-        Err(_) => {
-            shared.fail(0, "grpc connect", &format!("{url}: timed out"));
-            return latency;
-        }
+    let Some(client) = connect_grpc(&shared, hub).await else {
+        return latency;
+    };
+    let Ok(auth) = format!("Bearer {}", shared.config.api_key).parse() else {
+        shared.fail(0, "grpc", "--api-key is not valid metadata");
+        return latency;
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<PublishRequest>(1024);
-    let outbound =
-        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
-    let mut request = tonic::Request::new(outbound);
-    match format!("Bearer {}", shared.config.api_key).parse() {
-        Ok(value) => {
-            request.metadata_mut().insert("authorization", value);
-        }
-        Err(_) => {
-            shared.fail(0, "grpc", "--api-key is not valid metadata");
-            return latency;
-        }
-    }
-    // What was sent and is not answered yet, in order: (user, send time).
-    let pending: Arc<Mutex<std::collections::VecDeque<(usize, Instant)>>> = Arc::default();
-    let reader = {
-        let (shared, pending) = (shared.clone(), pending.clone());
-        tokio::spawn(async move {
-            let mut latency = new_histogram();
-            let mut answers = match client.publish_stream(request).await {
-                Ok(r) => r.into_inner(),
-                Err(status) => {
-                    shared.fail(0, "grpc stream", status.message());
-                    return latency;
-                }
-            };
-            loop {
-                match answers.message().await {
-                    Ok(Some(_)) => {
-                        let sent = pending
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .pop_front();
-                        if let Some((user, at)) = sent {
-                            shared.ok[user].fetch_add(1, Ordering::Relaxed);
-                            shared.requests_ok.fetch_add(1, Ordering::Relaxed);
-                            let us = u64::try_from(at.elapsed().as_micros()).unwrap_or(u64::MAX);
-                            latency.saturating_record(us);
-                        }
-                    }
-                    Ok(None) => return latency,
-                    Err(status) => {
-                        let left = pending.lock().unwrap_or_else(PoisonError::into_inner).len();
-                        shared.fail(left, "grpc stream", status.message());
-                        return latency;
-                    }
-                }
-            }
-        })
-    };
+    let pending = Pending::default();
+    let reader = tokio::spawn(read_grpc_answers(
+        shared.clone(),
+        client,
+        rx,
+        auth,
+        pending.clone(),
+    ));
     let mut pacer = Pacer::new(interval, first, end);
     while pacer.wait().await {
         let user = shared.pick_user(hub);
-        let seq = shared.seqs[user].fetch_add(1, Ordering::Relaxed) + 1;
-        let data = match serde_json::to_vec(&LoadData {
-            sent_us: unix_micros(),
-            seq,
-        }) {
-            Ok(d) => d,
-            Err(e) => {
-                shared.fail(1, "encode", &e.to_string());
-                continue;
-            }
-        };
-        let req = PublishRequest {
-            user_id: shared.user_names[user].clone(),
-            r#type: "load".to_owned(),
-            data,
-            ..Default::default()
+        let Some(req) = grpc_request(&shared, user) else {
+            continue;
         };
         pending
             .lock()
@@ -690,6 +634,90 @@ async fn run_grpc_sender(
         ),
     }
     latency
+}
+
+/// Connects to `hub`'s gRPC listener; on failure notes why and returns None.
+async fn connect_grpc(shared: &Shared, hub: usize) -> Option<PublisherClient<Channel>> {
+    let url = format!("http://{}", shared.config.hubs[hub].addr);
+    match timeout(CONNECT_TIMEOUT, PublisherClient::connect(url.clone())).await {
+        Ok(Ok(c)) => Some(c),
+        Ok(Err(e)) => {
+            shared.fail(0, "grpc connect", &format!("{url}: {e}"));
+            None
+        }
+        Err(_) => {
+            shared.fail(0, "grpc connect", &format!("{url}: timed out"));
+            None
+        }
+    }
+}
+
+/// The next notification to `user` as a gRPC request, its seq taken; None (noted as a
+/// failure) if it cannot be encoded.
+fn grpc_request(shared: &Shared, user: usize) -> Option<PublishRequest> {
+    let seq = shared.seqs[user].fetch_add(1, Ordering::Relaxed) + 1;
+    let data = match serde_json::to_vec(&LoadData {
+        sent_us: unix_micros(),
+        seq,
+    }) {
+        Ok(d) => d,
+        Err(e) => {
+            shared.fail(1, "encode", &e.to_string());
+            return None;
+        }
+    };
+    Some(PublishRequest {
+        user_id: shared.user_names[user].clone(),
+        r#type: "load".to_owned(),
+        data,
+        ..Default::default()
+    })
+}
+
+/// Opens the `PublishStream` that carries what arrives on `outbound`, and matches each
+/// answer to the oldest pending request; returns the round trips.
+async fn read_grpc_answers(
+    shared: Arc<Shared>,
+    mut client: PublisherClient<Channel>,
+    outbound: tokio::sync::mpsc::Receiver<PublishRequest>,
+    auth: AsciiMetadataValue,
+    pending: Pending,
+) -> Histogram<u64> {
+    let mut latency = new_histogram();
+    let outbound = futures_util::stream::unfold(outbound, |mut rx| async move {
+        rx.recv().await.map(|r| (r, rx))
+    });
+    let mut request = tonic::Request::new(outbound);
+    request.metadata_mut().insert("authorization", auth);
+    let mut answers = match client.publish_stream(request).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => {
+            shared.fail(0, "grpc stream", status.message());
+            return latency;
+        }
+    };
+    loop {
+        match answers.message().await {
+            Ok(Some(_)) => {
+                let sent = pending
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .pop_front();
+                if let Some((user, at)) = sent {
+                    shared.ok[user].fetch_add(1, Ordering::Relaxed);
+                    shared.requests_ok.fetch_add(1, Ordering::Relaxed);
+                    let us = u64::try_from(at.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    latency.saturating_record(us);
+                }
+            }
+            Ok(None) => return latency,
+            Err(status) => {
+                let left = pending.lock().unwrap_or_else(PoisonError::into_inner).len();
+                shared.fail(left, "grpc stream", status.message());
+                return latency;
+            }
+        }
+    }
 }
 
 /// Publishes at `config.rate` for `config.duration` and reports what was accepted.

@@ -5,6 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use anyhow::Result;
+use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::RunArgs;
@@ -212,12 +213,65 @@ fn per_sec(n: u64, secs: f64) -> f64 {
 
 /// Merges the measurements into a report.
 pub fn build(m: &Measurements<'_>) -> Result<Report> {
+    let connections = merge_connected(m.connected);
+    let servers = server_memory(m, &connections.established_per_hub);
+    let totals = WorkerTotals::merge(m.finals, m.parent_cpu)?;
+    let publish = publishing(m.args, m.publish);
+    let drain_secs = totals.drain_ms as f64 / 1000.0;
+    let window_secs = publish.secs + drain_secs;
+    let counters = totals.counters;
+    Ok(Report {
+        setup: setup(m.args, m.plan),
+        connections,
+        servers,
+        publish,
+        cpu: m.cpu.as_ref().map(|c| c.report(counters.deliveries)),
+        delivery: Delivery {
+            per_sec: per_sec(counters.deliveries, window_secs),
+            counters,
+            window_secs,
+            drain_secs,
+            latency: LatencySummary::from_histogram(&totals.latency),
+            sse_heartbeats: totals.sse_heartbeats,
+        },
+        disconnects: totals.disconnects,
+        loadgen: Loadgen {
+            cpu_secs: totals.cpu.as_secs_f64(),
+            parent_rss_kib: m.parent_rss_kib,
+            workers_rss_kib: m.connected.iter().map(|r| r.rss_kib).sum(),
+        },
+    })
+}
+
+/// The run's settings as the report echoes them.
+fn setup(args: &RunArgs, plan: &Plan) -> Setup {
+    Setup {
+        hubs: args.hubs.clone(),
+        transport: args.transport,
+        connections: plan.layout.connections,
+        users: plan.layout.users,
+        processes: plan.processes,
+        rate: args.rate,
+        duration_secs: args.duration.as_secs_f64(),
+        hold_secs: args.hold.as_secs_f64(),
+        drain_secs: args.drain.as_secs_f64(),
+        publish_any: args.publish_any,
+        publish_via: args.publish_via.clone(),
+        publish_mode: args.publish_mode,
+        batch_size: (args.publish_mode == PublishMode::Batch).then_some(args.batch_size),
+        source_ips: args.source_ips.len(),
+    }
+}
+
+/// Sums the workers' connect-phase reports; the connect time runs from the earliest
+/// attempt in any worker to the latest `hub.connected` in any worker.
+fn merge_connected(connected: &[ConnectedReport]) -> Connections {
     let mut errors = ErrorTally::default();
     let mut per_hub = Vec::new();
     let (mut attempted, mut established, mut failed) = (0, 0, 0);
     let mut first_attempt = u64::MAX;
     let mut last_connected = 0;
-    for r in m.connected {
+    for r in connected {
         attempted += r.attempted;
         established += r.established;
         failed += r.failed;
@@ -229,28 +283,20 @@ pub fn build(m: &Measurements<'_>) -> Result<Report> {
         last_connected = last_connected.max(r.last_connected_us);
     }
     let connect_secs = last_connected.saturating_sub(first_attempt) as f64 / 1e6;
-
-    let mut counters = DeliveryCounters::default();
-    let mut latency = new_histogram();
-    let mut disconnects = Disconnects {
-        count: 0,
-        errors: ErrorTally::default(),
-    };
-    let mut drain_ms = 0;
-    let mut sse_heartbeats = 0;
-    let mut cpu = m.parent_cpu;
-    for r in m.finals {
-        counters.merge(&r.delivery);
-        merge_histogram(&mut latency, &decode_histogram(&r.latency)?)?;
-        disconnects.count += r.disconnects;
-        disconnects.errors.merge(&r.disconnect_errors);
-        drain_ms = drain_ms.max(r.drain_ms);
-        sse_heartbeats += r.sse_comments;
-        cpu += Duration::from_millis(r.cpu_ms);
+    Connections {
+        attempted,
+        established,
+        failed,
+        errors,
+        connect_secs,
+        connect_rate: per_sec(established, connect_secs),
+        established_per_hub: per_hub,
     }
+}
 
-    let servers = m
-        .servers
+/// Each `--server-pid` process's memory growth, shared out over its hub's connections.
+fn server_memory(m: &Measurements<'_>, per_hub: &[u64]) -> Vec<ServerMemory> {
+    m.servers
         .iter()
         .map(|s| {
             let connections = per_hub.get(s.hub).copied().unwrap_or(0);
@@ -264,65 +310,61 @@ pub fn build(m: &Measurements<'_>) -> Result<Report> {
                 kib_per_connection: (connections > 0).then(|| grown / connections as f64),
             }
         })
-        .collect();
+        .collect()
+}
 
-    let publish_secs = m.publish.elapsed.as_secs_f64();
-    let drain_secs = drain_ms as f64 / 1000.0;
-    let window_secs = publish_secs + drain_secs;
-    Ok(Report {
-        setup: Setup {
-            hubs: m.args.hubs.clone(),
-            transport: m.args.transport,
-            connections: m.plan.layout.connections,
-            users: m.plan.layout.users,
-            processes: m.plan.processes,
-            rate: m.args.rate,
-            duration_secs: m.args.duration.as_secs_f64(),
-            hold_secs: m.args.hold.as_secs_f64(),
-            drain_secs: m.args.drain.as_secs_f64(),
-            publish_any: m.args.publish_any,
-            publish_via: m.args.publish_via.clone(),
-            publish_mode: m.args.publish_mode,
-            batch_size: (m.args.publish_mode == PublishMode::Batch).then_some(m.args.batch_size),
-            source_ips: m.args.source_ips.len(),
-        },
-        connections: Connections {
-            attempted,
-            established,
-            failed,
-            errors,
-            connect_secs,
-            connect_rate: per_sec(established, connect_secs),
-            established_per_hub: per_hub,
-        },
-        servers,
-        publish: Publishing {
-            target_rate: m.args.rate,
-            ok: m.publish.ok,
-            failed: m.publish.failed,
-            errors: m.publish.errors.clone(),
-            secs: publish_secs,
-            achieved_rate: per_sec(m.publish.ok, publish_secs),
-            requests_ok: m.publish.requests_ok,
-            senders: m.publish.senders,
-            request_latency: LatencySummary::from_histogram(&m.publish.request_latency),
-        },
-        cpu: m.cpu.as_ref().map(|c| c.report(counters.deliveries)),
-        delivery: Delivery {
-            per_sec: per_sec(counters.deliveries, window_secs),
-            counters,
-            window_secs,
-            drain_secs,
-            latency: LatencySummary::from_histogram(&latency),
-            sse_heartbeats,
-        },
-        disconnects,
-        loadgen: Loadgen {
-            cpu_secs: cpu.as_secs_f64(),
-            parent_rss_kib: m.parent_rss_kib,
-            workers_rss_kib: m.connected.iter().map(|r| r.rss_kib).sum(),
-        },
-    })
+/// The publishing figures, against the target rate.
+fn publishing(args: &RunArgs, publish: &PublishOutcome) -> Publishing {
+    let secs = publish.elapsed.as_secs_f64();
+    Publishing {
+        target_rate: args.rate,
+        ok: publish.ok,
+        failed: publish.failed,
+        errors: publish.errors.clone(),
+        secs,
+        achieved_rate: per_sec(publish.ok, secs),
+        requests_ok: publish.requests_ok,
+        senders: publish.senders,
+        request_latency: LatencySummary::from_histogram(&publish.request_latency),
+    }
+}
+
+/// The workers' final reports summed up.
+struct WorkerTotals {
+    counters: DeliveryCounters,
+    latency: Histogram<u64>,
+    disconnects: Disconnects,
+    /// The longest drain: the workers drain side by side.
+    drain_ms: u64,
+    sse_heartbeats: u64,
+    /// The workers' CPU time plus the parent's.
+    cpu: Duration,
+}
+
+impl WorkerTotals {
+    fn merge(finals: &[FinalReport], parent_cpu: Duration) -> Result<Self> {
+        let mut totals = Self {
+            counters: DeliveryCounters::default(),
+            latency: new_histogram(),
+            disconnects: Disconnects {
+                count: 0,
+                errors: ErrorTally::default(),
+            },
+            drain_ms: 0,
+            sse_heartbeats: 0,
+            cpu: parent_cpu,
+        };
+        for r in finals {
+            totals.counters.merge(&r.delivery);
+            merge_histogram(&mut totals.latency, &decode_histogram(&r.latency)?)?;
+            totals.disconnects.count += r.disconnects;
+            totals.disconnects.errors.merge(&r.disconnect_errors);
+            totals.drain_ms = totals.drain_ms.max(r.drain_ms);
+            totals.sse_heartbeats += r.sse_comments;
+            totals.cpu += Duration::from_millis(r.cpu_ms);
+        }
+        Ok(totals)
+    }
 }
 
 /// Formats KiB as MiB with one decimal.
@@ -359,6 +401,30 @@ impl fmt::Display for Report {
             s.hubs.len(),
             s.processes
         )?;
+        self.write_connections(f)?;
+        self.write_servers(f)?;
+        self.write_publish(f)?;
+        self.write_delivery(f)?;
+        writeln!(f, "disconnects   {} during the run", self.disconnects.count)?;
+        write_errors(f, &self.disconnects.errors)?;
+        let g = &self.loadgen;
+        writeln!(
+            f,
+            "loadgen       cpu {:.1} s, rss {} workers + {} parent",
+            g.cpu_secs,
+            mib(g.workers_rss_kib),
+            mib(g.parent_rss_kib)
+        )?;
+        if let Some(cpu) = &self.cpu {
+            write!(f, "{cpu}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Report {
+    /// The connect phase: counts, errors and rate.
+    fn write_connections(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let c = &self.connections;
         writeln!(
             f,
@@ -370,7 +436,11 @@ impl fmt::Display for Report {
             f,
             "connect       {:.2} s from first attempt to last hub.connected = {:.0} conn/s",
             c.connect_secs, c.connect_rate
-        )?;
+        )
+    }
+
+    /// One line per hub process measured.
+    fn write_servers(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for m in &self.servers {
             let per_conn = m
                 .kib_per_connection
@@ -385,35 +455,43 @@ impl fmt::Display for Report {
                 m.connections
             )?;
         }
-        let p = &self.publish;
-        if p.ok + p.failed > 0 {
+        Ok(())
+    }
+
+    /// What publishing achieved, or that nothing was published.
+    fn write_publish(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (s, p) = (&self.setup, &self.publish);
+        if p.ok + p.failed == 0 {
+            return writeln!(f, "publish       nothing published");
+        }
+        writeln!(
+            f,
+            "publish       {} ok, {} failed in {:.2} s = {:.0}/s (target {}/s, {} senders; \
+             request p50 {:.2} ms, p99 {:.2} ms)",
+            p.ok,
+            p.failed,
+            p.secs,
+            p.achieved_rate,
+            p.target_rate,
+            p.senders,
+            p.request_latency.p50_ms,
+            p.request_latency.p99_ms
+        )?;
+        if let Some(size) = s.batch_size {
             writeln!(
                 f,
-                "publish       {} ok, {} failed in {:.2} s = {:.0}/s (target {}/s, {} senders; \
-                 request p50 {:.2} ms, p99 {:.2} ms)",
-                p.ok,
-                p.failed,
-                p.secs,
-                p.achieved_rate,
-                p.target_rate,
-                p.senders,
-                p.request_latency.p50_ms,
-                p.request_latency.p99_ms
+                "              {} batch requests of {size} answered 200",
+                p.requests_ok
             )?;
-            if let Some(size) = s.batch_size {
-                writeln!(
-                    f,
-                    "              {} batch requests of {size} answered 200",
-                    p.requests_ok
-                )?;
-            }
-            if !s.publish_via.is_empty() {
-                writeln!(f, "              via {}", s.publish_via.join(", "))?;
-            }
-            write_errors(f, &p.errors)?;
-        } else {
-            writeln!(f, "publish       nothing published")?;
         }
+        if !s.publish_via.is_empty() {
+            writeln!(f, "              via {}", s.publish_via.join(", "))?;
+        }
+        write_errors(f, &p.errors)
+    }
+
+    /// Deliveries, their latency and what was lost.
+    fn write_delivery(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let d = &self.delivery;
         writeln!(
             f,
@@ -436,21 +514,7 @@ impl fmt::Display for Report {
             d.counters.unexpected,
             d.counters.out_of_range,
             d.counters.bad_messages
-        )?;
-        writeln!(f, "disconnects   {} during the run", self.disconnects.count)?;
-        write_errors(f, &self.disconnects.errors)?;
-        let g = &self.loadgen;
-        writeln!(
-            f,
-            "loadgen       cpu {:.1} s, rss {} workers + {} parent",
-            g.cpu_secs,
-            mib(g.workers_rss_kib),
-            mib(g.parent_rss_kib)
-        )?;
-        if let Some(cpu) = &self.cpu {
-            write!(f, "{cpu}")?;
-        }
-        Ok(())
+        )
     }
 }
 
@@ -468,9 +532,9 @@ mod tests {
         args: RunArgs,
     }
 
-    #[test]
-    fn merges_worker_figures() -> Result<()> {
-        let args = Wrapper::try_parse_from([
+    /// Two hubs, batched publishing and two `--cpu-pid` processes.
+    fn sample_args() -> Result<RunArgs> {
+        Ok(Wrapper::try_parse_from([
             "x",
             "--hub",
             "http://a:1",
@@ -493,9 +557,12 @@ mod tests {
             "--cpu-pid",
             "redis=8",
         ])?
-        .args;
-        let plan = plan(&args)?;
-        let connected = [
+        .args)
+    }
+
+    /// Two workers: one established both its connections, the other one of two.
+    fn sample_connected() -> [ConnectedReport; 2] {
+        [
             ConnectedReport {
                 attempted: 2,
                 established: 2,
@@ -518,12 +585,17 @@ mod tests {
                 },
                 ..Default::default()
             },
-        ];
+        ]
+    }
+
+    /// The same two workers' final reports: one got everything, the other missed one
+    /// notification and lost a connection.
+    fn sample_finals() -> Result<[FinalReport; 2]> {
         let mut h1 = new_histogram();
         h1.record(1000)?;
         let mut h2 = new_histogram();
         h2.record(3000)?;
-        let finals = [
+        Ok([
             FinalReport {
                 delivery: DeliveryCounters {
                     deliveries: 10,
@@ -546,12 +618,20 @@ mod tests {
                 latency: encode_histogram(&h2)?,
                 ..Default::default()
             },
-        ];
+        ])
+    }
+
+    /// The report of the sample run.
+    fn sample_report() -> Result<Report> {
+        let args = sample_args()?;
+        let plan = plan(&args)?;
+        let connected = sample_connected();
+        let finals = sample_finals()?;
         let mut publish = PublishOutcome::nothing(4);
         publish.ok = 16;
         publish.requests_ok = 2;
         publish.elapsed = Duration::from_secs(2);
-        let report = build(&Measurements {
+        build(&Measurements {
             args: &args,
             plan: &plan,
             connected: &connected,
@@ -572,13 +652,24 @@ mod tests {
             }),
             parent_cpu: Duration::from_millis(100),
             parent_rss_kib: 1,
-        })?;
+        })
+    }
+
+    #[test]
+    fn merges_connect_figures_and_server_memory() -> Result<()> {
+        let report = sample_report()?;
         assert_eq!(report.connections.established, 3);
         assert_eq!(report.connections.failed, 1);
         assert_eq!(report.connections.established_per_hub, vec![2, 1]);
         assert!((report.connections.connect_secs - 2.0).abs() < 1e-9);
         assert!((report.connections.connect_rate - 1.5).abs() < 1e-9);
         assert_eq!(report.servers[0].kib_per_connection, Some(50.0));
+        Ok(())
+    }
+
+    #[test]
+    fn merges_delivery_and_publish_figures() -> Result<()> {
+        let report = sample_report()?;
         assert_eq!(report.delivery.counters.deliveries, 15);
         assert_eq!(report.delivery.counters.missing, 1);
         assert!((report.delivery.window_secs - 3.5).abs() < 1e-9);
@@ -586,15 +677,24 @@ mod tests {
         assert!((report.delivery.latency.max_ms - 3.0).abs() < 0.01);
         assert_eq!(report.disconnects.count, 1);
         assert!((report.publish.achieved_rate - 8.0).abs() < 1e-9);
+        Ok(())
+    }
 
+    #[test]
+    fn shares_server_cpu_over_deliveries() -> Result<()> {
+        let report = sample_report()?;
         // 60 ms of server CPU over 15 deliveries.
         let cpu = report.cpu.as_ref().context("cpu figures")?;
         assert_eq!(cpu.deliveries, 15);
         let total_us = cpu.servers_total.us_per_delivery.context("per delivery")?;
         assert!((total_us - 4000.0).abs() < 1e-6, "{total_us}");
         assert_eq!(cpu.processes[1].share_pct.map(f64::round), Some(25.0));
+        Ok(())
+    }
 
-        let text = report.to_string();
+    #[test]
+    fn summary_shows_the_merged_figures() -> Result<()> {
+        let text = sample_report()?.to_string();
         assert!(text.contains("3 established, 1 failed"), "{text}");
         assert!(text.contains("http 503 ×1"), "{text}");
         assert!(text.contains("2 batch requests of 8"), "{text}");
@@ -606,7 +706,12 @@ mod tests {
             text.contains("  servers total    0.06 s  4000.0 µs"),
             "{text}"
         );
-        let json: serde_json::Value = serde_json::to_value(&report)?;
+        Ok(())
+    }
+
+    #[test]
+    fn json_carries_the_merged_figures() -> Result<()> {
+        let json: serde_json::Value = serde_json::to_value(sample_report()?)?;
         assert_eq!(json["setup"]["publish_mode"], "batch");
         assert_eq!(json["setup"]["batch_size"], 8);
         assert_eq!(json["publish"]["requests_ok"], 2);

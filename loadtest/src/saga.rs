@@ -113,6 +113,9 @@ impl Track {
 
 type Tracks = Arc<Mutex<HashMap<String, Track>>>;
 
+/// Why order requests failed, as they happened.
+type Failures = Arc<Mutex<Vec<String>>>;
+
 fn lock(tracks: &Tracks) -> std::sync::MutexGuard<'_, HashMap<String, Track>> {
     tracks.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -126,6 +129,32 @@ pub async fn run(args: SagaArgs) -> Result<()> {
     );
     let hub = HubAddr::resolve("--hub", &args.hub).await?;
     let orders = HubAddr::resolve("--orders", &args.orders).await?;
+    let (tokens, order_tokens) = mint_tokens(&args)?;
+    let tracks: Tracks = Arc::default();
+
+    // Listeners first: a notification never arrives before its user listens.
+    listen(&hub, &tokens, &tracks).await?;
+    eprintln!(
+        "saga: {} users listening on {}; placing {} orders/s for {:?} through {}",
+        tokens.len(),
+        hub.url,
+        args.rate,
+        args.duration,
+        orders.url
+    );
+
+    let start = Instant::now();
+    let failures: Failures = Arc::default();
+    place_orders(&args, &orders, &order_tokens, &tracks, &failures, start).await?;
+    let placing = start.elapsed();
+
+    wait_for_orders(&tracks, args.drain).await;
+    report(&tracks, &failures, placing, start);
+    Ok(())
+}
+
+/// Each user's token for the hub and for the order service, in user order.
+fn mint_tokens(args: &SagaArgs) -> Result<(Vec<String>, Vec<String>)> {
     let audience = |a: &str| (!a.is_empty()).then(|| a.to_owned());
     let minter = TokenMinter::new(&args.jwt_secret, Duration::from_secs(3600))
         .with_audience(audience(&args.hub_audience));
@@ -144,93 +173,128 @@ pub async fn run(args: SagaArgs) -> Result<()> {
         .iter()
         .map(|u| order_minter.mint(u))
         .collect::<Result<Vec<_>>>()?;
-    let tracks: Tracks = Arc::default();
+    Ok((tokens, order_tokens))
+}
 
-    // Listeners first: a notification never arrives before its user listens.
-    for token in &tokens {
-        let mut conn = SseConn::connect(&hub, token, None)
+/// Opens one SSE listener per token, each recording its user's order statuses.
+async fn listen(hub: &HubAddr, tokens: &[String], tracks: &Tracks) -> Result<()> {
+    for token in tokens {
+        let conn = SseConn::connect(hub, token, None)
             .await
             .map_err(|f| anyhow!("SSE connect: {} {}", f.kind, f.detail))?;
-        let tracks = tracks.clone();
-        tokio::spawn(async move {
-            while let Ok(payload) = conn.next_payload().await {
-                let Ok(envelope) = serde_json::from_slice::<Value>(&payload) else {
-                    continue;
-                };
-                if envelope["type"] != "order.status" {
-                    continue;
-                }
-                let (Some(order), Some(status)) = (
-                    envelope["data"]["order_id"].as_str(),
-                    envelope["data"]["status"].as_str(),
-                ) else {
-                    continue;
-                };
-                lock(&tracks)
-                    .entry(order.to_owned())
-                    .or_default()
-                    .seen
-                    .push((status.to_owned(), Instant::now()));
-            }
-        });
+        tokio::spawn(record_statuses(conn, tracks.clone()));
     }
-    eprintln!(
-        "saga: {} users listening on {}; placing {} orders/s for {:?} through {}",
-        users.len(),
-        hub.url,
-        args.rate,
-        args.duration,
-        orders.url
-    );
+    Ok(())
+}
 
-    let start = Instant::now();
+/// Notes every `order.status` notification arriving on `conn` until it ends.
+async fn record_statuses(mut conn: SseConn, tracks: Tracks) {
+    while let Ok(payload) = conn.next_payload().await {
+        let Ok(envelope) = serde_json::from_slice::<Value>(&payload) else {
+            continue;
+        };
+        if envelope["type"] != "order.status" {
+            continue;
+        }
+        let (Some(order), Some(status)) = (
+            envelope["data"]["order_id"].as_str(),
+            envelope["data"]["status"].as_str(),
+        ) else {
+            continue;
+        };
+        lock(&tracks)
+            .entry(order.to_owned())
+            .or_default()
+            .seen
+            .push((status.to_owned(), Instant::now()));
+    }
+}
+
+/// When one sender places its orders, and for whom.
+struct Schedule {
+    /// Its first order.
+    first: Instant,
+    /// Time between two of its orders.
+    interval: Duration,
+    /// No order at or after this.
+    end: Instant,
+    /// The user its first order is for.
+    user: usize,
+    /// How far apart the users of two consecutive orders are (the number of senders).
+    step: usize,
+}
+
+/// Places orders at `--rate` for `--duration` from `start`, over `--senders` connections.
+async fn place_orders(
+    args: &SagaArgs,
+    orders: &HubAddr,
+    order_tokens: &[String],
+    tracks: &Tracks,
+    failures: &Failures,
+    start: Instant,
+) -> Result<()> {
     let end = start + args.duration;
     let interval = Duration::from_secs_f64(args.senders as f64 / args.rate);
-    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
     let mut senders = Vec::new();
-    let step = args.senders;
     for s in 0..args.senders {
-        let (orders, tokens, tracks, failures) = (
+        let schedule = Schedule {
+            first: start + interval.mul_f64(s as f64 / args.senders as f64),
+            interval,
+            end,
+            user: s,
+            step: args.senders,
+        };
+        senders.push(tokio::spawn(run_sender(
+            schedule,
             orders.clone(),
-            order_tokens.clone(),
+            order_tokens.to_vec(),
             tracks.clone(),
             failures.clone(),
-        );
-        let first = start + interval.mul_f64(s as f64 / args.senders as f64);
-        senders.push(tokio::spawn(async move {
-            let mut sender = None;
-            let mut next = first;
-            let mut k = s;
-            while next < end {
-                sleep_until(next).await;
-                next += interval;
-                let token = &tokens[k % tokens.len()];
-                // Sender s of C places for users s, s + C, s + 2C, …
-                k += step;
-                match place(&orders, &mut sender, token).await {
-                    Ok((order, posted)) => {
-                        lock(&tracks).entry(order).or_default().posted = Some(posted);
-                    }
-                    Err(e) => {
-                        sender = None;
-                        failures
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .push(format!("{e:#}"));
-                    }
-                }
-            }
-        }));
+        )));
     }
     for s in senders {
         s.await.context("sender task")?;
     }
-    let placing = start.elapsed();
+    Ok(())
+}
 
-    // Wait for every order to finish (or the drain time to pass).
-    let deadline = Instant::now() + args.drain;
+/// One sender: places an order per `schedule` tick on its own keep-alive connection.
+async fn run_sender(
+    schedule: Schedule,
+    orders: HubAddr,
+    tokens: Vec<String>,
+    tracks: Tracks,
+    failures: Failures,
+) {
+    let mut sender = None;
+    let mut next = schedule.first;
+    let mut k = schedule.user;
+    while next < schedule.end {
+        sleep_until(next).await;
+        next += schedule.interval;
+        let token = &tokens[k % tokens.len()];
+        // Sender s of C places for users s, s + C, s + 2C, …
+        k += schedule.step;
+        match place(&orders, &mut sender, token).await {
+            Ok((order, posted)) => {
+                lock(&tracks).entry(order).or_default().posted = Some(posted);
+            }
+            Err(e) => {
+                sender = None;
+                failures
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(format!("{e:#}"));
+            }
+        }
+    }
+}
+
+/// Waits for every placed order to finish, or for `drain` to pass.
+async fn wait_for_orders(tracks: &Tracks, drain: Duration) {
+    let deadline = Instant::now() + drain;
     loop {
-        let open = lock(&tracks)
+        let open = lock(tracks)
             .values()
             .filter(|t| t.posted.is_some() && !t.finished())
             .count();
@@ -239,8 +303,6 @@ pub async fn run(args: SagaArgs) -> Result<()> {
         }
         sleep(Duration::from_millis(100)).await;
     }
-    report(&tracks, &failures, placing, start);
-    Ok(())
 }
 
 /// `POST /orders` on a keep-alive connection; returns the order id and when it was sent.
@@ -289,7 +351,7 @@ async fn place(
     Ok((order.to_owned(), posted))
 }
 
-fn report(tracks: &Tracks, failures: &Arc<Mutex<Vec<String>>>, placing: Duration, start: Instant) {
+fn report(tracks: &Tracks, failures: &Failures, placing: Duration, start: Instant) {
     let tracks = lock(tracks);
     let failures = failures.lock().unwrap_or_else(PoisonError::into_inner);
     let mut hist: HashMap<&str, Histogram<u64>> = HashMap::new();

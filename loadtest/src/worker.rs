@@ -350,10 +350,59 @@ pub async fn run(id: usize) -> Result<()> {
     result
 }
 
+/// Goes through the phases the parent orders, from configuration to the final report.
 async fn run_phases(id: usize) -> Result<()> {
     let started = Instant::now();
     let (mut commands, parent_gone) = read_commands();
-    let spec = match next_command(&mut commands, started + CONFIGURE_WAIT).await? {
+    let spec = receive_spec(id, &mut commands, started + CONFIGURE_WAIT).await?;
+    let count = spec.end - spec.first;
+    let nofile = proc::raise_nofile_limit()?;
+    proc::check_nofile(nofile, count as u64 + SPARE_FDS)?;
+    let deadline = started + Duration::from_millis(spec.deadline_ms);
+    let connect_by = Instant::now() + Duration::from_millis(spec.max_connect_ms);
+    let shared = Arc::new(Shared::new(spec));
+    let stop = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+
+    let spawned = connect_phase(id, &shared, connect_by, &parent_gone, &stop, &mut tasks).await?;
+    report_connected(id, &shared, spawned)?;
+
+    // Hold and publish phases: the connection tasks do the work; we wait for orders.
+    match next_command(&mut commands, deadline).await? {
+        Command::Start => {}
+        other => bail!("expected start, got {other:?}"),
+    }
+    let (published, drain_timeout) = match next_command(&mut commands, deadline).await? {
+        Command::Drain {
+            published,
+            timeout_ms,
+        } => (published, Duration::from_millis(timeout_ms)),
+        other => bail!("expected drain, got {other:?}"),
+    };
+
+    let drain_ms = drain(&shared, &published, deadline, drain_timeout, &parent_gone).await?;
+    // Keep the connections open until every worker has drained and the parent has read
+    // the servers' CPU time: closing them sets the hubs to work on disconnects, which is
+    // no part of what a delivery costs.
+    emit(&Event::Drained {
+        worker: id,
+        cpu_ms: cpu_ms(),
+    })?;
+    match next_command(&mut commands, deadline).await? {
+        Command::Finish => {}
+        other => bail!("expected finish, got {other:?}"),
+    }
+    close_connections(&stop, &mut tasks).await;
+    report_final(id, &shared, &published, drain_ms)
+}
+
+/// Waits for this worker's configuration and checks that it is usable.
+async fn receive_spec(
+    id: usize,
+    commands: &mut mpsc::Receiver<Result<Command>>,
+    wait_until: Instant,
+) -> Result<WorkerSpec> {
+    let spec = match next_command(commands, wait_until).await? {
         Command::Configure(spec) => *spec,
         other => bail!("expected configuration first, got {other:?}"),
     };
@@ -367,19 +416,23 @@ async fn run_phases(id: usize) -> Result<()> {
         spec.hubs.len() == spec.layout.hubs && !spec.hubs.is_empty(),
         "layout does not match the hub list"
     );
-    let count = spec.end - spec.first;
-    let nofile = proc::raise_nofile_limit()?;
-    proc::check_nofile(nofile, count as u64 + SPARE_FDS)?;
-    let deadline = started + Duration::from_millis(spec.deadline_ms);
-    let connect_by = Instant::now() + Duration::from_millis(spec.max_connect_ms);
-    let concurrency = spec.connect_concurrency.max(1);
-    let shared = Arc::new(Shared::new(spec));
-    let stop = CancellationToken::new();
-    let mut tasks = JoinSet::new();
+    Ok(spec)
+}
 
-    // Connect phase: spawn attempts as handshake permits free up, until all are
-    // resolved or the phase's time is up.
-    let permits = Arc::new(Semaphore::new(concurrency));
+/// Opens the worker's connections; returns how many attempts were started.
+///
+/// Attempts are spawned as handshake permits free up, until all are resolved or the
+/// phase's time is up.
+async fn connect_phase(
+    id: usize,
+    shared: &Arc<Shared>,
+    connect_by: Instant,
+    parent_gone: &CancellationToken,
+    stop: &CancellationToken,
+    tasks: &mut JoinSet<()>,
+) -> Result<usize> {
+    let count = shared.slots.len();
+    let permits = Arc::new(Semaphore::new(shared.spec.connect_concurrency.max(1)));
     let mut tick = interval(POLL);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_progress = Instant::now();
@@ -412,6 +465,12 @@ async fn run_phases(id: usize) -> Result<()> {
             _ = tick.tick() => {}
         }
     }
+    Ok(spawned)
+}
+
+/// Tells the parent how the connect phase went.
+fn report_connected(id: usize, shared: &Shared, spawned: usize) -> Result<()> {
+    let count = shared.slots.len();
     let mut connect_errors = lock(&shared.connect_errors).clone();
     let never_tried = (count - spawned) as u64;
     if never_tried > 0 {
@@ -438,54 +497,45 @@ async fn run_phases(id: usize) -> Result<()> {
         },
         last_connected_us: shared.last_connected_us.load(Relaxed),
         rss_kib: proc::rss_kib(None).unwrap_or(0),
-    }))?;
+    }))
+}
 
-    // Hold and publish phases: the connection tasks do the work; we wait for orders.
-    match next_command(&mut commands, deadline).await? {
-        Command::Start => {}
-        other => bail!("expected start, got {other:?}"),
-    }
-    let (published, drain_timeout) = match next_command(&mut commands, deadline).await? {
-        Command::Drain {
-            published,
-            timeout_ms,
-        } => (published, Duration::from_millis(timeout_ms)),
-        other => bail!("expected drain, got {other:?}"),
-    };
-
-    // Drain: wait until every live connection has everything that was published to
-    // its user, or until the drain time is up.
+/// Waits until every live connection has everything that was published to its user, or
+/// until the drain time is up; returns how long that took, in ms.
+async fn drain(
+    shared: &Shared,
+    published: &[u64],
+    deadline: Instant,
+    drain_timeout: Duration,
+    parent_gone: &CancellationToken,
+) -> Result<u64> {
     let drain_started = Instant::now();
     let drain_by = deadline.min(drain_started + drain_timeout);
-    while shared.outstanding(&published) > 0 && Instant::now() < drain_by {
+    while shared.outstanding(published) > 0 && Instant::now() < drain_by {
         tokio::select! {
             () = parent_gone.cancelled() => bail!("parent closed stdin during the drain"),
             () = sleep(POLL) => {}
         }
     }
-    let drain_ms = u64::try_from(drain_started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    // Keep the connections open until every worker has drained and the parent has read
-    // the servers' CPU time: closing them sets the hubs to work on disconnects, which is
-    // no part of what a delivery costs.
-    emit(&Event::Drained {
-        worker: id,
-        cpu_ms: cpu_ms(),
-    })?;
-    match next_command(&mut commands, deadline).await? {
-        Command::Finish => {}
-        other => bail!("expected finish, got {other:?}"),
-    }
+    Ok(u64::try_from(drain_started.elapsed().as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Stops the connection tasks and waits for them, at most [`WIND_DOWN`].
+async fn close_connections(stop: &CancellationToken, tasks: &mut JoinSet<()>) {
     stop.cancel();
     // Let the tasks record their last figures (SSE heartbeat counts); bounded.
     let _ = timeout(WIND_DOWN, async {
         while tasks.join_next().await.is_some() {}
     })
     .await;
+}
 
+/// Sends the parent the worker's final figures.
+fn report_final(id: usize, shared: &Shared, published: &[u64], drain_ms: u64) -> Result<()> {
     let latency = encode_histogram(&lock(&shared.latency))?;
     emit(&Event::Report(Box::new(FinalReport {
         worker: id,
-        delivery: shared.delivery(&published),
+        delivery: shared.delivery(published),
         disconnects: shared.disconnects.load(Relaxed),
         disconnect_errors: lock(&shared.disconnect_errors).clone(),
         sse_comments: shared.sse_comments.load(Relaxed),
@@ -493,8 +543,7 @@ async fn run_phases(id: usize) -> Result<()> {
         cpu_ms: cpu_ms(),
         rss_kib: proc::rss_kib(None).unwrap_or(0),
         latency,
-    })))?;
-    Ok(())
+    })))
 }
 
 #[cfg(test)]
