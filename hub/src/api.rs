@@ -6,7 +6,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
@@ -17,6 +17,7 @@ use subtle::ConstantTimeEq;
 use crate::backplane::{Backplane, BackplaneError, Dedupe, Publish, Revocation};
 use crate::metrics::Metrics;
 use crate::shutdown::Lifecycle;
+use service_kit::http::ErrorBody;
 
 /// Largest publish body.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -63,54 +64,7 @@ impl ApiState {
 }
 
 /// An API error: status and a JSON `{"error": ...}` body that never echoes secrets.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    /// 400.
-    #[error("{0}")]
-    BadRequest(String),
-    /// 401.
-    #[error("{0}")]
-    Unauthorized(&'static str),
-    /// 403.
-    #[error("{0}")]
-    Forbidden(&'static str),
-    /// 415.
-    #[error("Content-Type must be application/json")]
-    UnsupportedMediaType,
-    /// 413.
-    #[error("body larger than 64 KiB")]
-    TooLarge,
-    /// 413 for a batch.
-    #[error("{0}")]
-    BatchTooLarge(String),
-    /// 503.
-    #[error("{0}")]
-    Unavailable(String),
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = match &self {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::TooLarge | ApiError::BatchTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-        };
-        let mut response = (
-            status,
-            Json(serde_json::json!({ "error": self.to_string() })),
-        )
-            .into_response();
-        if status == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        response
-    }
-}
+pub type ApiError = service_kit::http::ApiError;
 
 impl From<BackplaneError> for ApiError {
     fn from(e: BackplaneError) -> Self {
@@ -200,12 +154,6 @@ struct BatchResponse {
 #[derive(serde::Serialize, utoipa::ToSchema)]
 struct DisconnectResponse {
     disconnected: usize,
-}
-
-/// `{"error": "..."}`: why the request was refused (never echoes a secret).
-#[derive(serde::Serialize, utoipa::ToSchema)]
-struct ErrorBody {
-    error: String,
 }
 
 /// `{"token": "..."}` from the dev login.
@@ -438,11 +386,11 @@ async fn publish_batch(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let body = read_body(&headers, body, || {
-        ApiError::BatchTooLarge(format!("batch body larger than {MAX_BATCH_BODY} bytes"))
+        ApiError::TooMany(format!("batch body larger than {MAX_BATCH_BODY} bytes"))
     })?;
     let batch: BatchRequest = parse_json(&body)?;
     if batch.notifications.len() > MAX_BATCH_ITEMS {
-        return Err(ApiError::BatchTooLarge(format!(
+        return Err(ApiError::TooMany(format!(
             "{} notifications, at most {MAX_BATCH_ITEMS} per batch",
             batch.notifications.len()
         )));

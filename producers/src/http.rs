@@ -9,99 +9,18 @@ use axum::Router;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use axum::routing::get;
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::metrics::Metrics;
 
-/// Largest request body accepted.
-pub const BODY_LIMIT: usize = 64 * 1024;
+pub use service_kit::http::BODY_LIMIT;
 
-/// An error answered to a client as `{"error": "..."}`; internals are logged, never sent.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    /// 400 with the reason.
-    #[error("{0}")]
-    BadRequest(String),
-    /// 401 with the reason.
-    #[error("{0}")]
-    Unauthorized(&'static str),
-    /// 404.
-    #[error("{0}")]
-    NotFound(&'static str),
-    /// 413: the body is larger than [`BODY_LIMIT`].
-    #[error("body larger than 64 KiB")]
-    TooLarge,
-    /// 408: the body did not arrive in time.
-    #[error("request body not received within the time allowed")]
-    BodyTimeout,
-    /// 408: the request was not answered in time.
-    #[error("request not completed within the time allowed")]
-    RequestTimeout,
-    /// 429 with `Retry-After` (seconds).
-    #[error("too many {what}; retry in {retry_after} s")]
-    TooManyRequests {
-        /// What was limited (`orders`, `reports`).
-        what: &'static str,
-        /// Seconds until one more is allowed.
-        retry_after: u64,
-    },
-    /// 503: the database did not answer.
-    #[error("service unavailable")]
-    Unavailable(#[source] sqlx::Error),
-}
-
-impl From<sqlx::Error> for ApiError {
-    fn from(e: sqlx::Error) -> Self {
-        ApiError::Unavailable(e)
-    }
-}
-
-impl From<JsonRejection> for ApiError {
-    fn from(e: JsonRejection) -> Self {
-        // A body cut short by the body timeout is the client's slowness, not bad JSON.
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-        while let Some(err) = source {
-            if err.is::<tower_http::timeout::TimeoutError>() {
-                return ApiError::BodyTimeout;
-            }
-            source = err.source();
-        }
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            return ApiError::TooLarge;
-        }
-        ApiError::BadRequest(e.body_text())
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = match &self {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::BodyTimeout | ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            ApiError::TooManyRequests { retry_after, .. } => {
-                let body = Json(json!({"error": self.to_string()}));
-                return (
-                    StatusCode::TOO_MANY_REQUESTS,
-                    [(header::RETRY_AFTER, retry_after.to_string())],
-                    body,
-                )
-                    .into_response();
-            }
-            ApiError::Unavailable(e) => {
-                tracing::error!(error = %e, "database error");
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-        };
-        (status, Json(json!({"error": self.to_string()}))).into_response()
-    }
-}
+/// An error answered to a client as `{"error": "..."}`; a database error is logged and
+/// answered as 503 without its text.
+pub type ApiError = service_kit::http::ApiError<sqlx::Error>;
 
 /// What the operational routes need.
 #[derive(Clone)]
@@ -229,7 +148,7 @@ pub fn with_request_ids(router: Router) -> Router {
 /// The API's middleware: a body limit, and CORS for the listed browser origins.
 pub fn with_api_layers(router: Router, allowed_origins: &[String]) -> Router {
     // Enforced by the JSON extractor, so that a larger body is answered like any other error:
-    // 413 with `{"error": ...}` (see `From<JsonRejection>`).
+    // 413 with `{"error": ...}` (see `ApiError::from_json_rejection`).
     let router = router.layer(DefaultBodyLimit::max(BODY_LIMIT));
     let origins: Vec<HeaderValue> = allowed_origins
         .iter()
@@ -259,7 +178,7 @@ pub fn with_api_layers(router: Router, allowed_origins: &[String]) -> Router {
 
 /// A JSON body, or a 400 naming what is wrong with it.
 pub fn body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    Ok(body?.0)
+    body.map(|Json(v)| v).map_err(ApiError::from_json_rejection)
 }
 
 /// Every route's timeouts: the request body must keep arriving (`body`, between chunks) and the

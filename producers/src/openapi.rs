@@ -7,13 +7,7 @@ use axum::http::header;
 use axum::routing::get;
 use utoipa::openapi::OpenApi;
 
-/// `{"error": "..."}`: why a request was refused (internals are logged, never sent).
-#[derive(serde::Serialize, utoipa::ToSchema)]
-pub struct ErrorBody {
-    /// A reason meant for people, e.g. `items[0].quantity: must be 1..=1000`.
-    #[schema(example = "wrong audience")]
-    pub error: String,
-}
+pub use service_kit::http::ErrorBody;
 
 /// A service's document, completed: the operational routes (`/healthz`, `/readyz`,
 /// `/metrics`) and the `bearer` scheme of its API, whose tokens must carry `audience`.

@@ -7,8 +7,10 @@
 //! - [`telemetry`]: log lines (text or JSON) filtered by an `EnvFilter` directive.
 //! - [`signal`]: the stop signal (SIGINT or SIGTERM).
 //! - [`backoff`]: capped exponential retry delays.
+//! - [`http`]: the one error type of the HTTP APIs, answered as `{"error": "..."}`.
 
 pub mod backoff;
+pub mod http;
 pub mod settings;
 pub mod signal;
 pub mod telemetry;
