@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::Router;
-use axum::routing::get;
+use axum::routing::{any, get};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
@@ -299,7 +299,7 @@ fn dev_token_secret(settings: &Settings, dev: Option<&DevCredentials>) -> Option
 fn router(api: Router, ctx: Context, handshake_timeout: Duration) -> Router {
     let transport = Router::new()
         .route("/ws", get(ws::handler))
-        .route("/sse", get(sse::handler).options(sse::handler))
+        .route("/sse", any(sse::handler))
         .with_state(ctx.clone());
     api.merge(transport)
         // A request body that does not arrive within the handshake timeout ends the

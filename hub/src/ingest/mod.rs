@@ -299,9 +299,10 @@ struct Worker {
     max_record_bytes: usize,
 }
 
-/// Whether a record's processing finished (offset may move) or was abandoned at shutdown.
-enum Done {
-    Yes,
+/// How processing records ended: finished (their offsets may be stored) or abandoned at
+/// shutdown (they are read again after a restart).
+enum Outcome {
+    Finished,
     Abandoned,
 }
 
@@ -349,7 +350,7 @@ impl Worker {
                 }
             }
             match self.process_batch(&batch).await {
-                Done::Yes => {
+                Outcome::Finished => {
                     if let Some(last) = batch.last()
                         && let Err(e) = self.consumer.store_offset(
                             last.topic(),
@@ -363,7 +364,7 @@ impl Worker {
                     }
                 }
                 // Not stored: the records are read again after a restart.
-                Done::Abandoned => return,
+                Outcome::Abandoned => return,
             }
             batch.clear();
             if batch.capacity() > MAX_BATCH {
@@ -372,7 +373,7 @@ impl Worker {
         }
     }
 
-    async fn process_batch(&self, batch: &[OwnedMessage]) -> Done {
+    async fn process_batch(&self, batch: &[OwnedMessage]) -> Outcome {
         // Decode and route each record; a record that cannot be (or whose routing panics)
         // goes to the DLQ now, the others' notifications are published together below.
         let mut pending: Vec<(usize, Vec<Publish>)> = Vec::with_capacity(batch.len());
@@ -386,8 +387,8 @@ impl Worker {
                     });
             match prepared {
                 Prepared::Dlq(e) => {
-                    if let Done::Abandoned = self.to_dlq(message, &e).await {
-                        return Done::Abandoned;
+                    if let Outcome::Abandoned = self.to_dlq(message, &e).await {
+                        return Outcome::Abandoned;
                     }
                 }
                 Prepared::Publish(msgs) if msgs.is_empty() => {
@@ -400,7 +401,7 @@ impl Worker {
             }
         }
         if pending.is_empty() {
-            return Done::Yes;
+            return Outcome::Finished;
         }
         let all: Vec<Publish> = pending
             .iter()
@@ -413,26 +414,26 @@ impl Worker {
                     let outcomes: Vec<Published> = results.by_ref().take(msgs.len()).collect();
                     self.count(&batch[*index], &outcomes);
                 }
-                Done::Yes
+                Outcome::Finished
             }
-            Ok(None) => Done::Abandoned,
+            Ok(None) => Outcome::Abandoned,
             // One of them is refused for good: find it, record by record.
             Err(_) => {
                 for (index, msgs) in pending {
                     let message = &batch[index];
                     match self.publish_retrying(msgs).await {
                         Ok(Some(published)) => self.count(message, &published),
-                        Ok(None) => return Done::Abandoned,
+                        Ok(None) => return Outcome::Abandoned,
                         Err(why) => {
-                            if let Done::Abandoned =
+                            if let Outcome::Abandoned =
                                 self.to_dlq(message, &RouteError::Refused(why)).await
                             {
-                                return Done::Abandoned;
+                                return Outcome::Abandoned;
                             }
                         }
                     }
                 }
-                Done::Yes
+                Outcome::Finished
             }
         }
     }
@@ -539,7 +540,7 @@ impl Worker {
         Prepared::Publish(out)
     }
 
-    async fn to_dlq(&self, message: &OwnedMessage, error: &RouteError) -> Done {
+    async fn to_dlq(&self, message: &OwnedMessage, error: &RouteError) -> Outcome {
         let topic = message.topic();
         let dlq_topic = format!("{topic}.dlq");
         let partition = message.partition().to_string();
@@ -586,12 +587,12 @@ impl Worker {
                 Ok(_) => {
                     self.metrics.dlq.with_label_values(&[topic]).inc();
                     self.metrics.events.with_label_values(&[topic, "dlq"]).inc();
-                    return Done::Yes;
+                    return Outcome::Finished;
                 }
                 Err((e, _)) => {
                     tracing::warn!(error = %e, dlq = %dlq_topic, "DLQ write failed, retrying");
                     tokio::select! {
-                        () = self.stop.cancelled() => return Done::Abandoned,
+                        () = self.stop.cancelled() => return Outcome::Abandoned,
                         () = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));

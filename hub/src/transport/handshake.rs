@@ -1,14 +1,21 @@
-//! The handshake shared by both transports and both paths (raw front door and axum): drain
-//! check, origin, token, caps, subscribe, and the resume read, all before any upgrade or
-//! stream starts, so every refusal is a plain HTTP status with a JSON reason.
+//! The one admission of a client connection, shared by both transports and both paths (the
+//! raw front door and axum): the transport's request rules, drain check, origin, token, caps,
+//! subscribe, and the resume read, all within the handshake timeout and before any upgrade or
+//! stream starts, so every refusal is a plain HTTP status with a JSON reason, counted once.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, HeaderName, Method, StatusCode, header};
 use prometheus::IntGauge;
 
-use super::Context;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::front::ConnSlot;
 use super::gate::IpSlot;
+use super::http1::{self, Head};
+use super::{Context, sse};
 use crate::auth::{self, AuthError, OriginCheck};
 use crate::backplane::{Backplane, Replay};
 use crate::envelope::{Id, Notification};
@@ -24,6 +31,8 @@ pub struct Rejection {
     pub reason: String,
     /// `hub_handshake_rejections_total{reason}`.
     pub metric: &'static str,
+    /// Extra response headers (CORS on a refused SSE origin, so the page can read why).
+    pub headers: Vec<(HeaderName, String)>,
 }
 
 impl Rejection {
@@ -32,6 +41,7 @@ impl Rejection {
             status,
             reason: reason.into(),
             metric,
+            headers: Vec::new(),
         }
     }
 
@@ -44,22 +54,24 @@ impl Rejection {
     pub fn body(&self) -> String {
         serde_json::json!({ "error": self.reason }).to_string()
     }
+
+    /// The refusal as a complete HTTP/1.1 response that closes the connection (front door).
+    pub fn to_http1(&self) -> Vec<u8> {
+        http1::response(self.status, &self.headers, &self.body())
+    }
 }
 
 impl axum::response::IntoResponse for Rejection {
     fn into_response(self) -> axum::response::Response {
         let body = self.body();
-        (
-            self.status,
-            [(http::header::CONTENT_TYPE, "application/json")],
-            body,
-        )
-            .into_response()
+        super::response(self.status, self.headers, body)
     }
 }
 
 /// The parts of a request the handshake reads.
 pub struct RequestInfo<'a> {
+    /// Request method.
+    pub method: &'a Method,
     /// Request headers.
     pub headers: &'a HeaderMap,
     /// Raw query string, if any.
@@ -140,26 +152,147 @@ impl Drop for Guard {
     }
 }
 
-/// Runs every check of the handshake. `resume` is the raw resume id the transport found.
+/// Admits a client connection on `transport`, or says why not: the same rules, timeout and
+/// rejection metrics whichever path the request came by.
 pub async fn admit(
     ctx: &Context,
-    req: &RequestInfo<'_>,
     transport: Transport,
-    resume: Option<&str>,
+    req: &RequestInfo<'_>,
 ) -> Result<Session, Rejection> {
-    let result = admit_inner(ctx, req, transport, resume).await;
-    if let Err(r) = &result {
+    // Boxed: the handshake's state (token checks, key fetches) is freed once it is done
+    // instead of sizing the connection's task.
+    let checks = Box::pin(async {
+        request_rules(transport, req)?;
+        let resume = resume_id(transport, req);
+        checks(ctx, req, transport, resume.as_deref()).await
+    });
+    let mut result = match tokio::time::timeout(ctx.timing.handshake_timeout, checks).await {
+        Ok(result) => result,
+        Err(_) => Err(Rejection::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "handshake timed out",
+            reason::TIMEOUT,
+        )),
+    };
+    if let Err(r) = &mut result {
         ctx.metrics.rejected(r.metric);
+        tracing::debug!(
+            transport = transport.as_str(),
+            status = r.status.as_u16(),
+            reason = %r.reason,
+            "handshake refused"
+        );
+        if transport == Transport::Sse && r.status == StatusCode::FORBIDDEN {
+            r.headers = sse::refused_origin_headers(req.headers);
+        }
     }
     result
 }
 
-async fn admit_inner(
+/// [`admit`] on the front door: a refusal is written to the socket (and `None` returned); an
+/// admitted session keeps the client address's slot.
+pub async fn admit_raw(
+    ctx: &Context,
+    transport: Transport,
+    head: &Head,
+    stream: &mut TcpStream,
+    slot: IpSlot,
+) -> Option<Session> {
+    let req = RequestInfo {
+        method: &head.method,
+        headers: &head.headers,
+        query: head.query.as_deref(),
+    };
+    match admit(ctx, transport, &req).await {
+        Ok(mut session) => {
+            session.hold(slot);
+            Some(session)
+        }
+        Err(rejection) => {
+            let _ = stream.write_all(&rejection.to_http1()).await;
+            None
+        }
+    }
+}
+
+/// [`admit`] on the axum path: an admitted session takes the connection's address slot from
+/// the request (so it lives as long as the stream); a refused request leaves it with the
+/// connection.
+pub async fn admit_request<B>(
+    ctx: &Context,
+    transport: Transport,
+    req: &mut http::Request<B>,
+) -> Result<Session, Rejection> {
+    let info = RequestInfo {
+        method: req.method(),
+        headers: req.headers(),
+        query: req.uri().query(),
+    };
+    let mut session = admit(ctx, transport, &info).await?;
+    if let Some(slot) = req
+        .extensions_mut()
+        .get_mut::<ConnSlot>()
+        .and_then(ConnSlot::take)
+    {
+        session.hold(slot);
+    }
+    Ok(session)
+}
+
+/// What a transport accepts before any token check: a WebSocket upgrade (version 13, with a
+/// key), or a `GET` for a stream.
+fn request_rules(transport: Transport, req: &RequestInfo<'_>) -> Result<(), Rejection> {
+    match transport {
+        Transport::Ws => websocket_key(req.headers).map(drop),
+        Transport::Sse if req.method != Method::GET => Err(Rejection::bad_request("use GET")),
+        Transport::Sse => Ok(()),
+    }
+}
+
+/// Checks the upgrade headers of a WebSocket request and returns its `Sec-WebSocket-Key`.
+pub fn websocket_key(headers: &HeaderMap) -> Result<&http::HeaderValue, Rejection> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
+        return Err(Rejection::bad_request("expected a WebSocket upgrade"));
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        return Err(Rejection::bad_request(
+            "unsupported WebSocket version, use 13",
+        ));
+    }
+    headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or_else(|| Rejection::bad_request("missing Sec-WebSocket-Key"))
+}
+
+/// The last id the client has: WebSocket `since=`; SSE `Last-Event-ID`, or `last_event_id=`
+/// for a first connect (`EventSource` cannot set headers).
+fn resume_id<'a>(transport: Transport, req: &RequestInfo<'a>) -> Option<Cow<'a, str>> {
+    match transport {
+        Transport::Ws => auth::query_param(req.query, "since"),
+        Transport::Sse => req
+            .headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+            .map(Cow::Borrowed)
+            .or_else(|| auth::query_param(req.query, "last_event_id")),
+    }
+}
+
+/// Drain check, origin and token: who is asking, from where.
+async fn identify(
     ctx: &Context,
     req: &RequestInfo<'_>,
-    transport: Transport,
-    resume: Option<&str>,
-) -> Result<Session, Rejection> {
+) -> Result<(OriginCheck, auth::Identity), Rejection> {
     if ctx.lifecycle.is_draining() {
         return Err(Rejection::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -186,6 +319,17 @@ async fn admit_inner(
         };
         Rejection::new(status, e.to_string(), reason::INVALID_TOKEN)
     })?;
+    Ok((origin, identity))
+}
+
+/// Every check after the transport's own rules. `resume` is the raw resume id.
+async fn checks(
+    ctx: &Context,
+    req: &RequestInfo<'_>,
+    transport: Transport,
+    resume: Option<&str>,
+) -> Result<Session, Rejection> {
+    let (origin, identity) = identify(ctx, req).await?;
     let user: Arc<str> = identity.user.into();
     if ctx.user_rate.check_key(&user).is_err() {
         return Err(Rejection::new(

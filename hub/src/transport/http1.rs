@@ -99,20 +99,29 @@ fn parse(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
     )))
 }
 
-/// A complete response that closes the connection (for refusals and small answers).
-pub fn response(status: StatusCode, content_type: &str, body: &str) -> Vec<u8> {
-    format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\ncache-control: no-store\r\n\r\n{body}",
+/// A complete response that closes the connection (for refusals and small answers): `headers`
+/// and a JSON `body` (none when empty).
+pub fn response(status: StatusCode, headers: &[(HeaderName, String)], body: &str) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\ncontent-length: {}\r\nconnection: close\r\ncache-control: no-store\r\n",
         status.as_u16(),
         status.canonical_reason().unwrap_or(""),
         body.len(),
-    )
-    .into_bytes()
+    );
+    if !body.is_empty() {
+        out.push_str("content-type: application/json\r\n");
+    }
+    for (name, value) in headers {
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    out.push_str("\r\n");
+    out.push_str(body);
+    out.into_bytes()
 }
 
 /// A JSON error response that closes the connection.
 pub fn json_error(status: StatusCode, body: &str) -> Vec<u8> {
-    response(status, "application/json", body)
+    response(status, &[], body)
 }
 
 /// An IO that first yields bytes already read from the socket, then reads the socket; lets

@@ -1,5 +1,6 @@
-//! Client connections: the listener's front door, the handshake, and one connection's life on
-//! WebSocket ([`ws`]) or Server-Sent Events ([`sse`]).
+//! Client connections: the listener's front door, the one admission ([`handshake`]), and one
+//! connection's life: the session ([`session`]), written once, over the framing and socket
+//! writer of WebSocket ([`ws`]) or Server-Sent Events ([`sse`]).
 //!
 //! # Why a front door of our own
 //!
@@ -9,12 +10,14 @@
 //! itself. `GET /ws` and `GET /sse` are handled right there on the raw socket, keeping only what
 //! the stream needs; every other request (and every later request on a kept-alive connection)
 //! goes to hyper and the axum router, which also serves `/ws` and `/sse` through the same
-//! handshake and session code, so a browser that reuses a connection still works.
+//! admission and session code, so a browser that reuses a connection still works.
 
 pub mod front;
 pub mod gate;
 pub mod handshake;
 pub mod http1;
+mod inbound;
+pub mod session;
 pub mod sse;
 pub mod ws;
 
@@ -100,41 +103,23 @@ fn drain_delay(window: Duration) -> Duration {
     window.mul_f64(rand::random::<f64>())
 }
 
-/// What a transport's session ends with when a write under the write timeout fails.
-struct WriteEnds<X> {
-    /// The peer closed or the write failed.
-    gone: X,
-    /// No progress within the write timeout.
-    stalled: X,
-    /// The fan-out dropped the connection (slow consumer or the disconnect API).
-    evicted: fn(&handshake::Session) -> X,
-}
-
-/// Runs one write with the write timeout, cut short when the connection is dropped by the
-/// fan-out (it may be blocked on a client that stopped reading). Shared by both transports.
-async fn write_within<F, T, E, X>(
-    limit: Duration,
-    session: &handshake::Session,
-    f: F,
-    ends: WriteEnds<X>,
-) -> Result<T, X>
-where
-    F: std::future::Future<Output = Result<T, E>>,
-{
-    let mut f = std::pin::pin!(f);
-    // Most writes finish at once (the socket has room): those need no timer and no wait
-    // for eviction.
-    if let Some(done) = futures_util::FutureExt::now_or_never(f.as_mut()) {
-        return done.map_err(|_| ends.gone);
+/// A complete response for the axum path: `status`, `headers`, and a JSON `body` (or none).
+fn response(
+    status: http::StatusCode,
+    headers: Vec<(http::HeaderName, String)>,
+    body: String,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let mut builder = axum::response::Response::builder().status(status);
+    if !body.is_empty() {
+        builder = builder.header(http::header::CONTENT_TYPE, "application/json");
     }
-    tokio::select! {
-        r = tokio::time::timeout(limit, f) => match r {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(_)) => Err(ends.gone),
-            Err(_) => Err(ends.stalled),
-        },
-        () = session.evicted() => Err((ends.evicted)(session)),
+    for (name, value) in headers {
+        builder = builder.header(name, value);
     }
+    builder
+        .body(axum::body::Body::from(body))
+        .unwrap_or_else(|_| http::StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
 /// Longest wait a connection's clock is asked to hold (tokens are capped by
@@ -214,20 +199,27 @@ mod tests {
         })
     }
 
-    async fn session(ctx: &Context, t: Transport) -> handshake::Session {
+    async fn admitted(ctx: &Context, t: Transport) -> handshake::Session {
         let token = crate::auth::sign_hs256(SECRET, "u", Duration::from_secs(60)).expect("sign");
         let mut headers = http::HeaderMap::new();
         headers.insert(
             http::header::AUTHORIZATION,
             format!("Bearer {token}").parse().expect("header"),
         );
+        for (name, value) in [
+            (http::header::UPGRADE, "websocket"),
+            (http::header::CONNECTION, "Upgrade"),
+            (http::header::SEC_WEBSOCKET_VERSION, "13"),
+            (http::header::SEC_WEBSOCKET_KEY, "dGhlIHNhbXBsZSBub25jZQ=="),
+        ] {
+            headers.insert(name, value.parse().expect("header"));
+        }
         let req = handshake::RequestInfo {
+            method: &http::Method::GET,
             headers: &headers,
             query: None,
         };
-        handshake::admit(ctx, &req, t, None)
-            .await
-            .expect("admitted")
+        handshake::admit(ctx, t, &req).await.expect("admitted")
     }
 
     #[test]
@@ -260,13 +252,13 @@ mod tests {
             None,
         )
         .await;
-        let ws_task = ws::run(ctx.clone(), ws_stream, session(&ctx, Transport::Ws).await);
-        let sse_task = sse::run(
+        let ws_task = session::run(ctx.clone(), ws_stream, admitted(&ctx, Transport::Ws).await);
+        let sse_task = session::run(
             ctx.clone(),
             sse::RawOut {
                 stream: tcp().await.expect("connect"),
             },
-            session(&ctx, Transport::Sse).await,
+            admitted(&ctx, Transport::Sse).await,
         );
         let (ws_size, sse_size) = (size_of_val(&ws_task), size_of_val(&sse_task));
         // Measured 2080 and 1432 bytes before the closing and refresh envelopes, the inbound

@@ -1,5 +1,6 @@
 //! Integration tests: real hub nodes on random ports, real WebSocket and SSE clients.
 
+mod admission;
 mod auth;
 mod backplane;
 mod cli;
