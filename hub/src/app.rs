@@ -55,18 +55,15 @@ pub struct Application {
     grpc: Option<(TcpListener, crate::grpc::Publisher)>,
 }
 
-/// Hands backplane notifications to the local registry and counts slow consumers.
+/// Hands backplane notifications to the local registry.
 struct FanoutSink {
     fanout: Fanout,
-    metrics: Metrics,
 }
 
 impl Sink for FanoutSink {
     fn deliver(&self, user: &str, n: &Arc<Notification>) {
-        let d = self.fanout.deliver(user, n);
-        if d.slow > 0 {
-            self.metrics.slow_consumers().inc_by(d.slow as u64);
-        }
+        // A connection whose queue was full is dropped here; its session counts it.
+        self.fanout.deliver(user, n);
     }
 
     fn disconnect(&self, user: &str) -> usize {
@@ -359,7 +356,6 @@ impl Application {
         });
         let sink = Arc::new(FanoutSink {
             fanout: fanout.clone(),
-            metrics: metrics.clone(),
         });
         let (backplane, task) = connect_backplane(&settings, sink, &metrics).await?;
         background.push(task);

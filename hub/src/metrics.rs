@@ -10,25 +10,6 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-/// Client transport, the `transport` label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    /// WebSocket.
-    Ws,
-    /// Server-Sent Events.
-    Sse,
-}
-
-impl Transport {
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Transport::Ws => "ws",
-            Transport::Sse => "sse",
-        }
-    }
-}
-
 /// Per-transport children of the labelled metrics.
 #[derive(Clone)]
 pub struct TransportMetrics {
@@ -301,12 +282,14 @@ impl Metrics {
         }
     }
 
-    /// The children for one transport.
-    pub fn transport(&self, t: Transport) -> &TransportMetrics {
-        match t {
-            Transport::Ws => &self.inner.ws,
-            Transport::Sse => &self.inner.sse,
-        }
+    /// The children for WebSocket connections (`transport="ws"`).
+    pub fn ws(&self) -> &TransportMetrics {
+        &self.inner.ws
+    }
+
+    /// The children for SSE connections (`transport="sse"`).
+    pub fn sse(&self) -> &TransportMetrics {
+        &self.inner.sse
     }
 
     /// Counts a refused handshake.
@@ -403,7 +386,7 @@ mod tests {
     #[test]
     fn every_contract_metric_is_exposed() {
         let m = Metrics::new();
-        m.transport(Transport::Ws).connections.inc();
+        m.ws().connections.inc();
         m.delivery_latency().observe(0.001);
         let text = m.render();
         for name in [

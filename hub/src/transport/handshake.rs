@@ -12,6 +12,7 @@ use prometheus::IntGauge;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use super::Transport;
 use super::front::ConnSlot;
 use super::gate::IpSlot;
 use super::http1::{self, Head};
@@ -20,7 +21,7 @@ use crate::auth::{self, AuthError, OriginCheck};
 use crate::backplane::{Backplane, Replay};
 use crate::envelope::{Id, Notification};
 use crate::fanout::{Queue, RegisterError, Registration};
-use crate::metrics::{Transport, reason};
+use crate::metrics::reason;
 
 /// A refused handshake: status, a reason safe to show the client, and the metric label.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -380,9 +381,9 @@ async fn checks(
         )
     };
     ctx.backplane.subscribe(&user).await.map_err(unavailable)?;
-    let gauge = ctx.metrics.transport(transport).connections.clone();
+    let gauge = transport.metrics(&ctx.metrics).connections.clone();
     gauge.inc();
-    ctx.metrics.transport(transport).connections_total.inc();
+    transport.metrics(&ctx.metrics).connections_total.inc();
     let guard = Guard {
         registration,
         user: user.clone(),

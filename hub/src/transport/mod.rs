@@ -27,8 +27,35 @@ use std::time::Duration;
 use crate::auth::{OriginPolicy, Verifier};
 use crate::backplane::Backplane;
 use crate::fanout::Fanout;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, TransportMetrics};
 use crate::shutdown::Lifecycle;
+
+/// A client transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// WebSocket.
+    Ws,
+    /// Server-Sent Events.
+    Sse,
+}
+
+impl Transport {
+    /// Its name in logs (and the `transport` label's value).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Ws => "ws",
+            Transport::Sse => "sse",
+        }
+    }
+
+    /// This transport's children of the `transport`-labelled metrics.
+    pub fn metrics(self, metrics: &Metrics) -> &TransportMetrics {
+        match self {
+            Transport::Ws => metrics.ws(),
+            Transport::Sse => metrics.sse(),
+        }
+    }
+}
 
 /// Timing and size settings of client connections.
 #[derive(Debug, Clone, Copy)]
@@ -161,10 +188,10 @@ mod tests {
 
     use std::sync::Arc;
 
+    use super::Transport;
     use super::*;
     use crate::backplane::memory::MemoryBackplane;
     use crate::fanout::Limits;
-    use crate::metrics::Transport;
 
     use crate::backplane::NoSink;
 

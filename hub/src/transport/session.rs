@@ -120,22 +120,37 @@ pub trait Connection: Send {
     fn close(&mut self, end: SessionEnd) -> impl Future<Output = ()> + Send;
 }
 
+/// Logs and counts, in this one place, an end the node caused.
+fn record(ctx: &Context, end: SessionEnd) {
+    let m = &ctx.metrics;
+    match end {
+        SessionEnd::SlowConsumer => {
+            tracing::debug!("slow consumer disconnected");
+            m.slow_consumers().inc();
+        }
+        SessionEnd::Stalled => {
+            tracing::debug!("socket write stalled");
+            m.write_timeouts().inc();
+        }
+        SessionEnd::Disconnected => {
+            tracing::debug!("closed by the disconnect API");
+            m.api_disconnects().inc();
+        }
+        SessionEnd::Flood => {
+            tracing::debug!("client message flood");
+            m.inbound_rate_closes().inc();
+        }
+        _ => {}
+    }
+}
+
 /// Runs an admitted session on `conn` until it ends, then says why and closes.
 pub async fn run<C: Connection>(ctx: Context, mut conn: C, mut session: Session) {
     let end = match serve(&ctx, &mut conn, &mut session).await {
         Err(end) => end,
         Ok(never) => match never {},
     };
-    match end {
-        SessionEnd::SlowConsumer => tracing::debug!("slow consumer disconnected"),
-        SessionEnd::Stalled => ctx.metrics.write_timeouts().inc(),
-        SessionEnd::Disconnected => ctx.metrics.api_disconnects().inc(),
-        SessionEnd::Flood => {
-            tracing::debug!("client message flood");
-            ctx.metrics.inbound_rate_closes().inc();
-        }
-        _ => {}
-    }
+    record(&ctx, end);
     if end.peer_listens() {
         let _ = timeout(CLOSE_GRACE, async {
             if let Some(reason) = end.closing_reason()
@@ -240,7 +255,7 @@ async fn greet_and_replay<C: Connection>(
     let Some(replay) = session.replay.take() else {
         return Ok(());
     };
-    let delivered = &ctx.metrics.transport(session.transport()).delivered;
+    let delivered = &session.transport().metrics(&ctx.metrics).delivered;
     let mut rest = &replay.items[..];
     // Runs of notifications the client does not have, written straight from the replay.
     while let Some(start) = rest.iter().position(|n| is_new(last, n)) {
@@ -269,7 +284,7 @@ async fn deliver<C: Connection>(
     batch.retain(|n| is_new(last, n));
     write_within(ctx.timing.write_timeout, session, conn.notifications(batch)).await?;
     let now = now_micros();
-    let delivered = &ctx.metrics.transport(session.transport()).delivered;
+    let delivered = &session.transport().metrics(&ctx.metrics).delivered;
     let latency = ctx.metrics.delivery_latency();
     for n in batch.drain(..) {
         if !n.gap {

@@ -20,6 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+use super::Transport;
 use super::gate::IpSlot;
 use super::handshake;
 use super::http1::{self, Head};
@@ -27,7 +28,6 @@ use super::session::{self, Connection, Heard, SessionEnd};
 use super::{Context, Timing};
 use crate::auth::OriginCheck;
 use crate::envelope::{Control, Notification, chunk};
-use crate::metrics::Transport;
 
 const HEARTBEAT: &[u8] = b": ping\n\n";
 

@@ -17,12 +17,12 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes, handshake::derive_accept_key};
 
 use super::Context;
+use super::Transport;
 use super::gate::IpSlot;
 use super::handshake;
 use super::http1::Head;
 use super::session::{self, Connection, Heard, SessionEnd};
 use crate::envelope::{Control, Notification};
-use crate::metrics::Transport;
 
 /// Largest client → server message.
 pub const MAX_INBOUND: usize = 4096;
