@@ -58,9 +58,7 @@ pub mod topics {
     /// `ModerationResult`, by the moderation workers; the hub turns it into `moderation.result`.
     pub const MODERATION_RESULTS: &str = "moderation.results";
     /// Where a consumer puts records it cannot handle.
-    pub fn dlq(topic: &str) -> String {
-        format!("{topic}.dlq")
-    }
+    pub use kafka_runtime::dlq::topic as dlq;
 }
 
 /// A fresh event id.
