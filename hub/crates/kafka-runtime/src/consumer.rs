@@ -11,10 +11,10 @@ use rdkafka::Message as _;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
+use service_kit::Backoff;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::Backoff;
 use crate::context::{Context, Observer, is_missing_topic};
 use crate::dlq::DlqWriter;
 use crate::record::Record;
@@ -326,7 +326,7 @@ impl<H: Handler> Worker<H> {
                         backoff.reset();
                     }
                     start += index;
-                    if !backoff.wait(&self.stop).await {
+                    if !crate::pause::wait(&mut backoff, &self.stop).await {
                         return false;
                     }
                 }

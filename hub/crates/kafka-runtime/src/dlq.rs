@@ -17,10 +17,10 @@ use std::time::Duration;
 use rdkafka::Message as _;
 use rdkafka::message::{Header, Headers as _, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::FutureRecord;
+use service_kit::Backoff;
 use tokio_util::sync::CancellationToken;
 
 use crate::Producer;
-use crate::backoff::Backoff;
 use crate::context::Observer;
 
 /// Why the record could not be handled.
@@ -128,7 +128,7 @@ impl DlqWriter {
                 }
                 Err((e, _)) => {
                     tracing::warn!(dlq, error = %e, "kafka: DLQ write failed; retrying (the partition waits)");
-                    if !backoff.wait(stop).await {
+                    if !crate::pause::wait(&mut backoff, stop).await {
                         return false;
                     }
                 }

@@ -10,9 +10,9 @@
 //!   or in the DLQ), committed every [`ConsumerSettings::commit_interval`], on revoke and once
 //!   more when the consumer drains at shutdown.
 //! - **Failures:** a transient failure ([`Outcome::Retry`]) hands the same records again with
-//!   backoff, never skipping one; a poison record ([`Outcome::Dlq`], an unsupported
-//!   `content-type`, or a handler panic) goes to `<topic>.dlq` with the headers of
-//!   [`dlq`] and the partition moves on.
+//!   backoff (`service_kit::Backoff`), never skipping one; a poison record ([`Outcome::Dlq`],
+//!   an unsupported `content-type`, or a handler panic) goes to `<topic>.dlq` with the headers
+//!   of [`dlq`] and the partition moves on.
 //!
 //! # Layout
 //!
@@ -20,13 +20,12 @@
 //! - [`context`]: the client context (error logging, refused credentials, lag statistics).
 //! - [`record`]: a consumed record as a handler sees it, and the content-type decision.
 //! - [`dlq`]: the DLQ header scheme and writer.
-//! - [`backoff`]: doubling delays between retries.
 //! - [`consumer`]: the subscription, the partition workers, offset storing and the drain.
 
-pub mod backoff;
 pub mod consumer;
 pub mod context;
 pub mod dlq;
+mod pause;
 pub mod record;
 pub mod security;
 
