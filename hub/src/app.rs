@@ -83,14 +83,12 @@ fn ingest_settings(settings: &Settings) -> anyhow::Result<Option<IngestSettings>
         settings.ingest_routes.as_deref(),
         settings.ingest_builtin_routes,
     )?;
-    let security = settings.kafka_security_properties();
-    ingest::check_security(&security)?;
     Ok(Some(IngestSettings {
         brokers: brokers.clone(),
         group: settings.kafka_group.clone(),
         routes: Arc::new(routes),
         max_record_bytes: settings.ingest_max_record_bytes,
-        security,
+        security: settings.kafka_security(),
     }))
 }
 

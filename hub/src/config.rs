@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Serialized};
+use kafka_runtime::{SaslMechanism, Security, SecurityProtocol};
 use serde::{Deserialize, Serialize};
 use service_kit::settings::{self, at_least, within};
 pub use service_kit::{ConfigError, LogFormat};
@@ -98,11 +99,10 @@ pub struct Settings {
     /// Kafka consumer group of ingest.
     pub kafka_group: String,
     /// Kafka `security.protocol`: plaintext, ssl, sasl_plaintext or sasl_ssl.
-    #[serde(default, deserialize_with = "settings::opt_text")]
-    pub kafka_security_protocol: Option<String>,
-    /// Kafka `sasl.mechanism`: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.
-    #[serde(default, deserialize_with = "settings::opt_text")]
-    pub kafka_sasl_mechanism: Option<String>,
+    pub kafka_security_protocol: SecurityProtocol,
+    /// Kafka `sasl.mechanism`: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (`PLAIN` when unset).
+    #[serde(default)]
+    pub kafka_sasl_mechanism: Option<SaslMechanism>,
     /// Kafka SASL user name.
     #[serde(default, deserialize_with = "settings::opt_text")]
     pub kafka_sasl_username: Option<String>,
@@ -205,7 +205,7 @@ impl Default for Settings {
             redis_timeout: Duration::from_secs(2),
             kafka_brokers: None,
             kafka_group: "hub-ingest".to_owned(),
-            kafka_security_protocol: None,
+            kafka_security_protocol: SecurityProtocol::Plaintext,
             kafka_sasl_mechanism: None,
             kafka_sasl_username: None,
             kafka_sasl_password: None,
@@ -543,95 +543,23 @@ impl Settings {
 }
 
 impl Settings {
-    /// Kafka security settings: known values, and no half-configured SASL or TLS.
+    /// Kafka security settings: no half-configured SASL or TLS, nothing this build's Kafka
+    /// client cannot honour (the rules every Kafka client of the workspace shares).
     fn validate_kafka_security(&self) -> Result<(), ConfigError> {
-        let protocol = self
-            .kafka_security_protocol
-            .as_deref()
-            .map(str::to_ascii_lowercase);
-        if let Some(p) = &protocol
-            && !["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"].contains(&p.as_str())
-        {
-            return Err(ConfigError::new(
-                "HUB_KAFKA_SECURITY_PROTOCOL",
-                "must be plaintext, ssl, sasl_plaintext or sasl_ssl",
-            ));
-        }
-        let sasl = protocol.as_deref().is_some_and(|p| p.starts_with("sasl_"));
-        if let Some(m) = &self.kafka_sasl_mechanism {
-            if !["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"].contains(&m.as_str()) {
-                return Err(ConfigError::new(
-                    "HUB_KAFKA_SASL_MECHANISM",
-                    "must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
-                ));
-            }
-            if !sasl {
-                return Err(ConfigError::new(
-                    "HUB_KAFKA_SASL_MECHANISM",
-                    "needs HUB_KAFKA_SECURITY_PROTOCOL=sasl_plaintext or sasl_ssl",
-                ));
-            }
-        }
-        if sasl && self.kafka_sasl_username.is_none() {
-            return Err(ConfigError::new(
-                "HUB_KAFKA_SASL_USERNAME",
-                "required with a sasl_* HUB_KAFKA_SECURITY_PROTOCOL",
-            ));
-        }
-        if self.kafka_sasl_username.is_some() != self.kafka_sasl_password.is_some() {
-            return Err(ConfigError::new(
-                "HUB_KAFKA_SASL_PASSWORD",
-                "set both HUB_KAFKA_SASL_USERNAME and HUB_KAFKA_SASL_PASSWORD, or neither",
-            ));
-        }
-        if self.kafka_sasl_username.is_some() && !sasl {
-            return Err(ConfigError::new(
-                "HUB_KAFKA_SASL_USERNAME",
-                "needs HUB_KAFKA_SECURITY_PROTOCOL=sasl_plaintext or sasl_ssl",
-            ));
-        }
-        if let Some(path) = &self.kafka_ssl_ca_file {
-            if !matches!(protocol.as_deref(), Some("ssl" | "sasl_ssl")) {
-                return Err(ConfigError::new(
-                    "HUB_KAFKA_SSL_CA_FILE",
-                    "needs HUB_KAFKA_SECURITY_PROTOCOL=ssl or sasl_ssl",
-                ));
-            }
-            if !path.is_file() {
-                return Err(ConfigError::new(
-                    "HUB_KAFKA_SSL_CA_FILE",
-                    format!("{} is not a readable file", path.display()),
-                ));
-            }
-        }
-        Ok(())
+        self.kafka_security()
+            .validate("HUB_")
+            .map_err(|e| ConfigError::new(&e.setting.variable("HUB_"), e.problem))
     }
 
-    /// The librdkafka properties of the security settings, for every client ingest creates.
-    pub fn kafka_security_properties(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::new();
-        if let Some(p) = &self.kafka_security_protocol {
-            out.push(("security.protocol", p.to_ascii_lowercase()));
+    /// The security settings of every Kafka client ingest creates.
+    pub fn kafka_security(&self) -> Security {
+        Security {
+            protocol: self.kafka_security_protocol,
+            mechanism: self.kafka_sasl_mechanism,
+            username: self.kafka_sasl_username.clone(),
+            password: self.kafka_sasl_password.clone(),
+            ca_file: self.kafka_ssl_ca_file.clone(),
         }
-        match &self.kafka_sasl_mechanism {
-            Some(m) => out.push(("sasl.mechanism", m.clone())),
-            // librdkafka's own default is GSSAPI (Kerberos); PLAIN is what a username and
-            // password mean everywhere else.
-            None if self.kafka_sasl_username.is_some() => {
-                out.push(("sasl.mechanism", "PLAIN".to_owned()));
-            }
-            None => {}
-        }
-        if let Some(u) = &self.kafka_sasl_username {
-            out.push(("sasl.username", u.clone()));
-        }
-        if let Some(p) = &self.kafka_sasl_password {
-            out.push(("sasl.password", p.clone()));
-        }
-        if let Some(ca) = &self.kafka_ssl_ca_file {
-            out.push(("ssl.ca.location", ca.display().to_string()));
-        }
-        out
     }
 }
 

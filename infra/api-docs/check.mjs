@@ -39,7 +39,7 @@ if (!document || errors.length) {
   const wanted = [
     "hub.connected", "hub.gap", "hub.error", "hub.refreshed", "hub.closing",
     "4001", "4003", "4008", "4010", "1012", "1009", "1008",
-    "order.status.changed", "moderation.results", "hub-error",
+    "order.status.changed", "moderation.results", "dlq-error",
   ];
   const missing = wanted.filter((w) => !text.includes(w));
   if (missing.length) failures.push(`docs/asyncapi.yaml does not mention: ${missing.join(", ")}`);

@@ -6,7 +6,7 @@
 //! misplaced variable is reported instead of silently ignored.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::Figment;
@@ -14,6 +14,8 @@ use figment::providers::{Env, Serialized};
 use serde::{Deserialize, Serialize};
 use service_kit::settings;
 pub use service_kit::{ConfigError, LogFormat};
+
+pub use kafka_runtime::{SaslMechanism, Security, SecurityProtocol};
 
 /// Which service a process is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -364,7 +366,7 @@ impl Settings {
                 return Err((key, "must be at least 100ms".to_owned()));
             }
         }
-        self.validate_kafka_security()?;
+        self.validate_kafka_security(service)?;
         if self.opening_balance_cents < 0 {
             return Err(("opening_balance_cents", "must not be negative".to_owned()));
         }
@@ -385,88 +387,23 @@ impl Settings {
         Ok(())
     }
 
-    /// Kafka security settings that contradict each other, or that this build cannot honour.
-    fn validate_kafka_security(&self) -> Result<(), (&'static str, String)> {
-        let protocol = self.kafka_security_protocol;
-        if !protocol.is_sasl() {
-            for (key, set) in [
-                ("kafka_sasl_mechanism", self.kafka_sasl_mechanism.is_some()),
-                ("kafka_sasl_username", self.kafka_sasl_username.is_some()),
-                ("kafka_sasl_password", self.kafka_sasl_password.is_some()),
-            ] {
-                if set {
-                    return Err((
-                        key,
-                        format!(
-                            "needs KAFKA_SECURITY_PROTOCOL sasl_plaintext or sasl_ssl (it is {})",
-                            protocol.as_str()
-                        ),
-                    ));
-                }
-            }
-        } else {
-            match (&self.kafka_sasl_username, &self.kafka_sasl_password) {
-                (None, _) => {
-                    return Err((
-                        "kafka_sasl_username",
-                        format!("missing (required with {})", protocol.as_str()),
-                    ));
-                }
-                (Some(_), None) => {
-                    return Err((
-                        "kafka_sasl_password",
-                        "missing (required with KAFKA_SASL_USERNAME)".to_owned(),
-                    ));
-                }
-                (Some(_), Some(_)) => {}
-            }
-        }
-        if let Some(ca) = &self.kafka_ssl_ca_file {
-            if !protocol.is_tls() {
-                return Err((
-                    "kafka_ssl_ca_file",
-                    format!(
-                        "needs KAFKA_SECURITY_PROTOCOL ssl or sasl_ssl (it is {})",
-                        protocol.as_str()
-                    ),
-                ));
-            }
-            if !Path::new(ca).is_file() {
-                return Err(("kafka_ssl_ca_file", format!("{ca} is not a readable file")));
-            }
-        }
-        let features = crate::kafka::builtin_features();
-        if protocol.is_tls() && !features.iter().any(|f| f == "ssl") {
-            return Err((
-                "kafka_security_protocol",
-                format!(
-                    "{} needs librdkafka with SSL, and this build has none (the rdkafka crate's `ssl` feature)",
-                    protocol.as_str()
-                ),
-            ));
-        }
-        let mechanism = self.sasl_mechanism();
-        if protocol.is_sasl()
-            && matches!(
-                mechanism,
-                SaslMechanism::ScramSha256 | SaslMechanism::ScramSha512
-            )
-            && !features.iter().any(|f| f == "sasl_scram")
-        {
-            return Err((
-                "kafka_sasl_mechanism",
-                format!(
-                    "{} needs librdkafka with SSL, and this build has none (the rdkafka crate's `ssl` feature)",
-                    mechanism.as_str()
-                ),
-            ));
-        }
-        Ok(())
+    /// Kafka security settings that contradict each other, or that this build cannot honour
+    /// (the rules every Kafka client of the workspace shares).
+    fn validate_kafka_security(&self, service: Service) -> Result<(), (&'static str, String)> {
+        self.kafka_security()
+            .validate(service.prefix())
+            .map_err(|e| (e.setting.key(), e.problem))
     }
 
-    /// The SASL mechanism (`PLAIN` unless set).
-    pub fn sasl_mechanism(&self) -> SaslMechanism {
-        self.kafka_sasl_mechanism.unwrap_or(SaslMechanism::Plain)
+    /// The security settings of every producer and consumer.
+    pub fn kafka_security(&self) -> Security {
+        Security {
+            protocol: self.kafka_security_protocol,
+            mechanism: self.kafka_sasl_mechanism,
+            username: self.kafka_sasl_username.clone(),
+            password: self.kafka_sasl_password.clone(),
+            ca_file: self.kafka_ssl_ca_file.as_ref().map(PathBuf::from),
+        }
     }
 
     /// The `aud` this service's tokens must carry.
@@ -501,74 +438,6 @@ impl Settings {
     /// The Kafka bootstrap servers (validated present).
     pub fn kafka_brokers(&self) -> &str {
         self.kafka_brokers.as_deref().unwrap_or_default()
-    }
-}
-
-/// `KAFKA_SECURITY_PROTOCOL`: librdkafka's `security.protocol`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SecurityProtocol {
-    /// No TLS, no authentication.
-    #[serde(alias = "PLAINTEXT")]
-    Plaintext,
-    /// TLS.
-    #[serde(alias = "SSL")]
-    Ssl,
-    /// SASL authentication without TLS.
-    #[serde(alias = "SASL_PLAINTEXT")]
-    SaslPlaintext,
-    /// SASL authentication over TLS.
-    #[serde(alias = "SASL_SSL")]
-    SaslSsl,
-}
-
-impl SecurityProtocol {
-    /// The name librdkafka (and the setting) uses.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SecurityProtocol::Plaintext => "plaintext",
-            SecurityProtocol::Ssl => "ssl",
-            SecurityProtocol::SaslPlaintext => "sasl_plaintext",
-            SecurityProtocol::SaslSsl => "sasl_ssl",
-        }
-    }
-
-    /// Authenticates with SASL.
-    pub fn is_sasl(self) -> bool {
-        matches!(
-            self,
-            SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
-        )
-    }
-
-    /// Uses TLS.
-    pub fn is_tls(self) -> bool {
-        matches!(self, SecurityProtocol::Ssl | SecurityProtocol::SaslSsl)
-    }
-}
-
-/// `KAFKA_SASL_MECHANISM`: librdkafka's `sasl.mechanism`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum SaslMechanism {
-    /// User name and password sent as they are (use TLS outside a trusted network).
-    #[serde(rename = "PLAIN")]
-    Plain,
-    /// SCRAM with SHA-256.
-    #[serde(rename = "SCRAM-SHA-256")]
-    ScramSha256,
-    /// SCRAM with SHA-512.
-    #[serde(rename = "SCRAM-SHA-512")]
-    ScramSha512,
-}
-
-impl SaslMechanism {
-    /// The name librdkafka (and the setting) uses.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SaslMechanism::Plain => "PLAIN",
-            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
-            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
-        }
     }
 }
 
@@ -673,7 +542,7 @@ mod tests {
         let cases: [(&[(&str, &str)], &str); 5] = [
             (
                 &[("KAFKA_SASL_MECHANISM", "PLAIN")],
-                "config: PAYMENT_KAFKA_SASL_MECHANISM: needs KAFKA_SECURITY_PROTOCOL sasl_plaintext or sasl_ssl (it is plaintext)",
+                "config: PAYMENT_KAFKA_SASL_MECHANISM: needs PAYMENT_KAFKA_SECURITY_PROTOCOL sasl_plaintext or sasl_ssl (it is plaintext)",
             ),
             (
                 &[("KAFKA_SECURITY_PROTOCOL", "sasl_plaintext")],
@@ -684,15 +553,15 @@ mod tests {
                     ("KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT"),
                     ("KAFKA_SASL_USERNAME", "services"),
                 ],
-                "config: PAYMENT_KAFKA_SASL_PASSWORD: missing (required with KAFKA_SASL_USERNAME)",
+                "config: PAYMENT_KAFKA_SASL_PASSWORD: missing (required with PAYMENT_KAFKA_SASL_USERNAME)",
             ),
             (
                 &[("KAFKA_SSL_CA_FILE", "/etc/hostname")],
-                "config: PAYMENT_KAFKA_SSL_CA_FILE: needs KAFKA_SECURITY_PROTOCOL ssl or sasl_ssl (it is plaintext)",
+                "config: PAYMENT_KAFKA_SSL_CA_FILE: needs PAYMENT_KAFKA_SECURITY_PROTOCOL ssl or sasl_ssl (it is plaintext)",
             ),
             (
                 &[("KAFKA_SECURITY_PROTOCOL", "tls")],
-                "config: PAYMENT_KAFKA_SECURITY_PROTOCOL: ",
+                "config: PAYMENT_KAFKA_SECURITY_PROTOCOL: must be plaintext, ssl, sasl_plaintext or sasl_ssl",
             ),
         ];
         for (pairs, line) in cases {
@@ -708,7 +577,7 @@ mod tests {
             ],
         )
         .expect("valid");
-        assert_eq!(s.sasl_mechanism(), SaslMechanism::Plain);
+        assert_eq!(s.kafka_security().sasl_mechanism(), SaslMechanism::Plain);
         let config = crate::kafka::client_config(&s);
         assert_eq!(config.get("security.protocol"), Some("sasl_plaintext"));
         assert_eq!(config.get("sasl.mechanism"), Some("PLAIN"));

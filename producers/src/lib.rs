@@ -13,11 +13,12 @@
 //! - [`trace`]: W3C trace context, carried from the order API through the outbox and Kafka
 //!   headers.
 //! - [`limit`]: per-user rate limits of the REST APIs.
-//! - [`kafka`]: Kafka client settings (brokers, security) and the context that notices a
+//! - [`kafka`]: Kafka client config (brokers, security) and the runtime's context that notices a
 //!   refused authentication.
 //! - [`db`]: pool, migrations, the processed-events claim of idempotent consumers.
 //! - [`outbox`]: writing events in the caller's transaction; the relay that publishes them.
-//! - [`consumer`]: the Kafka consumer loop: transaction per record, DLQ, commit after.
+//! - [`consumer`]: a service's handler on the workspace's Kafka runtime: a transaction per
+//!   record, claimed once.
 //! - [`metrics`]: every metric, defined once.
 //! - [`topics`]: topic names.
 //! - [`order`], [`payment`], [`delivery`], [`moderation`]: the four services.
@@ -57,9 +58,7 @@ pub mod topics {
     /// `ModerationResult`, by the moderation workers; the hub turns it into `moderation.result`.
     pub const MODERATION_RESULTS: &str = "moderation.results";
     /// Where a consumer puts records it cannot handle.
-    pub fn dlq(topic: &str) -> String {
-        format!("{topic}.dlq")
-    }
+    pub use kafka_runtime::dlq::topic as dlq;
 }
 
 /// A fresh event id.

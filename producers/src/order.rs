@@ -596,9 +596,9 @@ impl Handler for Events {
 
     fn decode(&self, record: &Record<'_>) -> Result<StatusEvent, String> {
         let topic = record
-            .topic
+            .topic()
             .strip_prefix(self.prefix.as_str())
-            .unwrap_or(record.topic);
+            .unwrap_or(record.topic());
         let (event_id, order_id, target) = match topic {
             topics::PAYMENT_COMPLETED => {
                 let e: PaymentCompleted = record.decode()?;

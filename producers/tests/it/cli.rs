@@ -61,7 +61,7 @@ fn a_bad_setting_stops_the_service_with_one_line_naming_it() {
                 ("PAYMENT_KAFKA_BROKERS", "k"),
                 ("PAYMENT_KAFKA_SASL_MECHANISM", "PLAIN"),
             ],
-            "payment-service: config: PAYMENT_KAFKA_SASL_MECHANISM: needs KAFKA_SECURITY_PROTOCOL sasl_plaintext or sasl_ssl (it is plaintext)",
+            "payment-service: config: PAYMENT_KAFKA_SASL_MECHANISM: needs PAYMENT_KAFKA_SECURITY_PROTOCOL sasl_plaintext or sasl_ssl (it is plaintext)",
         ),
         (
             Kind::Order,
@@ -72,7 +72,7 @@ fn a_bad_setting_stops_the_service_with_one_line_naming_it() {
                 ("ORDER_KAFKA_SECURITY_PROTOCOL", "sasl_plaintext"),
                 ("ORDER_KAFKA_SASL_USERNAME", "services"),
             ],
-            "order-service: config: ORDER_KAFKA_SASL_PASSWORD: missing (required with KAFKA_SASL_USERNAME)",
+            "order-service: config: ORDER_KAFKA_SASL_PASSWORD: missing (required with ORDER_KAFKA_SASL_USERNAME)",
         ),
     ];
     for (kind, env, line) in cases {

@@ -203,6 +203,22 @@ async fn a_record_that_cannot_be_handled_goes_to_the_dlq_and_the_partition_moves
         &[("content-type", "application/json")],
     )
     .await;
+    // A valid event under a content type nobody decodes: refused, not guessed at (the
+    // workspace's one content-type rule, shared with the hub's ingest).
+    let mistyped = OrderCreated {
+        event_id: "evt-mistyped".into(),
+        order_id: "order-mistyped".into(),
+        user_id: format!("hank-{}", hex(3)),
+        total_cents: 5,
+        ..Default::default()
+    };
+    produce(
+        &topic,
+        key,
+        &proto::encode_protobuf(&mistyped),
+        &[("content-type", "text/plain")],
+    )
+    .await;
     let good = OrderCreated {
         event_id: "evt-good".into(),
         order_id: "order-after-poison".into(),
@@ -226,17 +242,33 @@ async fn a_record_that_cannot_be_handled_goes_to_the_dlq_and_the_partition_moves
         },
     )
     .await;
-    let dlq = read_topic(&format!("{topic}.dlq"), |r| r.len() >= 2).await;
-    assert_eq!(dlq.len(), 2);
+    let dlq = read_topic(&format!("{topic}.dlq"), |r| r.len() >= 3).await;
+    assert_eq!(dlq.len(), 3);
     assert!(
         dlq[0].headers["dlq-error"].starts_with("undecodable"),
         "{:?}",
         dlq[0].headers
     );
     assert_eq!(dlq[1].headers["dlq-error"], "negative total -5");
+    assert!(
+        dlq[2].headers["dlq-error"].starts_with("bad content-type: ")
+            && dlq[2].headers["dlq-error"].contains("text/plain"),
+        "{:?}",
+        dlq[2].headers
+    );
+    assert_eq!(dlq[2].headers["content-type"], "text/plain");
+    assert_eq!(
+        db.count(
+            "SELECT count(*) FROM payments WHERE order_id = $1",
+            "order-mistyped"
+        )
+        .await,
+        0
+    );
     for r in &dlq {
         assert_eq!(r.key, key);
         assert_eq!(r.headers["dlq-source-topic"], topic);
+        assert!(r.headers.contains_key("dlq-source-partition"));
         assert!(r.headers.contains_key("dlq-source-offset"));
     }
     assert_eq!(
@@ -244,7 +276,7 @@ async fn a_record_that_cannot_be_handled_goes_to_the_dlq_and_the_partition_moves
             .service(Kind::Payment)
             .metric("producers_events_consumed_total", &[("outcome", "dlq")])
             .await,
-        2.0
+        3.0
     );
     stack.cleanup().await;
 }

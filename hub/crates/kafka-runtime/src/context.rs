@@ -1,0 +1,129 @@
+//! The client context of every Kafka client of a process: librdkafka's errors go to `tracing`,
+//! a refusal of the credentials is recorded once (it never heals by retrying, so the process
+//! can report it and stop), consumer lag goes to an [`Observer`], and a consumer commits what
+//! it has stored before its partitions move.
+
+use std::sync::Arc;
+
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::statistics::Statistics;
+use tokio::sync::watch;
+
+/// Hooks through which each consumer keeps its own metrics (nothing by default).
+pub trait Observer: Send + Sync + 'static {
+    /// The consumer group's lag on a partition (from librdkafka's statistics).
+    fn lag(&self, _topic: &str, _partition: i32, _lag: i64) {}
+    /// A record of `topic` was written to its DLQ.
+    fn dlq(&self, _topic: &str) {}
+    /// Records of `topic` are handed to the handler again after a transient failure.
+    fn retry(&self, _topic: &str) {}
+}
+
+/// An observer that counts nothing.
+pub struct Unobserved;
+
+impl Observer for Unobserved {}
+
+/// Why the brokers refused this process's credentials, once they have.
+#[derive(Clone)]
+pub struct AuthFailure {
+    rx: watch::Receiver<Option<String>>,
+}
+
+impl AuthFailure {
+    /// The reason, when the brokers have refused the credentials.
+    pub fn get(&self) -> Option<String> {
+        self.rx.borrow().clone()
+    }
+
+    /// Completes with the reason once the brokers refuse the credentials.
+    pub async fn wait(mut self) -> String {
+        loop {
+            if let Some(reason) = self.rx.borrow_and_update().clone() {
+                return reason;
+            }
+            if self.rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+}
+
+/// The context of every producer and consumer of one process.
+#[derive(Clone)]
+pub struct Context {
+    auth: Arc<watch::Sender<Option<String>>>,
+    observer: Arc<dyn Observer>,
+}
+
+impl Context {
+    /// A context and the handle that reports its authentication failure.
+    pub fn new() -> (Self, AuthFailure) {
+        let (tx, rx) = watch::channel(None);
+        let context = Context {
+            auth: Arc::new(tx),
+            observer: Arc::new(Unobserved),
+        };
+        (context, AuthFailure { rx })
+    }
+
+    /// The same context (sharing its authentication failure), reporting lag to `observer`.
+    pub fn observed(&self, observer: Arc<dyn Observer>) -> Self {
+        Context {
+            auth: self.auth.clone(),
+            observer,
+        }
+    }
+}
+
+/// A subscribed topic that does not exist yet: expected (a route's topic on a cluster that
+/// does not carry it), retried by the client, so not worth shouting about.
+pub(crate) fn is_missing_topic(e: &KafkaError) -> bool {
+    e.rdkafka_error_code() == Some(RDKafkaErrorCode::UnknownTopicOrPartition)
+}
+
+impl ClientContext for Context {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let refused = matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed)
+        );
+        if refused {
+            tracing::error!(%reason, "kafka: the brokers refused our credentials");
+            self.auth.send_if_modified(|current| {
+                let first = current.is_none();
+                if first {
+                    *current = Some(reason.to_owned());
+                }
+                first
+            });
+        } else if is_missing_topic(&error) {
+            tracing::debug!(%reason, "kafka: subscribed topic not available yet");
+        } else {
+            tracing::warn!(error = %error, %reason, "kafka: client error");
+        }
+    }
+
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for p in t.partitions.values() {
+                if p.partition >= 0 && p.consumer_lag >= 0 {
+                    self.observer.lag(topic, p.partition, p.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for Context {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        // Hand over what is done before the partitions move to another member.
+        if let Rebalance::Revoke(_) = rebalance
+            && let Err(e) = consumer.commit_consumer_state(CommitMode::Sync)
+        {
+            tracing::debug!(error = %e, "kafka: commit on revoke");
+        }
+    }
+}
