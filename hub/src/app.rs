@@ -19,7 +19,8 @@ use crate::backplane::{Backplane, Sink};
 use crate::config::Settings;
 use crate::envelope::Notification;
 use crate::fanout::{Fanout, Limits};
-use crate::ingest::{self, IngestMetrics, IngestSettings, Routes};
+use crate::ingest::{self, IngestSettings, Routes};
+use crate::metrics::IngestMetrics;
 use crate::metrics::Metrics;
 use crate::shutdown::Lifecycle;
 use crate::transport::{Context, ContextInner, Timing, front, gate, sse, ws};
@@ -124,10 +125,11 @@ pub async fn run_ingest_only(
     .await
     .map_err(|e| anyhow::anyhow!("config: HUB_REDIS_URL: {e}"))?;
     let stop = CancellationToken::new();
+    let ingest_metrics = metrics.ingest(&ingest.routes.topics());
     let run = tokio::spawn(ingest::run(
         ingest,
         Arc::new(redis),
-        metrics.ingest(),
+        ingest_metrics,
         stop.clone(),
     ));
     shutdown.await;
@@ -358,7 +360,10 @@ impl Application {
         let (backplane, task) = connect_backplane(&settings, sink, &metrics).await?;
         background.push(task);
 
-        let ingest = ingest_settings(&settings)?.map(|i| (i, backplane.clone(), metrics.ingest()));
+        let ingest = ingest_settings(&settings)?.map(|i| {
+            let m = metrics.ingest(&i.routes.topics());
+            (i, backplane.clone(), m)
+        });
 
         let lifecycle = Lifecycle::new();
         let ctx = client_context(

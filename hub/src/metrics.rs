@@ -3,6 +3,7 @@
 //! Hot paths hold pre-resolved label children (`ws`, `sse`, ...) so a delivery costs an
 //! atomic add, not a label lookup. No label ever takes a user id, a token or a raw path.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use prometheus::{
@@ -44,6 +45,47 @@ struct Inner {
     backplane_reconnects: IntCounter,
     backplane_lag: prometheus::Gauge,
     ingest: IngestFamilies,
+}
+
+/// Kafka ingest's counters of one topic (`hub_ingest_events_total{topic,outcome}` and
+/// `hub_ingest_dlq_total{topic}`), resolved once so a record costs no label lookup.
+#[derive(Clone)]
+pub struct TopicCounters {
+    /// Records that became notifications.
+    pub published: IntCounter,
+    /// Records whose event was already in history.
+    pub duplicate: IntCounter,
+    /// Records the routes filtered out.
+    pub filtered: IntCounter,
+    /// Records sent to the DLQ (the `dlq` outcome).
+    pub dlq_outcome: IntCounter,
+    /// Records sent to the DLQ (`hub_ingest_dlq_total`).
+    pub dlq: IntCounter,
+}
+
+/// Kafka ingest's metrics.
+#[derive(Clone)]
+pub struct IngestMetrics {
+    topics: Arc<HashMap<String, TopicCounters>>,
+    lag: IntGaugeVec,
+    /// Kafka record timestamp → notification in history.
+    pub latency: Histogram,
+    /// Notifications published from Kafka (`hub_notifications_published_total{source="kafka"}`).
+    pub published: IntCounter,
+}
+
+impl IngestMetrics {
+    /// The counters of a consumed topic.
+    pub fn topic(&self, topic: &str) -> Option<&TopicCounters> {
+        self.topics.get(topic)
+    }
+
+    /// Sets the consumer group's lag on a partition.
+    pub fn set_lag(&self, topic: &str, partition: i32, lag: i64) {
+        self.lag
+            .with_label_values(&[topic, &partition.to_string()])
+            .set(lag);
+    }
 }
 
 /// Reasons a handshake is refused (`hub_handshake_rejections_total{reason}`).
@@ -347,13 +389,27 @@ impl Metrics {
         &self.inner.backplane_lag
     }
 
-    /// Handles for Kafka ingest.
-    pub fn ingest(&self) -> crate::ingest::IngestMetrics {
-        crate::ingest::IngestMetrics {
-            events: self.inner.ingest.events.clone(),
-            dlq: self.inner.ingest.dlq.clone(),
-            lag: self.inner.ingest.lag.clone(),
-            latency: self.inner.ingest.latency.clone(),
+    /// Handles for Kafka ingest of `topics`, each topic's counters resolved once.
+    pub fn ingest(&self, topics: &[String]) -> IngestMetrics {
+        let f = &self.inner.ingest;
+        let topics = topics
+            .iter()
+            .map(|t| {
+                let outcome = |o: &str| f.events.with_label_values(&[t.as_str(), o]);
+                let counters = TopicCounters {
+                    published: outcome("published"),
+                    duplicate: outcome("duplicate"),
+                    filtered: outcome("filtered"),
+                    dlq_outcome: outcome("dlq"),
+                    dlq: f.dlq.with_label_values(&[t.as_str()]),
+                };
+                (t.clone(), counters)
+            })
+            .collect();
+        IngestMetrics {
+            topics: Arc::new(topics),
+            lag: f.lag.clone(),
+            latency: f.latency.clone(),
             published: self.inner.published_kafka.clone(),
         }
     }

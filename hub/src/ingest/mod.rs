@@ -31,12 +31,12 @@ use async_trait::async_trait;
 use kafka_runtime::{
     Consumer, ConsumerError, ConsumerSettings, Handler, Observer, Outcome, Record, Security,
 };
-use prometheus::{Histogram, IntCounterVec, IntGaugeVec};
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
 use crate::backplane::{Backplane, BackplaneError, Dedupe, Publish, Published};
 use crate::envelope::now_micros;
+use crate::metrics::IngestMetrics;
 pub use routes::{RouteError, Routed, Routes, RoutesError};
 
 /// Most records of one partition processed (and published) together.
@@ -57,31 +57,16 @@ pub struct IngestSettings {
     pub security: Security,
 }
 
-/// Observability handles.
-#[derive(Clone)]
-pub struct IngestMetrics {
-    /// `hub_ingest_events_total{topic,outcome}`.
-    pub events: IntCounterVec,
-    /// `hub_ingest_dlq_total{topic}`.
-    pub dlq: IntCounterVec,
-    /// `hub_ingest_consumer_lag{topic,partition}`.
-    pub lag: IntGaugeVec,
-    /// Kafka record timestamp → notification in history.
-    pub latency: Histogram,
-    /// Notifications published from Kafka.
-    pub published: prometheus::IntCounter,
-}
-
 impl Observer for IngestMetrics {
     fn lag(&self, topic: &str, partition: i32, lag: i64) {
-        self.lag
-            .with_label_values(&[topic, &partition.to_string()])
-            .set(lag);
+        self.set_lag(topic, partition, lag);
     }
 
     fn dlq(&self, topic: &str) {
-        self.dlq.with_label_values(&[topic]).inc();
-        self.events.with_label_values(&[topic, "dlq"]).inc();
+        if let Some(c) = self.topic(topic) {
+            c.dlq.inc();
+            c.dlq_outcome.inc();
+        }
     }
 }
 
@@ -185,10 +170,9 @@ impl Handler for Ingest {
             match self.prepare(record) {
                 Err(e) => outcomes[index] = Outcome::Dlq(e.to_string()),
                 Ok(msgs) if msgs.is_empty() => {
-                    self.metrics
-                        .events
-                        .with_label_values(&[record.topic(), "filtered"])
-                        .inc();
+                    if let Some(c) = self.metrics.topic(record.topic()) {
+                        c.filtered.inc();
+                    }
                 }
                 Ok(msgs) => pending.push((index, msgs)),
             }
@@ -270,21 +254,22 @@ impl Ingest {
             }
         }
         let kafka_ms = record.timestamp_millis();
+        let counters = self.metrics.topic(topic);
         for p in published {
-            let outcome = if p.duplicate {
-                "duplicate"
-            } else {
-                self.metrics.published.inc();
-                if let Some(ms) = kafka_ms {
-                    let lag = (now_micros() / 1000).saturating_sub(ms.max(0) as u64);
-                    self.metrics.latency.observe(lag as f64 / 1000.0);
+            if p.duplicate {
+                if let Some(c) = counters {
+                    c.duplicate.inc();
                 }
-                "published"
-            };
-            self.metrics
-                .events
-                .with_label_values(&[topic, outcome])
-                .inc();
+                continue;
+            }
+            self.metrics.published.inc();
+            if let Some(c) = counters {
+                c.published.inc();
+            }
+            if let Some(ms) = kafka_ms {
+                let lag = (now_micros() / 1000).saturating_sub(ms.max(0) as u64);
+                self.metrics.latency.observe(lag as f64 / 1000.0);
+            }
         }
     }
 
