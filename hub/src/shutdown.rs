@@ -38,7 +38,7 @@ impl Lifecycle {
     }
 
     /// Resolves when draining starts.
-    pub async fn drained(&self) {
+    pub async fn drain_started(&self) {
         self.inner.drain.cancelled().await;
     }
 }

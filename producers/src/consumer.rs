@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::config::Settings;
-use crate::kafka::{Context, Producer};
+use crate::kafka::{KafkaContext, Producer};
 use crate::metrics::Metrics;
 use crate::trace::TraceContext;
 
@@ -105,7 +105,7 @@ impl Consumer {
         pool: PgPool,
         dlq: Producer,
         metrics: Metrics,
-        context: Context,
+        context: KafkaContext,
     ) -> anyhow::Result<Self> {
         let consumer = kafka_runtime::Consumer::new(
             &ConsumerSettings {

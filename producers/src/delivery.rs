@@ -23,7 +23,7 @@ const PENDING: &str = "PENDING";
 
 /// Adds the payment consumer and the stepper to `builder`.
 pub async fn build(builder: Builder) -> anyhow::Result<Builder> {
-    let ctx = builder.context().clone();
+    let ctx = builder.resources().clone();
     let step = ctx.settings.step_interval;
     let stepper = Stepper {
         pool: ctx.pool.clone(),

@@ -8,7 +8,7 @@ use rdkafka::ClientConfig;
 
 use crate::config::Settings;
 
-pub use kafka_runtime::{AuthFailure, Context, Producer};
+pub use kafka_runtime::{AuthFailure, KafkaContext, Producer};
 
 /// A client config with the bootstrap servers and the security settings.
 pub fn client_config(settings: &Settings) -> ClientConfig {

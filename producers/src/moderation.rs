@@ -30,7 +30,7 @@ use crate::trace::TraceContext;
 
 /// Adds the report API and a worker to `builder`.
 pub async fn build(builder: Builder) -> anyhow::Result<Builder> {
-    let ctx = builder.context().clone();
+    let ctx = builder.resources().clone();
     if ctx.settings.demo_ads {
         seed_demo_ads(&ctx.pool).await?;
     }

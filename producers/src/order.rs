@@ -33,7 +33,7 @@ use crate::trace::TraceContext;
 
 /// Adds the order service's API and consumer to `builder`.
 pub async fn build(builder: Builder) -> anyhow::Result<Builder> {
-    let ctx = builder.context().clone();
+    let ctx = builder.resources().clone();
     let secret = ctx.settings.jwt_secret.clone().unwrap_or_default();
     let limit = PerUser::new(
         "orders",

@@ -62,7 +62,7 @@ pub async fn enqueue(
 pub fn producer(
     settings: &Settings,
     client_id: &str,
-    context: crate::kafka::Context,
+    context: crate::kafka::KafkaContext,
 ) -> anyhow::Result<Producer> {
     let timeout_ms = settings.kafka_timeout.as_millis().to_string();
     let producer = crate::kafka::client_config(settings)

@@ -15,7 +15,7 @@ use crate::trace::TraceContext;
 
 /// Adds the payment consumer to `builder`.
 pub async fn build(builder: Builder) -> anyhow::Result<Builder> {
-    let settings = &builder.context().settings;
+    let settings = &builder.resources().settings;
     let handler = Payments {
         topic: settings.topic(topics::PAYMENT_COMPLETED),
         opening_balance: settings.opening_balance_cents,

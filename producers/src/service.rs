@@ -21,7 +21,7 @@ use service_kit::telemetry::LogOutput;
 
 /// What every part of a service gets.
 #[derive(Clone)]
-pub struct Context {
+pub struct Resources {
     /// Which service.
     pub service: Service,
     /// Its settings.
@@ -31,7 +31,7 @@ pub struct Context {
     /// Producer for the relay and the DLQ.
     pub producer: Producer,
     /// Context of every Kafka client (records a refused authentication).
-    pub kafka: crate::kafka::Context,
+    pub kafka: crate::kafka::KafkaContext,
     /// Reports the brokers' refusal of our credentials.
     pub kafka_auth: AuthFailure,
     /// Its metrics.
@@ -44,7 +44,7 @@ type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// A service being assembled.
 pub struct Builder {
-    ctx: Context,
+    ctx: Resources,
     api: Router,
     tasks: Vec<(&'static str, Task)>,
 }
@@ -56,9 +56,9 @@ impl Builder {
     /// Connects to the database (and migrates it) and prepares the producer.
     pub async fn new(service: Service, settings: Settings) -> anyhow::Result<Self> {
         let pool = crate::db::connect(service, &settings).await?;
-        let (kafka, kafka_auth) = crate::kafka::Context::new();
+        let (kafka, kafka_auth) = crate::kafka::KafkaContext::new();
         let producer = producer(&settings, service.name(), kafka.clone())?;
-        let ctx = Context {
+        let ctx = Resources {
             service,
             kafka,
             kafka_auth,
@@ -76,7 +76,7 @@ impl Builder {
     }
 
     /// The shared context.
-    pub fn context(&self) -> &Context {
+    pub fn resources(&self) -> &Resources {
         &self.ctx
     }
 
@@ -160,7 +160,7 @@ impl Builder {
 
 /// A bound service.
 pub struct Running {
-    ctx: Context,
+    ctx: Resources,
     listener: TcpListener,
     local: SocketAddr,
     router: Router,

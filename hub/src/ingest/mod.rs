@@ -93,7 +93,7 @@ impl From<ConsumerError> for IngestError {
 /// The DLQ writer: idempotent, acknowledged by every replica, sent at once.
 fn producer(
     settings: &IngestSettings,
-    context: &kafka_runtime::Context,
+    context: &kafka_runtime::KafkaContext,
 ) -> Result<kafka_runtime::Producer, IngestError> {
     settings
         .security
@@ -113,7 +113,7 @@ pub async fn run(
     metrics: IngestMetrics,
     stop: CancellationToken,
 ) -> Result<(), IngestError> {
-    let (context, _auth) = kafka_runtime::Context::new();
+    let (context, _auth) = kafka_runtime::KafkaContext::new();
     let dlq = producer(&settings, &context)?;
     let topics = settings.routes.topics();
     let consumer = Consumer::new(

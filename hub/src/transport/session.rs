@@ -185,8 +185,8 @@ async fn serve<C: Connection>(
     let mut draining = false;
     // Made once: a new wait for the drain on every message would register and unregister
     // with the drain token each time.
-    let drained = ctx.lifecycle.drained();
-    tokio::pin!(drained);
+    let drain_started = ctx.lifecycle.drain_started();
+    tokio::pin!(drain_started);
     // Created at the first client message: idle connections do not pay for it.
     let mut inbound_rate: Option<Box<governor::DefaultDirectRateLimiter>> = None;
     let mut batch: Vec<Arc<Notification>> = Vec::new();
@@ -223,7 +223,7 @@ async fn serve<C: Connection>(
                 heartbeat.as_mut().reset(Instant::now() + next);
             }
             () = &mut close_at => return Err(closing),
-            () = &mut drained, if !draining => {
+            () = &mut drain_started, if !draining => {
                 draining = true;
                 let at = Instant::now() + drain_delay(timing.drain_window);
                 if at < close_at.deadline() {

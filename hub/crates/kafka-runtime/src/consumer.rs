@@ -15,7 +15,7 @@ use service_kit::Backoff;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::context::{Context, Observer, is_missing_topic};
+use crate::context::{KafkaContext, Observer, is_missing_topic};
 use crate::dlq::DlqWriter;
 use crate::record::Record;
 use crate::{Producer, Security};
@@ -77,7 +77,7 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// A subscribed consumer, ready to run.
 pub struct Consumer {
-    consumer: Arc<StreamConsumer<Context>>,
+    consumer: Arc<StreamConsumer<KafkaContext>>,
     dlq: DlqWriter,
     observer: Arc<dyn Observer>,
     max_batch: usize,
@@ -89,12 +89,12 @@ impl Consumer {
     /// writes and retries.
     pub fn new(
         settings: &ConsumerSettings,
-        context: &Context,
+        context: &KafkaContext,
         observer: Arc<dyn Observer>,
         dlq: Producer,
     ) -> Result<Self, ConsumerError> {
         let interval = settings.commit_interval.as_millis().max(1).to_string();
-        let consumer: StreamConsumer<Context> = settings
+        let consumer: StreamConsumer<KafkaContext> = settings
             .security
             .client_config(&settings.brokers)
             .set("group.id", &settings.group)
@@ -199,7 +199,7 @@ impl Consumer {
 }
 
 struct Worker<H> {
-    consumer: Arc<StreamConsumer<Context>>,
+    consumer: Arc<StreamConsumer<KafkaContext>>,
     dlq: DlqWriter,
     handler: Arc<H>,
     observer: Arc<dyn Observer>,

@@ -53,16 +53,16 @@ impl AuthFailure {
 
 /// The context of every producer and consumer of one process.
 #[derive(Clone)]
-pub struct Context {
+pub struct KafkaContext {
     auth: Arc<watch::Sender<Option<String>>>,
     observer: Arc<dyn Observer>,
 }
 
-impl Context {
+impl KafkaContext {
     /// A context and the handle that reports its authentication failure.
     pub fn new() -> (Self, AuthFailure) {
         let (tx, rx) = watch::channel(None);
-        let context = Context {
+        let context = KafkaContext {
             auth: Arc::new(tx),
             observer: Arc::new(Unobserved),
         };
@@ -71,7 +71,7 @@ impl Context {
 
     /// The same context (sharing its authentication failure), reporting lag to `observer`.
     pub fn observed(&self, observer: Arc<dyn Observer>) -> Self {
-        Context {
+        KafkaContext {
             auth: self.auth.clone(),
             observer,
         }
@@ -84,7 +84,7 @@ pub(crate) fn is_missing_topic(e: &KafkaError) -> bool {
     e.rdkafka_error_code() == Some(RDKafkaErrorCode::UnknownTopicOrPartition)
 }
 
-impl ClientContext for Context {
+impl ClientContext for KafkaContext {
     fn error(&self, error: KafkaError, reason: &str) {
         let refused = matches!(
             error.rdkafka_error_code(),
@@ -117,7 +117,7 @@ impl ClientContext for Context {
     }
 }
 
-impl ConsumerContext for Context {
+impl ConsumerContext for KafkaContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         // Hand over what is done before the partitions move to another member.
         if let Rebalance::Revoke(_) = rebalance

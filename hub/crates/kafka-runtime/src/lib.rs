@@ -30,9 +30,9 @@ pub mod record;
 pub mod security;
 
 pub use consumer::{Consumer, ConsumerError, ConsumerSettings, Handler, Outcome};
-pub use context::{AuthFailure, Context, Observer};
+pub use context::{AuthFailure, KafkaContext, Observer};
 pub use record::Record;
 pub use security::{SaslMechanism, Security, SecurityError, SecurityProtocol, SecuritySetting};
 
 /// The producer a consumer writes its DLQ records with (and the services their outbox).
-pub type Producer = rdkafka::producer::FutureProducer<Context>;
+pub type Producer = rdkafka::producer::FutureProducer<KafkaContext>;
