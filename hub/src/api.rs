@@ -190,17 +190,7 @@ struct BearerKey;
 
 impl utoipa::Modify for BearerKey {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "api_key",
-            SecurityScheme::Http(
-                HttpBuilder::new()
-                    .scheme(HttpAuthScheme::Bearer)
-                    .description(Some("HUB_API_KEY"))
-                    .build(),
-            ),
-        );
+        service_kit::http::add_bearer_scheme(openapi, "api_key", None, "HUB_API_KEY".to_owned());
     }
 }
 

@@ -13,21 +13,15 @@ pub use service_kit::http::ErrorBody;
 /// `/metrics`) and the `bearer` scheme of its API, whose tokens must carry `audience`.
 pub fn finish(mut doc: OpenApi, audience: &str) -> String {
     use utoipa::OpenApi as _;
-    use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
     doc.merge(crate::http::OpsDoc::openapi());
-    let components = doc.components.get_or_insert_with(Default::default);
-    components.add_security_scheme(
+    service_kit::http::add_bearer_scheme(
+        &mut doc,
         "bearer",
-        SecurityScheme::Http(
-            HttpBuilder::new()
-                .scheme(HttpAuthScheme::Bearer)
-                .bearer_format("JWT")
-                .description(Some(format!(
-                    "An HS256 JWT signed with the hub's secret (`JWT_SECRET`), with `exp`, \
-                     `sub` (the user) and `aud`, which must be `{audience}` (`JWT_AUDIENCE`); a \
-                     token for the hub or another service is refused with 401."
-                )))
-                .build(),
+        Some("JWT"),
+        format!(
+            "An HS256 JWT signed with the hub's secret (`JWT_SECRET`), with `exp`, `sub` (the \
+             user) and `aud`, which must be `{audience}` (`JWT_AUDIENCE`); a token for the hub \
+             or another service is refused with 401."
         ),
     );
     doc.to_json().unwrap_or_default()

@@ -143,6 +143,26 @@ impl<E: fmt::Display> IntoResponse for ApiError<E> {
     }
 }
 
+/// Adds to `doc` a bearer security scheme called `name`: `format` (`JWT`) when the token has
+/// one, and what it must be in `description`.
+pub fn add_bearer_scheme(
+    doc: &mut utoipa::openapi::OpenApi,
+    name: &str,
+    format: Option<&str>,
+    description: String,
+) {
+    use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+    let mut scheme = HttpBuilder::new()
+        .scheme(HttpAuthScheme::Bearer)
+        .description(Some(description));
+    if let Some(format) = format {
+        scheme = scheme.bearer_format(format);
+    }
+    doc.components
+        .get_or_insert_with(Default::default)
+        .add_security_scheme(name, SecurityScheme::Http(scheme.build()));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
