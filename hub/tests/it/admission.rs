@@ -9,7 +9,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, timeout};
 
-use crate::helpers::*;
+use crate::helpers::app::{TestApp, spawn_app, spawn_app_with, wait_metric_eq};
+use crate::helpers::clients::assert_json_error;
+use crate::helpers::fixture;
+use crate::helpers::tokens::{now_s, rs256_openssl};
+use test_support::STEP;
 
 /// Which path serves the request under test.
 #[derive(Debug, Clone, Copy)]

@@ -5,8 +5,11 @@ use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
+use test_support::clients::{Refused, SseClient, WsClient};
 
-use crate::helpers::*;
+use crate::helpers::app::{TestApp, spawn_app_with};
+use crate::helpers::fixture;
+use crate::helpers::tokens::{hs256, now_s, rs256_openssl};
 
 /// Tries a token on both transports and returns the two refusals.
 async fn refused_everywhere(app: &TestApp, token: &str) -> Vec<Refused> {

@@ -10,7 +10,7 @@ use hub::envelope::{Id, Notification};
 use parking_lot::Mutex;
 use serde_json::value::RawValue;
 
-use crate::helpers::{redis_prefix, redis_url};
+use crate::helpers::redis::{redis_prefix, redis_url};
 
 /// Records what the backplane hands to the node.
 #[derive(Default)]

@@ -3,8 +3,10 @@
 use std::process::{Command, Stdio};
 
 use serde_json::json;
+use test_support::STEP;
+use test_support::clients::WsClient;
 
-use crate::helpers::*;
+use crate::helpers::processes::HubProcess;
 
 fn hub() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_hub"));

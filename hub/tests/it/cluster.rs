@@ -9,14 +9,16 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use futures_util::stream;
 use serde_json::json;
+use test_support::STEP;
+use test_support::process::Signal;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::helpers::{
-    Conn, Credentials, HubProcess, Kind, RedisServer, STEP, TestApp, redis_prefix, redis_url,
-    wait_metric_eq, wait_status,
-};
+use crate::helpers::app::{Credentials, TestApp, wait_metric_eq, wait_status};
+use crate::helpers::clients::{Conn, Kind};
+use crate::helpers::processes::HubProcess;
+use crate::helpers::redis::{RedisServer, redis_prefix, redis_url};
 
 /// Type of the test notifications; `data` is `{"user": ..., "seq": n}`.
 const NOTE: &str = "test.note";
@@ -339,7 +341,7 @@ async fn clients_of_a_killed_node_resume_on_another_without_loss_or_duplicates()
         progress.iter().all(|p| p.notes.load(Ordering::SeqCst) >= 5)
     })
     .await;
-    b.signal("KILL");
+    b.signal(Signal::SIGKILL);
     assert!(
         b.wait_exit(Duration::from_secs(5)).await.is_some(),
         "B exits on SIGKILL"

@@ -4,9 +4,13 @@
 
 use std::time::Duration;
 
+use test_support::STEP;
+use test_support::clients::{SseClient, WsClient};
+use test_support::process::Signal;
 use tokio::time::Instant;
 
-use crate::helpers::*;
+use crate::helpers::clients::refused_on_both;
+use crate::helpers::processes::HubProcess;
 
 /// `HUB_DRAIN_WINDOW` of the node under test.
 const DRAIN_WINDOW: Duration = Duration::from_secs(2);
@@ -31,7 +35,7 @@ async fn sigterm_turns_unready_refuses_new_clients_closes_open_ones_and_exits() 
     assert_eq!(sse.event().await.data["type"], "hub.connected");
     assert_eq!(app.get("/readyz").await.0, 200, "ready before the signal");
 
-    hub.signal("TERM");
+    hub.signal(Signal::SIGTERM);
     let signalled = Instant::now();
 
     // Readiness flips while the listener stays open, so a load balancer sees 503, not a reset.

@@ -4,11 +4,19 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use test_support::STEP;
+use test_support::clients::{SseClient, WsClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{Instant, timeout};
 
-use crate::helpers::*;
+use crate::helpers::app::{
+    Credentials, TestApp, spawn_app, spawn_app_with, wait_metric_eq, wait_status,
+};
+use crate::helpers::clients::assert_json_error;
+use crate::helpers::processes::HubProcess;
+use crate::helpers::redis::{redis_prefix, redis_url};
+use crate::helpers::tokens::{hs256, now_s};
 
 /// Largest publish body (§4).
 const MAX_BODY: usize = 64 * 1024;

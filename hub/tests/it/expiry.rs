@@ -2,8 +2,10 @@
 //! same user extends it; a refresh for another user is refused with 4003.
 
 use serde_json::json;
+use test_support::clients::{SseClient, WsClient};
 
-use crate::helpers::*;
+use crate::helpers::app::spawn_app;
+use crate::helpers::tokens::{hs256, now_s};
 
 #[tokio::test]
 async fn ws_closes_at_exp_with_4001() {

@@ -4,11 +4,12 @@
 use hub::grpc::PublisherClient;
 use proto::hub::v1::{PublishBatchRequest, PublishRequest};
 use serde_json::json;
+use test_support::clients::{SseClient, WsClient};
 use tonic::Code;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
-use crate::helpers::*;
+use crate::helpers::app::{TestApp, spawn_app_with};
 
 async fn grpc_app(pairs: &[(&str, &str)]) -> (TestApp, PublisherClient<Channel>) {
     let mut all = vec![("HUB_GRPC_ADDR", "127.0.0.1:0")];

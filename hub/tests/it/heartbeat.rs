@@ -3,10 +3,12 @@
 
 use std::time::Duration;
 
+use test_support::STEP;
+use test_support::clients::WsClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, timeout};
 
-use crate::helpers::*;
+use crate::helpers::app::{spawn_app_with, wait_metric_eq};
 
 #[tokio::test]
 async fn sse_sends_ping_comments_every_interval() {

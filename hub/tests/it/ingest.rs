@@ -12,37 +12,34 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use proto::orders::v1::{OrderStatus, OrderStatusChanged};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{Value, json};
-use tokio::io::AsyncWriteExt;
+use test_support::app::order_status_route;
+use test_support::files::{TempDir, temp_dir, write};
+use test_support::kafka::{PARTITIONS, brokers};
+use test_support::process::Signal;
+use test_support::{STEP, hex};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 
-use crate::helpers::{
-    Conn, Credentials, HubProcess, IngestProcess, Kind, RedisServer, STEP, TestApp, redis_prefix,
-    redis_url,
+use crate::helpers::app::{Credentials, TestApp};
+use crate::helpers::clients::{Conn, Kind};
+use crate::helpers::kafka::{
+    Record, Topic, committed, consume, kcat_produce, produce, producer, stream, wait_committed,
 };
+use crate::helpers::processes::{HubProcess, IngestProcess};
+use crate::helpers::redis::{RedisServer, redis_prefix, redis_url};
 
 /// Type of the marker published (through the API) to every user once all expected
 /// notifications arrived: whatever a client sees before it is all it gets.
 const END: &str = "test.end";
 /// The content type of proto3 JSON records.
 const JSON: &str = "application/json";
-/// Partitions of every test topic.
-const PARTITIONS: i32 = 3;
 /// The statuses every test order goes through, in the order they are produced.
 const LIFECYCLE: [OrderStatus; 5] = [
     OrderStatus::Created,
@@ -51,147 +48,6 @@ const LIFECYCLE: [OrderStatus; 5] = [
     OrderStatus::OutForDelivery,
     OrderStatus::Delivered,
 ];
-
-fn hex(bytes: usize) -> String {
-    (0..bytes)
-        .map(|_| format!("{:02x}", rand::random::<u8>()))
-        .collect()
-}
-
-fn brokers() -> String {
-    std::env::var("HUB_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
-}
-
-// ---------------------------------------------------------------------------------------------
-// Kafka: topics, producers, consumers.
-
-fn admin() -> AdminClient<DefaultClientContext> {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .expect("Kafka admin client")
-}
-
-fn admin_options() -> AdminOptions {
-    AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))
-}
-
-/// Creates `names` with [`PARTITIONS`] partitions each, keeping those that already exist.
-async fn create_topics(names: &[&str]) {
-    let new: Vec<NewTopic<'_>> = names
-        .iter()
-        .map(|n| NewTopic::new(n, PARTITIONS, TopicReplication::Fixed(1)))
-        .collect();
-    let results = timeout(STEP, admin().create_topics(&new, &admin_options()))
-        .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "Kafka on {} did not answer CreateTopics (infra/local/kafka.sh start)",
-                brokers()
-            )
-        })
-        .expect("CreateTopics request");
-    for result in results {
-        match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((name, code)) => panic!("creating topic {name}: {code}"),
-        }
-    }
-}
-
-/// A test's own topic and its DLQ, with a random suffix.
-struct Topic {
-    name: String,
-}
-
-impl Topic {
-    /// Creates `<stem>-<hex>` and `<stem>-<hex>.dlq`.
-    async fn create(stem: &str) -> Topic {
-        let name = format!("{stem}-{}", hex(5));
-        let dlq = format!("{name}.dlq");
-        create_topics(&[name.as_str(), dlq.as_str()]).await;
-        Topic { name }
-    }
-
-    fn dlq(&self) -> String {
-        format!("{}.dlq", self.name)
-    }
-
-    /// Deletes the topic and its DLQ (at the end of a passing test; a failing one leaves them
-    /// for a look with kcat).
-    async fn delete(self) {
-        let dlq = self.dlq();
-        let _ = timeout(
-            STEP,
-            admin().delete_topics(&[self.name.as_str(), dlq.as_str()], &admin_options()),
-        )
-        .await;
-    }
-}
-
-/// A producer like a well-behaved service's: idempotent, so per partition Kafka keeps the
-/// order records were sent in.
-fn producer() -> FutureProducer {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .set("message.timeout.ms", "30000")
-        .create()
-        .expect("Kafka producer")
-}
-
-/// One record to produce.
-#[derive(Clone)]
-struct Record {
-    key: String,
-    value: Vec<u8>,
-    /// The `content-type` header, if any.
-    content_type: Option<&'static str>,
-}
-
-/// Produces `records` to `topic` in this order and returns where each landed (partition,
-/// offset), once all are acknowledged.
-async fn produce(producer: &FutureProducer, topic: &str, records: &[Record]) -> Vec<(i32, i64)> {
-    let mut pending = Vec::with_capacity(records.len());
-    for r in records {
-        let mut record = FutureRecord::to(topic).key(&r.key).payload(&r.value);
-        if let Some(content_type) = r.content_type {
-            record = record.headers(OwnedHeaders::new().insert(Header {
-                key: "content-type",
-                value: Some(content_type),
-            }));
-        }
-        let delivery = producer
-            .send_result(record)
-            .map_err(|(e, _)| e)
-            .expect("record enqueued in the producer");
-        pending.push(delivery);
-    }
-    let mut landed = Vec::with_capacity(pending.len());
-    for delivery in pending {
-        let d = timeout(Duration::from_secs(30), delivery)
-            .await
-            .expect("delivery report within 30 s")
-            .expect("producer alive")
-            .map_err(|(e, _)| e)
-            .expect("record acknowledged by Kafka");
-        landed.push((d.partition, d.offset));
-    }
-    landed
-}
-
-/// Produces `records` in batches of `batch`, `pause` apart, so that the stream lasts a while.
-fn stream(topic: &str, records: Vec<Record>, batch: usize, pause: Duration) -> JoinHandle<()> {
-    let topic = topic.to_owned();
-    tokio::spawn(async move {
-        let producer = producer();
-        for chunk in records.chunks(batch) {
-            produce(&producer, &topic, chunk).await;
-            tokio::time::sleep(pause).await;
-        }
-    })
-}
 
 /// One `OrderStatusChanged` for user `warm-up` on each partition (by number, not by key).
 async fn warm_up(producer: &FutureProducer, topic: &str, round: usize) {
@@ -212,135 +68,6 @@ async fn warm_up(producer: &FutureProducer, topic: &str, round: usize) {
             .map_err(|(e, _)| e)
             .expect("warm-up record acknowledged");
     }
-}
-
-/// Produces `key:value` lines with `kcat` (an independent Kafka client: librdkafka through
-/// its own command line, not this test's code), each with `content-type: application/json`.
-async fn kcat_produce(topic: &str, lines: &[(String, Vec<u8>)]) {
-    let mut input = Vec::new();
-    for (key, value) in lines {
-        assert!(!value.contains(&b'\n'), "one record per line");
-        input.extend_from_slice(key.as_bytes());
-        input.push(b':');
-        input.extend_from_slice(value);
-        input.push(b'\n');
-    }
-    let mut child = tokio::process::Command::new("kcat")
-        .args(["-P", "-b", &brokers(), "-t", topic, "-K:"])
-        .args(["-H", "content-type=application/json"])
-        .args(["-X", "enable.idempotence=true"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("kcat runs (apt-get install kcat; infra/local/deps.sh installs it)");
-    let mut stdin = child.stdin.take().expect("kcat stdin");
-    stdin.write_all(&input).await.expect("write to kcat");
-    drop(stdin);
-    let out = timeout(Duration::from_secs(30), child.wait_with_output())
-        .await
-        .expect("kcat finished within 30 s")
-        .expect("kcat output");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && !stderr.contains("ERROR"),
-        "kcat failed ({}): {stderr}",
-        out.status
-    );
-}
-
-/// The offsets `group` has committed on `topic`, summed over partitions (a partition without
-/// a commit counts 0): how far ingest says it is done.
-async fn committed(group: &str, topic: &str) -> i64 {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("Kafka consumer for committed offsets");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition(topic, p);
-    }
-    let got = tokio::task::spawn_blocking(move || {
-        consumer.committed_offsets(tpl, Duration::from_secs(5))
-    })
-    .await
-    .expect("committed offsets task")
-    .expect("committed offsets of the group");
-    got.elements()
-        .iter()
-        .map(|e| match e.offset() {
-            Offset::Offset(n) => n,
-            _ => 0,
-        })
-        .sum()
-}
-
-/// Waits until `group` has committed `want` records of `topic` in total.
-async fn wait_committed(group: &str, topic: &str, want: i64, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    loop {
-        let got = committed(group, topic).await;
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "group {group} committed {got} records of {topic}, wanted {want} within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// One DLQ record as a test reads it.
-#[derive(Debug)]
-struct DlqRecord {
-    key: Option<Vec<u8>>,
-    payload: Option<Vec<u8>>,
-    headers: BTreeMap<String, String>,
-}
-
-/// Reads `count` records from `topic` (every partition, from the beginning).
-async fn consume(topic: &str, count: usize) -> Vec<DlqRecord> {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", format!("it-dlq-reader-{}", hex(4)))
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("Kafka consumer for the DLQ");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .expect("partition offset");
-    }
-    consumer.assign(&tpl).expect("assign the DLQ partitions");
-    let deadline = Instant::now() + STEP;
-    let mut out = Vec::new();
-    while out.len() < count {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let m = timeout(left, consumer.recv())
-            .await
-            .unwrap_or_else(|_| panic!("{topic}: {} of {count} records within {STEP:?}", out.len()))
-            .expect("DLQ record");
-        let headers = m
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| {
-                        let value = h.value.map(String::from_utf8_lossy).unwrap_or_default();
-                        (h.key.to_owned(), value.into_owned())
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.push(DlqRecord {
-            key: m.key().map(<[u8]>::to_vec),
-            payload: m.payload().map(<[u8]>::to_vec),
-            headers,
-        });
-    }
-    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -454,43 +181,9 @@ fn count(expected: &Expected, user: &str) -> usize {
 // ---------------------------------------------------------------------------------------------
 // Hubs and routes.
 
-/// A temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        let dir = std::env::temp_dir().join(format!("hub-it-ingest-{}", hex(6)));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        TempDir(dir)
-    }
-
-    /// Writes `name` and returns its path.
-    fn write(&self, name: &str, text: &str) -> String {
-        let path = self.0.join(name);
-        std::fs::write(&path, text).expect("write temp file");
-        path.to_str().expect("UTF-8 temp path").to_owned()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The built-in order route, on another topic.
 fn order_route(topic: &str) -> String {
-    format!(
-        r#"
-[[route]]
-name = "it-orders"
-topic = "{topic}"
-message = "notifications.orders.v1.OrderStatusChanged"
-type = "order.status"
-recipients = ["user_id"]
-data = {{ order_id = "order_id", status = "status", previous_status = "previous_status" }}
-"#
-    )
+    order_status_route("it-orders", topic)
 }
 
 /// Everything a test's hubs share: credentials, Redis prefix, consumer group, topic, routes.
@@ -509,8 +202,8 @@ impl Setup {
     /// A fresh topic named after `stem`, with `routes(topic)` as the routes file.
     async fn new(redis: String, stem: &str, routes: impl Fn(&str) -> String) -> Setup {
         let topic = Topic::create(stem).await;
-        let dir = TempDir::new();
-        let routes = dir.write("routes.toml", &routes(&topic.name));
+        let dir = temp_dir("hub-it-ingest");
+        let routes = write(dir.path(), "routes.toml", &routes(&topic.name));
         Setup {
             creds: Credentials::random(),
             redis,
@@ -1073,7 +766,7 @@ async fn a_killed_ingesting_node_restarted_in_its_group_loses_and_duplicates_not
         assert!(Instant::now() < deadline, "ingest did not get going");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    a.signal("KILL");
+    a.signal(Signal::SIGKILL);
     let at_kill = ws_received(&clients);
     assert!(
         at_kill < total,
@@ -1142,7 +835,7 @@ async fn when_one_of_two_ingest_instances_stops_the_other_takes_its_partitions()
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let mut first = first;
-    first.signal("TERM");
+    first.signal(Signal::SIGTERM);
     let status = first
         .wait_exit(Duration::from_secs(20))
         .await
@@ -1217,7 +910,7 @@ async fn ingest_pauses_while_redis_is_down_and_delivers_everything_after_it_retu
     // The restarted Redis is empty: the history is lost, so clients may be told (hub.gap).
     assert_exactly(&seen, &expected, "order.status", true);
 
-    ingest.signal("TERM");
+    ingest.signal(Signal::SIGTERM);
     let status = ingest
         .wait_exit(STEP)
         .await
@@ -1309,7 +1002,7 @@ constants = {{ source = "marketing" }}
 
 #[tokio::test]
 async fn a_broken_routes_file_stops_the_hub_with_exit_code_2_and_one_line_naming_the_setting() {
-    let dir = TempDir::new();
+    let dir = temp_dir("hub-it-ingest");
     let cases = [
         (
             "an unknown field path",
@@ -1344,7 +1037,7 @@ data = { when = "order_id.seconds" }
         ),
     ];
     for (i, (what, text, mention)) in cases.into_iter().enumerate() {
-        let sub = dir.0.join(i.to_string());
+        let sub = dir.path().join(i.to_string());
         std::fs::create_dir_all(&sub).expect("case dir");
         let path = sub.join("routes.toml");
         std::fs::write(&path, text).expect("routes file");

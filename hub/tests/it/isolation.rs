@@ -3,8 +3,9 @@
 use std::collections::HashMap;
 
 use serde_json::json;
+use test_support::clients::{SseClient, WsClient};
 
-use crate::helpers::*;
+use crate::helpers::app::spawn_app_with;
 
 #[tokio::test]
 async fn two_hundred_users_on_both_transports_get_only_their_own() {

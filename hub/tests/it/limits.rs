@@ -4,9 +4,13 @@
 use std::time::Duration;
 
 use serde_json::json;
+use test_support::STEP;
+use test_support::clients::{SseClient, WsClient};
 use tokio::time::Instant;
 
-use crate::helpers::*;
+use crate::helpers::app::{TestApp, spawn_app, spawn_app_with};
+use crate::helpers::clients::{assert_json_error, refused_on_both};
+use crate::helpers::redis::{redis_prefix, redis_url};
 
 /// Largest client → server WebSocket message (§3.2).
 const MAX_INBOUND: usize = 4 * 1024;

@@ -2,8 +2,9 @@
 //! format, the values follow what clients and publishers do, and no label carries a user.
 
 use serde_json::json;
+use test_support::clients::{SseClient, WsClient};
 
-use crate::helpers::*;
+use crate::helpers::app::{spawn_app, wait_metric_eq};
 
 const WS: &str = "hub_connections{transport=\"ws\"}";
 const SSE: &str = "hub_connections{transport=\"sse\"}";

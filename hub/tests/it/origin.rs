@@ -1,6 +1,8 @@
 //! The Origin allow-list, and the cookie only from an allowed Origin.
 
-use crate::helpers::*;
+use test_support::clients::{SseClient, WsClient};
+
+use crate::helpers::app::{spawn_app, spawn_app_with};
 
 #[tokio::test]
 async fn foreign_origin_is_refused_when_a_list_is_set() {

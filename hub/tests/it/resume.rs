@@ -2,8 +2,9 @@
 //! the seam, across transports; or `hub.gap` first when the resume point is gone.
 
 use serde_json::{Value, json};
+use test_support::clients::{SseClient, WsClient};
 
-use crate::helpers::*;
+use crate::helpers::app::{spawn_app, spawn_app_with};
 
 fn n_of(v: &Value) -> u64 {
     v["data"]["n"].as_u64().expect("n")

@@ -5,11 +5,14 @@
 use std::time::Duration;
 
 use serde_json::json;
+use test_support::STEP;
+use test_support::clients::WsClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 
-use crate::helpers::*;
+use crate::helpers::app::{TestApp, wait_metric_eq};
+use crate::helpers::processes::HubProcess;
 
 /// Notifications aimed at the stalled client; with `PAD` bytes each this is ~20 MB, well past
 /// what loopback socket buffers absorb (a few MB), so the hub's own queue must overflow.

@@ -1,14 +1,18 @@
 //! `rediss://` with `HUB_REDIS_CA_FILE`: nodes share a Redis that speaks only TLS, with a
 //! certificate signed by a private CA.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use serde_json::json;
-use tokio::time::Instant;
+use test_support::STEP;
+use test_support::clients::WsClient;
+use test_support::files::{TempDir, temp_dir};
+use test_support::process::{free_port, wait_listening};
 
-use crate::helpers::*;
+use crate::helpers::app::{Credentials, wait_status};
+use crate::helpers::processes::HubProcess;
+use crate::helpers::redis::redis_prefix;
 
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
@@ -86,25 +90,20 @@ fn certificates(dir: &Path) {
 struct TlsRedis {
     child: Child,
     port: u16,
-    dir: PathBuf,
+    dir: TempDir,
 }
 
 impl Drop for TlsRedis {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 async fn tls_redis() -> TlsRedis {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let dir = std::env::temp_dir().join(format!("hub-test-tls-{port}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    certificates(&dir);
+    let port = free_port();
+    let dir = temp_dir(&format!("hub-test-tls-{port}"));
+    certificates(dir.path());
     let child = Command::new("redis-server")
         .args([
             "--port",
@@ -122,20 +121,13 @@ async fn tls_redis() -> TlsRedis {
         ])
         .args(["--tls-ca-cert-file", "ca.pem", "--tls-auth-clients", "no"])
         .args(["--save", "", "--appendonly", "no"])
-        .current_dir(&dir)
+        .current_dir(dir.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("redis-server runs");
     let redis = TlsRedis { child, port, dir };
-    let deadline = Instant::now() + STEP;
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "TLS redis-server did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_listening(([127, 0, 0, 1], port).into(), "TLS redis-server").await;
     redis
 }
 
@@ -143,7 +135,7 @@ async fn tls_redis() -> TlsRedis {
 async fn nodes_share_a_tls_redis_verified_with_a_private_ca() {
     let redis = tls_redis().await;
     let url = format!("rediss://localhost:{}", redis.port);
-    let ca = redis.dir.join("ca.pem").display().to_string();
+    let ca = redis.dir.path().join("ca.pem").display().to_string();
     let prefix = redis_prefix();
     let creds = Credentials::random();
     let env = [

@@ -6,7 +6,10 @@
 
 use std::process::Command;
 
-use crate::helpers::*;
+use test_support::hex;
+
+use crate::helpers::processes::Kind;
+use crate::helpers::stack::Stack;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_page_shows_every_status_once_over_ws_and_sse_across_a_forced_disconnect() {

@@ -1,7 +1,7 @@
 //! A bad configuration stops a service at start with exit code 2 and one line naming the
 //! setting; it never half-starts.
 
-use crate::helpers::Kind;
+use crate::helpers::processes::Kind;
 
 fn run(kind: Kind, env: &[(&str, &str)]) -> (Option<i32>, String) {
     let out = kind

@@ -9,7 +9,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 
-use crate::helpers::*;
+use crate::helpers::http::{get, post};
+use crate::helpers::processes::Kind;
+use crate::helpers::stack::Stack;
+use crate::helpers::tokens::token_for;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_service_accepts_only_tokens_minted_for_its_own_audience() {
@@ -52,7 +55,7 @@ async fn each_service_accepts_only_tokens_minted_for_its_own_audience() {
     let (status, answer) = post(&ads, Some(&stack.token(Kind::Moderation, "quinn")), &ad).await;
     assert_eq!(status, 201, "{answer}");
     // ORDER_JWT_AUDIENCE changes what the order service wants.
-    stack.take_service(Kind::Order).terminate();
+    stack.take_service(Kind::Order).terminate().await;
     stack
         .extra
         .insert("order", vec![("JWT_AUDIENCE".into(), "shop-orders".into())]);

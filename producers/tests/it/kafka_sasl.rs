@@ -5,7 +5,12 @@
 
 use std::time::Duration;
 
-use crate::helpers::*;
+use test_support::hex;
+
+use crate::helpers::clients::{Inbox, Transport};
+use crate::helpers::kafka::PrivateKafka;
+use crate::helpers::processes::{Kind, ServiceProcess};
+use crate::helpers::stack::{DELIVERED_PATH, Stack};
 
 fn sasl(kafka: &PrivateKafka, password: &str) -> Vec<(String, String)> {
     vec![

@@ -4,8 +4,15 @@
 //! one decision each. Reports are rate limited per reporter.
 
 use serde_json::{Value, json};
+use test_support::hex;
+use test_support::wait::eventually;
 
-use crate::helpers::*;
+use crate::helpers::STEP;
+use crate::helpers::clients::{Inbox, Transport};
+use crate::helpers::http::{get, post};
+use crate::helpers::kafka::read_topic;
+use crate::helpers::processes::{Kind, ServiceProcess};
+use crate::helpers::stack::Stack;
 
 async fn post_report(stack: &Stack, reporter: &str, body: &Value) -> (u16, Value) {
     post(
@@ -300,7 +307,7 @@ async fn two_workers_share_the_tasks_and_each_task_is_decided_once() {
     .await;
     for id in &reports {
         assert_eq!(
-            results.iter().filter(|r| &r.key == id).count(),
+            results.iter().filter(|r| &r.key_text() == id).count(),
             1,
             "report {id}"
         );

@@ -3,7 +3,15 @@
 
 use std::time::Duration;
 
-use crate::helpers::*;
+use test_support::hex;
+use test_support::wait::eventually;
+
+use crate::helpers::STEP;
+use crate::helpers::clients::{Inbox, Transport};
+use crate::helpers::http::{get, post};
+use crate::helpers::kafka::{PrivateKafka, read_topic};
+use crate::helpers::processes::{Kind, ServiceProcess};
+use crate::helpers::stack::{DELIVERED_PATH, Stack};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_order_committed_before_a_kill_9_is_published_after_the_restart_exactly_once() {
@@ -43,7 +51,7 @@ async fn an_order_committed_before_a_kill_9_is_published_after_the_restart_exact
     );
     // Kafka got each event once.
     let created = read_topic(&stack.topics.name("order.created"), |r| !r.is_empty()).await;
-    assert_eq!(created.iter().filter(|r| r.key == order).count(), 1);
+    assert_eq!(created.iter().filter(|r| r.key_text() == order).count(), 1);
     stack.cleanup().await;
 }
 
@@ -139,7 +147,7 @@ async fn while_kafka_is_unreachable_events_wait_in_the_outbox_and_the_api_keeps_
 
     // Kafka "comes back": the same database with a reachable broker publishes the backlog.
     // SIGTERM with Kafka down: a clean exit all the same.
-    let status = stack.take_service(Kind::Order).terminate();
+    let status = stack.take_service(Kind::Order).terminate().await;
     assert!(status.success(), "exit status {status}");
     stack.extra.remove("order");
     for kind in [Kind::Order, Kind::Payment, Kind::Delivery] {

@@ -2,8 +2,15 @@
 //! service → `order.status.changed` → hub → WebSocket and SSE clients.
 
 use serde_json::json;
+use test_support::hex;
+use test_support::wait::eventually;
 
-use crate::helpers::*;
+use crate::helpers::STEP;
+use crate::helpers::clients::{Inbox, Transport};
+use crate::helpers::http::{get, post};
+use crate::helpers::processes::Kind;
+use crate::helpers::stack::{DELIVERED_PATH, Stack};
+use crate::helpers::tokens::token_for;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paid_order_reaches_delivered_once_each_in_order_and_nobody_else_hears_of_it() {
@@ -96,7 +103,7 @@ async fn the_user_who_cannot_pay_gets_payment_failed_and_no_delivery_exists() {
         "payment",
         vec![("UNFUNDED_USERS".into(), format!("broke,{broke}"))],
     );
-    stack.take_service(Kind::Payment).terminate();
+    stack.take_service(Kind::Payment).terminate().await;
     stack.start_service(Kind::Payment);
 
     let inbox = Inbox::connect(stack.hub(), &stack.secret, &broke, Transport::Sse).await;
@@ -197,7 +204,7 @@ async fn the_order_api_takes_the_user_from_the_token_and_explains_bad_input() {
         (status, answer),
         (401, json!({"error": "missing Authorization: Bearer token"}))
     );
-    let forged = crate::helpers::token_for(&hex(24), "carol", Some("orders"));
+    let forged = token_for(&hex(24), "carol", Some("orders"));
     let (status, answer) = post(
         &url,
         Some(&forged),

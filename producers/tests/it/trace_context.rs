@@ -5,8 +5,11 @@
 use std::collections::BTreeSet;
 
 use serde_json::{Value, json};
+use test_support::hex;
 
-use crate::helpers::*;
+use crate::helpers::kafka::read_topic;
+use crate::helpers::processes::Kind;
+use crate::helpers::stack::Stack;
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT: &str = "00f067aa0ba902b7";
@@ -80,10 +83,10 @@ async fn an_orders_trace_id_reaches_every_status_record_and_its_log_lines() {
     let records = read_topic(&topic, |rs| {
         [&traced, &untraced]
             .iter()
-            .all(|o| rs.iter().filter(|r| &&r.key == o).count() >= 5)
+            .all(|o| rs.iter().filter(|r| &&r.key_text() == o).count() >= 5)
     })
     .await;
-    for r in records.iter().filter(|r| r.key == traced) {
+    for r in records.iter().filter(|r| r.key_text() == traced) {
         let header = r.headers.get("traceparent").expect("traceparent header");
         let (trace, span) =
             parts(header).unwrap_or_else(|| panic!("invalid traceparent {header:?}"));
@@ -92,7 +95,7 @@ async fn an_orders_trace_id_reaches_every_status_record_and_its_log_lines() {
     }
     let traces: BTreeSet<String> = records
         .iter()
-        .filter(|r| r.key == untraced)
+        .filter(|r| r.key_text() == untraced)
         .map(|r| {
             let header = r.headers.get("traceparent").expect("traceparent header");
             parts(header)
@@ -105,12 +108,12 @@ async fn an_orders_trace_id_reaches_every_status_record_and_its_log_lines() {
 
     // order.created carries it too (the payment service continued from it).
     let created = read_topic(&stack.topics.name("order.created"), |rs| {
-        rs.iter().any(|r| r.key == traced)
+        rs.iter().any(|r| r.key_text() == traced)
     })
     .await;
     let header = &created
         .iter()
-        .find(|r| r.key == traced)
+        .find(|r| r.key_text() == traced)
         .expect("order.created")
         .headers["traceparent"];
     assert_eq!(parts(header).map(|p| p.0).as_deref(), Some(TRACE_ID));

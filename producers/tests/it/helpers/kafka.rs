@@ -1,0 +1,164 @@
+//! Kafka: the saga's topics under a random prefix on the suite's broker (or a private one),
+//! records produced and read back, and a broker of a test's own that it may stop and restart.
+
+use std::process::Command;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use test_support::hex;
+use test_support::kafka::{self, Record, brokers, create_topics, delete_topics};
+
+use crate::helpers::STEP;
+
+/// The saga's topics and their DLQs.
+pub const TOPICS: [&str; 6] = [
+    "order.created",
+    "payment.completed",
+    "delivery.status.updated",
+    "order.status.changed",
+    "moderation.tasks",
+    "moderation.results",
+];
+
+/// A random topic prefix with every saga topic (and DLQ) created under it.
+pub struct Topics {
+    pub prefix: String,
+    pub brokers: String,
+}
+
+impl Topics {
+    pub async fn create(brokers: &str) -> Topics {
+        let prefix = format!("it-{}.", hex(4));
+        let mut all = Vec::new();
+        for t in TOPICS {
+            all.push(format!("{prefix}{t}"));
+            all.push(format!("{prefix}{t}.dlq"));
+        }
+        let names: Vec<&str> = all.iter().map(String::as_str).collect();
+        create_topics(brokers, &names).await;
+        Topics {
+            prefix,
+            brokers: brokers.to_owned(),
+        }
+    }
+
+    pub fn name(&self, topic: &str) -> String {
+        format!("{}{topic}", self.prefix)
+    }
+
+    pub async fn delete(self) {
+        let mut all = Vec::new();
+        for t in TOPICS {
+            all.push(format!("{}{t}", self.prefix));
+            all.push(format!("{}{t}.dlq", self.prefix));
+        }
+        let names: Vec<&str> = all.iter().map(String::as_str).collect();
+        delete_topics(&self.brokers, &names).await;
+    }
+}
+
+pub fn producer() -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .create()
+        .expect("producer")
+}
+
+/// Produces `value` under `key` to `topic` (headers: name, value).
+pub async fn produce(topic: &str, key: &str, value: &[u8], headers: &[(&str, &str)]) {
+    let mut h = rdkafka::message::OwnedHeaders::new();
+    for (k, v) in headers {
+        h = h.insert(rdkafka::message::Header {
+            key: k,
+            value: Some(v.as_bytes()),
+        });
+    }
+    producer()
+        .send(
+            FutureRecord::to(topic).key(key).payload(value).headers(h),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_or_else(|(e, _)| panic!("produce to {topic}: {e}"));
+}
+
+/// Every record of `topic` from the beginning, reading until `enough(records)` holds.
+pub async fn read_topic(topic: &str, enough: impl Fn(&[Record]) -> bool) -> Vec<Record> {
+    kafka::read_topic(topic, STEP, enough).await
+}
+
+/// A broker on three free ports (`infra/local/kafka.sh --port`: PLAINTEXT on `port`, the
+/// controller on `port + 1`, SASL_PLAINTEXT on `port + 2`), for a test that stops and restarts
+/// Kafka, or needs the SASL listener, without disturbing the others. Stopped, and its data
+/// removed, on drop.
+pub struct PrivateKafka {
+    pub port: u16,
+}
+
+fn kafka_script(args: &[&str]) -> std::process::Output {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra/local/kafka.sh");
+    Command::new(script)
+        .args(args)
+        .output()
+        .expect("run infra/local/kafka.sh")
+}
+
+impl PrivateKafka {
+    pub async fn start() -> PrivateKafka {
+        let port = loop {
+            let p = 20_000 + 3 * (rand::random::<u16>() % 10_000);
+            let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+            if free(p) && free(p + 1) && free(p + 2) {
+                break p;
+            }
+        };
+        let kafka = PrivateKafka { port };
+        kafka.resume().await;
+        kafka
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The SASL_PLAINTEXT listener (SASL/PLAIN; users `hub`, `services`).
+    pub fn sasl_brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port + 2)
+    }
+
+    /// (Re)starts the broker with its data.
+    pub async fn resume(&self) {
+        let port = self.port.to_string();
+        let out = tokio::task::spawn_blocking(move || kafka_script(&["start", "--port", &port]))
+            .await
+            .expect("join");
+        assert!(
+            out.status.success(),
+            "private Kafka on {} did not start: {}{}",
+            self.port,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Stops the broker (SIGTERM, as an operator would).
+    pub async fn stop(&self) {
+        let port = self.port.to_string();
+        let out = tokio::task::spawn_blocking(move || kafka_script(&["stop", "--port", &port]))
+            .await
+            .expect("join");
+        assert!(out.status.success(), "private Kafka did not stop");
+    }
+}
+
+impl Drop for PrivateKafka {
+    fn drop(&mut self) {
+        let port = self.port.to_string();
+        let _ = kafka_script(&["stop", "--port", &port]);
+        let run = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.run/kafka");
+        let _ = std::fs::remove_dir_all(run.join("data").join(&port));
+    }
+}
