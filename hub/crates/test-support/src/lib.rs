@@ -27,3 +27,13 @@ pub fn hex(bytes: usize) -> String {
         .map(|_| format!("{:02x}", rand::random::<u8>()))
         .collect()
 }
+
+/// Asserts an API refusal: `status` is `expected` and the JSON body's `error` names `needle`.
+pub fn assert_refused(status: u16, body: &serde_json::Value, expected: u16, needle: &str) {
+    assert_eq!(status, expected, "{body}");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(needle),
+        "expected an error naming {needle:?}: {body}"
+    );
+}
