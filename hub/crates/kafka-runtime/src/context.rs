@@ -119,9 +119,13 @@ impl ClientContext for KafkaContext {
 
 impl ConsumerContext for KafkaContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        // Hand over what is done before the partitions move to another member.
+        // Hand over what is done before the partitions move to another member. Never a
+        // synchronous commit here: when the assignment was lost (the group session timed out
+        // while the brokers were away) it waits on the group this callback holds up, and the
+        // consumer never rejoins. The consumers are idempotent, so a commit that loses the race
+        // costs a duplicate they skip, never a loss.
         if let Rebalance::Revoke(_) = rebalance
-            && let Err(e) = consumer.commit_consumer_state(CommitMode::Sync)
+            && let Err(e) = consumer.commit_consumer_state(CommitMode::Async)
         {
             tracing::debug!(error = %e, "kafka: commit on revoke");
         }
