@@ -20,7 +20,7 @@ use crate::shutdown::Lifecycle;
 use service_kit::http::ErrorBody;
 
 /// Largest publish body.
-pub const MAX_BODY: usize = 64 * 1024;
+pub const MAX_BODY: usize = service_kit::http::BODY_LIMIT;
 /// Largest batch publish body.
 pub const MAX_BATCH_BODY: usize = 1024 * 1024;
 /// Most notifications in one batch.
