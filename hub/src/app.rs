@@ -14,7 +14,7 @@ use tower_http::trace::TraceLayer;
 use crate::api::{self, ApiInner, ApiState};
 use crate::auth::{OriginPolicy, Verifier};
 use crate::backplane::memory::MemoryBackplane;
-use crate::backplane::redis::{RedisBackplane, RedisSettings, RedisTelemetry};
+use crate::backplane::redis::{RedisBackplane, RedisEndpoint, RedisSettings, RedisTelemetry};
 use crate::backplane::{Backplane, Sink};
 use crate::config::Settings;
 use crate::envelope::Notification;
@@ -101,11 +101,12 @@ pub async fn run_ingest_only(
     let Some(ingest) = ingest_settings(&settings)? else {
         anyhow::bail!("config: HUB_KAFKA_BROKERS: required by `hub ingest`");
     };
-    let Some(url) = &settings.redis_url else {
+    let Some(endpoint) = settings.redis_endpoint() else {
         anyhow::bail!(
-            "config: HUB_REDIS_URL: required by `hub ingest` (nodes read history from Redis)"
+            "config: HUB_REDIS_URL: required by `hub ingest` (or HUB_REDIS_CLUSTER_URLS; nodes read history from Redis)"
         );
     };
+    let setting = redis_setting(&endpoint);
     struct Discard;
     impl Sink for Discard {
         fn deliver(&self, _: &str, _: &Arc<Notification>) {}
@@ -115,7 +116,7 @@ pub async fn run_ingest_only(
     }
     let metrics = Metrics::new();
     let (redis, task) = RedisBackplane::connect(
-        redis_settings(&settings, url),
+        redis_settings(&settings, endpoint),
         Arc::new(Discard),
         RedisTelemetry {
             reconnects: metrics.backplane_reconnects().clone(),
@@ -123,7 +124,7 @@ pub async fn run_ingest_only(
         },
     )
     .await
-    .map_err(|e| anyhow::anyhow!("config: HUB_REDIS_URL: {e}"))?;
+    .map_err(|e| anyhow::anyhow!("config: {setting}: {e}"))?;
     let stop = CancellationToken::new();
     let ingest_metrics = metrics.ingest(&ingest.routes.topics());
     let run = tokio::spawn(ingest::run(
@@ -145,14 +146,15 @@ pub async fn run_ingest_only(
     }
 }
 
-fn redis_settings(settings: &Settings, url: &str) -> RedisSettings {
+fn redis_settings(settings: &Settings, endpoint: RedisEndpoint) -> RedisSettings {
     RedisSettings {
-        url: url.to_owned(),
+        endpoint,
         ca_file: settings.redis_ca_file.clone(),
         prefix: settings.redis_prefix.clone(),
         pool_size: settings.redis_pool_size,
         linger: settings.publish_linger,
         timeout: settings.redis_timeout,
+        sync_replicas: settings.redis_sync_replicas,
         history_size: settings.history_size,
         history_ttl: settings.history_ttl,
         idempotency_ttl: settings.idempotency_ttl,
@@ -239,17 +241,26 @@ fn client_context(
     })
 }
 
-/// The Redis backplane when `HUB_REDIS_URL` is set, else the in-process one; with the task
+/// The setting that named the Redis an error is about.
+fn redis_setting(endpoint: &RedisEndpoint) -> &'static str {
+    match endpoint {
+        RedisEndpoint::Single(_) => "HUB_REDIS_URL",
+        RedisEndpoint::Cluster(_) => "HUB_REDIS_CLUSTER_URLS",
+    }
+}
+
+/// The Redis backplane when `HUB_REDIS_URL` (or `HUB_REDIS_CLUSTER_URLS`) is set, else the in-process one; with the task
 /// that keeps it (pub/sub or the history sweeper).
 async fn connect_backplane(
     settings: &Settings,
     sink: Arc<FanoutSink>,
     metrics: &Metrics,
 ) -> anyhow::Result<(Arc<dyn Backplane>, tokio::task::JoinHandle<()>)> {
-    match &settings.redis_url {
-        Some(url) => {
+    match settings.redis_endpoint() {
+        Some(endpoint) => {
+            let setting = redis_setting(&endpoint);
             let (redis, task) = RedisBackplane::connect(
-                redis_settings(settings, url),
+                redis_settings(settings, endpoint),
                 sink,
                 RedisTelemetry {
                     reconnects: metrics.backplane_reconnects().clone(),
@@ -257,7 +268,7 @@ async fn connect_backplane(
                 },
             )
             .await
-            .map_err(|e| anyhow::anyhow!("config: HUB_REDIS_URL: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("config: {setting}: {e}"))?;
             Ok((Arc::new(redis), task))
         }
         None => {

@@ -75,6 +75,10 @@ pub struct Settings {
     /// Redis backplane and history.
     #[serde(default, deserialize_with = "settings::opt_text")]
     pub redis_url: Option<String>,
+    /// Seed URLs of a Redis Cluster (comma-separated in the environment), instead of
+    /// `redis_url`.
+    #[serde(default, deserialize_with = "settings::text_list")]
+    pub redis_cluster_urls: Vec<String>,
     /// PEM CA bundle for a `rediss://` server certificate.
     #[serde(default)]
     pub redis_ca_file: Option<PathBuf>,
@@ -93,6 +97,9 @@ pub struct Settings {
     /// instead of hanging while Redis is unreachable.
     #[serde(with = "humantime_serde")]
     pub redis_timeout: Duration,
+    /// Replicas that must have a notification before its publish is acknowledged (Redis
+    /// `WAIT`), so a failover to one of them loses nothing acknowledged; 0: no wait.
+    pub redis_sync_replicas: u32,
     /// Kafka ingest: bootstrap brokers (`host:port,...`).
     #[serde(default, deserialize_with = "settings::opt_text")]
     pub kafka_brokers: Option<String>,
@@ -197,12 +204,14 @@ impl Default for Settings {
             api_key: None,
             allowed_origins: Vec::new(),
             redis_url: None,
+            redis_cluster_urls: Vec::new(),
             redis_ca_file: None,
             redis_prefix: "hub".to_owned(),
             redis_pool_size: 2,
             publish_linger: Duration::ZERO,
             worker_threads: 0,
             redis_timeout: Duration::from_secs(2),
+            redis_sync_replicas: 0,
             kafka_brokers: None,
             kafka_group: "hub-ingest".to_owned(),
             kafka_security_protocol: SecurityProtocol::Plaintext,
@@ -361,15 +370,42 @@ impl Settings {
         Ok(())
     }
 
+    /// The Redis the backplane uses, if any.
+    pub fn redis_endpoint(&self) -> Option<crate::backplane::redis::RedisEndpoint> {
+        use crate::backplane::redis::RedisEndpoint;
+        match &self.redis_url {
+            Some(url) => Some(RedisEndpoint::Single(url.clone())),
+            None if !self.redis_cluster_urls.is_empty() => {
+                Some(RedisEndpoint::Cluster(self.redis_cluster_urls.clone()))
+            }
+            None => None,
+        }
+    }
+
     /// The Redis backplane and the publish path.
     fn validate_redis(&self) -> Result<(), ConfigError> {
+        let is_url = |url: &str| url.starts_with("redis://") || url.starts_with("rediss://");
         if let Some(url) = &self.redis_url
-            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+            && !is_url(url)
         {
             return Err(ConfigError::new(
                 "HUB_REDIS_URL",
                 "must be a redis:// or rediss:// URL",
             ));
+        }
+        if !self.redis_cluster_urls.is_empty() {
+            if self.redis_url.is_some() {
+                return Err(ConfigError::new(
+                    "HUB_REDIS_CLUSTER_URLS",
+                    "cannot be combined with HUB_REDIS_URL (set one of them)",
+                ));
+            }
+            if let Some(bad) = self.redis_cluster_urls.iter().find(|u| !is_url(u)) {
+                return Err(ConfigError::new(
+                    "HUB_REDIS_CLUSTER_URLS",
+                    format!("{bad:?} is not a redis:// or rediss:// URL"),
+                ));
+            }
         }
         if self.redis_prefix.is_empty()
             || !self
@@ -383,6 +419,12 @@ impl Settings {
             ));
         }
         within("HUB_REDIS_POOL_SIZE", self.redis_pool_size, 1, 1024)?;
+        within(
+            "HUB_REDIS_SYNC_REPLICAS",
+            self.redis_sync_replicas as usize,
+            0,
+            16,
+        )?;
         if self.publish_linger > Duration::from_millis(100) {
             return Err(ConfigError::new(
                 "HUB_PUBLISH_LINGER",
@@ -401,14 +443,15 @@ impl Settings {
             Duration::from_millis(50),
         )?;
         if let Some(path) = &self.redis_ca_file {
-            if !self
+            let tls = self
                 .redis_url
-                .as_deref()
-                .is_some_and(|u| u.starts_with("rediss://"))
-            {
+                .iter()
+                .chain(&self.redis_cluster_urls)
+                .any(|u| u.starts_with("rediss://"));
+            if !tls {
                 return Err(ConfigError::new(
                     "HUB_REDIS_CA_FILE",
-                    "needs a rediss:// HUB_REDIS_URL",
+                    "needs a rediss:// HUB_REDIS_URL or HUB_REDIS_CLUSTER_URLS",
                 ));
             }
             if !path.is_file() {

@@ -47,6 +47,8 @@ use futures_util::StreamExt;
 use parking_lot::Mutex;
 use prometheus::{Gauge, IntCounter};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
 use service_kit::Backoff;
 use tokio::sync::{mpsc, watch};
 
@@ -58,8 +60,8 @@ use crate::envelope::{Id, Notification, now_micros};
 /// Connection and history settings of the Redis backplane.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
-    /// `redis://` or `rediss://` URL.
-    pub url: String,
+    /// The server or cluster.
+    pub endpoint: RedisEndpoint,
     /// PEM CA bundle that signs the server's certificate (`rediss://`); the system roots
     /// otherwise.
     pub ca_file: Option<std::path::PathBuf>,
@@ -71,6 +73,8 @@ pub struct RedisSettings {
     pub linger: Duration,
     /// Deadline for one command or connection attempt.
     pub timeout: Duration,
+    /// Replicas that must confirm a publish before it is acknowledged (`WAIT`); 0: none.
+    pub sync_replicas: u32,
     /// Notifications kept per user (approximately; trimming is lazy).
     pub history_size: usize,
     /// History lifetime after the last notification.
@@ -79,6 +83,16 @@ pub struct RedisSettings {
     pub idempotency_ttl: Duration,
     /// Recent ingested events remembered per user (the dedupe window).
     pub event_window: usize,
+}
+
+/// Where the backplane's Redis is.
+#[derive(Debug, Clone)]
+pub enum RedisEndpoint {
+    /// One server (`HUB_REDIS_URL`): `redis://` or `rediss://` URL.
+    Single(String),
+    /// A Redis Cluster by its seed URLs (`HUB_REDIS_CLUSTER_URLS`): commands go to the shard
+    /// owning each user's slot and pub/sub is sharded (`SPUBLISH` / `SSUBSCRIBE`).
+    Cluster(Vec<String>),
 }
 
 /// Observability handles the backplane updates.
@@ -153,12 +167,48 @@ end
 return out
 "#;
 
+/// Reads a user's history atomically. KEYS: meta, stream. ARGV: first entry id wanted,
+/// most entries. Returns the epoch, the last sequence number, the first retained entry and
+/// the entries from the given id on.
+const READ_SCRIPT: &str = r#"
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
+local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+local items = redis.call('XRANGE', KEYS[2], ARGV[1], '+', 'COUNT', ARGV[2])
+return {m[1], m[2], first, items}
+"#;
+
+/// What [`READ_SCRIPT`] found.
+struct HistoryRead {
+    epoch: u64,
+    last: u64,
+    first: redis::streams::StreamRangeReply,
+    items: redis::streams::StreamRangeReply,
+}
+
 /// Most notifications in one script call: a script blocks Redis while it runs, so a large
 /// batch goes out as several calls (pipelined) and other clients are served in between.
 const SCRIPT_BATCH: usize = 64;
 
 /// Most single publishes one coalescing round gathers into a script call.
 const COALESCE: usize = 64;
+
+/// The cluster pub/sub loop's view of its subscriptions.
+struct ShardedSubs {
+    conn: ClusterConnection,
+    /// Users whose sharded subscription the cluster confirmed (and has not ended since).
+    on_redis: HashSet<Arc<str>>,
+    /// The control channel is subscribed.
+    control: bool,
+}
+
+/// What the pub/sub task subscribes through (made once per backplane, so the size of its
+/// variants does not matter).
+#[allow(clippy::large_enum_variant)]
+enum PubSubClient {
+    Single(redis::Client),
+    /// A RESP3 cluster client and the receiver of its connections' pushes.
+    Cluster(ClusterClient, mpsc::UnboundedReceiver<redis::PushInfo>),
+}
 
 /// A single publish waiting for the coalescer.
 struct Job {
@@ -175,13 +225,16 @@ pub struct RedisBackplane {
 struct Inner {
     /// Multiplexed connections, used round-robin: concurrent commands share a socket and
     /// go out pipelined; each reconnects by itself after a failure.
-    conns: Vec<ConnectionManager>,
+    conns: Vec<Conn>,
     next: std::sync::atomic::AtomicUsize,
     /// One coalescing task per command connection (see [`RedisBackplane::coalesce`]).
     coalescers: Vec<mpsc::Sender<Job>>,
-    client: redis::Client,
+    client: Client,
+    /// A Redis Cluster: scripts and pipelines are split per slot, pub/sub is sharded.
+    cluster: bool,
     settings: RedisSettings,
     publish: redis::Script,
+    read: redis::Script,
     sink: Arc<dyn Sink>,
     /// Users with local connections: reference count and the last id handed to the sink.
     /// Locked briefly by handshakes and the pub/sub task, never across `.await`.
@@ -207,6 +260,101 @@ struct SubState {
     catching_up: bool,
     held: Vec<Arc<Notification>>,
 }
+
+/// A command connection to a server or a cluster; both pipeline concurrent commands and
+/// repair themselves after a failure.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+    /// A one-off connection to a server, not repaired after a failure.
+    Once(redis::aio::MultiplexedConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Once(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipe: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipe, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipe, offset, count),
+            Conn::Once(c) => c.req_packed_commands(pipe, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+            Conn::Once(c) => c.get_db(),
+        }
+    }
+}
+
+/// What a rare request that needs a connection of its own (a blocking pop) opens it with
+/// (one per backplane, so the size of its variants does not matter).
+#[derive(Clone)]
+#[allow(clippy::large_enum_variant)]
+enum Client {
+    Single(redis::Client),
+    Cluster(ClusterClient),
+}
+
+/// The cluster slot a key lives in.
+fn slot(key: &str) -> redis::cluster_routing::Slot {
+    redis::cluster_routing::Slot::for_key(key)
+}
+
+/// The PEM CA bundle of `HUB_REDIS_CA_FILE`, as the client's root certificates.
+fn certificates(path: &std::path::Path) -> Result<redis::TlsCertificates, BackplaneError> {
+    let pem = std::fs::read(path)
+        .map_err(|e| unavailable(format!("cannot read {}: {e}", path.display())))?;
+    Ok(redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    })
+}
+
+/// A cluster client on the seeds with the backplane's deadlines; `pushes` receives the
+/// pub/sub messages (RESP3) of the connections it opens.
+fn cluster_client(
+    seeds: &[String],
+    settings: &RedisSettings,
+    pushes: Option<mpsc::UnboundedSender<redis::PushInfo>>,
+) -> Result<ClusterClient, BackplaneError> {
+    let mut builder = ClusterClientBuilder::new(seeds.iter().map(String::as_str))
+        .connection_timeout(settings.timeout)
+        .response_timeout(settings.timeout)
+        .retries(2)
+        .min_retry_wait(50)
+        .max_retry_wait(1000);
+    if let Some(path) = &settings.ca_file {
+        builder = builder.certs(certificates(path)?);
+    }
+    if let Some(pushes) = pushes {
+        builder = builder
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(pushes);
+    }
+    builder.build().map_err(unavailable)
+}
+
+/// How long a catch-up keeps retrying failed history reads before it gives up with a gap.
+const CATCH_UP_PATIENCE: Duration = Duration::from_secs(15);
 
 /// "The user had no history when this node subscribed."
 const EMPTY: Id = Id { epoch: 0, seq: 0 };
@@ -243,19 +391,94 @@ impl RedisBackplane {
         sink: Arc<dyn Sink>,
         telemetry: RedisTelemetry,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), BackplaneError> {
-        let client = match &settings.ca_file {
-            None => redis::Client::open(settings.url.as_str()).map_err(unavailable)?,
-            Some(path) => {
-                let pem = std::fs::read(path)
-                    .map_err(|e| unavailable(format!("cannot read {}: {e}", path.display())))?;
-                redis::Client::build_with_tls(
-                    settings.url.as_str(),
-                    redis::TlsCertificates {
-                        client_tls: None,
-                        root_cert: Some(pem),
-                    },
+        let (conns, client, pubsub) = match &settings.endpoint {
+            RedisEndpoint::Single(url) => {
+                let (conns, client) = Self::single_connections(url, &settings)?;
+                (
+                    conns,
+                    Client::Single(client.clone()),
+                    PubSubClient::Single(client),
                 )
-                .map_err(unavailable)?
+            }
+            RedisEndpoint::Cluster(seeds) => {
+                let client = cluster_client(seeds, &settings, None)?;
+                let mut conns = Vec::new();
+                for _ in 0..settings.pool_size.max(1) {
+                    let conn =
+                        tokio::time::timeout(settings.timeout, client.get_async_connection())
+                            .await
+                            .map_err(|_| unavailable("timed out connecting to the cluster"))?
+                            .map_err(unavailable)?;
+                    conns.push(Conn::Cluster(conn));
+                }
+                let (tx, rx) = mpsc::unbounded_channel();
+                let pubsub = cluster_client(seeds, &settings, Some(tx))?;
+                (
+                    conns,
+                    Client::Cluster(client),
+                    PubSubClient::Cluster(pubsub, rx),
+                )
+            }
+        };
+        let cluster = matches!(client, Client::Cluster(_));
+        let script = if cluster {
+            PUBLISH_SCRIPT.replace("'PUBLISH'", "'SPUBLISH'")
+        } else {
+            PUBLISH_SCRIPT.to_owned()
+        };
+        let (changed, changes) = mpsc::channel(1);
+        let (live, _) = watch::channel(0);
+        let (coalescers, jobs): (Vec<_>, Vec<_>) =
+            conns.iter().map(|_| mpsc::channel::<Job>(1024)).unzip();
+        let this = RedisBackplane {
+            inner: Arc::new(Inner {
+                conns,
+                next: std::sync::atomic::AtomicUsize::new(0),
+                coalescers,
+                client,
+                cluster,
+                settings,
+                publish: redis::Script::new(&script),
+                read: redis::Script::new(READ_SCRIPT),
+                sink,
+                subs: Mutex::new(HashMap::new()),
+                changed,
+                live,
+                connected: AtomicBool::new(false),
+                telemetry,
+                revocations: Revocations::default(),
+            }),
+        };
+        this.ping().await?;
+        // One task for the pub/sub loop and the coalescers: aborting it stops them all.
+        let pubsub = {
+            let this = this.clone();
+            async move {
+                match pubsub {
+                    PubSubClient::Single(client) => this.pubsub_task(client, changes).await,
+                    PubSubClient::Cluster(client, pushes) => {
+                        this.cluster_pubsub_task(client, pushes, changes).await;
+                    }
+                }
+            }
+        };
+        let coalescers =
+            futures_util::future::join_all(jobs.into_iter().map(|rx| this.clone().coalesce(rx)));
+        let task = tokio::spawn(async move {
+            tokio::join!(pubsub, coalescers);
+        });
+        Ok((this, task))
+    }
+
+    /// The command connections to one server (lazy: the first command connects).
+    fn single_connections(
+        url: &str,
+        settings: &RedisSettings,
+    ) -> Result<(Vec<Conn>, redis::Client), BackplaneError> {
+        let client = match &settings.ca_file {
+            None => redis::Client::open(url).map_err(unavailable)?,
+            Some(path) => {
+                redis::Client::build_with_tls(url, certificates(path)?).map_err(unavailable)?
             }
         };
         // redis-rs gives every connection a 500 ms response timeout of its own; the
@@ -269,43 +492,15 @@ impl RedisBackplane {
         let conns = (0..settings.pool_size.max(1))
             .map(|_| {
                 ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
+                    .map(Conn::Single)
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(unavailable)?;
-        let (changed, changes) = mpsc::channel(1);
-        let (live, _) = watch::channel(0);
-        let (coalescers, jobs): (Vec<_>, Vec<_>) =
-            conns.iter().map(|_| mpsc::channel::<Job>(1024)).unzip();
-        let this = RedisBackplane {
-            inner: Arc::new(Inner {
-                conns,
-                next: std::sync::atomic::AtomicUsize::new(0),
-                coalescers,
-                client: client.clone(),
-                settings,
-                publish: redis::Script::new(PUBLISH_SCRIPT),
-                sink,
-                subs: Mutex::new(HashMap::new()),
-                changed,
-                live,
-                connected: AtomicBool::new(false),
-                telemetry,
-                revocations: Revocations::default(),
-            }),
-        };
-        this.ping().await?;
-        // One task for the pub/sub loop and the coalescers: aborting it stops them all.
-        let pubsub = this.clone().pubsub_task(client, changes);
-        let coalescers =
-            futures_util::future::join_all(jobs.into_iter().map(|rx| this.clone().coalesce(rx)));
-        let task = tokio::spawn(async move {
-            tokio::join!(pubsub, coalescers);
-        });
-        Ok((this, task))
+        Ok((conns, client))
     }
 
     /// The publish script's `EVALSHA` for a chunk of notifications.
-    fn publish_cmd(&self, msgs: &[Publish], accepted_us: u64) -> redis::Cmd {
+    fn publish_cmd(&self, msgs: &[&Publish], accepted_us: u64) -> redis::Cmd {
         let settings = &self.inner.settings;
         let every = refresh_interval(settings.history_ttl);
         let mut cmd = redis::cmd("EVALSHA");
@@ -346,18 +541,69 @@ impl RedisBackplane {
         cmd
     }
 
-    /// Publishes through the script: one call per [`SCRIPT_BATCH`] notifications, the calls
-    /// pipelined on one connection (so their order holds).
+    /// Publishes through the script, in order per user. On one server, one call per
+    /// [`SCRIPT_BATCH`] notifications, the calls pipelined on one connection (so their order
+    /// holds). In a cluster a script touches one slot only: the notifications are grouped by
+    /// their user's slot and the groups run concurrently, each as on one server.
     async fn run_scripts(&self, msgs: &[Publish]) -> Result<Vec<Published>, BackplaneError> {
         if msgs.is_empty() {
             return Ok(Vec::new());
         }
         let accepted_us = now_micros();
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        if self.inner.cluster {
+            let mut index = HashMap::new();
+            for (i, msg) in msgs.iter().enumerate() {
+                let g = *index
+                    .entry(slot(&self.key("m", &msg.user)))
+                    .or_insert_with(|| {
+                        groups.push(Vec::new());
+                        groups.len() - 1
+                    });
+                if let Some(members) = groups.get_mut(g) {
+                    members.push(i);
+                }
+            }
+        } else {
+            groups.push((0..msgs.len()).collect());
+        }
+        let mut calls = Vec::with_capacity(groups.len());
+        for members in &groups {
+            let group: Vec<&Publish> = members.iter().filter_map(|&i| msgs.get(i)).collect();
+            calls.push(async move { self.run_group(&group, accepted_us).await });
+        }
+        let results = futures_util::future::join_all(calls).await;
+        let mut out: Vec<Option<Published>> = vec![None; msgs.len()];
+        for (members, result) in groups.iter().zip(results) {
+            for (&i, p) in members.iter().zip(result?) {
+                if let Some(entry) = out.get_mut(i) {
+                    *entry = Some(p);
+                }
+            }
+        }
+        out.into_iter()
+            .map(|p| p.ok_or_else(|| unavailable("the store answered too few replies")))
+            .collect()
+    }
+
+    /// Runs the script over notifications of one slot (or of one server).
+    async fn run_group(
+        &self,
+        msgs: &[&Publish],
+        accepted_us: u64,
+    ) -> Result<Vec<Published>, BackplaneError> {
         let mut pipe = redis::pipe();
         for chunk in msgs.chunks(SCRIPT_BATCH) {
             pipe.add_command(self.publish_cmd(chunk, accepted_us));
         }
-        let replies: Vec<Vec<redis::Value>> = self
+        let replicas = self.inner.settings.sync_replicas;
+        if replicas > 0 {
+            // Acknowledged only once that many replicas have it: a failover that promotes
+            // one of them loses nothing a publisher was told is accepted.
+            let wait_ms = self.inner.settings.timeout.as_millis().max(1) as u64;
+            pipe.cmd("WAIT").arg(replicas).arg(wait_ms);
+        }
+        let mut replies: Vec<redis::Value> = self
             .bounded(async {
                 let mut conn = self.conn();
                 match pipe.query_async(&mut conn).await {
@@ -379,8 +625,22 @@ impl RedisBackplane {
                 }
             })
             .await?;
+        if replicas > 0 {
+            let acked: u64 = replies
+                .pop()
+                .and_then(|v| redis::from_redis_value(v).ok())
+                .unwrap_or(0);
+            if acked < u64::from(replicas) {
+                return Err(unavailable(format!(
+                    "{acked} of {replicas} replicas confirmed in time (HUB_REDIS_SYNC_REPLICAS)"
+                )));
+            }
+        }
         let mut out = Vec::with_capacity(msgs.len());
         for reply in replies {
+            let redis::Value::Array(reply) = reply else {
+                return Err(unavailable("store returned a malformed reply"));
+            };
             for pair in reply.chunks(2) {
                 let [fresh, id] = pair else {
                     return Err(unavailable("the store answered an odd reply"));
@@ -443,7 +703,7 @@ impl RedisBackplane {
     }
 
     /// A command connection (cheap clone of a multiplexed one).
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> Conn {
         let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.conns.len();
         self.inner.conns[i].clone()
     }
@@ -495,24 +755,28 @@ impl RedisBackplane {
         &self,
         user: &str,
     ) -> Result<Option<(u64, Vec<Arc<Notification>>)>, BackplaneError> {
-        let meta = self.key("m", user);
-        let stream = self.key("h", user);
-        self.bounded(async {
-            let mut conn = self.conn();
-            let (epoch, entries): (Option<String>, redis::streams::StreamRangeReply) =
-                redis::pipe()
-                    .atomic()
-                    .hget(&meta, "epoch")
-                    .xrange_count(&stream, "-", "+", self.read_limit())
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(unavailable)?;
-            let Some(epoch) = epoch.and_then(|e| u64::from_str_radix(&e, 16).ok()) else {
-                return Ok(None);
-            };
-            Ok(Some((epoch, to_notifications(epoch, entries))))
-        })
-        .await
+        Ok(self
+            .read(user, "-")
+            .await?
+            .map(|read| (read.epoch, to_notifications(read.epoch, read.items))))
+    }
+
+    /// [`Self::read_history`], retried until `until`: after a failover or a moved slot the
+    /// first reads may fail until the command connections have learnt the new topology, and
+    /// a failed catch-up costs the user's clients a `hub.gap`.
+    async fn read_history_patiently(
+        &self,
+        user: &str,
+        until: tokio::time::Instant,
+    ) -> Result<Option<(u64, Vec<Arc<Notification>>)>, BackplaneError> {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        loop {
+            let result = self.read_history(user).await;
+            if result.is_ok() || tokio::time::Instant::now() >= until {
+                return result;
+            }
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
     }
 
     /// Reads only what follows `after` (plus where the history starts and ends, to tell a
@@ -522,39 +786,51 @@ impl RedisBackplane {
         user: &str,
         after: Id,
     ) -> Result<Option<Vec<Arc<Notification>>>, BackplaneError> {
-        let meta = self.key("m", user);
-        let stream = self.key("h", user);
         let from = format!("{}-0", after.seq.saturating_add(1));
-        self.bounded(async {
-            let mut conn = self.conn();
-            let ((epoch, last), first, entries): (
-                (Option<String>, Option<u64>),
-                redis::streams::StreamRangeReply,
-                redis::streams::StreamRangeReply,
-            ) = redis::pipe()
-                .atomic()
-                .cmd("HMGET")
-                .arg(&meta)
-                .arg("epoch")
-                .arg("seq")
-                .xrange_count(&stream, "-", "+", 1)
-                .xrange_count(&stream, &from, "+", self.read_limit())
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-            let Some(epoch) = epoch.and_then(|e| u64::from_str_radix(&e, 16).ok()) else {
-                return Ok(None);
-            };
-            let last = last.unwrap_or(0);
-            let first_seq = to_notifications(epoch, first)
-                .first()
-                .map_or(last.saturating_add(1), |n| n.id.seq);
-            let contiguous = after.epoch == epoch
-                && after.seq <= last
-                && after.seq.saturating_add(1) >= first_seq;
-            Ok(contiguous.then(|| to_notifications(epoch, entries)))
-        })
-        .await
+        let Some(read) = self.read(user, &from).await? else {
+            return Ok(None);
+        };
+        let first_seq = to_notifications(read.epoch, read.first)
+            .first()
+            .map_or(read.last.saturating_add(1), |n| n.id.seq);
+        let contiguous = after.epoch == read.epoch
+            && after.seq <= read.last
+            && after.seq.saturating_add(1) >= first_seq;
+        Ok(contiguous.then(|| to_notifications(read.epoch, read.items)))
+    }
+
+    /// One atomic read of a user's history through [`READ_SCRIPT`] (a single command, so a
+    /// cluster routes it to the user's shard and follows a moved slot): `None` when the user
+    /// has no history.
+    async fn read(&self, user: &str, from: &str) -> Result<Option<HistoryRead>, BackplaneError> {
+        let mut invocation = self.inner.read.key(self.key("m", user));
+        invocation
+            .key(self.key("h", user))
+            .arg(from)
+            .arg(self.read_limit());
+        let (epoch, last, first, items): (
+            Option<String>,
+            Option<u64>,
+            redis::streams::StreamRangeReply,
+            redis::streams::StreamRangeReply,
+        ) = self
+            .bounded(async {
+                let mut conn = self.conn();
+                invocation
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(unavailable)
+            })
+            .await?;
+        let Some(epoch) = epoch.and_then(|e| u64::from_str_radix(&e, 16).ok()) else {
+            return Ok(None);
+        };
+        Ok(Some(HistoryRead {
+            epoch,
+            last: last.unwrap_or(0),
+            first,
+            items,
+        }))
     }
 
     /// Closes the user's local connections for a disconnect request seen on the control
@@ -591,54 +867,54 @@ impl RedisBackplane {
     /// Loads every revocation still in force (after a (re)connect of the pub/sub
     /// connection, so none published while it was down is missed).
     async fn load_revocations(&self) -> Result<(), BackplaneError> {
-        let pattern = format!("{}:r:{{*", self.inner.settings.prefix);
-        let prefix_len = pattern.len() - 1;
-        let found: Vec<(String, String)> = self
+        let now = now_micros() / 1_000_000;
+        let found: Vec<String> = self
             .bounded(async {
                 let mut conn = self.conn();
-                let mut keys = Vec::new();
-                let mut cursor: u64 = 0;
-                loop {
-                    let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(&pattern)
-                        .arg("COUNT")
-                        .arg(1000)
-                        .query_async(&mut conn)
-                        .await
-                        .map_err(unavailable)?;
-                    keys.extend(batch);
-                    if next == 0 {
-                        break;
-                    }
-                    cursor = next;
-                }
-                let mut out = Vec::new();
-                for chunk in keys.chunks(500) {
-                    let values: Vec<Option<String>> = redis::cmd("MGET")
-                        .arg(chunk)
-                        .query_async(&mut conn)
-                        .await
-                        .map_err(unavailable)?;
-                    for (key, value) in chunk.iter().zip(values) {
-                        if let Some(v) = value {
-                            out.push((key.clone(), v));
-                        }
-                    }
-                }
-                Ok(out)
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(self.revocations_key())
+                    .arg(now.saturating_add(1))
+                    .arg("+inf")
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(unavailable)
             })
             .await?;
-        for (key, value) in found {
-            let user = key
-                .get(prefix_len..)
-                .and_then(|rest| rest.strip_suffix('}'));
-            if let (Some(user), Some(r)) = (user, parse_revocation(&value)) {
+        for member in found {
+            if let Some((user, r)) = parse_revocation_member(&member) {
                 self.inner.revocations.insert(user, r);
             }
         }
         Ok(())
+    }
+
+    /// The sorted set of revocations in force: member `<issued before> <until> <user>`,
+    /// scored by `until`. One key for every user, so a node loads them all with one read on
+    /// a server or a cluster alike; expired members are removed as new ones are added.
+    fn revocations_key(&self) -> String {
+        format!("{}:rv", self.inner.settings.prefix)
+    }
+
+    /// A connection of its own, for a command that blocks.
+    async fn own_connection(&self) -> Result<Conn, BackplaneError> {
+        let timeout = self.inner.settings.timeout;
+        match &self.inner.client {
+            Client::Single(client) => {
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_response_timeout(Some(timeout))
+                    .set_connection_timeout(Some(timeout));
+                let conn = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .map_err(unavailable)?;
+                Ok(Conn::Once(conn))
+            }
+            Client::Cluster(client) => tokio::time::timeout(timeout, client.get_async_connection())
+                .await
+                .map_err(|_| unavailable("timed out connecting to the cluster"))?
+                .map(Conn::Cluster)
+                .map_err(unavailable),
+        }
     }
 
     fn control_channel(&self) -> String {
@@ -651,10 +927,7 @@ impl RedisBackplane {
             self.on_control(payload);
             return;
         }
-        let Some(user) = channel
-            .strip_prefix(&self.channel_prefix())
-            .and_then(|rest| rest.strip_suffix('}'))
-        else {
+        let Some(user) = self.user_of(channel) else {
             return;
         };
         let Some((id, us, json)) = parse_payload(payload) else {
@@ -689,8 +962,12 @@ impl RedisBackplane {
     /// After a reconnect: delivers what each subscribed user missed, or a gap marker, then
     /// the live messages held meanwhile.
     async fn catch_up(&self, users: Vec<(Arc<str>, Option<Id>)>) {
+        // Reads that fail are retried for a while (the users' live messages are held
+        // meanwhile); past it, what was missed is unknown and the clients get `hub.gap`.
+        let patience =
+            tokio::time::Instant::now() + CATCH_UP_PATIENCE.max(self.inner.settings.timeout * 4);
         for (user, last) in users {
-            let history = self.read_history(&user).await;
+            let history = self.read_history_patiently(&user, patience).await;
             let mut deliver = Vec::new();
             {
                 let mut subs = self.inner.subs.lock();
@@ -768,17 +1045,32 @@ impl RedisBackplane {
         if users.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        for user in users {
-            pipe.cmd("HMGET")
-                .arg(self.key("m", user))
-                .arg("epoch")
-                .arg("seq");
-        }
+        let head = |user: &Arc<str>| {
+            let mut cmd = redis::cmd("HMGET");
+            cmd.arg(self.key("m", user)).arg("epoch").arg("seq");
+            cmd
+        };
         let heads: Vec<(Option<String>, Option<u64>)> = self
             .bounded(async {
                 let mut conn = self.conn();
-                pipe.query_async(&mut conn).await.map_err(unavailable)
+                if self.inner.cluster {
+                    // Users live in different slots: one command each, all in flight at once.
+                    let mut reads = Vec::with_capacity(users.len());
+                    for user in users {
+                        let mut conn = conn.clone();
+                        let cmd = head(user);
+                        reads.push(async move { cmd.query_async(&mut conn).await });
+                    }
+                    futures_util::future::try_join_all(reads)
+                        .await
+                        .map_err(unavailable)
+                } else {
+                    let mut pipe = redis::pipe();
+                    for user in users {
+                        pipe.add_command(head(user));
+                    }
+                    pipe.query_async(&mut conn).await.map_err(unavailable)
+                }
             })
             .await?;
         let mut subs = self.inner.subs.lock();
@@ -875,6 +1167,247 @@ impl RedisBackplane {
             self.inner.connected.store(false, Ordering::Release);
             tracing::warn!("pub/sub connection lost; reconnecting");
         }
+    }
+
+    /// The pub/sub loop on a Redis Cluster. One cluster connection (RESP3) holds a sharded
+    /// subscription (`SSUBSCRIBE`) per local user on the shard that owns the user's slot,
+    /// plus the control channel; messages arrive as pushes. The client repairs its node
+    /// connections by itself; this loop makes sure nothing is missed meanwhile:
+    /// - a lost node connection (a failover, a restart): every subscription is made again,
+    ///   each user's live messages are held until its subscription is confirmed, then what it
+    ///   missed is read from history (as after a reconnect on one server);
+    /// - a slot moved away (resharding): the server ends the slot's subscriptions; each is
+    ///   made again on the new owner, then caught up the same way.
+    ///
+    /// Subscriptions that fail (a shard unreachable) are retried with backoff, and readiness
+    /// is off until every one of them is live.
+    async fn cluster_pubsub_task(
+        self,
+        client: ClusterClient,
+        mut pushes: mpsc::UnboundedReceiver<redis::PushInfo>,
+        mut changes: mpsc::Receiver<()>,
+    ) {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let conn = loop {
+            match tokio::time::timeout(self.inner.settings.timeout, client.get_async_connection())
+                .await
+            {
+                Ok(Ok(conn)) => break conn,
+                Ok(Err(e)) => tracing::warn!(error = %e, "pub/sub connect failed"),
+                Err(_) => tracing::warn!("pub/sub connect timed out"),
+            }
+            tokio::time::sleep(backoff.next_delay()).await;
+        };
+        backoff.reset();
+        let mut state = ShardedSubs {
+            conn,
+            on_redis: HashSet::new(),
+            control: false,
+        };
+        let mut retry: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
+        loop {
+            let wake = async {
+                match retry {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                push = pushes.recv() => match push {
+                    Some(push) => {
+                        if self.on_push(push, &mut state) {
+                            retry = Some(tokio::time::Instant::now());
+                        }
+                    }
+                    None => return,
+                },
+                changed = changes.recv() => {
+                    if changed.is_none() {
+                        return;
+                    }
+                    retry = Some(tokio::time::Instant::now());
+                }
+                () = wake => {
+                    if self.sharded_sync(&mut state).await {
+                        backoff.reset();
+                        retry = None;
+                    } else {
+                        retry = Some(tokio::time::Instant::now() + backoff.next_delay());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one push of the cluster pub/sub connection; true when subscriptions must be
+    /// made again.
+    fn on_push(&self, push: redis::PushInfo, state: &mut ShardedSubs) -> bool {
+        let text = |v: Option<&redis::Value>| match v {
+            Some(redis::Value::BulkString(b)) => Some(b.clone()),
+            Some(redis::Value::SimpleString(s)) => Some(s.clone().into_bytes()),
+            _ => None,
+        };
+        match push.kind {
+            redis::PushKind::SMessage | redis::PushKind::Message => {
+                if let (Some(channel), Some(payload)) =
+                    (text(push.data.first()), text(push.data.get(1)))
+                    && let Ok(channel) = std::str::from_utf8(&channel)
+                {
+                    self.on_message(channel, &payload);
+                }
+                false
+            }
+            redis::PushKind::Disconnection => {
+                // Whatever the lost connection held is gone: make every subscription again.
+                tracing::warn!("a cluster pub/sub connection was lost; resubscribing");
+                self.inner.telemetry.reconnects.inc();
+                self.inner.connected.store(false, Ordering::Release);
+                state.control = false;
+                state.on_redis.clear();
+                let mut subs = self.inner.subs.lock();
+                subs.values_mut().for_each(|s| {
+                    s.live = false;
+                    s.catching_up = true;
+                });
+                true
+            }
+            redis::PushKind::SUnsubscribe => {
+                // Ours are forgotten before they are sent; any other ended on the server's
+                // side (its slot moved): subscribe again on the new owner and catch up.
+                let Some(channel) = text(push.data.first()) else {
+                    return false;
+                };
+                let Ok(channel) = std::str::from_utf8(&channel) else {
+                    return false;
+                };
+                if channel == self.control_channel() {
+                    state.control = false;
+                    self.inner.connected.store(false, Ordering::Release);
+                    return true;
+                }
+                let Some(user) = self.user_of(channel) else {
+                    return false;
+                };
+                if !state.on_redis.remove(user) {
+                    return false;
+                }
+                tracing::info!("a sharded subscription moved; resubscribing");
+                if let Some(s) = self.inner.subs.lock().get_mut(user) {
+                    s.live = false;
+                    s.catching_up = true;
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Brings the cluster's sharded subscriptions in line with `subs`: one command per
+    /// channel (a sharded subscribe names one slot), all in flight at once. Users whose
+    /// subscription is live again catch up from history. False when something failed and
+    /// must be retried.
+    async fn sharded_sync(&self, state: &mut ShardedSubs) -> bool {
+        const IN_FLIGHT: usize = 256;
+        if !state.control {
+            let subscribed = self
+                .pubsub_command(state.conn.ssubscribe(self.control_channel()))
+                .await;
+            // Subscribed first, then the revocations stored meanwhile: none is missed.
+            if subscribed.is_err() || self.load_revocations().await.is_err() {
+                return false;
+            }
+            state.control = true;
+        }
+        let (add, remove): (Vec<Arc<str>>, Vec<Arc<str>>) = {
+            let subs = self.inner.subs.lock();
+            let add = subs
+                .iter()
+                .filter(|(u, s)| !s.live || !state.on_redis.contains(*u))
+                .map(|(u, _)| u.clone())
+                .collect();
+            let remove = state
+                .on_redis
+                .iter()
+                .filter(|u| !subs.contains_key(*u))
+                .cloned()
+                .collect();
+            (add, remove)
+        };
+        let prefix = self.channel_prefix();
+        let channel = |u: &Arc<str>| format!("{prefix}{u}}}");
+        for u in &remove {
+            state.on_redis.remove(u);
+        }
+        // An unsubscribe that fails leaves a subscription nobody listens to, which costs
+        // nothing but its messages (dropped, no local user); it ends with its connection.
+        let mut unsubscribes = Vec::with_capacity(remove.len());
+        for u in &remove {
+            let mut conn = state.conn.clone();
+            let name = channel(u);
+            unsubscribes.push(async move {
+                let _ = self.pubsub_command(conn.sunsubscribe(name)).await;
+            });
+        }
+        futures_util::stream::iter(unsubscribes)
+            .buffer_unordered(IN_FLIGHT)
+            .collect::<Vec<()>>()
+            .await;
+        let fresh: Vec<Arc<str>> = {
+            let subs = self.inner.subs.lock();
+            add.iter()
+                .filter(|u| subs.get(*u).is_some_and(|s| s.last.is_none()))
+                .cloned()
+                .collect()
+        };
+        if let Err(e) = self.record_heads(&fresh).await {
+            tracing::warn!(error = %e, "reading history heads failed");
+            return false;
+        }
+        let mut subscribes = Vec::with_capacity(add.len());
+        for u in add {
+            let mut conn = state.conn.clone();
+            let name = channel(&u);
+            subscribes.push(async move {
+                let result = self.pubsub_command(conn.ssubscribe(name)).await;
+                (u, result)
+            });
+        }
+        let results: Vec<(Arc<str>, Result<(), ()>)> = futures_util::stream::iter(subscribes)
+            .buffer_unordered(IN_FLIGHT)
+            .collect()
+            .await;
+        let mut complete = true;
+        let mut catch_up = Vec::new();
+        {
+            let mut subs = self.inner.subs.lock();
+            for (u, result) in results {
+                if result.is_err() {
+                    complete = false;
+                    continue;
+                }
+                state.on_redis.insert(u.clone());
+                if let Some(s) = subs.get_mut(&u) {
+                    s.live = true;
+                    if s.catching_up {
+                        catch_up.push((u, s.last));
+                    }
+                }
+            }
+        }
+        self.inner.live.send_modify(|v| *v += 1);
+        self.inner.connected.store(complete, Ordering::Release);
+        if !catch_up.is_empty() {
+            let this = self.clone();
+            tokio::spawn(async move { this.catch_up(catch_up).await });
+        }
+        complete
+    }
+
+    /// The user a pub/sub channel name belongs to.
+    fn user_of<'a>(&self, channel: &'a str) -> Option<&'a str> {
+        channel
+            .strip_prefix(&self.channel_prefix())
+            .and_then(|rest| rest.strip_suffix('}'))
     }
 
     /// Brings Redis' subscriptions in line with `subs`, in batches; marks them live.
@@ -994,13 +1527,19 @@ fn to_notifications(
     items
 }
 
-/// `<issued before> <until>` → a revocation.
-fn parse_revocation(value: &str) -> Option<Revocation> {
-    let (before, until) = value.split_once(' ')?;
-    Some(Revocation {
-        issued_before: before.parse().ok()?,
-        until: until.parse().ok()?,
-    })
+/// `<issued before> <until> <user>` → the user and the revocation.
+fn parse_revocation_member(value: &str) -> Option<(&str, Revocation)> {
+    let mut parts = value.splitn(3, ' ');
+    let issued_before = parts.next()?.parse().ok()?;
+    let until = parts.next()?.parse().ok()?;
+    let user = parts.next()?;
+    Some((
+        user,
+        Revocation {
+            issued_before,
+            until,
+        },
+    ))
 }
 
 /// `d <request> <issued before> <until> <user>` → parts (a zero cut-off: no revocation).
@@ -1135,22 +1674,44 @@ impl Backplane for RedisBackplane {
         let (before, until) = revoke.map_or((0, 0), |r| (r.issued_before, r.until));
         let message = format!("d {request} {before} {until} {user}");
         let reply = format!("{}:dr:{request}", self.inner.settings.prefix);
-        let mut pipe = redis::pipe();
+        // Stored before it is announced, so a node that (re)loads the revocations between
+        // the two misses neither.
         if let Some(r) = revoke {
-            pipe.cmd("SET")
-                .arg(self.key("r", user))
-                .arg(format!("{} {}", r.issued_before, r.until))
-                .arg("EXAT")
-                .arg(r.until.max(1))
-                .ignore();
+            let key = self.revocations_key();
+            let now = now_micros() / 1_000_000;
+            self.bounded(async {
+                let mut conn = self.conn();
+                redis::pipe()
+                    .cmd("ZADD")
+                    .arg(&key)
+                    .arg(r.until)
+                    .arg(format!("{} {} {user}", r.issued_before, r.until))
+                    .ignore()
+                    .cmd("ZREMRANGEBYSCORE")
+                    .arg(&key)
+                    .arg("-inf")
+                    .arg(now)
+                    .ignore()
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .map_err(unavailable)
+            })
+            .await?;
         }
-        pipe.cmd("PUBLISH")
-            .arg(self.control_channel())
-            .arg(&message);
-        let (receivers,): (usize,) = self
+        let publish = if self.inner.cluster {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        };
+        let receivers: usize = self
             .bounded(async {
                 let mut conn = self.conn();
-                pipe.query_async(&mut conn).await.map_err(unavailable)
+                redis::cmd(publish)
+                    .arg(self.control_channel())
+                    .arg(&message)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(unavailable)
             })
             .await?;
         // Every subscribed node (each holds one pub/sub connection) answers with its count;
@@ -1160,15 +1721,7 @@ impl Backplane for RedisBackplane {
         let mut closed = 0usize;
         // A blocking pop must not stall the shared, pipelined connections: a connection of
         // its own for this rare request.
-        let connection_config = redis::AsyncConnectionConfig::new()
-            .set_response_timeout(Some(self.inner.settings.timeout))
-            .set_connection_timeout(Some(self.inner.settings.timeout));
-        let mut conn = self
-            .inner
-            .client
-            .get_multiplexed_async_connection_with_config(&connection_config)
-            .await
-            .map_err(unavailable)?;
+        let mut conn = self.own_connection().await?;
         for _ in 0..receivers {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {
@@ -1231,6 +1784,16 @@ mod tests {
         );
         assert!(parse_control(b"x ab12 0 0 u").is_none());
         assert!(parse_control(b"d ab12 -1 0 u").is_none());
-        assert!(parse_revocation("5 9").is_some() && parse_revocation("5").is_none());
+        assert_eq!(
+            parse_revocation_member("5 9 some user"),
+            Some((
+                "some user",
+                Revocation {
+                    issued_before: 5,
+                    until: 9
+                }
+            ))
+        );
+        assert!(parse_revocation_member("5 9").is_none());
     }
 }

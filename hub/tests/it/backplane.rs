@@ -4,13 +4,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hub::backplane::memory::MemoryBackplane;
-use hub::backplane::redis::{RedisBackplane, RedisSettings, RedisTelemetry};
+use hub::backplane::redis::{RedisBackplane, RedisEndpoint, RedisSettings, RedisTelemetry};
 use hub::backplane::{Backplane, Dedupe, Publish, Sink};
 use hub::envelope::{Id, Notification};
 use parking_lot::Mutex;
 use serde_json::value::RawValue;
 
-use crate::helpers::redis::{redis_prefix, redis_url};
+use crate::helpers::redis::{redis_cluster_urls, redis_prefix, redis_url};
 
 /// Records what the backplane hands to the node.
 #[derive(Default)]
@@ -244,12 +244,49 @@ async fn memory_backplane_scenarios() {
 
 #[tokio::test]
 async fn redis_backplane_scenarios() {
+    let rec = Arc::new(Recorder::default());
+    let (bp, _task) = redis_backplane(rec.clone(), 10).await;
+    redis_scenarios(&bp, &rec, 10).await;
+}
+
+#[tokio::test]
+async fn redis_cluster_backplane_scenarios() {
+    let rec = Arc::new(Recorder::default());
+    let endpoint =
+        RedisEndpoint::Cluster(redis_cluster_urls().split(',').map(str::to_owned).collect());
+    let (bp, _task) = redis_backplane_on(endpoint, rec.clone(), 10, &redis_prefix()).await;
+    redis_scenarios(&bp, &rec, 10).await;
+    // A batch naming users of every shard, interleaved: one script call per slot, each
+    // user's items in order, the answers in the batch's order.
+    let users: Vec<String> = (0..30).map(|i| format!("spread-{i}")).collect();
+    for u in &users {
+        bp.subscribe(&Arc::from(u.as_str()))
+            .await
+            .expect("subscribe");
+    }
+    let batch: Vec<Publish> = (0..3)
+        .flat_map(|n| users.iter().map(move |u| msg(u, n, None)))
+        .collect();
+    let published = bp.publish_batch(batch).await.expect("batch");
+    for (k, u) in users.iter().enumerate() {
+        let ids: Vec<Id> = (0..3).map(|n| published[n * users.len() + k].id).collect();
+        assert!(
+            ids.windows(2)
+                .all(|w| w[0].epoch == w[1].epoch && w[0].seq + 1 == w[1].seq),
+            "{u}: {ids:?}"
+        );
+        let got = delivered(&rec, u, 3).await;
+        let got_ids: Vec<Id> = got.iter().map(|(_, id, _)| *id).collect();
+        assert_eq!(got_ids, ids, "{u}: delivered in order, once");
+    }
+}
+
+/// The Redis backplane's behaviour on one server or a cluster alike.
+async fn redis_scenarios(bp: &RedisBackplane, rec: &Recorder, size: usize) {
     // Redis trims approximately (MAXLEN ~), in whole nodes of 100 entries: with a size of 10
     // it may keep more than 10, so the scenario measures what it kept.
-    let size = 10;
-    let rec = Arc::new(Recorder::default());
-    let (bp, _task) = redis_backplane(rec.clone(), size).await;
-    ids_increase_and_reach_subscribers(&bp, &rec).await;
+    let bp = bp.clone();
+    ids_increase_and_reach_subscribers(&bp, rec).await;
     history_after_returns_the_rest_in_order(&bp).await;
     let first = bp.publish(msg("g", 0, None)).await.expect("publish").id;
     for n in 1..250 {
@@ -281,8 +318,8 @@ async fn redis_backplane_scenarios() {
             .expect("history")
             .gap
     );
-    idempotency_keys_publish_once(&bp, &rec).await;
-    events_are_recognized_within_the_window(&bp, &rec).await;
+    idempotency_keys_publish_once(&bp, rec).await;
+    events_are_recognized_within_the_window(&bp, rec).await;
     assert!(bp.ready().await);
 }
 
@@ -344,9 +381,19 @@ async fn redis_backplane_with(
     size: usize,
     prefix: &str,
 ) -> (RedisBackplane, tokio::task::JoinHandle<()>) {
+    redis_backplane_on(RedisEndpoint::Single(redis_url()), sink, size, prefix).await
+}
+
+async fn redis_backplane_on(
+    endpoint: RedisEndpoint,
+    sink: Arc<Recorder>,
+    size: usize,
+    prefix: &str,
+) -> (RedisBackplane, tokio::task::JoinHandle<()>) {
     RedisBackplane::connect(
         RedisSettings {
-            url: redis_url(),
+            endpoint,
+            sync_replicas: 0,
             ca_file: None,
             prefix: prefix.to_owned(),
             pool_size: 4,
@@ -364,7 +411,7 @@ async fn redis_backplane_with(
         },
     )
     .await
-    .expect("Redis reachable (make test starts it; HUB_TEST_REDIS_URL overrides the URL)")
+    .expect("Redis reachable (make test starts it and the cluster; HUB_TEST_REDIS_URL and HUB_TEST_REDIS_CLUSTER_URLS override the URLs)")
 }
 
 #[tokio::test(start_paused = true)]

@@ -21,9 +21,9 @@ use crate::helpers::processes::HubProcess;
 use crate::helpers::redis::{RedisServer, redis_prefix, redis_url};
 
 /// Type of the test notifications; `data` is `{"user": ..., "seq": n}`.
-const NOTE: &str = "test.note";
+pub(crate) const NOTE: &str = "test.note";
 /// Type of the marker published last to a user: whatever a client sees before it is all it gets.
-const END: &str = "test.end";
+pub(crate) const END: &str = "test.end";
 
 /// Settings every node of these tests gets.
 fn node_env<'a>(
@@ -59,29 +59,29 @@ async fn publish_end(app: &TestApp, user: &str) -> String {
 
 /// What one client saw over its whole life, across reconnects.
 #[derive(Debug, Default)]
-struct Seen {
+pub(crate) struct Seen {
     /// Ids of the test notifications, in arrival order.
-    ids: Vec<String>,
+    pub(crate) ids: Vec<String>,
     /// Their `seq`, in arrival order.
-    seqs: Vec<usize>,
+    pub(crate) seqs: Vec<usize>,
     /// `hub.gap` envelopes.
-    gaps: usize,
+    pub(crate) gaps: usize,
     /// Reconnects made.
-    reconnects: usize,
+    pub(crate) reconnects: usize,
     /// Id of the end marker.
-    end: String,
+    pub(crate) end: String,
 }
 
 /// Live counters of a client being followed, for the test to wait on.
 #[derive(Default)]
-struct Progress {
-    notes: AtomicUsize,
-    reconnects: AtomicUsize,
+pub(crate) struct Progress {
+    pub(crate) notes: AtomicUsize,
+    pub(crate) reconnects: AtomicUsize,
 }
 
 /// Reads `conn` until the end marker. When the connection ends, reconnects to `fallback`
 /// resuming after the last id seen (or panics when there is no fallback).
-async fn follow(
+pub(crate) async fn follow(
     kind: Kind,
     user: String,
     mut conn: Conn,
@@ -130,7 +130,12 @@ async fn follow(
 
 /// Checks a client saw exactly `published` (ids in publish order, seqs 0..n), then `end`;
 /// describes what is wrong otherwise.
-fn check_exactly(who: &str, seen: &Seen, published: &[String], end: &str) -> Result<(), String> {
+pub(crate) fn check_exactly(
+    who: &str,
+    seen: &Seen,
+    published: &[String],
+    end: &str,
+) -> Result<(), String> {
     let expected: Vec<usize> = (0..published.len()).collect();
     if seen.seqs != expected {
         let missing: Vec<usize> = expected
@@ -158,7 +163,7 @@ fn check_exactly(who: &str, seen: &Seen, published: &[String], end: &str) -> Res
 }
 
 /// Fails with every problem found, one per line.
-fn assert_no_problems(problems: &[String], of: usize) {
+pub(crate) fn assert_no_problems(problems: &[String], of: usize) {
     assert!(
         problems.is_empty(),
         "{} of {of} clients did not get exactly what was published for them:\n{}",
@@ -168,7 +173,7 @@ fn assert_no_problems(problems: &[String], of: usize) {
 }
 
 /// Waits until `ok()` holds, polling; panics with `what` after `limit`.
-async fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+pub(crate) async fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !ok() {
         assert!(Instant::now() < deadline, "timed out waiting: {what}");

@@ -109,9 +109,14 @@ impl TestApp {
 
     /// Publishes any body; returns status and JSON body.
     pub async fn publish_raw(&self, body: &Value) -> (u16, Value) {
+        self.post_api("/api/publish", body).await
+    }
+
+    /// POSTs a JSON body to an API path with the API key; returns status and JSON body.
+    pub async fn post_api(&self, path: &str, body: &Value) -> (u16, Value) {
         let r = self
             .http
-            .post(format!("{}/api/publish", self.base()))
+            .post(format!("{}{path}", self.base()))
             .bearer_auth(&self.api_key)
             .json(body)
             .send()
