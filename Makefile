@@ -11,16 +11,18 @@ PRODUCERS_TEST_DATABASE_URL ?= postgres://notify:notify@127.0.0.1:$(LOCAL_PG_POR
 .PHONY: api-docs-check test deps fmt-check clippy k6-check browser-deps demo stop build-release infra-up infra-down ops-check ops-deps images images-prebuilt compose-check
 
 ## test: install what is missing, then format check, lints, and every test (Rust unit and
-## integration, the browser test in headless Chromium) against a local Redis, Kafka and
-## PostgreSQL. Stops afterwards only what this run started (also when tests fail); services
-## already running, e.g. from `make infra-up`, are left running. Exits non-zero on any failure.
+## integration, the browser test in headless Chromium) against a local Redis, a local Redis
+## Cluster (3 masters + 3 replicas), Kafka and PostgreSQL. Stops afterwards only what this
+## run started (also when tests fail); services already running, e.g. from `make infra-up`,
+## are left running. Exits non-zero on any failure.
 test: deps fmt-check clippy k6-check browser-deps ops-check api-docs-check compose-check
 	@rec=$$(mktemp); \
 	trap 'infra/local/infra.sh down --record "$$rec"' EXIT; \
 	trap 'exit 130' INT; trap 'exit 143' TERM; \
-	infra/local/infra.sh up --only redis,kafka,postgres --record "$$rec" && \
-	echo "HUB_TEST_REDIS_URL=$(HUB_TEST_REDIS_URL) PRODUCERS_TEST_DATABASE_URL=$(PRODUCERS_TEST_DATABASE_URL) $(CARGO) test --workspace --all-targets" && \
-	HUB_TEST_REDIS_URL=$(HUB_TEST_REDIS_URL) PRODUCERS_TEST_DATABASE_URL=$(PRODUCERS_TEST_DATABASE_URL) \
+	infra/local/infra.sh up --only redis,redis-cluster,kafka,postgres --record "$$rec" && \
+	cluster=$$(infra/local/redis-cluster.sh urls) && \
+	echo "HUB_TEST_REDIS_URL=$(HUB_TEST_REDIS_URL) HUB_TEST_REDIS_CLUSTER_URLS=$$cluster PRODUCERS_TEST_DATABASE_URL=$(PRODUCERS_TEST_DATABASE_URL) $(CARGO) test --workspace --all-targets" && \
+	HUB_TEST_REDIS_URL=$(HUB_TEST_REDIS_URL) HUB_TEST_REDIS_CLUSTER_URLS=$$cluster PRODUCERS_TEST_DATABASE_URL=$(PRODUCERS_TEST_DATABASE_URL) \
 	  $(CARGO) test --workspace --all-targets
 
 deps:
