@@ -38,9 +38,9 @@ valueFrom:
 {{/* Checks of values that would otherwise deploy a broken system. */}}
 {{- define "nh.validate" -}}
 {{- $h := .Values.hub -}}
-{{- $redis := or .Values.external.redis.url .Values.external.redis.urlSecret.name -}}
+{{- $redis := or .Values.external.redis.url .Values.external.redis.urlSecret.name .Values.external.redis.clusterUrls -}}
 {{- if and (not $redis) (or (gt (int $h.replicas) 1) $h.autoscaling.enabled) -}}
-{{- fail "external.redis.url (or external.redis.urlSecret.name) is required with more than one hub replica or autoscaling: without Redis each node has its own history" -}}
+{{- fail "external.redis.url (or external.redis.urlSecret.name, or external.redis.clusterUrls) is required with more than one hub replica or autoscaling: without Redis each node has its own history" -}}
 {{- end -}}
 {{- if lt (int $h.shutdownGraceSeconds) (int $h.drainWindowSeconds) -}}
 {{- fail "hub.shutdownGraceSeconds must be at least hub.drainWindowSeconds" -}}
