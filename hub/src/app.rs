@@ -121,6 +121,8 @@ pub async fn run_ingest_only(
         RedisTelemetry {
             reconnects: metrics.backplane_reconnects().clone(),
             lag_seconds: metrics.backplane_lag().clone(),
+            shard_up: metrics.backplane_shard_up().clone(),
+            shard_recoveries: metrics.backplane_shard_recoveries().clone(),
         },
     )
     .await
@@ -265,6 +267,8 @@ async fn connect_backplane(
                 RedisTelemetry {
                     reconnects: metrics.backplane_reconnects().clone(),
                     lag_seconds: metrics.backplane_lag().clone(),
+                    shard_up: metrics.backplane_shard_up().clone(),
+                    shard_recoveries: metrics.backplane_shard_recoveries().clone(),
                 },
             )
             .await

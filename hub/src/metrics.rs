@@ -44,6 +44,8 @@ struct Inner {
     write_timeouts: IntCounter,
     backplane_reconnects: IntCounter,
     backplane_lag: prometheus::Gauge,
+    backplane_shard_up: IntGaugeVec,
+    backplane_shard_recoveries: IntCounterVec,
     ingest: IngestFamilies,
 }
 
@@ -316,6 +318,18 @@ impl Metrics {
                 "Reconnects of this node's backplane pub/sub connection",
             ),
             backplane_lag,
+            backplane_shard_up: gauge_vec(
+                &registry,
+                "hub_backplane_shard_up",
+                "Whether each Redis Cluster master answered this node's last probe (1) or not (0)",
+                &["shard"],
+            ),
+            backplane_shard_recoveries: counter_vec(
+                &registry,
+                "hub_backplane_shard_recoveries_total",
+                "Times a Redis Cluster master answered this node's probe again after failing it",
+                &["shard"],
+            ),
             ingest: IngestFamilies::new(&registry),
             registry,
         };
@@ -382,6 +396,16 @@ impl Metrics {
     /// Backplane pub/sub reconnects.
     pub fn backplane_reconnects(&self) -> &IntCounter {
         &self.inner.backplane_reconnects
+    }
+
+    /// Per Redis Cluster master: answered the last probe.
+    pub fn backplane_shard_up(&self) -> &IntGaugeVec {
+        &self.inner.backplane_shard_up
+    }
+
+    /// Per Redis Cluster master: recoveries after a failed probe.
+    pub fn backplane_shard_recoveries(&self) -> &IntCounterVec {
+        &self.inner.backplane_shard_recoveries
     }
 
     /// Backplane pub/sub lag.

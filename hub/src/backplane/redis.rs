@@ -45,7 +45,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use parking_lot::Mutex;
-use prometheus::{Gauge, IntCounter};
+use prometheus::{Gauge, IntCounter, IntCounterVec, IntGaugeVec};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
@@ -102,6 +102,10 @@ pub struct RedisTelemetry {
     pub reconnects: IntCounter,
     /// Acceptance → receipt by this node of the latest pub/sub message.
     pub lag_seconds: Gauge,
+    /// Per cluster master (`host:port`): answered the last probe.
+    pub shard_up: IntGaugeVec,
+    /// Per cluster master: times it answered a probe again after failing one.
+    pub shard_recoveries: IntCounterVec,
 }
 
 /// Publishes any number of notifications in one call (so the script's per-call cost is paid
@@ -352,6 +356,9 @@ fn cluster_client(
     }
     builder.build().map_err(unavailable)
 }
+
+/// How often a node on a cluster probes each master (`hub_backplane_shard_up`).
+const SHARD_PROBE: Duration = Duration::from_secs(5);
 
 /// How long a catch-up keeps retrying failed history reads before it gives up with a gap.
 const CATCH_UP_PATIENCE: Duration = Duration::from_secs(15);
@@ -1205,6 +1212,9 @@ impl RedisBackplane {
             control: false,
         };
         let mut retry: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
+        let mut probe = tokio::time::interval(SHARD_PROBE);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut shards: HashMap<String, bool> = HashMap::new();
         loop {
             let wake = async {
                 match retry {
@@ -1227,6 +1237,7 @@ impl RedisBackplane {
                     }
                     retry = Some(tokio::time::Instant::now());
                 }
+                _ = probe.tick() => self.probe_shards(&mut shards).await,
                 () = wake => {
                     if self.sharded_sync(&mut state).await {
                         backoff.reset();
@@ -1237,6 +1248,61 @@ impl RedisBackplane {
                 }
             }
         }
+    }
+
+    /// Pings every master the cluster names (by address), for the per-shard metrics: up or
+    /// not, and a recovery counted when one answers again after failing.
+    async fn probe_shards(&self, known: &mut HashMap<String, bool>) {
+        let Conn::Cluster(mut conn) = self.conn() else {
+            return;
+        };
+        let telemetry = &self.inner.telemetry;
+        let slots = self
+            .bounded(async {
+                redis::cmd("CLUSTER")
+                    .arg("SLOTS")
+                    .query_async::<redis::Value>(&mut conn)
+                    .await
+                    .map_err(unavailable)
+            })
+            .await;
+        let Ok(slots) = slots else {
+            return;
+        };
+        let masters = masters_of(&slots);
+        for (host, port) in &masters {
+            let routing = redis::cluster_routing::RoutingInfo::SingleNode(
+                redis::cluster_routing::SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port: *port,
+                },
+            );
+            let ping = conn.route_command(redis::cmd("PING"), routing);
+            let up = matches!(
+                tokio::time::timeout(self.inner.settings.timeout, ping).await,
+                Ok(Ok(_))
+            );
+            let shard = format!("{host}:{port}");
+            if up && known.get(&shard) == Some(&false) {
+                telemetry
+                    .shard_recoveries
+                    .with_label_values(&[&shard])
+                    .inc();
+            }
+            telemetry
+                .shard_up
+                .with_label_values(&[&shard])
+                .set(i64::from(up));
+            known.insert(shard, up);
+        }
+        // A master replaced by its replica is no shard any more.
+        known.retain(|shard, _| {
+            let current = masters.iter().any(|(h, p)| format!("{h}:{p}") == *shard);
+            if !current {
+                let _ = telemetry.shard_up.remove_label_values(&[shard]);
+            }
+            current
+        });
     }
 
     /// Handles one push of the cluster pub/sub connection; true when subscriptions must be
@@ -1489,6 +1555,37 @@ impl RedisBackplane {
             }
         }
     }
+}
+
+/// The masters a `CLUSTER SLOTS` reply names (host, port), each once.
+fn masters_of(slots: &redis::Value) -> Vec<(String, u16)> {
+    let mut out: Vec<(String, u16)> = Vec::new();
+    let redis::Value::Array(ranges) = slots else {
+        return out;
+    };
+    for range in ranges {
+        let redis::Value::Array(parts) = range else {
+            continue;
+        };
+        let Some(redis::Value::Array(master)) = parts.get(2) else {
+            continue;
+        };
+        let host = match master.first() {
+            Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            Some(redis::Value::SimpleString(s)) => s.clone(),
+            _ => continue,
+        };
+        let Some(port) = master.get(1).and_then(|p| match p {
+            redis::Value::Int(n) => u16::try_from(*n).ok(),
+            _ => None,
+        }) else {
+            continue;
+        };
+        if !out.iter().any(|(h, p)| *h == host && *p == port) {
+            out.push((host, port));
+        }
+    }
+    out
 }
 
 /// The member an event is remembered by: a 128-bit hash (XXH3) of the route and event id,
@@ -1768,6 +1865,23 @@ mod tests {
         assert_eq!(json, "{\"id\":\"ab-3\"}");
         assert!(parse_payload(b"nonsense").is_none());
         assert!(parse_payload(&[0xff, 0x20, 0x31]).is_none());
+    }
+
+    #[test]
+    fn masters_are_read_from_cluster_slots_once_each() {
+        use redis::Value::{Array, BulkString, Int};
+        let node = |port: i64| Array(vec![BulkString(b"10.0.0.1".to_vec()), Int(port)]);
+        let slots = Array(vec![
+            Array(vec![Int(0), Int(5460), node(7001), node(7004)]),
+            Array(vec![Int(5461), Int(10922), node(7002)]),
+            Array(vec![Int(10923), Int(10999), node(7001)]),
+            Array(vec![Int(11000), Int(16383)]),
+        ]);
+        assert_eq!(
+            masters_of(&slots),
+            [("10.0.0.1".to_owned(), 7001), ("10.0.0.1".to_owned(), 7002)]
+        );
+        assert!(masters_of(&Int(3)).is_empty());
     }
 
     #[test]

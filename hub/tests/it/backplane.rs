@@ -408,6 +408,13 @@ async fn redis_backplane_on(
         RedisTelemetry {
             reconnects: prometheus::IntCounter::new("r", "r").expect("counter"),
             lag_seconds: prometheus::Gauge::new("l", "l").expect("gauge"),
+            shard_up: prometheus::IntGaugeVec::new(prometheus::Opts::new("u", "u"), &["shard"])
+                .expect("gauge"),
+            shard_recoveries: prometheus::IntCounterVec::new(
+                prometheus::Opts::new("s", "s"),
+                &["shard"],
+            )
+            .expect("counter"),
         },
     )
     .await

@@ -144,6 +144,24 @@ async fn on_a_redis_cluster_every_user_gets_exactly_their_notifications_across_n
     }
     assert_no_problems(&problems, USERS);
 
+    // Each node probes each of the three masters.
+    for node in &nodes {
+        let deadline = Deadline::after(STEP);
+        loop {
+            let (_, text) = node.get("/metrics").await;
+            let up = text
+                .lines()
+                .filter(|l| l.starts_with("hub_backplane_shard_up{") && l.ends_with(" 1"))
+                .count();
+            if up == 3 {
+                break;
+            }
+            deadline
+                .retry(|| format!("{up} of 3 shards up: {text}"))
+                .await;
+        }
+    }
+
     // A resume reads the user's history from its shard.
     let (mut again, hello) =
         Conn::open(Kind::Sse, &nodes[1], &user(7), Some(&published[7][4])).await;
