@@ -93,6 +93,28 @@ fn bad_settings_stop_the_node_with_one_line_naming_the_setting() {
             ],
             "HUB_JWT_MAX_LIFETIME",
         ),
+        (
+            vec![
+                ("HUB_JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+                ("HUB_REDIS_URL", "redis://127.0.0.1:6379"),
+                ("HUB_REDIS_CLUSTER_URLS", "redis://127.0.0.1:7001"),
+            ],
+            "HUB_REDIS_CLUSTER_URLS",
+        ),
+        (
+            vec![
+                ("HUB_JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+                ("HUB_REDIS_CLUSTER_URLS", "redis://127.0.0.1:7001,127.0.0.1:7002"),
+            ],
+            "HUB_REDIS_CLUSTER_URLS",
+        ),
+        (
+            vec![
+                ("HUB_JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+                ("HUB_REDIS_SYNC_REPLICAS", "17"),
+            ],
+            "HUB_REDIS_SYNC_REPLICAS",
+        ),
     ] {
         let mut cmd = hub();
         cmd.arg("serve").env("HUB_ADDR", "127.0.0.1:0");
