@@ -3,6 +3,7 @@
 //! subscribe, and the resume read, all within the handshake timeout and before any upgrade or
 //! stream starts, so every refusal is a plain HTTP status with a JSON reason, counted once.
 
+use base64::Engine as _;
 use std::borrow::Cow;
 use std::sync::Arc;
 
@@ -269,9 +270,23 @@ pub fn websocket_key(headers: &HeaderMap) -> Result<&http::HeaderValue, Rejectio
             "unsupported WebSocket version, use 13",
         ));
     }
-    headers
+    let key = headers
         .get(header::SEC_WEBSOCKET_KEY)
-        .ok_or_else(|| Rejection::bad_request("missing Sec-WebSocket-Key"))
+        .ok_or_else(|| Rejection::bad_request("missing Sec-WebSocket-Key"))?;
+    // RFC 6455 §4.1: the key is a random 16-byte nonce, base64-encoded (24 characters).
+    let nonce = (key.len() == 24)
+        .then(|| {
+            base64::engine::general_purpose::STANDARD
+                .decode(key.as_bytes())
+                .ok()
+        })
+        .flatten();
+    if nonce.is_none_or(|n| n.len() != 16) {
+        return Err(Rejection::bad_request(
+            "Sec-WebSocket-Key must be 16 bytes in base64",
+        ));
+    }
+    Ok(key)
 }
 
 /// The last id the client has: WebSocket `since=`; SSE `Last-Event-ID`, or `last_event_id=`

@@ -92,24 +92,43 @@ const REASON_BAD_REQUEST: &str = "hub_handshake_rejections_total{reason=\"bad_re
 const REASON_TIMEOUT: &str = "hub_handshake_rejections_total{reason=\"timeout\"}";
 
 #[tokio::test]
-async fn a_websocket_upgrade_without_a_key_is_refused_and_counted_on_both_paths() {
+async fn a_websocket_upgrade_without_a_valid_key_is_refused_and_counted_on_both_paths() {
     let app = spawn_app().await;
     let token = app.token("no-key");
-    let request = format!(
-        "GET /ws?token={token} HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\
-         Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
-    for (n, path) in [Path::FrontDoor, Path::KeptAlive].into_iter().enumerate() {
-        let answer = ask(&app, path, &request, STEP)
-            .await
-            .unwrap_or_else(|| panic!("{path:?}: closed without an answer"));
-        assert_eq!(answer.status, 400, "{path:?}: {}", answer.body);
-        assert!(
-            answer.body.contains("Sec-WebSocket-Key"),
-            "{path:?}: {}",
-            answer.body
-        );
-        wait_metric_eq(&app, REASON_BAD_REQUEST, (n + 1) as f64).await;
+    let upgrade = |key: &str| {
+        format!(
+            "GET /ws?token={token} HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n{key}\r\n"
+        )
+    };
+    // No key; not base64; base64 of 15 and of 17 bytes (RFC 6455 wants a 16-byte nonce).
+    let requests = [
+        upgrade(""),
+        upgrade("Sec-WebSocket-Key: not base64 at all!!!!!\r\n"),
+        upgrade("Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAA\r\n"),
+        upgrade("Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAAA=\r\n"),
+    ];
+    let mut refused = 0;
+    for request in &requests {
+        for path in [Path::FrontDoor, Path::KeptAlive] {
+            let answer = ask(&app, path, request, STEP)
+                .await
+                .unwrap_or_else(|| panic!("{path:?}: closed without an answer"));
+            assert_eq!(answer.status, 400, "{path:?} {request}: {}", answer.body);
+            assert!(
+                answer.body.contains("Sec-WebSocket-Key"),
+                "{path:?}: {}",
+                answer.body
+            );
+            refused += 1;
+            wait_metric_eq(&app, REASON_BAD_REQUEST, f64::from(refused)).await;
+        }
+    }
+    // The RFC's own sample key is accepted on both paths.
+    let good = upgrade("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n");
+    for path in [Path::FrontDoor, Path::KeptAlive] {
+        let answer = ask(&app, path, &good, STEP).await;
+        assert_eq!(answer.map(|a| a.status), Some(101), "{path:?}");
     }
     app.stop().await;
 }
