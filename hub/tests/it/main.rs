@@ -16,6 +16,7 @@ mod isolation;
 mod limits;
 mod metrics;
 mod origin;
+mod replicated;
 mod resume;
 mod slow_consumer;
 mod tls;
