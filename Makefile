@@ -5,6 +5,7 @@ CARGO ?= cargo
 # Local ports (infra/local/*.sh read them) and the URLs the integration tests use.
 export LOCAL_REDIS_PORT ?= 6379
 export LOCAL_PG_PORT ?= 5432
+export LOCAL_KAFKA_CLUSTER_PORT ?= 9192
 HUB_TEST_REDIS_URL ?= redis://127.0.0.1:$(LOCAL_REDIS_PORT)
 PRODUCERS_TEST_DATABASE_URL ?= postgres://notify:notify@127.0.0.1:$(LOCAL_PG_PORT)/postgres
 
@@ -12,17 +13,20 @@ PRODUCERS_TEST_DATABASE_URL ?= postgres://notify:notify@127.0.0.1:$(LOCAL_PG_POR
 
 ## test: install what is missing, then format check, lints, and every test (Rust unit and
 ## integration, the browser test in headless Chromium) against a local Redis, a local Redis
-## Cluster (3 masters + 3 replicas), Kafka and PostgreSQL. Stops afterwards only what this
-## run started (also when tests fail); services already running, e.g. from `make infra-up`,
-## are left running. Exits non-zero on any failure.
+## Cluster (3 masters + 3 replicas), Kafka (one broker, and a three-broker cluster for the
+## replication tests) and PostgreSQL. Stops afterwards only what this run started (also when
+## tests fail); services already running, e.g. from `make infra-up`, are left running. Exits
+## non-zero on any failure.
 test: deps fmt-check clippy k6-check browser-deps ops-check api-docs-check compose-check
 	@rec=$$(mktemp); \
 	trap 'infra/local/infra.sh down --record "$$rec"' EXIT; \
 	trap 'exit 130' INT; trap 'exit 143' TERM; \
-	infra/local/infra.sh up --only redis,redis-cluster,kafka,postgres --record "$$rec" && \
-	cluster=$$(infra/local/redis-cluster.sh urls) && \
-	echo "HUB_TEST_REDIS_URL=$(HUB_TEST_REDIS_URL) HUB_TEST_REDIS_CLUSTER_URLS=$$cluster PRODUCERS_TEST_DATABASE_URL=$(PRODUCERS_TEST_DATABASE_URL) $(CARGO) test --workspace --all-targets" && \
-	HUB_TEST_REDIS_URL=$(HUB_TEST_REDIS_URL) HUB_TEST_REDIS_CLUSTER_URLS=$$cluster PRODUCERS_TEST_DATABASE_URL=$(PRODUCERS_TEST_DATABASE_URL) \
+	infra/local/infra.sh up --only redis,redis-cluster,kafka,kafka-cluster,postgres --record "$$rec" && \
+	redis_cluster=$$(infra/local/redis-cluster.sh urls) && \
+	kafka_cluster=$$(infra/local/kafka.sh cluster-brokers) && \
+	echo "HUB_TEST_REDIS_URL=$(HUB_TEST_REDIS_URL) HUB_TEST_REDIS_CLUSTER_URLS=$$redis_cluster HUB_TEST_KAFKA_CLUSTER_BROKERS=$$kafka_cluster PRODUCERS_TEST_DATABASE_URL=$(PRODUCERS_TEST_DATABASE_URL) $(CARGO) test --workspace --all-targets" && \
+	HUB_TEST_REDIS_URL=$(HUB_TEST_REDIS_URL) HUB_TEST_REDIS_CLUSTER_URLS=$$redis_cluster \
+	  HUB_TEST_KAFKA_CLUSTER_BROKERS=$$kafka_cluster PRODUCERS_TEST_DATABASE_URL=$(PRODUCERS_TEST_DATABASE_URL) \
 	  $(CARGO) test --workspace --all-targets
 
 deps:
@@ -87,7 +91,8 @@ compose-check:
 build-release:
 	$(CARGO) build --release -p hub -p loadtest -p producers
 
-## infra-up / infra-down: start / stop the local Redis, Redis Cluster (3 masters + 3 replicas), Kafka and PostgreSQL; idempotent.
+## infra-up / infra-down: start / stop the local Redis, Redis Cluster (3 masters + 3 replicas), Kafka (one broker,
+## and a three-broker cluster) and PostgreSQL; idempotent.
 infra-up:
 	@infra/local/infra.sh up
 

@@ -16,7 +16,9 @@
 #
 # Each service is a script infra/local/<name>.sh with start|stop|status that honours
 # INFRA_RECORD (see redis.sh): redis.sh (127.0.0.1:LOCAL_REDIS_PORT, 6379), kafka.sh
-# (127.0.0.1:LOCAL_KAFKA_PORT, 9092), redis-cluster.sh (3 masters + 3 replicas on 127.0.0.1:
+# (127.0.0.1:LOCAL_KAFKA_PORT, 9092), kafka-cluster.sh (three brokers on 127.0.0.1:
+# LOCAL_KAFKA_CLUSTER_PORT..+2, 9192-9194, replication 3; `kafka.sh cluster-brokers` prints
+# them), redis-cluster.sh (3 masters + 3 replicas on 127.0.0.1:
 # LOCAL_REDIS_CLUSTER_BASE+1..+6, 7001-7006) and postgres.sh (127.0.0.1:LOCAL_PG_PORT, 5432; role and
 # password notify/notify; `postgres.sh url DB` prints a database's URL, `postgres.sh createdb
 # DB` creates it). SERVICES is the start order; `down` stops in reverse order.
@@ -27,6 +29,7 @@ SERVICES=(
   redis
   redis-cluster
   kafka
+  kafka-cluster
   postgres
 )
 

@@ -16,6 +16,23 @@
 #                                              the distribution's kafka-run-class.sh does), e.g.
 #                                              org.apache.kafka.tools.ConsoleProducer
 #
+# A three-broker cluster (three KRaft nodes, each broker + controller, a 3-voter quorum) for the
+# tests of replicated Kafka, beside the single broker:
+#   infra/local/kafka.sh cluster-start   start the nodes of ours that are not running (all three,
+#                                        or one a test killed, with its data) and wait (up to
+#                                        90 s) until the metadata lists three brokers
+#   infra/local/kafka.sh cluster-stop    stop the nodes this script started (nothing else)
+#   infra/local/kafka.sh cluster-status  one line; exit 0 when all three answer, 3 when not
+#   infra/local/kafka.sh cluster-brokers the bootstrap list, 127.0.0.1:9192,127.0.0.1:9193,...
+#   infra/local/kafka.sh cluster-kill N  SIGKILL node N (1..3), as a crash would
+# Node n's clients use port 9192+n-1 and its controller 9195+n-1 (9192-9197; another first
+# port with --port or LOCAL_KAFKA_CLUSTER_PORT). Topics default to replication 3 and
+# min.insync.replicas 2 (the offsets and transaction topics too); no SASL listener. Config,
+# pid files, logs and data are under .run/kafka-cluster/ (node-N.*, data/N/; delete the folder
+# to reset). Heap per node: KAFKA_CLUSTER_HEAP_OPTS (default -Xms128m -Xmx384m). INFRA_RECORD
+# gets "kafka-cluster" when cluster-start started the whole cluster (infra/local/
+# kafka-cluster.sh is this as an infra.sh service).
+#
 # The port is --port, else LOCAL_KAFKA_PORT, else 9092; the controller listens on the next port
 # (LOCAL_KAFKA_CONTROLLER_PORT or --controller-port to change) and a second client listener,
 # SASL_PLAINTEXT with SASL/PLAIN, on the one after (LOCAL_KAFKA_SASL_PORT or --sasl-port). All
@@ -55,7 +72,7 @@ say() { echo "kafka: $*"; }
 die() { echo "kafka: $*" >&2; exit 1; }
 
 usage() {
-  echo "usage: $0 start|stop|status [--port N] [--sasl-port N] | topics-create NAME PARTITIONS [--port N] | topics-list [--port N] | run-class CLASS [ARGS...]" >&2
+  echo "usage: $0 start|stop|status [--port N] [--sasl-port N] | topics-create NAME PARTITIONS [--port N] | topics-list [--port N] | run-class CLASS [ARGS...] | cluster-start|cluster-stop|cluster-status|cluster-brokers [--port N] | cluster-kill NODE [--port N]" >&2
   exit 2
 }
 
@@ -64,11 +81,12 @@ shift || true
 PORT=${LOCAL_KAFKA_PORT:-9092}
 CPORT=${LOCAL_KAFKA_CONTROLLER_PORT:-}
 SPORT=${LOCAL_KAFKA_SASL_PORT:-}
+port_given=0
 args=()
 while (($#)); do
   case $1 in
-    --port) PORT=${2:?--port needs a number}; shift 2 ;;
-    --port=*) PORT=${1#*=}; shift ;;
+    --port) PORT=${2:?--port needs a number}; port_given=1; shift 2 ;;
+    --port=*) PORT=${1#*=}; port_given=1; shift ;;
     --controller-port) CPORT=${2:?--controller-port needs a number}; shift 2 ;;
     --controller-port=*) CPORT=${1#*=}; shift ;;
     --sasl-port) SPORT=${2:?--sasl-port needs a number}; shift 2 ;;
@@ -80,6 +98,10 @@ while (($#)); do
   esac
 done
 [[ $PORT =~ ^[0-9]+$ ]] || die "--port must be a number, got '$PORT'"
+# The cluster's first client port: --port with a cluster-* command, else LOCAL_KAFKA_CLUSTER_PORT.
+CLUSTER_PORT=${LOCAL_KAFKA_CLUSTER_PORT:-9192}
+if [[ $cmd == cluster-* ]] && ((port_given)); then CLUSTER_PORT=$PORT; fi
+[[ $CLUSTER_PORT =~ ^[0-9]+$ ]] || die "LOCAL_KAFKA_CLUSTER_PORT must be a number, got '$CLUSTER_PORT'"
 CPORT=${CPORT:-$((PORT + 1))}
 [[ $CPORT =~ ^[0-9]+$ && $CPORT != "$PORT" ]] || die "bad controller port '$CPORT'"
 SPORT=${SPORT:-$((PORT + 2))}
@@ -272,6 +294,31 @@ wait_ready() {
 
 # --- config and storage ----------------------------------------------------------------------
 
+# write_log4j FILE LOG: a Log4j 2 config in FILE that sends the broker's log to LOG.
+write_log4j() {
+  cat > "$1" <<EOF
+# Written by infra/local/kafka.sh: the broker logs to $2 (rolls at 20 MB, keeps 3).
+status = warn
+appender.file.type = RollingFile
+appender.file.name = file
+appender.file.fileName = $2
+appender.file.filePattern = $2.%i
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+appender.file.policies.type = Policies
+appender.file.policies.size.type = SizeBasedTriggeringPolicy
+appender.file.policies.size.size = 20MB
+appender.file.strategy.type = DefaultRolloverStrategy
+appender.file.strategy.max = 3
+rootLogger.level = info
+rootLogger.appenderRef.file.ref = file
+logger.request.name = kafka.request.logger
+logger.request.level = warn
+logger.request.additivity = false
+logger.request.appenderRef.file.ref = file
+EOF
+}
+
 write_broker_config() {
   mkdir -p "$DIR" "$DATA"
   cat > "$CONF" <<EOF
@@ -312,27 +359,7 @@ log.segment.bytes=67108864
 num.network.threads=2
 num.io.threads=4
 EOF
-  cat > "$LOG4J" <<EOF
-# Written by infra/local/kafka.sh: the broker logs to $LOG (rolls at 20 MB, keeps 3).
-status = warn
-appender.file.type = RollingFile
-appender.file.name = file
-appender.file.fileName = $LOG
-appender.file.filePattern = $LOG.%i
-appender.file.layout.type = PatternLayout
-appender.file.layout.pattern = [%d] %p %m (%c)%n
-appender.file.policies.type = Policies
-appender.file.policies.size.type = SizeBasedTriggeringPolicy
-appender.file.policies.size.size = 20MB
-appender.file.strategy.type = DefaultRolloverStrategy
-appender.file.strategy.max = 3
-rootLogger.level = info
-rootLogger.appenderRef.file.ref = file
-logger.request.name = kafka.request.logger
-logger.request.level = warn
-logger.request.additivity = false
-logger.request.appenderRef.file.ref = file
-EOF
+  write_log4j "$LOG4J" "$LOG"
 }
 
 format_storage() {
@@ -345,6 +372,24 @@ format_storage() {
     tail -n 20 "$OUT" >&2
     die "formatting the storage failed; see $OUT"
   fi
+}
+
+# launch_broker DIR PIDFILE OUT LOG4J CONF HEAP: starts kafka.Kafka CONF in the background, in
+# DIR, appending its stdout/stderr to OUT. The pid file gets the pid of the bash that then execs
+# java (setsid: its own session, so a Ctrl-C in the caller's terminal does not reach the broker;
+# fd 9, the lock, is not inherited).
+launch_broker() {
+  local dir=$1 pidfile=$2 out=$3 log4j=$4 conf=$5 heap=$6
+  # shellcheck disable=SC2016,SC2086 # $$ is the inner bash's; $heap is a list of options
+  (
+    cd "$dir"
+    exec setsid bash -c 'echo $$ > "$0"; exec "$@"' "$pidfile" \
+      "$JAVA" $heap \
+      -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 \
+      -XX:+ExplicitGCInvokesConcurrent -Djava.awt.headless=true \
+      -Dlog4j2.configurationFile="$log4j" -Dkafka.logs.dir="$dir" \
+      -cp "$CP" kafka.Kafka "$conf"
+  ) < /dev/null >> "$out" 2>&1 9>&- &
 }
 
 # --- commands --------------------------------------------------------------------------------
@@ -392,18 +437,7 @@ start() {
 
   local t0=$SECONDS
   echo "--- $(date -Is) start Kafka $KAFKA_VERSION on $BOOTSTRAP (controller $CPORT)" >> "$OUT"
-  # The pid file gets the pid of the bash that then execs java (setsid: its own session, so a
-  # Ctrl-C in the caller's terminal does not reach the broker; fd 9, the lock, is not inherited).
-  # shellcheck disable=SC2016,SC2086 # $$ is the inner bash's; KAFKA_HEAP_OPTS is a list of options
-  (
-    cd "$DIR"
-    exec setsid bash -c 'echo $$ > "$0"; exec "$@"' "$PIDFILE" \
-      "$JAVA" ${KAFKA_HEAP_OPTS:--Xms256m -Xmx512m} \
-      -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 \
-      -XX:+ExplicitGCInvokesConcurrent -Djava.awt.headless=true \
-      -Dlog4j2.configurationFile="$LOG4J" -Dkafka.logs.dir="$DIR" \
-      -cp "$CP" kafka.Kafka "$CONF"
-  ) < /dev/null >> "$OUT" 2>&1 9>&- &
+  launch_broker "$DIR" "$PIDFILE" "$OUT" "$LOG4J" "$CONF" "${KAFKA_HEAP_OPTS:--Xms256m -Xmx512m}"
   local deadline=$((SECONDS + START_SECONDS)) launched
   while ! pid=$(our_pid); do
     launched=$(tr -dc '0-9' 2>/dev/null < "$PIDFILE" || true)
@@ -489,6 +523,258 @@ run_class() {
   run_tool "${args[@]}"
 }
 
+# --- the three-broker cluster ------------------------------------------------------------------
+# Three combined KRaft broker + controller nodes (a 3-voter controller quorum) on 127.0.0.1:
+# node n (1..3) takes client port CLUSTER_PORT+n-1 and controller port CLUSTER_PORT+3+n-1.
+# Topics default to replication 3 with min.insync.replicas 2, as in production: a write
+# acknowledged by `acks=all` is on two brokers at least, and one broker may be lost.
+
+CLUSTER_DIR=$ROOT/.run/kafka-cluster
+CLUSTER_NODES=3
+CLUSTER_SECONDS=${LOCAL_KAFKA_START_TIMEOUT:-90} # three JVMs starting at once on a small machine
+
+cnode_port() { echo $((CLUSTER_PORT + $1 - 1)); }
+cnode_cport() { echo $((CLUSTER_PORT + CLUSTER_NODES + $1 - 1)); }
+cnode_conf() { echo "$CLUSTER_DIR/node-$1.properties"; }
+
+cluster_brokers() {
+  local n out=()
+  for ((n = 1; n <= CLUSTER_NODES; n++)); do out+=("$HOST:$(cnode_port "$n")"); done
+  (IFS=,; echo "${out[*]}")
+}
+
+cluster_range() { echo "$HOST:$(cnode_port 1)-$(cnode_port "$CLUSTER_NODES")"; }
+
+# The pid of our node $1 when it still runs (guarded against a reused pid like our_pid).
+cnode_pid() {
+  local pidfile=$CLUSTER_DIR/node-$1.pid pid
+  [[ -f $pidfile ]] || return 1
+  pid=$(tr -dc '0-9' < "$pidfile")
+  [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 1
+  tr '\0' ' ' 2>/dev/null < "/proc/$pid/cmdline" | grep -qF -- "kafka.Kafka $(cnode_conf "$1")" || return 1
+  echo "$pid"
+}
+
+# How many brokers the cluster's metadata lists as alive (fenced ones are not listed).
+cluster_broker_count() {
+  TOOL_TIMEOUT=25 run_tool org.apache.kafka.tools.BrokerApiVersionsCommand \
+    --bootstrap-server "$(cluster_brokers)" --command-config "$CLIENT_CONF" 2>/dev/null \
+    | grep -c '(id: [0-9]* rack' || true
+}
+
+# Every node answers ApiVersions and the metadata lists all three brokers.
+cluster_ready() {
+  local n
+  for ((n = 1; n <= CLUSTER_NODES; n++)); do speaks_kafka "$(cnode_port "$n")" || return 1; done
+  [[ $(cluster_broker_count) == "$CLUSTER_NODES" ]]
+}
+
+write_cluster_config() {
+  local n=$1 voters="" i
+  for ((i = 1; i <= CLUSTER_NODES; i++)); do voters+="${voters:+,}$i@$HOST:$(cnode_cport "$i")"; done
+  mkdir -p "$CLUSTER_DIR/data/$n"
+  cat > "$(cnode_conf "$n")" <<CONF
+# Written by infra/local/kafka.sh at each cluster start; edit the script, not this file.
+# Node $n of the local three-broker cluster: a combined KRaft broker + controller.
+process.roles=broker,controller
+node.id=$n
+controller.quorum.voters=$voters
+listeners=PLAINTEXT://$HOST:$(cnode_port "$n"),CONTROLLER://$HOST:$(cnode_cport "$n")
+advertised.listeners=PLAINTEXT://$HOST:$(cnode_port "$n")
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+controller.listener.names=CONTROLLER
+log.dirs=$CLUSTER_DIR/data/$n
+
+# Replicated as in production: three copies, two in sync for an acks=all write, never an
+# out-of-sync replica elected leader.
+auto.create.topics.enable=false
+num.partitions=6
+default.replication.factor=3
+min.insync.replicas=2
+unclean.leader.election.enable=false
+offsets.topic.replication.factor=3
+offsets.topic.num.partitions=6
+transaction.state.log.replication.factor=3
+transaction.state.log.min.isr=2
+share.coordinator.state.topic.replication.factor=3
+share.coordinator.state.topic.min.isr=2
+group.initial.rebalance.delay.ms=0
+# A broker that stops heart-beating is fenced after 4 s (default 9 s): its partitions get new
+# leaders and it leaves the ISRs sooner, which keeps failover tests short.
+broker.heartbeat.interval.ms=1000
+broker.session.timeout.ms=4000
+
+log.retention.hours=24
+log.segment.bytes=67108864
+num.network.threads=2
+num.io.threads=2
+CONF
+  write_log4j "$CLUSTER_DIR/log4j2-node-$n.properties" "$CLUSTER_DIR/node-$n.log"
+}
+
+# Formats each node's storage once, all with the same cluster id.
+format_cluster() {
+  local n id idfile=$CLUSTER_DIR/cluster.id out
+  if [[ ! -s $idfile ]]; then
+    id=$(run_tool kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1)
+    [[ -n $id ]] || die "could not generate a cluster id"
+    echo "$id" > "$idfile"
+  fi
+  id=$(<"$idfile")
+  for ((n = 1; n <= CLUSTER_NODES; n++)); do
+    [[ -f $CLUSTER_DIR/data/$n/meta.properties ]] && continue
+    out=$CLUSTER_DIR/node-$n.out
+    say "formatting the KRaft storage of cluster node $n (cluster id $id)"
+    if ! run_tool kafka.tools.StorageTool format -t "$id" -c "$(cnode_conf "$n")" --ignore-formatted >> "$out" 2>&1; then
+      tail -n 20 "$out" >&2
+      die "formatting the storage of cluster node $n failed; see $out"
+    fi
+  done
+}
+
+cluster_log_tail() {
+  local n
+  for ((n = 1; n <= CLUSTER_NODES; n++)); do
+    if [[ -s $CLUSTER_DIR/node-$n.log ]]; then
+      echo "kafka: last lines of $CLUSTER_DIR/node-$n.log:" >&2
+      tail -n 10 "$CLUSTER_DIR/node-$n.log" >&2
+    fi
+  done
+}
+
+cluster_lock() {
+  mkdir -p "$CLUSTER_DIR"
+  exec 9> "$CLUSTER_DIR/.lock"
+  flock -w 120 9 || die "another kafka.sh holds $CLUSTER_DIR/.lock"
+}
+
+# Starts every node of ours that is not running (all three, or one a test killed) and waits
+# until the metadata lists three brokers.
+cluster_start() {
+  cluster_lock
+  local n port running=0 foreign=0 launched=()
+  for ((n = 1; n <= CLUSTER_NODES; n++)); do
+    port=$(cnode_port "$n")
+    if cnode_pid "$n" >/dev/null; then
+      running=$((running + 1))
+    elif port_open "$port"; then
+      speaks_kafka "$port" || die "something on $HOST:$port is not a Kafka broker; free $(cluster_range) or set LOCAL_KAFKA_CLUSTER_PORT"
+      foreign=$((foreign + 1))
+    elif port_open "$(cnode_cport "$n")"; then
+      die "controller port $HOST:$(cnode_cport "$n") is in use; free it or set LOCAL_KAFKA_CLUSTER_PORT"
+    fi
+  done
+  if ((foreign == CLUSTER_NODES)); then
+    say "$(cluster_brokers) already answer as Kafka brokers this script did not start; reusing them"
+    return 0
+  fi
+  ((foreign == 0)) || die "some of $(cluster_range) answer as Kafka brokers this script did not start; free the ports or set LOCAL_KAFKA_CLUSTER_PORT"
+
+  find_java
+  resolve_classpath
+  write_tools_config
+  if ((running == CLUSTER_NODES)); then
+    local deadline=$((SECONDS + CLUSTER_SECONDS))
+    until cluster_ready; do
+      ((SECONDS < deadline)) || { cluster_log_tail; die "our cluster nodes run but $(cluster_brokers) is not ready after $CLUSTER_SECONDS s"; }
+      sleep 0.5
+    done
+    say "cluster already running on $(cluster_brokers)"
+    return 0
+  fi
+  for ((n = 1; n <= CLUSTER_NODES; n++)); do write_cluster_config "$n"; done
+  format_cluster
+
+  local t0=$SECONDS pid
+  for ((n = 1; n <= CLUSTER_NODES; n++)); do
+    cnode_pid "$n" >/dev/null && continue
+    rm -f "$CLUSTER_DIR/node-$n.pid"
+    echo "--- $(date -Is) start Kafka $KAFKA_VERSION cluster node $n on $HOST:$(cnode_port "$n")" >> "$CLUSTER_DIR/node-$n.out"
+    launch_broker "$CLUSTER_DIR" "$CLUSTER_DIR/node-$n.pid" "$CLUSTER_DIR/node-$n.out" \
+      "$CLUSTER_DIR/log4j2-node-$n.properties" "$(cnode_conf "$n")" \
+      "${KAFKA_CLUSTER_HEAP_OPTS:--Xms128m -Xmx384m}"
+    launched+=("$n")
+  done
+  local deadline=$((SECONDS + CLUSTER_SECONDS)) pidfile
+  for n in "${launched[@]}"; do
+    pidfile=$CLUSTER_DIR/node-$n.pid
+    while ! cnode_pid "$n" >/dev/null; do
+      pid=$(tr -dc '0-9' 2>/dev/null < "$pidfile" || true)
+      if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then
+        cluster_log_tail; tail -n 15 "$CLUSTER_DIR/node-$n.out" >&2
+        die "cluster node $n (pid $pid) exited at once; see $CLUSTER_DIR/node-$n.out"
+      fi
+      ((SECONDS < deadline)) || { cluster_log_tail; die "cluster node $n did not come up"; }
+      sleep 0.1
+    done
+  done
+  until cluster_ready; do
+    for n in "${launched[@]}"; do
+      cnode_pid "$n" >/dev/null || { cluster_log_tail; die "cluster node $n exited during start; see $CLUSTER_DIR/node-$n.log"; }
+    done
+    if ((SECONDS >= deadline)); then
+      cluster_log_tail
+      die "the cluster on $(cluster_brokers) does not list $CLUSTER_NODES brokers after $CLUSTER_SECONDS s"
+    fi
+    sleep 0.5
+  done
+  say "started cluster node(s) ${launched[*]} of Kafka $KAFKA_VERSION in $((SECONDS - t0)) s: brokers $(cluster_brokers), controllers $HOST:$(cnode_cport 1)-$(cnode_cport "$CLUSTER_NODES"); logs in $CLUSTER_DIR"
+  # Recorded only when this run started the cluster, not when it restarted one node of it.
+  if ((running == 0)) && [[ -n ${INFRA_RECORD:-} ]]; then echo kafka-cluster >> "$INFRA_RECORD"; fi
+}
+
+cluster_stop() {
+  cluster_lock
+  local n pid pids=() stopped=()
+  # All at once: a node stopping alone waits for the others' controlled shutdown.
+  for ((n = 1; n <= CLUSTER_NODES; n++)); do
+    if pid=$(cnode_pid "$n"); then
+      kill -TERM "$pid" 2>/dev/null || true
+      pids+=("$pid"); stopped+=("$n")
+    fi
+    rm -f "$CLUSTER_DIR/node-$n.pid"
+  done
+  if ((${#pids[@]} == 0)); then
+    say "no cluster node started by this script runs on $(cluster_range); nothing to stop"
+    return 0
+  fi
+  for pid in "${pids[@]}"; do
+    terminate "$pid" "$STOP_SECONDS" || say "pid $pid still running after $STOP_SECONDS s; killed it (SIGKILL)"
+  done
+  say "stopped cluster node(s) ${stopped[*]} on $(cluster_range)"
+}
+
+cluster_status() {
+  local n up=0 ours=0
+  for ((n = 1; n <= CLUSTER_NODES; n++)); do
+    speaks_kafka "$(cnode_port "$n")" && up=$((up + 1))
+    cnode_pid "$n" >/dev/null && ours=$((ours + 1))
+  done
+  if ((up == CLUSTER_NODES)); then
+    say "cluster running on $(cluster_brokers) ($ours of $CLUSTER_NODES nodes started by this script)"
+  else
+    say "cluster not running on $(cluster_range): $up of $CLUSTER_NODES brokers answer"
+    return 3
+  fi
+}
+
+# SIGKILL to our node $1, as a crash would; `cluster-start` brings it back with its data.
+cluster_kill() {
+  ((${#args[@]} == 1)) || usage
+  local n=${args[0]} pid
+  if [[ ! $n =~ ^[1-9]$ ]] || ((n > CLUSTER_NODES)); then die "NODE must be 1..$CLUSTER_NODES, got '$n'"; fi
+  pid=$(cnode_pid "$n") || die "cluster node $n is not running (or not started by this script)"
+  kill -KILL "$pid"
+  local deadline=$((SECONDS + 10))
+  while kill -0 "$pid" 2>/dev/null; do
+    ((SECONDS < deadline)) || die "cluster node $n (pid $pid) survived SIGKILL for 10 s"
+    sleep 0.05
+  done
+  rm -f "$CLUSTER_DIR/node-$n.pid"
+  say "killed cluster node $n (pid $pid, SIGKILL) on $HOST:$(cnode_port "$n")"
+}
+
 case $cmd in
   start) ((${#args[@]} == 0)) || usage; start ;;
   stop) ((${#args[@]} == 0)) || usage; stop ;;
@@ -496,5 +782,10 @@ case $cmd in
   topics-create) topics_create ;;
   topics-list) topics_list ;;
   run-class) run_class ;;
+  cluster-start) ((${#args[@]} == 0)) || usage; cluster_start ;;
+  cluster-stop) ((${#args[@]} == 0)) || usage; cluster_stop ;;
+  cluster-status) ((${#args[@]} == 0)) || usage; cluster_status ;;
+  cluster-brokers) ((${#args[@]} == 0)) || usage; cluster_brokers ;;
+  cluster-kill) cluster_kill ;;
   *) usage ;;
 esac

@@ -8,7 +8,8 @@
 //!
 //! Every test creates its own topics (`it-orders-<hex>` and its `.dlq`, 3 partitions; the
 //! broker does not auto-create them), consumer group and Redis prefix, and deletes its topics
-//! when it passes.
+//! when it passes. The orders, hubs and clients defined here serve `replicated` as well (the
+//! same on the three-broker cluster).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
@@ -41,7 +42,7 @@ const END: &str = "test.end";
 /// The content type of proto3 JSON records.
 const JSON: &str = "application/json";
 /// The statuses every test order goes through, in the order they are produced.
-const LIFECYCLE: [OrderStatus; 5] = [
+pub(crate) const LIFECYCLE: [OrderStatus; 5] = [
     OrderStatus::Created,
     OrderStatus::Paid,
     OrderStatus::InTransit,
@@ -74,33 +75,33 @@ async fn warm_up(producer: &FutureProducer, topic: &str, round: usize) {
 // Orders: what is produced and what each user must see.
 
 /// Orders spread over users; order `i` belongs to user `i % users`, key = order id.
-struct Plan {
+pub(crate) struct Plan {
     /// `(order id, user)`.
     orders: Vec<(String, String)>,
 }
 
 /// `(order index, step)`: one status change of one order.
-type Change = (usize, usize);
+pub(crate) type Change = (usize, usize);
 
 /// Per user, per order: the `data` of every notification, in the order produced.
-type Expected = BTreeMap<String, BTreeMap<String, Vec<Value>>>;
+pub(crate) type Expected = BTreeMap<String, BTreeMap<String, Vec<Value>>>;
 
 impl Plan {
-    fn new(users: usize, orders_per_user: usize) -> Plan {
+    pub(crate) fn new(users: usize, orders_per_user: usize) -> Plan {
         let orders = (0..users * orders_per_user)
             .map(|i| (format!("ord-{i:04}"), format!("buyer-{:02}", i % users)))
             .collect();
         Plan { orders }
     }
 
-    fn users(&self) -> Vec<String> {
+    pub(crate) fn users(&self) -> Vec<String> {
         let set: BTreeSet<&String> = self.orders.iter().map(|(_, u)| u).collect();
         set.into_iter().cloned().collect()
     }
 
     /// `(order index, step)` for `steps` of every order, step after step (orders interleave,
     /// each order's statuses stay in lifecycle order).
-    fn changes(&self, steps: Range<usize>) -> Vec<Change> {
+    pub(crate) fn changes(&self, steps: Range<usize>) -> Vec<Change> {
         steps
             .flat_map(|step| (0..self.orders.len()).map(move |o| (o, step)))
             .collect()
@@ -119,7 +120,7 @@ impl Plan {
     }
 
     /// Protobuf records (no content-type header) of `changes`.
-    fn protobuf(&self, changes: &[Change]) -> Vec<Record> {
+    pub(crate) fn protobuf(&self, changes: &[Change]) -> Vec<Record> {
         changes
             .iter()
             .map(|&(o, step)| Record {
@@ -142,7 +143,7 @@ impl Plan {
     }
 
     /// What every user must get for `changes` (which must keep each order's step order).
-    fn expected(&self, changes: &[Change]) -> Expected {
+    pub(crate) fn expected(&self, changes: &[Change]) -> Expected {
         let mut out = Expected::new();
         for &(o, step) in changes {
             let (order_id, user) = &self.orders[o];
@@ -172,7 +173,7 @@ fn order_data(order_id: &str, step: usize) -> Value {
     })
 }
 
-fn count(expected: &Expected, user: &str) -> usize {
+pub(crate) fn count(expected: &Expected, user: &str) -> usize {
     expected
         .get(user)
         .map_or(0, |o| o.values().map(Vec::len).sum())
@@ -182,26 +183,34 @@ fn count(expected: &Expected, user: &str) -> usize {
 // Hubs and routes.
 
 /// The built-in order route, on another topic.
-fn order_route(topic: &str) -> String {
+pub(crate) fn order_route(topic: &str) -> String {
     order_status_route("it-orders", topic)
 }
 
 /// Everything a test's hubs share: credentials, Redis prefix, consumer group, topic, routes.
-struct Setup {
-    creds: Credentials,
-    redis: String,
-    prefix: String,
-    group: String,
-    brokers: String,
+pub(crate) struct Setup {
+    pub(crate) creds: Credentials,
+    pub(crate) redis: String,
+    pub(crate) prefix: String,
+    pub(crate) group: String,
+    pub(crate) brokers: String,
     routes: String,
-    topic: Topic,
+    pub(crate) topic: Topic,
     _dir: TempDir,
 }
 
 impl Setup {
     /// A fresh topic named after `stem`, with `routes(topic)` as the routes file.
     async fn new(redis: String, stem: &str, routes: impl Fn(&str) -> String) -> Setup {
-        let topic = Topic::create(stem).await;
+        Setup::with_topic(redis, Topic::create(stem).await, routes)
+    }
+
+    /// The same with a topic created by the caller (on the Kafka it names).
+    pub(crate) fn with_topic(
+        redis: String,
+        topic: Topic,
+        routes: impl Fn(&str) -> String,
+    ) -> Setup {
         let dir = temp_dir("hub-it-ingest");
         let routes = write(dir.path(), "routes.toml", &routes(&topic.name));
         Setup {
@@ -209,7 +218,7 @@ impl Setup {
             redis,
             prefix: redis_prefix(),
             group: format!("it-ingest-{}", hex(5)),
-            brokers: brokers(),
+            brokers: topic.brokers.clone(),
             routes,
             topic,
             _dir: dir,
@@ -217,7 +226,7 @@ impl Setup {
     }
 
     /// A serving node without Kafka.
-    fn node_env(&self) -> Vec<(&str, &str)> {
+    pub(crate) fn node_env(&self) -> Vec<(&str, &str)> {
         vec![
             ("HUB_REDIS_URL", &self.redis),
             ("HUB_REDIS_PREFIX", &self.prefix),
@@ -230,7 +239,7 @@ impl Setup {
     }
 
     /// Kafka ingest settings.
-    fn kafka_env(&self) -> Vec<(&str, &str)> {
+    pub(crate) fn kafka_env(&self) -> Vec<(&str, &str)> {
         vec![
             ("HUB_KAFKA_BROKERS", &self.brokers),
             ("HUB_KAFKA_GROUP", &self.group),
@@ -249,11 +258,11 @@ impl Setup {
         env
     }
 
-    async fn node(&self) -> HubProcess {
+    pub(crate) async fn node(&self) -> HubProcess {
         HubProcess::start_with_credentials(&self.creds, &self.node_env()).await
     }
 
-    async fn ingest_node(&self) -> HubProcess {
+    pub(crate) async fn ingest_node(&self) -> HubProcess {
         HubProcess::start_with_credentials(&self.creds, &self.ingest_node_env()).await
     }
 }
@@ -279,7 +288,7 @@ async fn metric(app: &TestApp, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 /// `hub_ingest_events_total` of `topic` with `outcome`.
-async fn ingested(app: &TestApp, topic: &str, outcome: &str) -> f64 {
+pub(crate) async fn ingested(app: &TestApp, topic: &str, outcome: &str) -> f64 {
     metric(
         app,
         "hub_ingest_events_total",
@@ -293,7 +302,7 @@ async fn ingested(app: &TestApp, topic: &str, outcome: &str) -> f64 {
 
 /// What one client saw over its whole life, across reconnects.
 #[derive(Debug, Default)]
-struct Seen {
+pub(crate) struct Seen {
     /// Notifications (not `hub.*`, not the end marker), in arrival order.
     notes: Vec<Value>,
     /// `hub.gap` envelopes.
@@ -303,9 +312,9 @@ struct Seen {
 }
 
 /// A client followed in the background until the end marker.
-struct Client {
-    kind: Kind,
-    user: String,
+pub(crate) struct Client {
+    pub(crate) kind: Kind,
+    pub(crate) user: String,
     got: Arc<AtomicUsize>,
     task: JoinHandle<Seen>,
 }
@@ -330,7 +339,7 @@ impl Client {
         }
     }
 
-    fn got(&self) -> usize {
+    pub(crate) fn got(&self) -> usize {
         self.got.load(Ordering::SeqCst)
     }
 }
@@ -395,7 +404,11 @@ async fn reopen(kind: Kind, app: &TestApp, user: &str, since: Option<&str>) -> C
 }
 
 /// A WebSocket and an SSE client per user, on `ws` and `sse` respectively.
-async fn connect_all(users: &[String], ws: &Arc<TestApp>, sse: &Arc<TestApp>) -> Vec<Client> {
+pub(crate) async fn connect_all(
+    users: &[String],
+    ws: &Arc<TestApp>,
+    sse: &Arc<TestApp>,
+) -> Vec<Client> {
     let mut clients = Vec::new();
     for user in users {
         clients.push(Client::connect(Kind::Ws, ws, user).await);
@@ -405,7 +418,7 @@ async fn connect_all(users: &[String], ws: &Arc<TestApp>, sse: &Arc<TestApp>) ->
 }
 
 /// Notifications received over all WebSocket clients (one per user: one per notification).
-fn ws_received(clients: &[Client]) -> usize {
+pub(crate) fn ws_received(clients: &[Client]) -> usize {
     clients
         .iter()
         .filter(|c| c.kind == Kind::Ws)
@@ -414,7 +427,11 @@ fn ws_received(clients: &[Client]) -> usize {
 }
 
 /// Waits until every client has at least `want(user)` notifications.
-async fn wait_received(clients: &[Client], want: impl Fn(&str) -> usize, limit: Duration) {
+pub(crate) async fn wait_received(
+    clients: &[Client],
+    want: impl Fn(&str) -> usize,
+    limit: Duration,
+) {
     let deadline = Instant::now() + limit;
     loop {
         let behind: Vec<String> = clients
@@ -436,7 +453,7 @@ async fn wait_received(clients: &[Client], want: impl Fn(&str) -> usize, limit: 
 }
 
 /// Publishes the end marker to every user through `app` and collects what each client saw.
-async fn finish(app: &TestApp, clients: Vec<Client>) -> Vec<(Kind, String, Seen)> {
+pub(crate) async fn finish(app: &TestApp, clients: Vec<Client>) -> Vec<(Kind, String, Seen)> {
     let users: BTreeSet<String> = clients.iter().map(|c| c.user.clone()).collect();
     for user in &users {
         app.publish(user, END, json!({"user": user})).await;
@@ -461,7 +478,7 @@ fn statuses(data: &[Value]) -> Vec<String> {
 /// Checks that every client got exactly `expected` for its user: each order's notifications
 /// once, in the order produced, with exactly the expected data; and, unless `gaps_allowed`,
 /// no `hub.gap`. Fails listing every problem.
-fn assert_exactly(
+pub(crate) fn assert_exactly(
     seen: &[(Kind, String, Seen)],
     expected: &Expected,
     kind: &str,

@@ -17,6 +17,7 @@ mod limits;
 mod metrics;
 mod origin;
 mod redis_cluster;
+mod replicated;
 mod resume;
 mod slow_consumer;
 mod tls;

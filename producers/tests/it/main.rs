@@ -9,5 +9,6 @@ mod helpers;
 mod kafka_sasl;
 mod moderation;
 mod outbox;
+mod replicated;
 mod saga;
 mod trace_context;

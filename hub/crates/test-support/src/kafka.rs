@@ -41,9 +41,14 @@ fn admin_options() -> AdminOptions {
 /// Creates `names` on `brokers` with [`PARTITIONS`] partitions each, keeping those that
 /// already exist (the broker does not create topics by itself).
 pub async fn create_topics(brokers: &str, names: &[&str]) {
+    create_topics_with(brokers, names, PARTITIONS, 1).await;
+}
+
+/// [`create_topics`] with `partitions` partitions of `replication` replicas each.
+pub async fn create_topics_with(brokers: &str, names: &[&str], partitions: i32, replication: i32) {
     let new: Vec<NewTopic<'_>> = names
         .iter()
-        .map(|n| NewTopic::new(n, PARTITIONS, TopicReplication::Fixed(1)))
+        .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(replication)))
         .collect();
     let results = timeout(
         ADMIN_LIMIT,

@@ -5,6 +5,8 @@
 //! - [`app`]: a hub node running inside the test's runtime on a random port.
 //! - [`clients`]: a WebSocket and an SSE client that read envelopes with a deadline.
 //! - [`kafka`]: the test broker, topics created and deleted by name, reading a topic back.
+//! - [`cluster`]: the three-broker test cluster: replicated topics, killing and restarting a
+//!   broker, consumer group members.
 //! - [`process`]: child processes: free ports, signals, waiting for a listener or an exit.
 //! - [`files`]: temporary directories and the files tests write into them.
 //! - [`wait`]: waiting on a condition with a deadline instead of sleeping and hoping.
@@ -13,6 +15,7 @@ use std::time::Duration;
 
 pub mod app;
 pub mod clients;
+pub mod cluster;
 pub mod files;
 pub mod kafka;
 pub mod process;

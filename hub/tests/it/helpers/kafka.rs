@@ -9,6 +9,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
+use test_support::cluster::KafkaCluster;
 use test_support::kafka::{self, PARTITIONS, brokers, create_topics, delete_topics, read_topic};
 use test_support::wait::Deadline;
 use test_support::{STEP, hex};
@@ -20,6 +21,8 @@ use tokio::time::timeout;
 pub struct Topic {
     /// The topic's name.
     pub name: String,
+    /// The Kafka it is on.
+    pub brokers: String,
 }
 
 impl Topic {
@@ -28,7 +31,24 @@ impl Topic {
         let name = format!("{stem}-{}", hex(5));
         let dlq = format!("{name}.dlq");
         create_topics(&brokers(), &[name.as_str(), dlq.as_str()]).await;
-        Topic { name }
+        Topic {
+            name,
+            brokers: brokers(),
+        }
+    }
+
+    /// The same on the three-broker cluster, with `partitions` partitions replicated three
+    /// times, once every replica is in sync.
+    pub async fn create_replicated(cluster: &KafkaCluster, stem: &str, partitions: i32) -> Topic {
+        let name = format!("{stem}-{}", hex(5));
+        let dlq = format!("{name}.dlq");
+        cluster
+            .create_topics(&[name.as_str(), dlq.as_str()], partitions)
+            .await;
+        Topic {
+            name,
+            brokers: cluster.brokers(),
+        }
     }
 
     pub fn dlq(&self) -> String {
@@ -39,15 +59,21 @@ impl Topic {
     /// for a look with kcat).
     pub async fn delete(self) {
         let dlq = self.dlq();
-        delete_topics(&brokers(), &[self.name.as_str(), dlq.as_str()]).await;
+        delete_topics(&self.brokers, &[self.name.as_str(), dlq.as_str()]).await;
     }
 }
 
 /// A producer like a well-behaved service's: idempotent, so per partition Kafka keeps the
 /// order records were sent in.
 pub fn producer() -> FutureProducer {
+    producer_on(&brokers())
+}
+
+/// [`producer`] on the Kafka at `brokers` (idempotence implies `acks=all`: on a replicated
+/// topic a record is acknowledged once `min.insync.replicas` brokers have it).
+pub fn producer_on(brokers: &str) -> FutureProducer {
     ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .set("message.timeout.ms", "30000")
@@ -103,9 +129,20 @@ pub async fn produce(
 
 /// Produces `records` in batches of `batch`, `pause` apart, so that the stream lasts a while.
 pub fn stream(topic: &str, records: Vec<Record>, batch: usize, pause: Duration) -> JoinHandle<()> {
+    stream_on(&brokers(), topic, records, batch, pause)
+}
+
+/// [`stream`] to the Kafka at `brokers`.
+pub fn stream_on(
+    brokers: &str,
+    topic: &str,
+    records: Vec<Record>,
+    batch: usize,
+    pause: Duration,
+) -> JoinHandle<()> {
     let topic = topic.to_owned();
+    let producer = producer_on(brokers);
     tokio::spawn(async move {
-        let producer = producer();
         for chunk in records.chunks(batch) {
             produce(&producer, &topic, chunk).await;
             tokio::time::sleep(pause).await;

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use test_support::cluster::KafkaCluster;
 use test_support::hex;
-use test_support::kafka::{self, Record, brokers, create_topics, delete_topics};
+use test_support::kafka::{self, PARTITIONS, Record, brokers, create_topics, delete_topics};
 
 use crate::helpers::STEP;
 
@@ -29,18 +30,37 @@ pub struct Topics {
 
 impl Topics {
     pub async fn create(brokers: &str) -> Topics {
-        let prefix = format!("it-{}.", hex(4));
-        let mut all = Vec::new();
-        for t in TOPICS {
-            all.push(format!("{prefix}{t}"));
-            all.push(format!("{prefix}{t}.dlq"));
-        }
+        let topics = Topics {
+            prefix: format!("it-{}.", hex(4)),
+            brokers: brokers.to_owned(),
+        };
+        let all = topics.all();
         let names: Vec<&str> = all.iter().map(String::as_str).collect();
         create_topics(brokers, &names).await;
-        Topics {
-            prefix,
-            brokers: brokers.to_owned(),
+        topics
+    }
+
+    /// The same on the three-broker cluster: every topic replicated three times, created once
+    /// all its replicas are in sync.
+    pub async fn create_replicated(cluster: &KafkaCluster) -> Topics {
+        let topics = Topics {
+            prefix: format!("it-{}.", hex(4)),
+            brokers: cluster.brokers(),
+        };
+        let all = topics.all();
+        let names: Vec<&str> = all.iter().map(String::as_str).collect();
+        cluster.create_topics(&names, PARTITIONS).await;
+        topics
+    }
+
+    /// Every topic and DLQ under the prefix.
+    fn all(&self) -> Vec<String> {
+        let mut all = Vec::new();
+        for t in TOPICS {
+            all.push(format!("{}{t}", self.prefix));
+            all.push(format!("{}{t}.dlq", self.prefix));
         }
+        all
     }
 
     pub fn name(&self, topic: &str) -> String {
@@ -48,11 +68,7 @@ impl Topics {
     }
 
     pub async fn delete(self) {
-        let mut all = Vec::new();
-        for t in TOPICS {
-            all.push(format!("{}{t}", self.prefix));
-            all.push(format!("{}{t}.dlq", self.prefix));
-        }
+        let all = self.all();
         let names: Vec<&str> = all.iter().map(String::as_str).collect();
         delete_topics(&self.brokers, &names).await;
     }

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde_json::json;
+use test_support::cluster::KafkaCluster;
 use test_support::hex;
 use test_support::kafka::brokers;
 
@@ -35,7 +36,15 @@ impl Stack {
 
     /// The same on the Kafka at `brokers`.
     pub async fn prepare_on(name: &str, brokers: &str) -> Stack {
-        let topics = Topics::create(brokers).await;
+        Stack::prepare_with(name, Topics::create(brokers).await).await
+    }
+
+    /// The same on the three-broker cluster, every topic replicated three times.
+    pub async fn prepare_replicated(name: &str, cluster: &KafkaCluster) -> Stack {
+        Stack::prepare_with(name, Topics::create_replicated(cluster).await).await
+    }
+
+    async fn prepare_with(name: &str, topics: Topics) -> Stack {
         let mut dbs = BTreeMap::new();
         for kind in [Kind::Order, Kind::Payment, Kind::Delivery, Kind::Moderation] {
             dbs.insert(kind.name(), TestDb::create(kind.name()).await);
