@@ -123,8 +123,8 @@ pub struct RedisTelemetry {
 const PUBLISH_SCRIPT: &str = r#"
 local maxlen, ttl, every, window, key_ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local out = {}
-for i = 0, #KEYS / 4 - 1 do
-  local meta, stream, channel, dedupe = KEYS[i * 4 + 1], KEYS[i * 4 + 2], KEYS[i * 4 + 3], KEYS[i * 4 + 4]
+for i = 0, n - 1 do
+  local meta, stream, channel, dedupe = K[i * 4 + 1], K[i * 4 + 2], K[i * 4 + 3], K[i * 4 + 4]
   local a = 5 + i * 5
   local fresh_epoch, us, tail, mode, member = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
   local m = redis.call('HMGET', meta, 'epoch', 'x')
@@ -170,6 +170,26 @@ for i = 0, #KEYS / 4 - 1 do
 end
 return out
 "#;
+
+/// How [`PUBLISH_SCRIPT`] finds its keys on one server: `n` notifications, their keys `K`
+/// declared as `KEYS`.
+const SINGLE_PRELUDE: &str = "local K, n = KEYS, #KEYS / 4\n";
+
+/// How [`PUBLISH_SCRIPT`] finds its keys on a cluster, where one call carries notifications
+/// of every slot its node serves: only the first meta key is declared (it routes the call),
+/// the keys of all `n` notifications follow the other arguments, and the flag lets the script
+/// touch keys of several slots of this node. Before anything is written, every meta key is
+/// checked to be served here; if one is not (the node's slot map was stale), nothing runs and
+/// the reply is `{-1}`.
+const CLUSTER_PRELUDE: &str = "#!lua flags=allow-cross-slot-keys
+local n = (#ARGV - 5) / 9
+local K = {}
+for j = 1, n * 4 do K[j] = ARGV[5 + n * 5 + j] end
+for j = 0, n - 1 do
+  local r = redis.pcall('EXISTS', K[j * 4 + 1])
+  if type(r) == 'table' and r.err then return {-1} end
+end
+";
 
 /// Reads a user's history atomically. KEYS: meta, stream. ARGV: first entry id wanted,
 /// most entries. Returns the epoch, the last sequence number, the first retained entry and
@@ -236,6 +256,9 @@ struct Inner {
     client: Client,
     /// A Redis Cluster: scripts and pipelines are split per slot, pub/sub is sharded.
     cluster: bool,
+    /// On a cluster: for each slot, which master serves it (an index among the masters),
+    /// from the last `CLUSTER SLOTS`; `None` until known or after it proved stale.
+    owners: parking_lot::RwLock<Option<Arc<Vec<u16>>>>,
     settings: RedisSettings,
     publish: redis::Script,
     read: redis::Script,
@@ -318,9 +341,13 @@ enum Client {
     Cluster(ClusterClient),
 }
 
-/// The cluster slot a key lives in.
-fn slot(key: &str) -> redis::cluster_routing::Slot {
-    redis::cluster_routing::Slot::for_key(key)
+/// Slots of a Redis Cluster.
+const SLOTS: u16 = 16384;
+
+/// The cluster slot of a user's keys: CRC16 (XMODEM) of the hash tag, which is exactly the
+/// user (user ids hold no braces; the prefix neither).
+fn user_slot(user: &str) -> u16 {
+    crc16::State::<crc16::XMODEM>::calculate(user.as_bytes()) % SLOTS
 }
 
 /// The PEM CA bundle of `HUB_REDIS_CA_FILE`, as the client's root certificates.
@@ -365,6 +392,35 @@ const CATCH_UP_PATIENCE: Duration = Duration::from_secs(15);
 
 /// "The user had no history when this node subscribed."
 const EMPTY: Id = Id { epoch: 0, seq: 0 };
+
+/// A script call that reached a node not serving all its keys (retrying resolves it).
+fn moved() -> BackplaneError {
+    unavailable("a slot moved during the publish")
+}
+
+/// Indices of `items` grouped by `key` (first-seen order; within a group, `items`' order);
+/// items without a key each form a group of their own.
+fn group_by<T, K: std::hash::Hash + Eq>(
+    items: &[T],
+    key: impl Fn(&T) -> Option<K>,
+) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut index: HashMap<K, usize> = HashMap::new();
+    for (i, item) in items.iter().enumerate() {
+        let Some(k) = key(item) else {
+            groups.push(vec![i]);
+            continue;
+        };
+        let g = *index.entry(k).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        if let Some(members) = groups.get_mut(g) {
+            members.push(i);
+        }
+    }
+    groups
+}
 
 fn unavailable(e: impl std::fmt::Display) -> BackplaneError {
     BackplaneError::Unavailable(e.to_string())
@@ -429,9 +485,12 @@ impl RedisBackplane {
         };
         let cluster = matches!(client, Client::Cluster(_));
         let script = if cluster {
-            PUBLISH_SCRIPT.replace("'PUBLISH'", "'SPUBLISH'")
+            format!(
+                "{CLUSTER_PRELUDE}{}",
+                PUBLISH_SCRIPT.replace("'PUBLISH'", "'SPUBLISH'")
+            )
         } else {
-            PUBLISH_SCRIPT.to_owned()
+            format!("{SINGLE_PRELUDE}{PUBLISH_SCRIPT}")
         };
         let (changed, changes) = mpsc::channel(1);
         let (live, _) = watch::channel(0);
@@ -444,6 +503,7 @@ impl RedisBackplane {
                 coalescers,
                 client,
                 cluster,
+                owners: parking_lot::RwLock::new(None),
                 settings,
                 publish: redis::Script::new(&script),
                 read: redis::Script::new(READ_SCRIPT),
@@ -506,23 +566,28 @@ impl RedisBackplane {
         Ok((conns, client))
     }
 
+    /// On a cluster: whether the node currently knows which master serves each slot (so a
+    /// batch goes out as one script call per master).
+    pub fn knows_slot_owners(&self) -> bool {
+        self.inner.owners.read().is_some()
+    }
+
     /// The publish script's `EVALSHA` for a chunk of notifications.
     fn publish_cmd(&self, msgs: &[&Publish], accepted_us: u64) -> redis::Cmd {
         let settings = &self.inner.settings;
         let every = refresh_interval(settings.history_ttl);
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.inner.publish.get_hash()).arg(msgs.len() * 4);
-        for msg in msgs {
-            let meta = self.key("m", &msg.user);
-            let dedupe = match &msg.dedupe {
-                None => meta.clone(),
-                Some(Dedupe::Key(key)) => format!("{}:{key}", self.key("i", &msg.user)),
-                Some(Dedupe::Event(_)) => self.key("e", &msg.user),
-            };
-            cmd.arg(meta)
-                .arg(self.key("h", &msg.user))
-                .arg(self.key("c", &msg.user))
-                .arg(dedupe);
+        cmd.arg(self.inner.publish.get_hash());
+        let cluster = self.inner.cluster;
+        if cluster {
+            // The first meta key routes the call; every key follows the arguments.
+            let first = msgs
+                .first()
+                .map_or(String::new(), |m| self.key("m", &m.user));
+            cmd.arg(1).arg(first);
+        } else {
+            cmd.arg(msgs.len() * 4);
+            self.publish_keys(&mut cmd, msgs);
         }
         cmd.arg(settings.history_size)
             .arg((settings.history_ttl + every).as_millis() as u64)
@@ -545,39 +610,111 @@ impl RedisBackplane {
                 .arg(mode)
                 .arg(member);
         }
+        if cluster {
+            self.publish_keys(&mut cmd, msgs);
+        }
         cmd
+    }
+
+    /// The four keys of each notification: meta, stream, channel, dedupe.
+    fn publish_keys(&self, cmd: &mut redis::Cmd, msgs: &[&Publish]) {
+        for msg in msgs {
+            let meta = self.key("m", &msg.user);
+            let dedupe = match &msg.dedupe {
+                None => meta.clone(),
+                Some(Dedupe::Key(key)) => format!("{}:{key}", self.key("i", &msg.user)),
+                Some(Dedupe::Event(_)) => self.key("e", &msg.user),
+            };
+            cmd.arg(meta)
+                .arg(self.key("h", &msg.user))
+                .arg(self.key("c", &msg.user))
+                .arg(dedupe);
+        }
     }
 
     /// Publishes through the script, in order per user. On one server, one call per
     /// [`SCRIPT_BATCH`] notifications, the calls pipelined on one connection (so their order
-    /// holds). In a cluster a script touches one slot only: the notifications are grouped by
-    /// their user's slot and the groups run concurrently, each as on one server.
+    /// holds). On a cluster the notifications are grouped by the master that serves their
+    /// user's slot, one call per group (see [`CLUSTER_PRELUDE`]), the groups concurrently;
+    /// without a current slot map, or when a group's master no longer serves one of its
+    /// slots, they are grouped by slot instead.
     async fn run_scripts(&self, msgs: &[Publish]) -> Result<Vec<Published>, BackplaneError> {
         if msgs.is_empty() {
             return Ok(Vec::new());
         }
         let accepted_us = now_micros();
-        let mut groups: Vec<Vec<usize>> = Vec::new();
-        if self.inner.cluster {
-            let mut index = HashMap::new();
-            for (i, msg) in msgs.iter().enumerate() {
-                let g = *index
-                    .entry(slot(&self.key("m", &msg.user)))
-                    .or_insert_with(|| {
-                        groups.push(Vec::new());
-                        groups.len() - 1
-                    });
-                if let Some(members) = groups.get_mut(g) {
-                    members.push(i);
-                }
-            }
-        } else {
-            groups.push((0..msgs.len()).collect());
+        let msgs: Vec<&Publish> = msgs.iter().collect();
+        if !self.inner.cluster {
+            return self.run_group(&msgs, accepted_us).await?.ok_or_else(moved);
         }
+        let owners = self.inner.owners.read().clone();
+        match owners {
+            Some(owners) => {
+                let groups = group_by(&msgs, |m| {
+                    owners.get(usize::from(user_slot(&m.user))).copied()
+                });
+                self.run_groups(&msgs, groups, |group| {
+                    self.run_node_group(group, accepted_us)
+                })
+                .await
+            }
+            None => self.run_per_slot(&msgs, accepted_us).await,
+        }
+    }
+
+    /// [`Self::run_scripts`] on a cluster with the notifications grouped by slot.
+    async fn run_per_slot(
+        &self,
+        msgs: &[&Publish],
+        accepted_us: u64,
+    ) -> Result<Vec<Published>, BackplaneError> {
+        let groups = group_by(msgs, |m| Some(user_slot(&m.user)));
+        self.run_groups(msgs, groups, |group| async move {
+            self.run_group(&group, accepted_us).await?.ok_or_else(moved)
+        })
+        .await
+    }
+
+    /// The notifications of one master, one script call per [`SCRIPT_BATCH`] in order; from
+    /// the first call whose keys are not all served there (nothing of it ran), the slot map
+    /// is dropped and the rest go slot by slot.
+    async fn run_node_group(
+        &self,
+        msgs: Vec<&Publish>,
+        accepted_us: u64,
+    ) -> Result<Vec<Published>, BackplaneError> {
+        let mut out = Vec::with_capacity(msgs.len());
+        for (k, chunk) in msgs.chunks(SCRIPT_BATCH).enumerate() {
+            if let Some(published) = self.run_group(chunk, accepted_us).await? {
+                out.extend(published);
+                continue;
+            }
+            *self.inner.owners.write() = None;
+            let rest = msgs.get(k * SCRIPT_BATCH..).unwrap_or_default();
+            out.extend(self.run_per_slot(rest, accepted_us).await?);
+            break;
+        }
+        Ok(out)
+    }
+
+    /// Runs `groups` of `msgs` (indices) concurrently with `run` and puts the results back
+    /// in the order of `msgs`.
+    async fn run_groups<'a, F, Fut>(
+        &self,
+        msgs: &[&'a Publish],
+        groups: Vec<Vec<usize>>,
+        run: F,
+    ) -> Result<Vec<Published>, BackplaneError>
+    where
+        F: Fn(Vec<&'a Publish>) -> Fut,
+        Fut: Future<Output = Result<Vec<Published>, BackplaneError>>,
+    {
         let mut calls = Vec::with_capacity(groups.len());
         for members in &groups {
-            let group: Vec<&Publish> = members.iter().filter_map(|&i| msgs.get(i)).collect();
-            calls.push(async move { self.run_group(&group, accepted_us).await });
+            calls.push(run(members
+                .iter()
+                .filter_map(|&i| msgs.get(i).copied())
+                .collect()));
         }
         let results = futures_util::future::join_all(calls).await;
         let mut out: Vec<Option<Published>> = vec![None; msgs.len()];
@@ -593,12 +730,13 @@ impl RedisBackplane {
             .collect()
     }
 
-    /// Runs the script over notifications of one slot (or of one server).
+    /// Runs the script over notifications of one slot, one master or one server: `None`
+    /// when a call found keys its node does not serve (and so ran nothing).
     async fn run_group(
         &self,
         msgs: &[&Publish],
         accepted_us: u64,
-    ) -> Result<Vec<Published>, BackplaneError> {
+    ) -> Result<Option<Vec<Published>>, BackplaneError> {
         let mut pipe = redis::pipe();
         for chunk in msgs.chunks(SCRIPT_BATCH) {
             pipe.add_command(self.publish_cmd(chunk, accepted_us));
@@ -648,6 +786,9 @@ impl RedisBackplane {
             let redis::Value::Array(reply) = reply else {
                 return Err(unavailable("store returned a malformed reply"));
             };
+            if let [redis::Value::Int(-1)] = reply.as_slice() {
+                return Ok(None);
+            }
             for pair in reply.chunks(2) {
                 let [fresh, id] = pair else {
                     return Err(unavailable("the store answered an odd reply"));
@@ -670,7 +811,7 @@ impl RedisBackplane {
                 "the store answered a different number of replies",
             ));
         }
-        Ok(out)
+        Ok(Some(out))
     }
 
     /// Gathers the single publishes that are waiting (up to [`COALESCE`]) into one script
@@ -1270,6 +1411,7 @@ impl RedisBackplane {
             return;
         };
         let masters = masters_of(&slots);
+        *self.inner.owners.write() = slot_owners(&slots, &masters).map(Arc::new);
         for (host, port) in &masters {
             let routing = redis::cluster_routing::RoutingInfo::SingleNode(
                 redis::cluster_routing::SingleNodeRoutingInfo::ByAddress {
@@ -1308,18 +1450,20 @@ impl RedisBackplane {
     /// Handles one push of the cluster pub/sub connection; true when subscriptions must be
     /// made again.
     fn on_push(&self, push: redis::PushInfo, state: &mut ShardedSubs) -> bool {
-        let text = |v: Option<&redis::Value>| match v {
-            Some(redis::Value::BulkString(b)) => Some(b.clone()),
-            Some(redis::Value::SimpleString(s)) => Some(s.clone().into_bytes()),
-            _ => None,
-        };
+        fn text(v: Option<&redis::Value>) -> Option<&[u8]> {
+            match v {
+                Some(redis::Value::BulkString(b)) => Some(b.as_slice()),
+                Some(redis::Value::SimpleString(s)) => Some(s.as_bytes()),
+                _ => None,
+            }
+        }
         match push.kind {
             redis::PushKind::SMessage | redis::PushKind::Message => {
                 if let (Some(channel), Some(payload)) =
                     (text(push.data.first()), text(push.data.get(1)))
-                    && let Ok(channel) = std::str::from_utf8(&channel)
+                    && let Ok(channel) = std::str::from_utf8(channel)
                 {
-                    self.on_message(channel, &payload);
+                    self.on_message(channel, payload);
                 }
                 false
             }
@@ -1343,7 +1487,7 @@ impl RedisBackplane {
                 let Some(channel) = text(push.data.first()) else {
                     return false;
                 };
-                let Ok(channel) = std::str::from_utf8(&channel) else {
+                let Ok(channel) = std::str::from_utf8(channel) else {
                     return false;
                 };
                 if channel == self.control_channel() {
@@ -1586,6 +1730,37 @@ fn masters_of(slots: &redis::Value) -> Vec<(String, u16)> {
         }
     }
     out
+}
+
+/// For each slot, the index in `masters` of the master serving it; `None` unless a `CLUSTER
+/// SLOTS` reply assigns every slot.
+fn slot_owners(slots: &redis::Value, masters: &[(String, u16)]) -> Option<Vec<u16>> {
+    let redis::Value::Array(ranges) = slots else {
+        return None;
+    };
+    let mut owners = vec![u16::MAX; usize::from(SLOTS)];
+    for range in ranges {
+        let redis::Value::Array(parts) = range else {
+            continue;
+        };
+        let (Some(redis::Value::Int(from)), Some(redis::Value::Int(to))) =
+            (parts.first(), parts.get(1))
+        else {
+            continue;
+        };
+        let master = masters_of(&redis::Value::Array(vec![range.clone()]));
+        let Some(owner) = master
+            .first()
+            .and_then(|m| masters.iter().position(|x| x == m))
+            .and_then(|i| u16::try_from(i).ok())
+        else {
+            continue;
+        };
+        let from = usize::try_from(*from).ok()?;
+        let to = usize::try_from(*to).ok()?;
+        owners.get_mut(from..=to)?.fill(owner);
+    }
+    owners.iter().all(|o| *o != u16::MAX).then_some(owners)
 }
 
 /// The member an event is remembered by: a 128-bit hash (XXH3) of the route and event id,
@@ -1865,6 +2040,34 @@ mod tests {
         assert_eq!(json, "{\"id\":\"ab-3\"}");
         assert!(parse_payload(b"nonsense").is_none());
         assert!(parse_payload(&[0xff, 0x20, 0x31]).is_none());
+    }
+
+    #[test]
+    fn user_slots_are_the_clusters_key_slots() {
+        // `CLUSTER KEYSLOT` of these keys on a real cluster.
+        assert_eq!(user_slot("a"), 15495);
+        assert_eq!(user_slot("b"), 3300);
+        assert_eq!(user_slot("h"), 11694);
+    }
+
+    #[test]
+    fn slot_owners_need_every_slot_assigned() {
+        use redis::Value::{Array, BulkString, Int};
+        let node = |port: i64| Array(vec![BulkString(b"h".to_vec()), Int(port)]);
+        let full = Array(vec![
+            Array(vec![Int(0), Int(8000), node(1)]),
+            Array(vec![Int(8001), Int(16383), node(2)]),
+        ]);
+        let masters = masters_of(&full);
+        let owners = slot_owners(&full, &masters).expect("every slot assigned");
+        assert_eq!(
+            (owners[0], owners[8000], owners[8001], owners[16383]),
+            (0, 0, 1, 1)
+        );
+        let partial = Array(vec![Array(vec![Int(0), Int(8000), node(1)])]);
+        assert!(slot_owners(&partial, &masters_of(&partial)).is_none());
+        let out_of_range = Array(vec![Array(vec![Int(0), Int(20000), node(1)])]);
+        assert!(slot_owners(&out_of_range, &masters_of(&out_of_range)).is_none());
     }
 
     #[test]

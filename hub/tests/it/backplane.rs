@@ -10,7 +10,7 @@ use hub::envelope::{Id, Notification};
 use parking_lot::Mutex;
 use serde_json::value::RawValue;
 
-use crate::helpers::redis::{redis_cluster_urls, redis_prefix, redis_url};
+use crate::helpers::redis::{RedisCluster, redis_cluster_urls, redis_prefix, redis_url};
 
 /// Records what the backplane hands to the node.
 #[derive(Default)]
@@ -278,6 +278,58 @@ async fn redis_cluster_backplane_scenarios() {
         let got = delivered(&rec, u, 3).await;
         let got_ids: Vec<Id> = got.iter().map(|(_, id, _)| *id).collect();
         assert_eq!(got_ids, ids, "{u}: delivered in order, once");
+    }
+}
+
+#[tokio::test]
+async fn on_a_cluster_a_publish_right_after_its_slot_moved_is_accepted_once() {
+    let cluster = RedisCluster::start().await;
+    let rec = Arc::new(Recorder::default());
+    let endpoint = RedisEndpoint::Cluster(cluster.urls().split(',').map(str::to_owned).collect());
+    let (bp, _task) = redis_backplane_on(endpoint, rec.clone(), 100, &redis_prefix()).await;
+    let users: Vec<String> = (0..12).map(|i| format!("mover-{i}")).collect();
+    for u in &users {
+        bp.subscribe(&Arc::from(u.as_str()))
+            .await
+            .expect("subscribe");
+    }
+    let batch = |n: u32| -> Vec<Publish> { users.iter().map(|u| msg(u, n, None)).collect() };
+    // Wait until the node knows which master serves which slot (its first probe), so the
+    // batch goes out as one call per master.
+    let deadline = test_support::wait::Deadline::after(test_support::STEP);
+    while !bp.knows_slot_owners() {
+        deadline.retry(|| "no slot map").await;
+    }
+    let first = bp
+        .publish_batch(batch(0))
+        .await
+        .expect("batch before the move");
+    // Move the first user's slot; the node's slot map is now stale for it, so the call for
+    // that master finds a key it does not serve, runs nothing, and goes slot by slot.
+    let slot = cluster.slot_of(&format!("{{{}}}", users[0]));
+    let from = cluster.master_of(slot);
+    cluster.move_slot(slot, cluster.other_master(from));
+    let second = bp
+        .publish_batch(batch(1))
+        .await
+        .expect("batch after the move");
+    for (k, u) in users.iter().enumerate() {
+        assert_eq!(second[k].id.epoch, first[k].id.epoch, "{u}");
+        assert_eq!(
+            second[k].id.seq,
+            first[k].id.seq + 1,
+            "{u}: the next id, once"
+        );
+        let got: Vec<Id> = delivered(&rec, u, 2)
+            .await
+            .iter()
+            .map(|(_, id, _)| *id)
+            .collect();
+        assert_eq!(
+            got,
+            [first[k].id, second[k].id],
+            "{u}: each delivered once, in order"
+        );
     }
 }
 

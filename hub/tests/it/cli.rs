@@ -104,7 +104,10 @@ fn bad_settings_stop_the_node_with_one_line_naming_the_setting() {
         (
             vec![
                 ("HUB_JWT_SECRET", "0123456789abcdef0123456789abcdef"),
-                ("HUB_REDIS_CLUSTER_URLS", "redis://127.0.0.1:7001,127.0.0.1:7002"),
+                (
+                    "HUB_REDIS_CLUSTER_URLS",
+                    "redis://127.0.0.1:7001,127.0.0.1:7002",
+                ),
             ],
             "HUB_REDIS_CLUSTER_URLS",
         ),
