@@ -76,4 +76,4 @@ args=(--publish-mode "$MODE")
 "$BIN/hub-loadgen" run "${hubs[@]}" "${via[@]}" \
   --jwt-secret "$HUB_JWT_SECRET" --api-key "$HUB_API_KEY" --transport "$TRANSPORT" \
   --connections "$CONNECTIONS" --rate "$RATE" --duration "$DURATION" --hold 3s --drain 5s \
-  --source-port-base 12000 "${servers[@]}" "${cpu[@]}" "${args[@]}" "$@"
+  --source-port-base 20000 "${servers[@]}" "${cpu[@]}" "${args[@]}" "$@"
