@@ -1033,6 +1033,67 @@ impl RedisBackplane {
                 self.inner.revocations.insert(user, r);
             }
         }
+        if !self.inner.cluster {
+            self.load_legacy_revocations().await?;
+        }
+        Ok(())
+    }
+
+    /// Revocations stored by versions before the sorted set (one string per user,
+    /// `P:r:{u}` = `<issued before> <until>`, expiring by themselves), so an upgrade keeps
+    /// them in force. Only on one server, where those versions ran; remove once every
+    /// deployment has run a newer version for `HUB_JWT_MAX_LIFETIME`.
+    async fn load_legacy_revocations(&self) -> Result<(), BackplaneError> {
+        let pattern = format!("{}:r:{{*", self.inner.settings.prefix);
+        let prefix_len = pattern.len() - 1;
+        let found: Vec<(String, Option<String>)> = self
+            .bounded(async {
+                let mut conn = self.conn();
+                let mut keys: Vec<String> = Vec::new();
+                let mut cursor: u64 = 0;
+                loop {
+                    let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(unavailable)?;
+                    keys.extend(batch);
+                    if next == 0 {
+                        break;
+                    }
+                    cursor = next;
+                }
+                let mut out = Vec::with_capacity(keys.len());
+                for chunk in keys.chunks(500) {
+                    let values: Vec<Option<String>> = redis::cmd("MGET")
+                        .arg(chunk)
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(unavailable)?;
+                    out.extend(chunk.iter().cloned().zip(values));
+                }
+                Ok(out)
+            })
+            .await?;
+        for (key, value) in found {
+            let user = key
+                .get(prefix_len..)
+                .and_then(|rest| rest.strip_suffix('}'));
+            let revocation = value.and_then(|v| {
+                let (before, until) = v.split_once(' ')?;
+                Some(Revocation {
+                    issued_before: before.parse().ok()?,
+                    until: until.parse().ok()?,
+                })
+            });
+            if let (Some(user), Some(r)) = (user, revocation) {
+                self.inner.revocations.insert(user, r);
+            }
+        }
         Ok(())
     }
 

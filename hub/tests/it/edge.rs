@@ -560,6 +560,33 @@ async fn the_disconnect_api_closes_every_connection_on_every_node_and_revokes_to
         .await
         .expect("same token after a plain disconnect");
 
+    // A node that starts later loads the revocations in force: the old token is refused
+    // there too. So is a token revoked by an earlier version of the hub (one string key per
+    // user), which an upgrade must keep in force.
+    let mut conn = redis::Client::open(url.as_str())
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    redis::cmd("SET")
+        .arg(format!("{prefix}:r:{{legacy}}"))
+        .arg(format!("{} {}", now_s(), now_s() + 600))
+        .arg("EX")
+        .arg(600)
+        .query::<()>(&mut conn)
+        .expect("SET");
+    let c = HubProcess::start_with_credentials(&creds, &env).await;
+    let c = c.as_app();
+    wait_status(&c, "/readyz", 200, STEP).await;
+    let legacy = hs256(
+        &a.secret,
+        &json!({"sub": "legacy", "exp": now_s() + 600, "iat": now_s() - 10}),
+    );
+    for (token, who) in [(&old, "banned"), (&legacy, "legacy")] {
+        let Err(r) = WsClient::connect(&c, token, "").await else {
+            panic!("{who}: a revoked token was accepted by a node started afterwards");
+        };
+        assert_eq!(r.status, 401, "{who}");
+    }
+
     // Bad input gets a clear 400.
     for bad in [
         json!({}),
