@@ -1589,23 +1589,8 @@ impl RedisBackplane {
             }
             state.control = true;
         }
-        let (add, remove): (Vec<Arc<str>>, Vec<Arc<str>>) = {
-            let subs = self.inner.subs.lock();
-            let add = subs
-                .iter()
-                .filter(|(u, s)| !s.live || !state.on_redis.contains(*u))
-                .map(|(u, _)| u.clone())
-                .collect();
-            let remove = state
-                .on_redis
-                .iter()
-                .filter(|u| !subs.contains_key(*u))
-                .cloned()
-                .collect();
-            (add, remove)
-        };
-        let prefix = self.channel_prefix();
-        let channel = |u: &Arc<str>| format!("{prefix}{u}}}");
+        let (add, remove) = self.subscription_changes(&state.on_redis);
+        let channel = |u: &Arc<str>| self.user_channel(u);
         for u in &remove {
             state.on_redis.remove(u);
         }
@@ -1674,6 +1659,30 @@ impl RedisBackplane {
         complete
     }
 
+    /// What to subscribe (users not yet live, or not subscribed in Redis) and unsubscribe
+    /// (subscribed in Redis, no local connection left) to bring `on_redis` in line with the
+    /// local users. Not yet live includes a user who left and came back before the pub/sub
+    /// task saw it leave: still subscribed in Redis, but its new state waits to be marked live.
+    fn subscription_changes(&self, on_redis: &HashSet<Arc<str>>) -> (Vec<Arc<str>>, Vec<Arc<str>>) {
+        let subs = self.inner.subs.lock();
+        let add = subs
+            .iter()
+            .filter(|(u, s)| !s.live || !on_redis.contains(*u))
+            .map(|(u, _)| u.clone())
+            .collect();
+        let remove = on_redis
+            .iter()
+            .filter(|u| !subs.contains_key(*u))
+            .cloned()
+            .collect();
+        (add, remove)
+    }
+
+    /// The pub/sub channel of a user.
+    fn user_channel(&self, user: &str) -> String {
+        format!("{}{user}}}", self.channel_prefix())
+    }
+
     /// The user a pub/sub channel name belongs to.
     fn user_of<'a>(&self, channel: &'a str) -> Option<&'a str> {
         channel
@@ -1688,24 +1697,8 @@ impl RedisBackplane {
         on_redis: &mut HashSet<Arc<str>>,
     ) -> Result<(), ()> {
         const BATCH: usize = 2000;
-        let (add, remove): (Vec<Arc<str>>, Vec<Arc<str>>) = {
-            let subs = self.inner.subs.lock();
-            // Not yet live includes a user who left and came back before this task saw it
-            // leave: still subscribed on Redis, but its new state waits to be marked live.
-            let add = subs
-                .iter()
-                .filter(|(u, s)| !s.live || !on_redis.contains(*u))
-                .map(|(u, _)| u.clone())
-                .collect();
-            let remove = on_redis
-                .iter()
-                .filter(|u| !subs.contains_key(*u))
-                .cloned()
-                .collect();
-            (add, remove)
-        };
-        let prefix = self.channel_prefix();
-        let channel = |u: &Arc<str>| format!("{prefix}{u}}}");
+        let (add, remove) = self.subscription_changes(on_redis);
+        let channel = |u: &Arc<str>| self.user_channel(u);
         for batch in remove.chunks(BATCH) {
             let names: Vec<String> = batch.iter().map(channel).collect();
             self.pubsub_command(sink.unsubscribe(&names)).await?;
@@ -1762,14 +1755,20 @@ impl RedisBackplane {
     }
 }
 
-/// The masters a `CLUSTER SLOTS` reply names (host, port), each once.
-fn masters_of(slots: &redis::Value) -> Vec<(String, u16)> {
-    let mut out: Vec<(String, u16)> = Vec::new();
+/// The slot ranges of a `CLUSTER SLOTS` reply, each as (first slot, last slot, master host,
+/// master port); malformed entries are skipped.
+pub fn slot_ranges(slots: &redis::Value) -> Vec<(u16, u16, String, u16)> {
     let redis::Value::Array(ranges) = slots else {
-        return out;
+        return Vec::new();
     };
+    let mut out = Vec::with_capacity(ranges.len());
     for range in ranges {
         let redis::Value::Array(parts) = range else {
+            continue;
+        };
+        let (Some(redis::Value::Int(from)), Some(redis::Value::Int(to))) =
+            (parts.first(), parts.get(1))
+        else {
             continue;
         };
         let Some(redis::Value::Array(master)) = parts.get(2) else {
@@ -1780,12 +1779,23 @@ fn masters_of(slots: &redis::Value) -> Vec<(String, u16)> {
             Some(redis::Value::SimpleString(s)) => s.clone(),
             _ => continue,
         };
-        let Some(port) = master.get(1).and_then(|p| match p {
-            redis::Value::Int(n) => u16::try_from(*n).ok(),
-            _ => None,
-        }) else {
+        let (Some(redis::Value::Int(port)), Ok(from), Ok(to)) =
+            (master.get(1), u16::try_from(*from), u16::try_from(*to))
+        else {
             continue;
         };
+        let Ok(port) = u16::try_from(*port) else {
+            continue;
+        };
+        out.push((from, to, host, port));
+    }
+    out
+}
+
+/// The masters a `CLUSTER SLOTS` reply names (host, port), each once.
+fn masters_of(slots: &redis::Value) -> Vec<(String, u16)> {
+    let mut out: Vec<(String, u16)> = Vec::new();
+    for (_, _, host, port) in slot_ranges(slots) {
         if !out.iter().any(|(h, p)| *h == host && *p == port) {
             out.push((host, port));
         }
@@ -1796,30 +1806,15 @@ fn masters_of(slots: &redis::Value) -> Vec<(String, u16)> {
 /// For each slot, the index in `masters` of the master serving it; `None` unless a `CLUSTER
 /// SLOTS` reply assigns every slot.
 fn slot_owners(slots: &redis::Value, masters: &[(String, u16)]) -> Option<Vec<u16>> {
-    let redis::Value::Array(ranges) = slots else {
-        return None;
-    };
     let mut owners = vec![u16::MAX; usize::from(SLOTS)];
-    for range in ranges {
-        let redis::Value::Array(parts) = range else {
-            continue;
-        };
-        let (Some(redis::Value::Int(from)), Some(redis::Value::Int(to))) =
-            (parts.first(), parts.get(1))
-        else {
-            continue;
-        };
-        let master = masters_of(&redis::Value::Array(vec![range.clone()]));
-        let Some(owner) = master
-            .first()
-            .and_then(|m| masters.iter().position(|x| x == m))
-            .and_then(|i| u16::try_from(i).ok())
-        else {
-            continue;
-        };
-        let from = usize::try_from(*from).ok()?;
-        let to = usize::try_from(*to).ok()?;
-        owners.get_mut(from..=to)?.fill(owner);
+    for (from, to, host, port) in slot_ranges(slots) {
+        let owner = masters
+            .iter()
+            .position(|(h, p)| *h == host && *p == port)
+            .and_then(|i| u16::try_from(i).ok())?;
+        owners
+            .get_mut(usize::from(from)..=usize::from(to))?
+            .fill(owner);
     }
     owners.iter().all(|o| *o != u16::MAX).then_some(owners)
 }

@@ -249,27 +249,12 @@ impl RedisCluster {
     /// The port of the master that serves `slot`, as a live node sees it.
     pub fn master_of(&self, slot: u16) -> u16 {
         let port = self.live_ports()[0];
-        let value = node_cmd(port, &["CLUSTER", "SLOTS"]).expect("CLUSTER SLOTS");
-        let redis::Value::Array(ranges) = value else {
-            panic!("CLUSTER SLOTS answered {value:?}")
-        };
-        for range in ranges {
-            let redis::Value::Array(parts) = range else {
-                continue;
-            };
-            let (Some(redis::Value::Int(from)), Some(redis::Value::Int(to))) =
-                (parts.first(), parts.get(1))
-            else {
-                continue;
-            };
-            if (*from..=*to).contains(&i64::from(slot))
-                && let Some(redis::Value::Array(master)) = parts.get(2)
-                && let Some(redis::Value::Int(p)) = master.get(1)
-            {
-                return u16::try_from(*p).expect("a port");
-            }
-        }
-        panic!("no master serves slot {slot}");
+        let slots = node_cmd(port, &["CLUSTER", "SLOTS"]).expect("CLUSTER SLOTS");
+        hub::backplane::redis::slot_ranges(&slots)
+            .into_iter()
+            .find(|(from, to, _, _)| (*from..=*to).contains(&slot))
+            .map(|(_, _, _, port)| port)
+            .unwrap_or_else(|| panic!("no master serves slot {slot}: {slots:?}"))
     }
 
     /// A master other than `port`.
