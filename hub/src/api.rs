@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -156,6 +156,15 @@ struct DisconnectResponse {
     disconnected: usize,
 }
 
+/// A user's presence over every node.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct UserPresence {
+    /// At least one connection.
+    online: bool,
+    /// Open connections (WebSocket and SSE) over every node.
+    connections: usize,
+}
+
 /// `{"token": "..."}` from the dev login.
 #[derive(serde::Serialize, utoipa::ToSchema)]
 struct TokenResponse {
@@ -169,7 +178,16 @@ struct TokenResponse {
         title = "notification hub HTTP API",
         description = "Publish notifications, disconnect users, probes and metrics. The client endpoints /ws and /sse are described in docs/asyncapi.yaml."
     ),
-    paths(publish, publish_batch, disconnect, healthz, readyz, metrics, dev_token),
+    paths(
+        publish,
+        publish_batch,
+        disconnect,
+        user_presence,
+        healthz,
+        readyz,
+        metrics,
+        dev_token
+    ),
     components(schemas(
         PublishRequest,
         PublishResponse,
@@ -531,6 +549,35 @@ async fn disconnect(
     Ok(Json(serde_json::json!({ "disconnected": closed })))
 }
 
+/// `GET /api/presence/users/{user_id}`: whether the user is connected anywhere, and with
+/// how many connections (this node's exactly, the others' as of about a second ago).
+#[utoipa::path(
+    get,
+    path = "/api/presence/users/{user_id}",
+    params(("user_id" = String, Path, description = "The user: 1–256 bytes, no `{`, `}` or control characters")),
+    responses(
+        (status = 200, description = "The user's connections over every node", body = UserPresence),
+        (status = 400, description = "Bad user id", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 503, description = "Backplane unreachable", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+async fn user_presence(
+    State(state): State<ApiState>,
+    _key: ApiKey,
+    user: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<UserPresence>, ApiError> {
+    let Path(user) = user.map_err(|e| ApiError::BadRequest(format!("user_id: {e}")))?;
+    crate::envelope::check_user_id(&user)
+        .map_err(|e| ApiError::BadRequest(format!("user_id: {e}")))?;
+    let connections = state.inner.backplane.presence(&user).await?;
+    Ok(Json(UserPresence {
+        online: connections > 0,
+        connections,
+    }))
+}
+
 /// The dev login's request (only with `hub serve --dev`, loopback clients only).
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -621,6 +668,7 @@ pub fn router(state: ApiState) -> axum::Router {
             "/api/disconnect",
             post(disconnect).layer(DefaultBodyLimit::max(MAX_BODY)),
         )
+        .route("/api/presence/users/{user_id}", get(user_presence))
         .route("/api/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -70,6 +70,10 @@ impl Sink for FanoutSink {
     fn disconnect(&self, user: &str) -> usize {
         self.fanout.disconnect(user)
     }
+
+    fn connections(&self, user: &str) -> usize {
+        self.fanout.user_connections(user)
+    }
 }
 
 /// Routes and Kafka settings when `HUB_KAFKA_BROKERS` is set; bad routes stop the start.
@@ -157,6 +161,7 @@ fn redis_settings(settings: &Settings, endpoint: RedisEndpoint) -> RedisSettings
         linger: settings.publish_linger,
         timeout: settings.redis_timeout,
         sync_replicas: settings.redis_sync_replicas,
+        presence_timeout: settings.presence_timeout,
         history_size: settings.history_size,
         history_ttl: settings.history_ttl,
         idempotency_ttl: settings.idempotency_ttl,

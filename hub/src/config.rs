@@ -97,6 +97,10 @@ pub struct Settings {
     /// instead of hanging while Redis is unreachable.
     #[serde(with = "humantime_serde")]
     pub redis_timeout: Duration,
+    /// A node that stopped reporting presence for this long is counted out (its connections
+    /// leave presence); nodes report every quarter of it.
+    #[serde(with = "humantime_serde")]
+    pub presence_timeout: Duration,
     /// Replicas that must have a notification before its publish is acknowledged (Redis
     /// `WAIT`), so a failover to one of them loses nothing acknowledged; 0: no wait.
     pub redis_sync_replicas: u32,
@@ -212,6 +216,7 @@ impl Default for Settings {
             worker_threads: 0,
             redis_timeout: Duration::from_secs(2),
             redis_sync_replicas: 0,
+            presence_timeout: Duration::from_secs(20),
             kafka_brokers: None,
             kafka_group: "hub-ingest".to_owned(),
             kafka_security_protocol: SecurityProtocol::Plaintext,
@@ -425,6 +430,14 @@ impl Settings {
             0,
             16,
         )?;
+        if self.presence_timeout < Duration::from_secs(1)
+            || self.presence_timeout > Duration::from_secs(30)
+        {
+            return Err(ConfigError::new(
+                "HUB_PRESENCE_TIMEOUT",
+                "must be between 1s and 30s",
+            ));
+        }
         if self.publish_linger > Duration::from_millis(100) {
             return Err(ConfigError::new(
                 "HUB_PUBLISH_LINGER",

@@ -263,6 +263,10 @@ impl Backplane for MemoryBackplane {
         Ok(self.shared.sink.disconnect(user))
     }
 
+    async fn presence(&self, user: &str) -> Result<usize, BackplaneError> {
+        Ok(self.shared.sink.connections(user))
+    }
+
     fn revoked_before(&self, user: &str) -> Option<u64> {
         self.shared.revocations.before(user)
     }

@@ -23,6 +23,12 @@ pub trait Sink: Send + Sync + 'static {
 
     /// Closes every local connection of `user` (the disconnect API); returns how many.
     fn disconnect(&self, user: &str) -> usize;
+
+    /// How many connections `user` has on this node (a sink without connections, as
+    /// ingest alone, has none).
+    fn connections(&self, _user: &str) -> usize {
+        0
+    }
 }
 
 /// A sink that drops everything (unit tests).
@@ -151,6 +157,11 @@ pub trait Backplane: Send + Sync + 'static {
     /// The time before which the user's tokens are revoked, if any (a local lookup: every
     /// node holds the revocations in memory).
     fn revoked_before(&self, user: &str) -> Option<u64>;
+
+    /// How many connections `user` has over every node (presence): this node's exactly,
+    /// the others' as they last reported them (within about a second), a node that stopped
+    /// reporting counted out once its heartbeat is older than the presence timeout.
+    async fn presence(&self, user: &str) -> Result<usize, BackplaneError>;
 }
 
 /// The revocations a node knows of: user → (issued before, until). Locked briefly, never

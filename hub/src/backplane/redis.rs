@@ -75,6 +75,8 @@ pub struct RedisSettings {
     pub timeout: Duration,
     /// Replicas that must confirm a publish before it is acknowledged (`WAIT`); 0: none.
     pub sync_replicas: u32,
+    /// A node whose presence heartbeat is older than this is counted out of presence.
+    pub presence_timeout: Duration,
     /// Notifications kept per user (approximately; trimming is lazy).
     pub history_size: usize,
     /// History lifetime after the last notification.
@@ -274,6 +276,10 @@ struct Inner {
     connected: AtomicBool,
     telemetry: RedisTelemetry,
     revocations: Revocations,
+    /// This node's name in presence (random per process).
+    node: String,
+    /// Users whose local connection count changed since the presence task last wrote it.
+    presence_dirty: Mutex<HashSet<Arc<str>>>,
 }
 
 struct SubState {
@@ -383,6 +389,13 @@ fn cluster_client(
     }
     builder.build().map_err(unavailable)
 }
+
+/// How often a node writes the presence changes of its users.
+const PRESENCE_FLUSH: Duration = Duration::from_secs(1);
+
+/// How often a node writes the presence of all its users again (their keys live twice as
+/// long).
+const PRESENCE_REFRESH: Duration = Duration::from_secs(600);
 
 /// How often a node on a cluster probes each master (`hub_backplane_shard_up`).
 const SHARD_PROBE: Duration = Duration::from_secs(5);
@@ -514,6 +527,8 @@ impl RedisBackplane {
                 connected: AtomicBool::new(false),
                 telemetry,
                 revocations: Revocations::default(),
+                node: format!("{:016x}", rand::random::<u64>()),
+                presence_dirty: Mutex::new(HashSet::new()),
             }),
         };
         this.ping().await?;
@@ -531,8 +546,9 @@ impl RedisBackplane {
         };
         let coalescers =
             futures_util::future::join_all(jobs.into_iter().map(|rx| this.clone().coalesce(rx)));
+        let presence = this.clone().presence_task();
         let task = tokio::spawn(async move {
-            tokio::join!(pubsub, coalescers);
+            tokio::join!(pubsub, coalescers, presence);
         });
         Ok((this, task))
     }
@@ -1102,6 +1118,109 @@ impl RedisBackplane {
     /// a server or a cluster alike; expired members are removed as new ones are added.
     fn revocations_key(&self) -> String {
         format!("{}:rv", self.inner.settings.prefix)
+    }
+
+    /// The sorted set of nodes reporting presence, scored by their last heartbeat (ms).
+    fn presence_nodes_key(&self) -> String {
+        format!("{}:pn", self.inner.settings.prefix)
+    }
+
+    /// Keeps this node's part of presence in Redis: every [`PRESENCE_FLUSH`], each user
+    /// whose local connection count changed gets it written into `P:p:{u}` (field: this
+    /// node), or removed at zero; a heartbeat in `P:pn` every quarter of the presence
+    /// timeout tells readers this node's counts are current; every
+    /// [`PRESENCE_REFRESH`] all local users are written again, so their keys (which expire
+    /// after twice that) outlive no node that still holds them.
+    async fn presence_task(self) {
+        let mut tick = tokio::time::interval(PRESENCE_FLUSH);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let heartbeat_every = (self.inner.settings.presence_timeout / 4).max(PRESENCE_FLUSH / 4);
+        let mut last_heartbeat: Option<tokio::time::Instant> = None;
+        let mut last_refresh = tokio::time::Instant::now();
+        loop {
+            tick.tick().await;
+            let now = tokio::time::Instant::now();
+            if last_heartbeat.is_none_or(|at| now.duration_since(at) >= heartbeat_every) {
+                match self.presence_heartbeat().await {
+                    Ok(()) => last_heartbeat = Some(now),
+                    Err(e) => tracing::warn!(error = %e, "presence heartbeat failed"),
+                }
+            }
+            if now.duration_since(last_refresh) >= PRESENCE_REFRESH {
+                last_refresh = now;
+                let all: Vec<Arc<str>> = self.inner.subs.lock().keys().cloned().collect();
+                self.inner.presence_dirty.lock().extend(all);
+            }
+            let dirty: Vec<Arc<str>> = self.inner.presence_dirty.lock().drain().collect();
+            if dirty.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.write_presence(&dirty).await {
+                tracing::warn!(error = %e, "writing presence failed; retrying");
+                self.inner.presence_dirty.lock().extend(dirty);
+            }
+        }
+    }
+
+    /// This node's heartbeat, and nodes silent for an hour forgotten.
+    async fn presence_heartbeat(&self) -> Result<(), BackplaneError> {
+        let now_ms = now_micros() / 1000;
+        self.bounded(async {
+            let mut conn = self.conn();
+            redis::pipe()
+                .cmd("ZADD")
+                .arg(self.presence_nodes_key())
+                .arg(now_ms)
+                .arg(&self.inner.node)
+                .ignore()
+                .cmd("ZREMRANGEBYSCORE")
+                .arg(self.presence_nodes_key())
+                .arg("-inf")
+                .arg(now_ms.saturating_sub(3_600_000))
+                .ignore()
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(unavailable)
+        })
+        .await
+    }
+
+    /// Writes this node's current connection count of each user (one small pipeline per
+    /// user, as a user's key lives in its own slot; all in flight at once).
+    async fn write_presence(&self, users: &[Arc<str>]) -> Result<(), BackplaneError> {
+        const IN_FLIGHT: usize = 256;
+        let ttl_ms = (PRESENCE_REFRESH * 2).as_millis() as u64;
+        let mut writes = Vec::with_capacity(users.len());
+        for user in users {
+            let count = self.inner.sink.connections(user);
+            let key = self.key("p", user);
+            let mut pipe = redis::pipe();
+            if count > 0 {
+                pipe.cmd("HSET")
+                    .arg(&key)
+                    .arg(&self.inner.node)
+                    .arg(count)
+                    .ignore();
+                pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms).ignore();
+            } else {
+                pipe.cmd("HDEL").arg(&key).arg(&self.inner.node).ignore();
+            }
+            let mut conn = self.conn();
+            writes.push(async move { pipe.query_async::<()>(&mut conn).await });
+        }
+        let results: Vec<redis::RedisResult<()>> = self
+            .bounded(async {
+                Ok(futures_util::stream::iter(writes)
+                    .buffer_unordered(IN_FLIGHT)
+                    .collect()
+                    .await)
+            })
+            .await?;
+        results
+            .into_iter()
+            .collect::<Result<Vec<()>, _>>()
+            .map(drop)
+            .map_err(unavailable)
     }
 
     /// A connection of its own, for a command that blocks.
@@ -1936,6 +2055,7 @@ impl Backplane for RedisBackplane {
                 held: Vec::new(),
             });
             state.refs += 1;
+            self.inner.presence_dirty.lock().insert(user.clone());
             if state.live {
                 return Ok(());
             }
@@ -1971,9 +2091,13 @@ impl Backplane for RedisBackplane {
         };
         state.refs = state.refs.saturating_sub(1);
         if state.refs == 0 {
-            subs.remove(user);
+            if let Some((user, _)) = subs.remove_entry(user) {
+                self.inner.presence_dirty.lock().insert(user);
+            }
             drop(subs);
             let _ = self.inner.changed.try_send(());
+        } else if let Some((user, _)) = subs.get_key_value(user) {
+            self.inner.presence_dirty.lock().insert(user.clone());
         }
     }
 
@@ -2075,6 +2199,30 @@ impl Backplane for RedisBackplane {
 
     fn revoked_before(&self, user: &str) -> Option<u64> {
         self.inner.revocations.before(user)
+    }
+
+    async fn presence(&self, user: &str) -> Result<usize, BackplaneError> {
+        let local = self.inner.sink.connections(user);
+        let key = self.key("p", user);
+        let since = now_micros() / 1000;
+        let since = since.saturating_sub(self.inner.settings.presence_timeout.as_millis() as u64);
+        // Two keys of different slots: two commands, in flight together.
+        let (counts, alive): (HashMap<String, usize>, Vec<String>) = self
+            .bounded(async {
+                let (mut a, mut b) = (self.conn(), self.conn());
+                let mut counts = redis::cmd("HGETALL");
+                counts.arg(&key);
+                let mut alive = redis::cmd("ZRANGEBYSCORE");
+                alive.arg(self.presence_nodes_key()).arg(since).arg("+inf");
+                futures_util::try_join!(counts.query_async(&mut a), alive.query_async(&mut b))
+                    .map_err(unavailable)
+            })
+            .await?;
+        let remote = counts
+            .iter()
+            .filter(|(node, _)| **node != self.inner.node && alive.contains(node))
+            .fold(0usize, |sum, (_, n)| sum.saturating_add(*n));
+        Ok(local.saturating_add(remote))
     }
 }
 

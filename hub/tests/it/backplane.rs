@@ -446,6 +446,7 @@ async fn redis_backplane_on(
         RedisSettings {
             endpoint,
             sync_replicas: 0,
+            presence_timeout: Duration::from_secs(20),
             ca_file: None,
             prefix: prefix.to_owned(),
             pool_size: 4,

@@ -16,6 +16,7 @@ mod isolation;
 mod limits;
 mod metrics;
 mod origin;
+mod presence;
 mod redis_cluster;
 mod replicated;
 mod resume;

@@ -126,6 +126,18 @@ impl TestApp {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// GET an API path with the API key; returns status and JSON body.
+    pub async fn get_api(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base()))
+            .bearer_auth(&self.api_key)
+            .send()
+            .await
+            .expect("GET");
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
     /// GET a path; returns status and body text.
     pub async fn get(&self, path: &str) -> (u16, String) {
         let r = self
