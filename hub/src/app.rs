@@ -127,6 +127,7 @@ pub async fn run_ingest_only(
             lag_seconds: metrics.backplane_lag().clone(),
             shard_up: metrics.backplane_shard_up().clone(),
             shard_recoveries: metrics.backplane_shard_recoveries().clone(),
+            presence_reports: metrics.presence_reports().clone(),
         },
     )
     .await
@@ -274,6 +275,7 @@ async fn connect_backplane(
                     lag_seconds: metrics.backplane_lag().clone(),
                     shard_up: metrics.backplane_shard_up().clone(),
                     shard_recoveries: metrics.backplane_shard_recoveries().clone(),
+                    presence_reports: metrics.presence_reports().clone(),
                 },
             )
             .await

@@ -45,6 +45,7 @@ struct Inner {
     backplane_reconnects: IntCounter,
     backplane_lag: prometheus::Gauge,
     backplane_shard_up: IntGaugeVec,
+    presence_reports: IntCounter,
     backplane_shard_recoveries: IntCounterVec,
     ingest: IngestFamilies,
 }
@@ -330,6 +331,10 @@ impl Metrics {
                 "Times a Redis Cluster master answered this node's probe again after failing it",
                 &["shard"],
             ),
+            presence_reports: counter(
+                "hub_presence_reports_total",
+                "Users whose connection count on this node was written to the backplane's presence",
+            ),
             ingest: IngestFamilies::new(&registry),
             registry,
         };
@@ -396,6 +401,11 @@ impl Metrics {
     /// Backplane pub/sub reconnects.
     pub fn backplane_reconnects(&self) -> &IntCounter {
         &self.inner.backplane_reconnects
+    }
+
+    /// Presence counts this node wrote to Redis.
+    pub fn presence_reports(&self) -> &IntCounter {
+        &self.inner.presence_reports
     }
 
     /// Per Redis Cluster master: answered the last probe.

@@ -108,6 +108,8 @@ pub struct RedisTelemetry {
     pub shard_up: IntGaugeVec,
     /// Per cluster master: times it answered a probe again after failing one.
     pub shard_recoveries: IntCounterVec,
+    /// Users whose connection count this node wrote to presence.
+    pub presence_reports: IntCounter,
 }
 
 /// Publishes any number of notifications in one call (so the script's per-call cost is paid
@@ -1155,9 +1157,16 @@ impl RedisBackplane {
             if dirty.is_empty() {
                 continue;
             }
-            if let Err(e) = self.write_presence(&dirty).await {
-                tracing::warn!(error = %e, "writing presence failed; retrying");
-                self.inner.presence_dirty.lock().extend(dirty);
+            match self.write_presence(&dirty).await {
+                Ok(()) => self
+                    .inner
+                    .telemetry
+                    .presence_reports
+                    .inc_by(dirty.len() as u64),
+                Err(e) => {
+                    tracing::warn!(error = %e, "writing presence failed; retrying");
+                    self.inner.presence_dirty.lock().extend(dirty);
+                }
             }
         }
     }

@@ -468,6 +468,7 @@ async fn redis_backplane_on(
                 &["shard"],
             )
             .expect("counter"),
+            presence_reports: prometheus::IntCounter::new("p", "p").expect("counter"),
         },
     )
     .await

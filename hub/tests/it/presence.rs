@@ -98,6 +98,7 @@ async fn presence_over_two_nodes(env: &[(&str, &str)]) {
     sse_on_b.event().await;
     for node in [&a_app, &b_app] {
         wait_presence(node, "roamer", 3, Duration::from_secs(2)).await;
+        assert!(node.metric("hub_presence_reports_total").await >= 1.0);
     }
     on_b.close().await;
     for node in [&a_app, &b_app] {
