@@ -94,6 +94,7 @@ fn ingest_settings(settings: &Settings) -> anyhow::Result<Option<IngestSettings>
         routes: Arc::new(routes),
         max_record_bytes: settings.ingest_max_record_bytes,
         security: settings.kafka_security(),
+        linger: settings.ingest_linger,
     }))
 }
 

@@ -125,6 +125,10 @@ pub struct Settings {
     pub kafka_ssl_ca_file: Option<PathBuf>,
     /// Largest Kafka record value ingest accepts; a larger one goes to the DLQ.
     pub ingest_max_record_bytes: usize,
+    /// How long a partition's first record may wait for more to share one backplane call
+    /// (zero: what is ready at once).
+    #[serde(with = "humantime_serde")]
+    pub ingest_linger: Duration,
     /// A TOML file of routes beyond the built-in ones.
     #[serde(default)]
     pub ingest_routes: Option<PathBuf>,
@@ -225,6 +229,7 @@ impl Default for Settings {
             kafka_sasl_password: None,
             kafka_ssl_ca_file: None,
             ingest_max_record_bytes: 64 * 1024,
+            ingest_linger: Duration::ZERO,
             ingest_routes: None,
             ingest_builtin_routes: true,
             history_size: 100,
@@ -488,6 +493,12 @@ impl Settings {
         )?;
         if self.kafka_group.is_empty() {
             return Err(ConfigError::new("HUB_KAFKA_GROUP", "must not be empty"));
+        }
+        if self.ingest_linger > Duration::from_millis(100) {
+            return Err(ConfigError::new(
+                "HUB_INGEST_LINGER",
+                "must be at most 100ms",
+            ));
         }
         if let Some(path) = &self.ingest_routes {
             if self.kafka_brokers.is_none() {

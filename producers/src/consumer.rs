@@ -116,6 +116,7 @@ impl Consumer {
                 // One record per transaction: a batch would hold one transaction's locks
                 // across unrelated orders.
                 max_batch: 1,
+                linger: Duration::ZERO,
                 queue: WORKER_QUEUE,
                 commit_interval: COMMIT_EVERY,
             },

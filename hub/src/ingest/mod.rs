@@ -55,6 +55,8 @@ pub struct IngestSettings {
     pub max_record_bytes: usize,
     /// Security settings (SASL, TLS) of every client.
     pub security: Security,
+    /// How long a partition's first record may wait for more to share its batch.
+    pub linger: Duration,
 }
 
 impl Observer for IngestMetrics {
@@ -123,6 +125,7 @@ pub async fn run(
             group: settings.group.clone(),
             topics: topics.clone(),
             max_batch: MAX_BATCH,
+            linger: settings.linger,
             queue: MAX_BATCH,
             // The client commits what is stored every second (plus on revoke and shutdown).
             commit_interval: Duration::from_secs(1),

@@ -393,8 +393,9 @@ async fn redis_dedupe_memory_follows_users_not_events() {
     let mut conn = redis::Client::open(redis_url())
         .and_then(|c| c.get_connection())
         .expect("redis");
+    // The users' keys (the node's presence heartbeat `P:pn` is not a user's).
     let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:*"))
+        .arg(format!("{prefix}:*{{*"))
         .query(&mut conn)
         .expect("KEYS");
     assert_eq!(keys.len(), 9, "meta, history and window per user: {keys:?}");

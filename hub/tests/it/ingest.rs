@@ -250,11 +250,13 @@ impl Setup {
         ]
     }
 
-    /// A serving node that also ingests.
+    /// A serving node that also ingests, its partitions' batches lingering 5 ms for more
+    /// records (the `hub ingest` processes of these tests take what is ready at once).
     fn ingest_node_env(&self) -> Vec<(&str, &str)> {
         let mut env = self.node_env();
         env.extend(self.kafka_env());
         env.push(("HUB_INGEST_MAX_RECORD_BYTES", "4096"));
+        env.push(("HUB_INGEST_LINGER", "5ms"));
         env
     }
 
