@@ -349,6 +349,22 @@ enum Client {
     Cluster(ClusterClient),
 }
 
+/// `read` retried with backoff until it succeeds or `until` has passed.
+async fn patiently<T, F, Fut>(until: tokio::time::Instant, read: F) -> Result<T, BackplaneError>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<T, BackplaneError>>,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+    loop {
+        let result = read().await;
+        if result.is_ok() || tokio::time::Instant::now() >= until {
+            return result;
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
 /// Slots of a Redis Cluster.
 const SLOTS: u16 = 16384;
 
@@ -935,14 +951,7 @@ impl RedisBackplane {
         user: &str,
         until: tokio::time::Instant,
     ) -> Result<Option<(u64, Vec<Arc<Notification>>)>, BackplaneError> {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
-        loop {
-            let result = self.read_history(user).await;
-            if result.is_ok() || tokio::time::Instant::now() >= until {
-                return result;
-            }
-            tokio::time::sleep(backoff.next_delay()).await;
-        }
+        patiently(until, || self.read_history(user)).await
     }
 
     /// Reads only what follows `after` (plus where the history starts and ends, to tell a
@@ -1304,7 +1313,23 @@ impl RedisBackplane {
         let patience =
             tokio::time::Instant::now() + CATCH_UP_PATIENCE.max(self.inner.settings.timeout * 4);
         for (user, last) in users {
-            let history = self.read_history_patiently(&user, patience).await;
+            // Where the node's position is known, only what follows it is read (usually
+            // nothing); the whole history only when that position is not contiguous with it.
+            let tail = match last {
+                Some(l) if l != EMPTY => {
+                    match patiently(patience, || self.read_after(&user, l)).await {
+                        Ok(Some(items)) => Some(Ok(Some((l.epoch, items)))),
+                        Ok(None) => None,
+                        Err(e) => Some(Err(e)),
+                    }
+                }
+                _ => None,
+            };
+            let contiguous = matches!(tail, Some(Ok(_)));
+            let history = match tail {
+                Some(read) => read,
+                None => self.read_history_patiently(&user, patience).await,
+            };
             let mut deliver = Vec::new();
             {
                 let mut subs = self.inner.subs.lock();
@@ -1326,6 +1351,7 @@ impl RedisBackplane {
                     Ok(history) => {
                         let (epoch, items) = history.unwrap_or((0, Vec::new()));
                         let lost = match last {
+                            _ if contiguous => false,
                             Some(l) if l != EMPTY => {
                                 l.epoch != epoch
                                     || items.first().is_some_and(|f| f.id.seq > l.seq + 1)
