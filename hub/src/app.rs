@@ -111,7 +111,6 @@ pub async fn run_ingest_only(
             "config: HUB_REDIS_URL: required by `hub ingest` (or HUB_REDIS_CLUSTER_URLS; nodes read history from Redis)"
         );
     };
-    let setting = redis_setting(&endpoint);
     struct Discard;
     impl Sink for Discard {
         fn deliver(&self, _: &str, _: &Arc<Notification>) {}
@@ -120,19 +119,7 @@ pub async fn run_ingest_only(
         }
     }
     let metrics = Metrics::new();
-    let (redis, task) = RedisBackplane::connect(
-        redis_settings(&settings, endpoint),
-        Arc::new(Discard),
-        RedisTelemetry {
-            reconnects: metrics.backplane_reconnects().clone(),
-            lag_seconds: metrics.backplane_lag().clone(),
-            shard_up: metrics.backplane_shard_up().clone(),
-            shard_recoveries: metrics.backplane_shard_recoveries().clone(),
-            presence_reports: metrics.presence_reports().clone(),
-        },
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("config: {setting}: {e}"))?;
+    let (redis, task) = connect_redis(&settings, endpoint, Arc::new(Discard), &metrics).await?;
     let stop = CancellationToken::new();
     let ingest_metrics = metrics.ingest(&ingest.routes.topics());
     let run = tokio::spawn(ingest::run(
@@ -250,16 +237,32 @@ fn client_context(
     })
 }
 
-/// The setting that named the Redis an error is about.
-fn redis_setting(endpoint: &RedisEndpoint) -> &'static str {
-    match endpoint {
+/// The Redis backplane on `endpoint`, reporting into `metrics`; a Redis that cannot be
+/// reached at start is reported as the setting that named it.
+async fn connect_redis(
+    settings: &Settings,
+    endpoint: RedisEndpoint,
+    sink: Arc<dyn Sink>,
+    metrics: &Metrics,
+) -> anyhow::Result<(RedisBackplane, tokio::task::JoinHandle<()>)> {
+    let setting = match endpoint {
         RedisEndpoint::Single(_) => "HUB_REDIS_URL",
         RedisEndpoint::Cluster(_) => "HUB_REDIS_CLUSTER_URLS",
-    }
+    };
+    let telemetry = RedisTelemetry {
+        reconnects: metrics.backplane_reconnects().clone(),
+        lag_seconds: metrics.backplane_lag().clone(),
+        shard_up: metrics.backplane_shard_up().clone(),
+        shard_recoveries: metrics.backplane_shard_recoveries().clone(),
+        presence_reports: metrics.presence_reports().clone(),
+    };
+    RedisBackplane::connect(redis_settings(settings, endpoint), sink, telemetry)
+        .await
+        .map_err(|e| anyhow::anyhow!("config: {setting}: {e}"))
 }
 
-/// The Redis backplane when `HUB_REDIS_URL` (or `HUB_REDIS_CLUSTER_URLS`) is set, else the in-process one; with the task
-/// that keeps it (pub/sub or the history sweeper).
+/// The Redis backplane when `HUB_REDIS_URL` (or `HUB_REDIS_CLUSTER_URLS`) is set, else the
+/// in-process one; with the task that keeps it (pub/sub or the history sweeper).
 async fn connect_backplane(
     settings: &Settings,
     sink: Arc<FanoutSink>,
@@ -267,20 +270,7 @@ async fn connect_backplane(
 ) -> anyhow::Result<(Arc<dyn Backplane>, tokio::task::JoinHandle<()>)> {
     match settings.redis_endpoint() {
         Some(endpoint) => {
-            let setting = redis_setting(&endpoint);
-            let (redis, task) = RedisBackplane::connect(
-                redis_settings(settings, endpoint),
-                sink,
-                RedisTelemetry {
-                    reconnects: metrics.backplane_reconnects().clone(),
-                    lag_seconds: metrics.backplane_lag().clone(),
-                    shard_up: metrics.backplane_shard_up().clone(),
-                    shard_recoveries: metrics.backplane_shard_recoveries().clone(),
-                    presence_reports: metrics.presence_reports().clone(),
-                },
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!("config: {setting}: {e}"))?;
+            let (redis, task) = connect_redis(settings, endpoint, sink, metrics).await?;
             Ok((Arc::new(redis), task))
         }
         None => {

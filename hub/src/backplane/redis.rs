@@ -943,17 +943,6 @@ impl RedisBackplane {
             .map(|read| (read.epoch, to_notifications(read.epoch, read.items))))
     }
 
-    /// [`Self::read_history`], retried until `until`: after a failover or a moved slot the
-    /// first reads may fail until the command connections have learnt the new topology, and
-    /// a failed catch-up costs the user's clients a `hub.gap`.
-    async fn read_history_patiently(
-        &self,
-        user: &str,
-        until: tokio::time::Instant,
-    ) -> Result<Option<(u64, Vec<Arc<Notification>>)>, BackplaneError> {
-        patiently(until, || self.read_history(user)).await
-    }
-
     /// Reads only what follows `after` (plus where the history starts and ends, to tell a
     /// gap); `None` when `after` is not contiguous with the retained history.
     async fn read_after(
@@ -1308,8 +1297,10 @@ impl RedisBackplane {
     /// After a reconnect: delivers what each subscribed user missed, or a gap marker, then
     /// the live messages held meanwhile.
     async fn catch_up(&self, users: Vec<(Arc<str>, Option<Id>)>) {
-        // Reads that fail are retried for a while (the users' live messages are held
-        // meanwhile); past it, what was missed is unknown and the clients get `hub.gap`.
+        // Reads that fail are retried for a while: after a failover or a moved slot the first
+        // ones may fail until the command connections have learnt the new topology (the
+        // users' live messages are held meanwhile). Past it, what was missed is unknown and
+        // the clients get `hub.gap`.
         let patience =
             tokio::time::Instant::now() + CATCH_UP_PATIENCE.max(self.inner.settings.timeout * 4);
         for (user, last) in users {
@@ -1328,7 +1319,7 @@ impl RedisBackplane {
             let contiguous = matches!(tail, Some(Ok(_)));
             let history = match tail {
                 Some(read) => read,
-                None => self.read_history_patiently(&user, patience).await,
+                None => patiently(patience, || self.read_history(&user)).await,
             };
             let mut deliver = Vec::new();
             {
@@ -1625,8 +1616,9 @@ impl RedisBackplane {
         let Ok(slots) = slots else {
             return;
         };
-        let masters = masters_of(&slots);
-        *self.inner.owners.write() = slot_owners(&slots, &masters).map(Arc::new);
+        let ranges = slot_ranges(&slots);
+        let masters = masters_of(&ranges);
+        *self.inner.owners.write() = slot_owners(&ranges, &masters).map(Arc::new);
         for (host, port) in &masters {
             let routing = redis::cluster_routing::RoutingInfo::SingleNode(
                 redis::cluster_routing::SingleNodeRoutingInfo::ByAddress {
@@ -1946,28 +1938,28 @@ pub fn slot_ranges(slots: &redis::Value) -> Vec<(u16, u16, String, u16)> {
     out
 }
 
-/// The masters a `CLUSTER SLOTS` reply names (host, port), each once.
-fn masters_of(slots: &redis::Value) -> Vec<(String, u16)> {
+/// The masters of [`slot_ranges`] (host, port), each once.
+fn masters_of(ranges: &[(u16, u16, String, u16)]) -> Vec<(String, u16)> {
     let mut out: Vec<(String, u16)> = Vec::new();
-    for (_, _, host, port) in slot_ranges(slots) {
-        if !out.iter().any(|(h, p)| *h == host && *p == port) {
-            out.push((host, port));
+    for (_, _, host, port) in ranges {
+        if !out.iter().any(|(h, p)| h == host && p == port) {
+            out.push((host.clone(), *port));
         }
     }
     out
 }
 
-/// For each slot, the index in `masters` of the master serving it; `None` unless a `CLUSTER
-/// SLOTS` reply assigns every slot.
-fn slot_owners(slots: &redis::Value, masters: &[(String, u16)]) -> Option<Vec<u16>> {
+/// For each slot, the index in `masters` of the master serving it; `None` unless
+/// [`slot_ranges`] assign every slot.
+fn slot_owners(ranges: &[(u16, u16, String, u16)], masters: &[(String, u16)]) -> Option<Vec<u16>> {
     let mut owners = vec![u16::MAX; usize::from(SLOTS)];
-    for (from, to, host, port) in slot_ranges(slots) {
+    for (from, to, host, port) in ranges {
         let owner = masters
             .iter()
-            .position(|(h, p)| *h == host && *p == port)
+            .position(|(h, p)| h == host && p == port)
             .and_then(|i| u16::try_from(i).ok())?;
         owners
-            .get_mut(usize::from(from)..=usize::from(to))?
+            .get_mut(usize::from(*from)..=usize::from(*to))?
             .fill(owner);
     }
     owners.iter().all(|o| *o != u16::MAX).then_some(owners)
@@ -2293,19 +2285,19 @@ mod tests {
     fn slot_owners_need_every_slot_assigned() {
         use redis::Value::{Array, BulkString, Int};
         let node = |port: i64| Array(vec![BulkString(b"h".to_vec()), Int(port)]);
-        let full = Array(vec![
+        let full = slot_ranges(&Array(vec![
             Array(vec![Int(0), Int(8000), node(1)]),
             Array(vec![Int(8001), Int(16383), node(2)]),
-        ]);
+        ]));
         let masters = masters_of(&full);
         let owners = slot_owners(&full, &masters).expect("every slot assigned");
         assert_eq!(
             (owners[0], owners[8000], owners[8001], owners[16383]),
             (0, 0, 1, 1)
         );
-        let partial = Array(vec![Array(vec![Int(0), Int(8000), node(1)])]);
+        let partial = slot_ranges(&Array(vec![Array(vec![Int(0), Int(8000), node(1)])]));
         assert!(slot_owners(&partial, &masters_of(&partial)).is_none());
-        let out_of_range = Array(vec![Array(vec![Int(0), Int(20000), node(1)])]);
+        let out_of_range = slot_ranges(&Array(vec![Array(vec![Int(0), Int(20000), node(1)])]));
         assert!(slot_owners(&out_of_range, &masters_of(&out_of_range)).is_none());
     }
 
@@ -2320,10 +2312,10 @@ mod tests {
             Array(vec![Int(11000), Int(16383)]),
         ]);
         assert_eq!(
-            masters_of(&slots),
+            masters_of(&slot_ranges(&slots)),
             [("10.0.0.1".to_owned(), 7001), ("10.0.0.1".to_owned(), 7002)]
         );
-        assert!(masters_of(&Int(3)).is_empty());
+        assert!(masters_of(&slot_ranges(&Int(3))).is_empty());
     }
 
     #[test]

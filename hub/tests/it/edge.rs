@@ -472,14 +472,38 @@ async fn an_sse_client_sending_bytes_is_closed_and_frees_its_slot() {
 
 #[tokio::test]
 async fn the_disconnect_api_closes_every_connection_on_every_node_and_revokes_tokens() {
-    let creds = Credentials::random();
     let prefix = redis_prefix();
     let url = redis_url();
-    let env = [
-        ("HUB_REDIS_URL", url.as_str()),
-        ("HUB_REDIS_PREFIX", prefix.as_str()),
-        ("HUB_JWT_LEEWAY", "0s"),
-    ];
+    // A token revoked by an earlier version of the hub (one string key per user), which an
+    // upgrade must keep in force.
+    let mut conn = redis::Client::open(url.as_str())
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    redis::cmd("SET")
+        .arg(format!("{prefix}:r:{{legacy}}"))
+        .arg(format!("{} {}", now_s(), now_s() + 600))
+        .arg("EX")
+        .arg(600)
+        .query::<()>(&mut conn)
+        .expect("SET");
+    disconnect_on_every_node(
+        &[
+            ("HUB_REDIS_URL", url.as_str()),
+            ("HUB_REDIS_PREFIX", prefix.as_str()),
+        ],
+        &["legacy"],
+    )
+    .await;
+}
+
+/// Two nodes on the backplane of `env`: the disconnect API closes a user's connections on
+/// both and revokes the user's older tokens everywhere, a node started afterwards included
+/// (so are the tokens of the `also_revoked` users, revoked before the nodes started); a
+/// plain disconnect lets the same token back in; bad requests get 400.
+pub(crate) async fn disconnect_on_every_node(env: &[(&str, &str)], also_revoked: &[&str]) {
+    let creds = Credentials::random();
+    let mut env = env.to_vec();
+    env.push(("HUB_JWT_LEEWAY", "0s"));
     let a = HubProcess::start_with_credentials(&creds, &env).await;
     let b = HubProcess::start_with_credentials(&creds, &env).await;
     let (a, b) = (a.as_app(), b.as_app());
@@ -561,26 +585,19 @@ async fn the_disconnect_api_closes_every_connection_on_every_node_and_revokes_to
         .expect("same token after a plain disconnect");
 
     // A node that starts later loads the revocations in force: the old token is refused
-    // there too. So is a token revoked by an earlier version of the hub (one string key per
-    // user), which an upgrade must keep in force.
-    let mut conn = redis::Client::open(url.as_str())
-        .and_then(|c| c.get_connection())
-        .expect("redis");
-    redis::cmd("SET")
-        .arg(format!("{prefix}:r:{{legacy}}"))
-        .arg(format!("{} {}", now_s(), now_s() + 600))
-        .arg("EX")
-        .arg(600)
-        .query::<()>(&mut conn)
-        .expect("SET");
+    // there too, and so are those revoked before.
     let c = HubProcess::start_with_credentials(&creds, &env).await;
     let c = c.as_app();
     wait_status(&c, "/readyz", 200, STEP).await;
-    let legacy = hs256(
-        &a.secret,
-        &json!({"sub": "legacy", "exp": now_s() + 600, "iat": now_s() - 10}),
-    );
-    for (token, who) in [(&old, "banned"), (&legacy, "legacy")] {
+    let mut refused = vec![(old.clone(), "banned".to_owned())];
+    for who in also_revoked {
+        let token = hs256(
+            &a.secret,
+            &json!({"sub": who, "exp": now_s() + 600, "iat": now_s() - 10}),
+        );
+        refused.push((token, (*who).to_owned()));
+    }
+    for (token, who) in &refused {
         let Err(r) = WsClient::connect(&c, token, "").await else {
             panic!("{who}: a revoked token was accepted by a node started afterwards");
         };

@@ -18,8 +18,6 @@ use crate::helpers::app::{Credentials, TestApp, wait_status};
 use crate::helpers::clients::{Conn, Kind};
 use crate::helpers::processes::HubProcess;
 use crate::helpers::redis::{RedisCluster, redis_cluster_urls, redis_prefix};
-use crate::helpers::tokens::{hs256, now_s};
-use test_support::clients::{SseClient, WsClient};
 
 /// Settings of a node on the cluster at `urls`.
 fn cluster_env<'a>(
@@ -329,38 +327,13 @@ async fn burst_through(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_redis_cluster_the_disconnect_api_reaches_every_node_and_revocations_hold() {
-    let creds = Credentials::random();
     let (urls, prefix) = (redis_cluster_urls(), redis_prefix());
-    let env = cluster_env(&urls, &prefix, &[("HUB_JWT_LEEWAY", "0s")]);
-    let a = HubProcess::start_with_credentials(&creds, &env).await;
-    let b = HubProcess::start_with_credentials(&creds, &env).await;
-    let (a, b) = (a.as_app(), b.as_app());
-    wait_status(&a, "/readyz", 200, STEP).await;
-    wait_status(&b, "/readyz", 200, STEP).await;
-    let old = hs256(
-        &a.secret,
-        &json!({"sub": "banned", "exp": now_s() + 600, "iat": now_s() - 10}),
-    );
-    let mut ws = WsClient::connect(&a, &old, "").await.expect("ws on A");
-    ws.envelope().await;
-    let mut sse = SseClient::connect(&b, &old, "").await.expect("sse on B");
-    sse.event().await;
-
-    let body = json!({"user_id": "banned", "revoke_tokens_issued_before": now_s()});
-    let (status, reply) = b.post_api("/api/disconnect", &body).await;
-    assert_eq!(status, 200, "{reply}");
-    assert_eq!(reply["disconnected"], 2, "both nodes counted: {reply}");
-    assert_eq!(ws.closing("disconnected").await, Some(4010));
-    sse.closing("disconnected").await;
-
-    // Refused on both nodes, and on a node started afterwards (it loads the revocations).
-    let c = HubProcess::start_with_credentials(&creds, &env).await;
-    let c = c.as_app();
-    wait_status(&c, "/readyz", 200, STEP).await;
-    for node in [&a, &b, &c] {
-        let Err(r) = WsClient::connect(node, &old, "").await else {
-            panic!("a revoked token was accepted");
-        };
-        assert_eq!(r.status, 401);
-    }
+    crate::edge::disconnect_on_every_node(
+        &[
+            ("HUB_REDIS_CLUSTER_URLS", urls.as_str()),
+            ("HUB_REDIS_PREFIX", prefix.as_str()),
+        ],
+        &[],
+    )
+    .await;
 }
