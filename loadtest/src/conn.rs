@@ -172,16 +172,20 @@ pub enum Conn {
 }
 
 impl Conn {
-    /// Opens a connection with `token` using `transport`.
+    /// Opens a connection with `token` using `transport`, resuming after the envelope id
+    /// `resume` if given (WS `since=`, SSE `Last-Event-ID`).
     pub async fn open(
         transport: Transport,
         hub: &HubAddr,
         token: &str,
+        resume: Option<&str>,
         source: Option<std::net::SocketAddr>,
     ) -> Result<Self, Failure> {
         Ok(match transport {
-            Transport::Ws => Self::Ws(Box::new(WsConn::connect(hub, token, source).await?)),
-            Transport::Sse => Self::Sse(Box::new(SseConn::connect(hub, token, source).await?)),
+            Transport::Ws => Self::Ws(Box::new(WsConn::connect(hub, token, resume, source).await?)),
+            Transport::Sse => Self::Sse(Box::new(
+                SseConn::connect(hub, token, resume, source).await?,
+            )),
         })
     }
 
@@ -194,17 +198,43 @@ impl Conn {
     }
 }
 
+/// `text` percent-encoded for a query string: everything but RFC 3986's unreserved
+/// characters is escaped, so an opaque id travels unchanged whatever it holds.
+pub fn query_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// What a received envelope turned out to be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Envelope {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Envelope<'a> {
     /// The hub's greeting after authentication.
-    Connected,
+    Connected {
+        /// Whether the hub resumed from the id the connection gave.
+        resumed: bool,
+    },
     /// A notification published by this tool.
     Load {
         /// Publisher's wall clock at send time, µs since the Unix epoch.
         sent_us: u64,
-        /// Per-user sequence number.
+        /// Per-stream sequence number.
         seq: u64,
+        /// The channel it was published to; none for the personal stream.
+        channel: Option<Cow<'a, str>>,
+        /// The envelope's id: the cursor to resume from.
+        id: Option<Cow<'a, str>>,
+    },
+    /// `hub.gap`: a stream's resume point was lost.
+    Gap {
+        /// The channel whose position was lost; none for the personal stream.
+        channel: Option<Cow<'a, str>>,
     },
     /// Any other envelope type.
     Other,
@@ -215,6 +245,10 @@ struct RawEnvelope<'a> {
     #[serde(rename = "type", borrow)]
     kind: Cow<'a, str>,
     #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    channel: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
     data: Option<&'a RawValue>,
 }
 
@@ -224,19 +258,55 @@ struct LoadData {
     seq: u64,
 }
 
-/// Classifies one envelope, `{"id":…,"type":…,"data":{…},"ts":…}`.
-pub fn parse_envelope(payload: &[u8]) -> Result<Envelope> {
+#[derive(Deserialize)]
+struct ConnectedData {
+    #[serde(default)]
+    resumed: bool,
+}
+
+#[derive(Deserialize)]
+struct GapData<'a> {
+    #[serde(borrow, default)]
+    channel: Option<Cow<'a, str>>,
+}
+
+/// Classifies one envelope, `{"id":…,"type":…,"data":{…},"ts":…[,"channel":…]}`.
+pub fn parse_envelope(payload: &[u8]) -> Result<Envelope<'_>> {
     let envelope: RawEnvelope<'_> =
         serde_json::from_slice(payload).context("payload is not a JSON envelope")?;
+    let data = |what: &str| {
+        envelope
+            .data
+            .with_context(|| format!("{what} envelope without data"))
+    };
     Ok(match envelope.kind.as_ref() {
-        "hub.connected" => Envelope::Connected,
+        "hub.connected" => {
+            // Older hubs sent no data here; a greeting is a greeting.
+            let resumed = match envelope.data {
+                Some(raw) => {
+                    serde_json::from_str::<ConnectedData>(raw.get())
+                        .context("hub.connected data is not an object")?
+                        .resumed
+                }
+                None => false,
+            };
+            Envelope::Connected { resumed }
+        }
+        "hub.gap" => {
+            let gap: GapData<'_> = serde_json::from_str(data("hub.gap")?.get())
+                .context("hub.gap data is not an object")?;
+            Envelope::Gap {
+                channel: gap.channel,
+            }
+        }
         "load" => {
-            let data = envelope.data.context("load envelope without data")?;
             let load: LoadData =
-                serde_json::from_str(data.get()).context("load data lacks sent_us/seq")?;
+                serde_json::from_str(data("load")?.get()).context("load data lacks sent_us/seq")?;
             Envelope::Load {
                 sent_us: load.sent_us,
                 seq: load.seq,
+                channel: envelope.channel,
+                id: envelope.id,
             }
         }
         _ => Envelope::Other,
@@ -292,10 +362,25 @@ mod tests {
     }
 
     #[test]
+    fn query_values_are_escaped() {
+        assert_eq!(query_escape("01J-a.b_c~"), "01J-a.b_c~");
+        assert_eq!(query_escape("a+b/c=d&e f"), "a%2Bb%2Fc%3Dd%26e%20f");
+        assert_eq!(query_escape("\u{e9}"), "%C3%A9");
+    }
+
+    #[test]
     fn parses_envelopes() -> Result<()> {
         let connected =
             br#"{"type":"hub.connected","data":{"user":"lt-1","resumed":false},"ts":1}"#;
-        assert_eq!(parse_envelope(connected)?, Envelope::Connected);
+        assert_eq!(
+            parse_envelope(connected)?,
+            Envelope::Connected { resumed: false }
+        );
+        let resumed = br#"{"type":"hub.connected","data":{"user":"lt-1","resumed":true}}"#;
+        assert_eq!(
+            parse_envelope(resumed)?,
+            Envelope::Connected { resumed: true }
+        );
 
         let load =
             br#"{"id":"01J","type":"load","data":{"sent_us":1700000000000000,"seq":42},"ts":5}"#;
@@ -303,14 +388,44 @@ mod tests {
             parse_envelope(load)?,
             Envelope::Load {
                 sent_us: 1_700_000_000_000_000,
-                seq: 42
+                seq: 42,
+                channel: None,
+                id: Some("01J".into()),
+            }
+        );
+
+        let on_channel = br#"{"id":"c.1-2","type":"load","channel":"load:all","data":{"sent_us":2,"seq":1},"ts":5}"#;
+        assert_eq!(
+            parse_envelope(on_channel)?,
+            Envelope::Load {
+                sent_us: 2,
+                seq: 1,
+                channel: Some("load:all".into()),
+                id: Some("c.1-2".into()),
             }
         );
 
         let escaped = br#"{"id":"x","type":"lo\u0061d","data":{"seq":1,"sent_us":2,"extra":[1]}}"#;
-        assert_eq!(
+        assert!(matches!(
             parse_envelope(escaped)?,
-            Envelope::Load { sent_us: 2, seq: 1 }
+            Envelope::Load {
+                sent_us: 2,
+                seq: 1,
+                ..
+            }
+        ));
+
+        let gap = br#"{"type":"hub.gap","data":{"channel":"load:g1"},"ts":1}"#;
+        assert_eq!(
+            parse_envelope(gap)?,
+            Envelope::Gap {
+                channel: Some("load:g1".into())
+            }
+        );
+        let personal_gap = br#"{"type":"hub.gap","data":{},"ts":1}"#;
+        assert_eq!(
+            parse_envelope(personal_gap)?,
+            Envelope::Gap { channel: None }
         );
 
         assert_eq!(
@@ -320,6 +435,7 @@ mod tests {
         assert!(parse_envelope(b"not json").is_err());
         assert!(parse_envelope(br#"{"type":"load"}"#).is_err());
         assert!(parse_envelope(br#"{"type":"load","data":{"seq":-1,"sent_us":2}}"#).is_err());
+        assert!(parse_envelope(br#"{"type":"hub.gap","data":"x"}"#).is_err());
         Ok(())
     }
 }

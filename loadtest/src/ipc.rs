@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::conn::Layout;
 use crate::stats::{DeliveryCounters, ErrorTally};
+use crate::streams::StreamPlan;
 use crate::target::HubAddr;
 
 /// Everything a worker needs to open and track its slice of connections.
@@ -47,6 +48,21 @@ pub struct WorkerSpec {
     pub max_connect_ms: u64,
     /// Hard limit for the worker's whole life, in ms; it exits when this passes.
     pub deadline_ms: u64,
+    /// The streams: which channels each connection holds and how they are numbered.
+    pub streams: StreamPlan,
+    /// The resumes: which connections drop mid-run and come back.
+    pub resume: ResumeSpec,
+}
+
+/// Which connections disconnect in the publishing window and resume from their last id.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResumeSpec {
+    /// Fraction of the connections that do (0 = none).
+    pub fraction: f64,
+    /// How long a connection stays away before it reconnects, ms.
+    pub offline_ms: u64,
+    /// Length of the publishing window, ms (the drops fall in its middle half).
+    pub window_ms: u64,
 }
 
 /// Parent → worker.
@@ -137,6 +153,12 @@ pub struct FinalReport {
     pub disconnects: u64,
     /// Why they ended.
     pub disconnect_errors: ErrorTally,
+    /// `hub.gap` envelopes, by kind (`personal`, `channel`) with the channels as samples.
+    #[serde(default)]
+    pub gaps: ErrorTally,
+    /// Why resumes failed.
+    #[serde(default)]
+    pub resume_errors: ErrorTally,
     /// SSE comment lines (heartbeats) received.
     pub sse_comments: u64,
     /// How long the drain took, ms.
@@ -170,6 +192,7 @@ pub fn send_line<T: Serialize>(out: &mut impl Write, message: &T) -> Result<()> 
 mod tests {
     use super::*;
     use crate::conn::TransportMode;
+    use crate::streams::Scenario;
 
     #[test]
     fn commands_round_trip_as_single_lines() -> Result<()> {
@@ -200,6 +223,12 @@ mod tests {
             connect_timeout_ms: 10_000,
             max_connect_ms: 60_000,
             deadline_ms: 120_000,
+            streams: StreamPlan::new(Scenario::Mixed, 300, 4, "load:"),
+            resume: ResumeSpec {
+                fraction: 0.1,
+                offline_ms: 1000,
+                window_ms: 20_000,
+            },
         };
         for command in [
             Command::Configure(Box::new(spec)),

@@ -15,6 +15,7 @@ mod run;
 mod saga;
 mod sse;
 mod stats;
+mod streams;
 mod target;
 mod token;
 mod worker;
@@ -30,6 +31,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::conn::TransportMode;
 use crate::cpu::CpuPid;
 use crate::publish::PublishMode;
+use crate::streams::Scenario;
 
 /// Command line.
 #[derive(Debug, Parser)]
@@ -190,9 +192,50 @@ pub struct RunArgs {
     #[arg(long, value_name = "TOPIC")]
     pub kafka_topic: Option<String>,
 
+    /// What the connections listen to and what is published: personal streams only;
+    /// `broadcast`, one channel every connection holds (its token's `channels` claim);
+    /// `mixed`, personal streams plus a shared channel and a channel per group, with
+    /// resumes. Channel scenarios spread connections over the hubs by index and publish
+    /// through any hub: the nodes must share a backplane.
+    #[arg(long, value_enum, default_value_t = Scenario::Personal)]
+    pub scenario: Scenario,
+
+    /// Publishes per second to each channel (broadcast: the one channel; mixed: the
+    /// shared one and each group's), besides --rate's personal ones.
+    #[arg(long, value_name = "R", default_value_t = 0.0, value_parser = parse_rate)]
+    pub channel_rate: f64,
+
+    /// Group channels with --scenario mixed; user u is in group u % G.
+    #[arg(long, value_name = "G", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub groups: u32,
+
+    /// Prefix of the channel names (`<prefix>all`, `<prefix>g0`, …).
+    #[arg(long, value_name = "PREFIX", default_value = "load:")]
+    pub channel_prefix: String,
+
+    /// Fraction of the connections that drop in the middle of the publishing window,
+    /// stay away --offline, and resume on the next hub from the last envelope id they
+    /// saw (WS since=, SSE Last-Event-ID) [default: 0.1 with --scenario mixed, else 0].
+    #[arg(long, value_name = "F", value_parser = parse_fraction)]
+    pub resume_fraction: Option<f64>,
+
+    /// How long a resuming connection stays away.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub offline: Duration,
+
     /// Print the figures as one JSON object on stdout (the summary goes to stderr).
     #[arg(long)]
     pub json: bool,
+}
+
+impl RunArgs {
+    /// The fraction of connections that resume, with the scenario's default.
+    pub fn resume_fraction(&self) -> f64 {
+        self.resume_fraction.unwrap_or(match self.scenario {
+            Scenario::Mixed => 0.1,
+            Scenario::Personal | Scenario::Broadcast => 0.0,
+        })
+    }
 }
 
 /// Parses `--rate`: a finite, non-negative number.
@@ -200,6 +243,14 @@ fn parse_rate(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(rate) if rate.is_finite() && rate >= 0.0 => Ok(rate),
         _ => Err(format!("{text:?} is not a non-negative number")),
+    }
+}
+
+/// Parses `--resume-fraction`: a number from 0 to 1.
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("{text:?} is not a number from 0 to 1")),
     }
 }
 
@@ -318,6 +369,40 @@ mod tests {
     }
 
     #[test]
+    fn channel_scenarios_parse_with_their_defaults() -> Result<()> {
+        let parse = |extra: &[&str]| -> Result<RunArgs> {
+            let base = [
+                "hub-loadgen",
+                "run",
+                "--hub",
+                "http://h:1",
+                "--jwt-secret",
+                "s",
+            ];
+            match Cli::try_parse_from(base.iter().chain(extra))?.command {
+                Commands::Run(args) => Ok(*args),
+                _ => anyhow::bail!("expected run"),
+            }
+        };
+        let personal = parse(&[])?;
+        assert_eq!(personal.scenario, Scenario::Personal);
+        assert_eq!(
+            (personal.channel_rate, personal.resume_fraction()),
+            (0.0, 0.0)
+        );
+        let broadcast = parse(&["--scenario", "broadcast", "--channel-rate", "20"])?;
+        assert_eq!(broadcast.channel_rate, 20.0);
+        assert_eq!(broadcast.resume_fraction(), 0.0);
+        let mixed = parse(&["--scenario", "mixed", "--groups", "4", "--offline", "2s"])?;
+        assert_eq!((mixed.groups, mixed.resume_fraction()), (4, 0.1));
+        assert_eq!(mixed.offline, Duration::from_secs(2));
+        assert_eq!(mixed.channel_prefix, "load:");
+        let none = parse(&["--scenario", "mixed", "--resume-fraction", "0"])?;
+        assert_eq!(none.resume_fraction(), 0.0);
+        Ok(())
+    }
+
+    #[test]
     fn publishing_defaults_are_unchanged() -> Result<()> {
         let cli = Cli::try_parse_from([
             "hub-loadgen",
@@ -359,6 +444,11 @@ mod tests {
             ["--cpu-pid", "1234"],
             ["--cpu-pid", "redis="],
             ["--cpu-pid", "redis=12 34"],
+            ["--scenario", "fanout"],
+            ["--channel-rate", "-2"],
+            ["--groups", "0"],
+            ["--resume-fraction", "1.5"],
+            ["--offline", "soon"],
         ] {
             let args = base.iter().chain(extra.iter());
             assert!(

@@ -98,6 +98,14 @@ pub struct PublishConfig {
     pub batch_size: usize,
     /// Produce to Kafka instead of calling the HTTP API.
     pub kafka: Option<KafkaTarget>,
+    /// Channels to publish to as well, streams `users..users + channels.len()`.
+    pub channels: Vec<String>,
+    /// Publishes per second to each channel.
+    pub channel_rate: f64,
+    /// Publish each user's notifications through one sender only, so that they reach the
+    /// hub in seq order and order can be checked at the receiving end (needs
+    /// `publish_any`: a sender's users live on any hub).
+    pub ordered: bool,
 }
 
 /// Where Kafka-mode publishing produces to.
@@ -120,7 +128,7 @@ struct KafkaEvent<'a> {
 /// What publishing achieved.
 #[derive(Debug)]
 pub struct PublishOutcome {
-    /// Notifications accepted (answered 200), per user index.
+    /// Notifications accepted (answered 200), per stream (users, then channels).
     pub published: Vec<u64>,
     /// Total notifications accepted.
     pub ok: u64,
@@ -139,10 +147,10 @@ pub struct PublishOutcome {
 }
 
 impl PublishOutcome {
-    /// The outcome of not publishing at all.
-    pub fn nothing(users: usize) -> Self {
+    /// The outcome of not publishing at all, to `streams` streams.
+    pub fn nothing(streams: usize) -> Self {
         Self {
-            published: vec![0; users],
+            published: vec![0; streams],
             ok: 0,
             failed: 0,
             errors: ErrorTally::default(),
@@ -156,7 +164,10 @@ impl PublishOutcome {
 
 #[derive(Serialize)]
 struct PublishBody<'a> {
-    user_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channel: Option<&'a str>,
     #[serde(rename = "type")]
     kind: &'static str,
     data: LoadData,
@@ -168,10 +179,22 @@ struct LoadData {
     seq: u64,
 }
 
+/// Who a notification goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum To<'a> {
+    User(&'a str),
+    Channel(&'a str),
+}
+
 impl<'a> PublishBody<'a> {
-    fn load(user_id: &'a str, sent_us: u64, seq: u64) -> Self {
+    fn load(to: To<'a>, sent_us: u64, seq: u64) -> Self {
+        let (user_id, channel) = match to {
+            To::User(user) => (Some(user), None),
+            To::Channel(channel) => (None, Some(channel)),
+        };
         Self {
             user_id,
+            channel,
             kind: "load",
             data: LoadData { sent_us, seq },
         }
@@ -190,18 +213,15 @@ struct BatchAnswer {
 }
 
 /// Encodes the request body for one notification.
-fn publish_body(user_id: &str, sent_us: u64, seq: u64) -> Result<Vec<u8>> {
-    serde_json::to_vec(&PublishBody::load(user_id, sent_us, seq)).context("encoding publish body")
+fn publish_body(to: To<'_>, sent_us: u64, seq: u64) -> Result<Vec<u8>> {
+    serde_json::to_vec(&PublishBody::load(to, sent_us, seq)).context("encoding publish body")
 }
 
-/// Encodes a batch request body: `(user, seq)` items, all stamped `sent_us`.
-fn batch_body<'a>(
-    items: impl IntoIterator<Item = (&'a str, u64)>,
-    sent_us: u64,
-) -> Result<Vec<u8>> {
+/// Encodes a batch request body: `(recipient, seq)` items, all stamped `sent_us`.
+fn batch_body<'a>(items: impl IntoIterator<Item = (To<'a>, u64)>, sent_us: u64) -> Result<Vec<u8>> {
     let notifications = items
         .into_iter()
-        .map(|(user_id, seq)| PublishBody::load(user_id, sent_us, seq))
+        .map(|(to, seq)| PublishBody::load(to, sent_us, seq))
         .collect();
     serde_json::to_vec(&BatchBody { notifications }).context("encoding batch body")
 }
@@ -252,7 +272,8 @@ fn sender_hubs(hubs: usize, users: usize, wanted: usize, publish_any: bool) -> V
 /// State shared by all senders.
 struct Shared {
     config: PublishConfig,
-    user_names: Vec<String>,
+    /// Users' names, then channels' names: one per stream.
+    names: Vec<String>,
     seqs: Vec<AtomicU64>,
     ok: Vec<AtomicU64>,
     /// Round-robin cursor per hub (a single one with `publish_any`).
@@ -269,6 +290,7 @@ struct Shared {
 impl Shared {
     fn new(config: PublishConfig) -> Result<Self> {
         let users = config.users;
+        let streams = users + config.channels.len();
         let hosts = config
             .hubs
             .iter()
@@ -294,11 +316,12 @@ impl Shared {
         };
         Ok(Self {
             producer,
-            user_names: (0..users)
+            names: (0..users)
                 .map(|i| user_name(&config.user_prefix, i))
+                .chain(config.channels.iter().cloned())
                 .collect(),
-            seqs: (0..users).map(|_| AtomicU64::new(0)).collect(),
-            ok: (0..users).map(|_| AtomicU64::new(0)).collect(),
+            seqs: (0..streams).map(|_| AtomicU64::new(0)).collect(),
+            ok: (0..streams).map(|_| AtomicU64::new(0)).collect(),
             cursors: config.hubs.iter().map(|_| AtomicU64::new(0)).collect(),
             failed: AtomicU64::new(0),
             requests_ok: AtomicU64::new(0),
@@ -317,6 +340,16 @@ impl Shared {
             auth,
             config,
         })
+    }
+
+    /// The recipient of stream `stream`.
+    fn to(&self, stream: usize) -> To<'_> {
+        let name = self.names[stream].as_str();
+        if stream < self.config.users {
+            To::User(name)
+        } else {
+            To::Channel(name)
+        }
     }
 
     /// Picks the next user for a sender on `hub`, round-robin over the eligible users.
@@ -379,7 +412,7 @@ impl Shared {
         };
         let user = self.pick_user(hub);
         let seq = self.seqs[user].fetch_add(1, Ordering::Relaxed) + 1;
-        let name = &self.user_names[user];
+        let name = &self.names[user];
         let event = KafkaEvent {
             event_id: format!("{name}-{seq}"),
             user_id: name,
@@ -410,11 +443,12 @@ impl Shared {
         }
     }
 
-    /// Publishes one request's worth of notifications via `hub`, reusing or replacing
-    /// `conn`.
+    /// Publishes one request's worth of notifications via `hub` to the streams `picker`
+    /// chooses, reusing or replacing `conn`.
     async fn publish_one(
         &self,
         hub: usize,
+        picker: &mut Picker,
         conn: &mut Option<Sender>,
         latency: &mut Histogram<u64>,
     ) {
@@ -432,17 +466,17 @@ impl Shared {
                 return;
             }
         };
-        let users: Vec<usize> = (0..count).map(|_| self.pick_user(hub)).collect();
-        let items: Vec<(&str, u64)> = users
+        let users: Vec<usize> = (0..count).map(|_| picker.next(self, hub)).collect();
+        let items: Vec<(To<'_>, u64)> = users
             .iter()
-            .map(|&user| {
-                let seq = self.seqs[user].fetch_add(1, Ordering::Relaxed) + 1;
-                (self.user_names[user].as_str(), seq)
+            .map(|&stream| {
+                let seq = self.seqs[stream].fetch_add(1, Ordering::Relaxed) + 1;
+                (self.to(stream), seq)
             })
             .collect();
         let sent_us = unix_micros();
         let body = match (self.config.mode, items.as_slice()) {
-            (PublishMode::Http, &[(user_id, seq)]) => publish_body(user_id, sent_us, seq),
+            (PublishMode::Http, &[(to, seq)]) => publish_body(to, sent_us, seq),
             _ => batch_body(items, sent_us),
         };
         let body = match body {
@@ -521,10 +555,44 @@ async fn exchange(
     Ok((status, body))
 }
 
+/// How a sender chooses the stream of each notification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Picker {
+    /// Round-robin over the users of its hub, shared with the hub's other senders.
+    Users,
+    /// Round-robin over streams only this sender publishes to, so each stream's
+    /// notifications leave in seq order, one request at a time.
+    Own { streams: Vec<usize>, next: usize },
+}
+
+impl Picker {
+    /// The streams sender `index` of `senders` owns among `users` users.
+    fn own_users(index: usize, senders: usize, users: usize) -> Self {
+        Self::Own {
+            streams: (index..users).step_by(senders.max(1)).collect(),
+            next: 0,
+        }
+    }
+
+    fn next(&mut self, shared: &Shared, hub: usize) -> usize {
+        match self {
+            Self::Users => shared.pick_user(hub),
+            // Never empty as planned; the shared round-robin is the harmless fallback.
+            Self::Own { streams, .. } if streams.is_empty() => shared.pick_user(hub),
+            Self::Own { streams, next } => {
+                let stream = streams[*next % streams.len()];
+                *next = (*next + 1) % streams.len();
+                stream
+            }
+        }
+    }
+}
+
 /// One sender: publishes via `hub` every `interval` from `first` until `end`.
 async fn run_sender(
     shared: Arc<Shared>,
     hub: usize,
+    mut picker: Picker,
     interval: Duration,
     first: Instant,
     end: Instant,
@@ -533,7 +601,9 @@ async fn run_sender(
     let mut conn = None;
     let mut pacer = Pacer::new(interval, first, end);
     while pacer.wait().await {
-        shared.publish_one(hub, &mut conn, &mut latency).await;
+        shared
+            .publish_one(hub, &mut picker, &mut conn, &mut latency)
+            .await;
     }
     latency
 }
@@ -583,6 +653,7 @@ type Pending = Arc<Mutex<VecDeque<(usize, Instant)>>>;
 async fn run_grpc_sender(
     shared: Arc<Shared>,
     hub: usize,
+    mut picker: Picker,
     interval: Duration,
     first: Instant,
     end: Instant,
@@ -606,7 +677,7 @@ async fn run_grpc_sender(
     ));
     let mut pacer = Pacer::new(interval, first, end);
     while pacer.wait().await {
-        let user = shared.pick_user(hub);
+        let user = picker.next(&shared, hub);
         let Some(req) = grpc_request(&shared, user) else {
             continue;
         };
@@ -652,10 +723,10 @@ async fn connect_grpc(shared: &Shared, hub: usize) -> Option<PublisherClient<Cha
     }
 }
 
-/// The next notification to `user` as a gRPC request, its seq taken; None (noted as a
-/// failure) if it cannot be encoded.
-fn grpc_request(shared: &Shared, user: usize) -> Option<PublishRequest> {
-    let seq = shared.seqs[user].fetch_add(1, Ordering::Relaxed) + 1;
+/// The next notification to stream `stream` as a gRPC request, its seq taken; None
+/// (noted as a failure) if it cannot be encoded.
+fn grpc_request(shared: &Shared, stream: usize) -> Option<PublishRequest> {
+    let seq = shared.seqs[stream].fetch_add(1, Ordering::Relaxed) + 1;
     let data = match serde_json::to_vec(&LoadData {
         sent_us: unix_micros(),
         seq,
@@ -666,8 +737,13 @@ fn grpc_request(shared: &Shared, user: usize) -> Option<PublishRequest> {
             return None;
         }
     };
+    let (user_id, channel) = match shared.to(stream) {
+        To::User(user) => (user.to_owned(), String::new()),
+        To::Channel(channel) => (String::new(), channel.to_owned()),
+    };
     Some(PublishRequest {
-        user_id: shared.user_names[user].clone(),
+        user_id,
+        channel,
         r#type: "load".to_owned(),
         data,
         ..Default::default()
@@ -720,33 +796,106 @@ async fn read_grpc_answers(
     }
 }
 
-/// Publishes at `config.rate` for `config.duration` and reports what was accepted.
-pub async fn run(config: PublishConfig) -> Result<PublishOutcome> {
+/// One sender to start: where it publishes, what, and how often.
+#[derive(Debug, Clone, PartialEq)]
+struct SenderPlan {
+    hub: usize,
+    picker: Picker,
+    interval: Duration,
+    /// Delay of its first request after the start.
+    offset: Duration,
+}
+
+/// The senders of a run: the personal ones at `rate` (as many as wanted, each owning its
+/// users when `ordered`), then one per channel at `channel_rate`, on the hubs in turn.
+fn plan_senders(config: &PublishConfig) -> Vec<SenderPlan> {
     let users = config.users;
-    if config.rate <= 0.0 || users == 0 || config.hubs.is_empty() {
-        return Ok(PublishOutcome::nothing(users));
-    }
+    let hubs = config.hubs.len();
     let per_request = if config.kafka.is_some() {
         1
     } else {
         per_request(config.mode, config.batch_size)
     };
-    let wanted = senders_wanted(config.rate, per_request, config.concurrency);
-    let hubs_of_senders = sender_hubs(config.hubs.len(), users, wanted, config.publish_any);
-    let senders = hubs_of_senders.len();
-    let interval = send_interval(config.rate, per_request, senders);
+    let mut plans = Vec::new();
+    if config.rate > 0.0 && users > 0 && hubs > 0 {
+        let mut wanted = senders_wanted(config.rate, per_request, config.concurrency);
+        if config.ordered {
+            // A sender without users would have nothing to publish.
+            wanted = wanted.min(users);
+        }
+        let mut hubs_of_senders = sender_hubs(hubs, users, wanted, config.publish_any);
+        if config.ordered {
+            hubs_of_senders.truncate(wanted);
+        }
+        let senders = hubs_of_senders.len();
+        let interval = send_interval(config.rate, per_request, senders);
+        for (index, hub) in hubs_of_senders.into_iter().enumerate() {
+            plans.push(SenderPlan {
+                hub,
+                picker: if config.ordered {
+                    Picker::own_users(index, senders, users)
+                } else {
+                    Picker::Users
+                },
+                interval,
+                // Stagger the senders over one interval so requests are spread evenly.
+                offset: interval.mul_f64(index as f64 / senders as f64),
+            });
+        }
+    }
+    if config.channel_rate > 0.0 && hubs > 0 {
+        let channels = config.channels.len();
+        let interval = send_interval(config.channel_rate, per_request, 1);
+        for c in 0..channels {
+            plans.push(SenderPlan {
+                hub: c % hubs,
+                picker: Picker::Own {
+                    streams: vec![users + c],
+                    next: 0,
+                },
+                interval,
+                offset: interval.mul_f64(c as f64 / channels as f64),
+            });
+        }
+    }
+    plans
+}
+
+/// Publishes at `config.rate` (and `channel_rate` per channel) for `config.duration` and
+/// reports what was accepted.
+pub async fn run(config: PublishConfig) -> Result<PublishOutcome> {
+    let streams = config.users + config.channels.len();
+    let plans = plan_senders(&config);
+    if plans.is_empty() {
+        return Ok(PublishOutcome::nothing(streams));
+    }
+    let senders = plans.len();
     let shared = Arc::new(Shared::new(config.clone())?);
 
     let start = Instant::now();
     let end = start + config.duration;
     let mut tasks = JoinSet::new();
-    for (index, hub) in hubs_of_senders.into_iter().enumerate() {
-        // Stagger the senders over one interval so requests are spread evenly in time.
-        let first = start + interval.mul_f64(index as f64 / senders as f64);
+    for plan in plans {
+        let first = start + plan.offset;
+        let (hub, picker, interval) = (plan.hub, plan.picker, plan.interval);
         if config.mode == PublishMode::Grpc && config.kafka.is_none() {
-            tasks.spawn(run_grpc_sender(shared.clone(), hub, interval, first, end));
+            tasks.spawn(run_grpc_sender(
+                shared.clone(),
+                hub,
+                picker,
+                interval,
+                first,
+                end,
+            ));
         } else {
-            tasks.spawn(run_sender(shared.clone(), hub, interval, first, end));
+            tasks.spawn(run_sender(
+                shared.clone(),
+                hub,
+                picker,
+                interval,
+                first,
+                end,
+            ));
         }
     }
     let mut request_latency = new_histogram();
@@ -786,25 +935,34 @@ mod tests {
 
     #[test]
     fn body_has_the_wire_shape() -> Result<()> {
-        let body: serde_json::Value = serde_json::from_slice(&publish_body("lt-17", 123, 4)?)?;
+        let body: serde_json::Value =
+            serde_json::from_slice(&publish_body(To::User("lt-17"), 123, 4)?)?;
         assert_eq!(
             body,
             serde_json::json!({"user_id": "lt-17", "type": "load", "data": {"sent_us": 123, "seq": 4}})
+        );
+        let body: serde_json::Value =
+            serde_json::from_slice(&publish_body(To::Channel("load:all"), 5, 1)?)?;
+        assert_eq!(
+            body,
+            serde_json::json!({"channel": "load:all", "type": "load", "data": {"sent_us": 5, "seq": 1}})
         );
         Ok(())
     }
 
     #[test]
     fn batch_body_carries_single_publish_items() -> Result<()> {
-        let body: serde_json::Value =
-            serde_json::from_slice(&batch_body([("lt-1", 7), ("lt-2", 1)], 99)?)?;
-        let item = |user: &str, seq: u64| {
-            serde_json::from_slice::<serde_json::Value>(&publish_body(user, 99, seq)?)
+        let body: serde_json::Value = serde_json::from_slice(&batch_body(
+            [(To::User("lt-1"), 7), (To::Channel("c"), 1)],
+            99,
+        )?)?;
+        let item = |to: To<'_>, seq: u64| {
+            serde_json::from_slice::<serde_json::Value>(&publish_body(to, 99, seq)?)
                 .context("decoding")
         };
         assert_eq!(
             body,
-            serde_json::json!({"notifications": [item("lt-1", 7)?, item("lt-2", 1)?]})
+            serde_json::json!({"notifications": [item(To::User("lt-1"), 7)?, item(To::Channel("c"), 1)?]})
         );
         assert_eq!(
             body["notifications"][0],
@@ -879,6 +1037,9 @@ mod tests {
             mode,
             batch_size: 3,
             kafka: None,
+            channels: Vec::new(),
+            channel_rate: 0.0,
+            ordered: false,
         })
     }
 
@@ -937,7 +1098,114 @@ mod tests {
             mode: PublishMode::Http,
             batch_size: 1,
             kafka: None,
+            channels: Vec::new(),
+            channel_rate: 0.0,
+            ordered: false,
         };
         assert!(Shared::new(config).is_err());
+    }
+
+    fn config(users: usize, hubs: usize) -> Result<PublishConfig> {
+        let hub = HubAddr {
+            url: String::new(),
+            authority: "h".into(),
+            prefix: String::new(),
+            addr: "127.0.0.1:1".parse()?,
+        };
+        Ok(PublishConfig {
+            hubs: vec![hub; hubs],
+            api_key: "k".into(),
+            users,
+            user_prefix: "lt-".into(),
+            rate: 0.0,
+            duration: Duration::ZERO,
+            concurrency: 4,
+            publish_any: true,
+            mode: PublishMode::Http,
+            batch_size: 1,
+            kafka: None,
+            channels: vec!["load:all".into(), "load:g0".into(), "load:g1".into()],
+            channel_rate: 0.0,
+            ordered: true,
+        })
+    }
+
+    #[test]
+    fn channel_streams_follow_the_users_and_publish_by_channel() -> Result<()> {
+        let s = Shared::new(config(2, 1)?)?;
+        assert_eq!(s.names, ["lt-0", "lt-1", "load:all", "load:g0", "load:g1"]);
+        assert_eq!((s.seqs.len(), s.ok.len()), (5, 5));
+        assert_eq!(s.to(1), To::User("lt-1"));
+        assert_eq!(s.to(3), To::Channel("load:g0"));
+        let req = grpc_request(&s, 2).context("encodable")?;
+        assert_eq!(
+            (req.user_id.as_str(), req.channel.as_str()),
+            ("", "load:all")
+        );
+        let req = grpc_request(&s, 0).context("encodable")?;
+        assert_eq!((req.user_id.as_str(), req.channel.as_str()), ("lt-0", ""));
+        Ok(())
+    }
+
+    #[test]
+    fn each_channel_gets_one_sender_of_its_own() -> Result<()> {
+        let mut c = config(10, 2)?;
+        c.channel_rate = 4.0;
+        let plans = plan_senders(&c);
+        // No personal rate: channel senders only, one per channel, on the hubs in turn.
+        assert_eq!(plans.len(), 3);
+        for (i, p) in plans.iter().enumerate() {
+            assert_eq!(p.hub, i % 2);
+            assert_eq!(
+                p.picker,
+                Picker::Own {
+                    streams: vec![10 + i],
+                    next: 0
+                }
+            );
+            assert_eq!(p.interval, Duration::from_millis(250));
+        }
+        assert!(plans[1].offset > plans[0].offset && plans[2].offset < plans[0].interval);
+        Ok(())
+    }
+
+    #[test]
+    fn ordered_personal_senders_own_disjoint_users() -> Result<()> {
+        let mut c = config(10, 2)?;
+        c.rate = 1000.0;
+        let plans = plan_senders(&c);
+        assert_eq!(plans.len(), 4);
+        let mut owned = Vec::new();
+        for p in &plans {
+            let Picker::Own { streams, .. } = &p.picker else {
+                anyhow::bail!("ordered senders own their users");
+            };
+            owned.extend(streams.iter().copied());
+        }
+        owned.sort_unstable();
+        assert_eq!(owned, (0..10).collect::<Vec<_>>());
+        // Three users for four wanted senders: three senders.
+        let mut few = config(3, 2)?;
+        few.rate = 1000.0;
+        assert_eq!(plan_senders(&few).len(), 3);
+        // Unordered: the shared round-robin, as before.
+        let mut loose = config(10, 2)?;
+        loose.rate = 1000.0;
+        loose.ordered = false;
+        assert!(
+            plan_senders(&loose)
+                .iter()
+                .all(|p| p.picker == Picker::Users)
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn an_own_picker_cycles_its_streams() -> Result<()> {
+        let s = Shared::new(config(10, 1)?)?;
+        let mut p = Picker::own_users(1, 4, 10);
+        let picked: Vec<usize> = (0..5).map(|_| p.next(&s, 0)).collect();
+        assert_eq!(picked, [1, 5, 9, 1, 5]);
+        Ok(())
     }
 }

@@ -18,6 +18,7 @@ use crate::stats::{
     DeliveryCounters, ErrorTally, LatencySummary, add_per_hub, decode_histogram, merge_histogram,
     new_histogram,
 };
+use crate::streams::Scenario;
 
 /// RSS of one hub process before connecting and after the hold.
 #[derive(Debug, Clone, Copy)]
@@ -85,6 +86,16 @@ pub struct Setup {
     pub batch_size: Option<u32>,
     /// Number of source addresses.
     pub source_ips: usize,
+    /// What the connections listen to.
+    pub scenario: Scenario,
+    /// The channels' names.
+    pub channels: Vec<String>,
+    /// Publishes per second to each channel.
+    pub channel_rate: f64,
+    /// Fraction of the connections that dropped and resumed.
+    pub resume_fraction: f64,
+    /// How long they stayed away, s.
+    pub offline_secs: f64,
 }
 
 /// Connect-phase figures.
@@ -162,6 +173,10 @@ pub struct Delivery {
     pub latency: LatencySummary,
     /// SSE heartbeat comments received.
     pub sse_heartbeats: u64,
+    /// `hub.gap` envelopes by stream kind, with channel names as samples.
+    pub gap_streams: ErrorTally,
+    /// Why resumes failed.
+    pub resume_errors: ErrorTally,
 }
 
 /// Connections that ended before the run stopped them.
@@ -216,7 +231,7 @@ pub fn build(m: &Measurements<'_>) -> Result<Report> {
     let connections = merge_connected(m.connected);
     let servers = server_memory(m, &connections.established_per_hub);
     let totals = WorkerTotals::merge(m.finals, m.parent_cpu)?;
-    let publish = publishing(m.args, m.publish);
+    let publish = publishing(m.args, m.plan, m.publish);
     let drain_secs = totals.drain_ms as f64 / 1000.0;
     let window_secs = publish.secs + drain_secs;
     let counters = totals.counters;
@@ -233,6 +248,8 @@ pub fn build(m: &Measurements<'_>) -> Result<Report> {
             drain_secs,
             latency: LatencySummary::from_histogram(&totals.latency),
             sse_heartbeats: totals.sse_heartbeats,
+            gap_streams: totals.gaps,
+            resume_errors: totals.resume_errors,
         },
         disconnects: totals.disconnects,
         loadgen: Loadgen {
@@ -260,6 +277,11 @@ fn setup(args: &RunArgs, plan: &Plan) -> Setup {
         publish_mode: args.publish_mode,
         batch_size: (args.publish_mode == PublishMode::Batch).then_some(args.batch_size),
         source_ips: args.source_ips.len(),
+        scenario: args.scenario,
+        channels: plan.streams.channel_names(),
+        channel_rate: args.channel_rate,
+        resume_fraction: args.resume_fraction(),
+        offline_secs: args.offline.as_secs_f64(),
     }
 }
 
@@ -314,10 +336,10 @@ fn server_memory(m: &Measurements<'_>, per_hub: &[u64]) -> Vec<ServerMemory> {
 }
 
 /// The publishing figures, against the target rate.
-fn publishing(args: &RunArgs, publish: &PublishOutcome) -> Publishing {
+fn publishing(args: &RunArgs, plan: &Plan, publish: &PublishOutcome) -> Publishing {
     let secs = publish.elapsed.as_secs_f64();
     Publishing {
-        target_rate: args.rate,
+        target_rate: args.rate + args.channel_rate * plan.streams.channels() as f64,
         ok: publish.ok,
         failed: publish.failed,
         errors: publish.errors.clone(),
@@ -337,6 +359,8 @@ struct WorkerTotals {
     /// The longest drain: the workers drain side by side.
     drain_ms: u64,
     sse_heartbeats: u64,
+    gaps: ErrorTally,
+    resume_errors: ErrorTally,
     /// The workers' CPU time plus the parent's.
     cpu: Duration,
 }
@@ -352,6 +376,8 @@ impl WorkerTotals {
             },
             drain_ms: 0,
             sse_heartbeats: 0,
+            gaps: ErrorTally::default(),
+            resume_errors: ErrorTally::default(),
             cpu: parent_cpu,
         };
         for r in finals {
@@ -361,6 +387,8 @@ impl WorkerTotals {
             totals.disconnects.errors.merge(&r.disconnect_errors);
             totals.drain_ms = totals.drain_ms.max(r.drain_ms);
             totals.sse_heartbeats += r.sse_comments;
+            totals.gaps.merge(&r.gaps);
+            totals.resume_errors.merge(&r.resume_errors);
             totals.cpu += Duration::from_millis(r.cpu_ms);
         }
         Ok(totals)
@@ -374,6 +402,11 @@ fn mib(kib: u64) -> String {
 
 /// Writes an error tally as indented lines, if it has anything.
 fn write_errors(f: &mut fmt::Formatter<'_>, errors: &ErrorTally) -> fmt::Result {
+    write_tally(f, "errors", errors)
+}
+
+/// Writes a tally as indented lines under `label`, if it has anything.
+fn write_tally(f: &mut fmt::Formatter<'_>, label: &str, errors: &ErrorTally) -> fmt::Result {
     if errors.is_empty() {
         return Ok(());
     }
@@ -382,7 +415,7 @@ fn write_errors(f: &mut fmt::Formatter<'_>, errors: &ErrorTally) -> fmt::Result 
         .iter()
         .map(|(k, n)| format!("{k} ×{n}"))
         .collect();
-    writeln!(f, "  errors      {}", counts.join(", "))?;
+    writeln!(f, "  {label:<11} {}", counts.join(", "))?;
     for sample in &errors.samples {
         writeln!(f, "    e.g.      {sample}")?;
     }
@@ -401,6 +434,18 @@ impl fmt::Display for Report {
             s.hubs.len(),
             s.processes
         )?;
+        if s.scenario != Scenario::Personal {
+            writeln!(
+                f,
+                "scenario      {}: channels {} ({}/s each); {:.0}% of connections resume \
+                 after {:.1} s away",
+                s.scenario,
+                s.channels.join(", "),
+                s.channel_rate,
+                s.resume_fraction * 100.0,
+                s.offline_secs
+            )?;
+        }
         self.write_connections(f)?;
         self.write_servers(f)?;
         self.write_publish(f)?;
@@ -506,15 +551,32 @@ impl Report {
                 l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms
             )?;
         }
+        let c = &d.counters;
         writeln!(
             f,
             "loss          missing {}, duplicates {}, unexpected {}, out of range {}, bad messages {}",
-            d.counters.missing,
-            d.counters.duplicates,
-            d.counters.unexpected,
-            d.counters.out_of_range,
-            d.counters.bad_messages
-        )
+            c.missing, c.duplicates, c.unexpected, c.out_of_range, c.bad_messages
+        )?;
+        writeln!(
+            f,
+            "per stream    out of order {}; connections with loss {}, with duplicates {}, \
+             out of order {}",
+            c.out_of_order,
+            c.connections_missing,
+            c.connections_with_duplicates,
+            c.connections_out_of_order
+        )?;
+        if c.resumes + c.resume_failures > 0 {
+            writeln!(
+                f,
+                "resumes       {} came back ({} not resumed by the hub), {} failed; {} \
+                 notifications replayed (not in the latency)",
+                c.resumes, c.resumes_not_resumed, c.resume_failures, c.replayed
+            )?;
+            write_errors(f, &d.resume_errors)?;
+        }
+        writeln!(f, "gaps          {} hub.gap", c.gaps)?;
+        write_tally(f, "streams", &d.gap_streams)
     }
 }
 
@@ -706,6 +768,74 @@ mod tests {
             text.contains("  servers total    0.06 s  4000.0 µs"),
             "{text}"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn a_channel_scenario_reports_its_streams_resumes_and_gaps() -> Result<()> {
+        let args = Wrapper::try_parse_from([
+            "x",
+            "--hub",
+            "http://a:1",
+            "--jwt-secret",
+            "s",
+            "--connections",
+            "4",
+            "--scenario",
+            "mixed",
+            "--groups",
+            "2",
+            "--rate",
+            "10",
+            "--channel-rate",
+            "2",
+            "--api-key",
+            "k",
+        ])?
+        .args;
+        let plan = plan(&args)?;
+        let mut finals = sample_finals()?;
+        finals[0].delivery.resumes = 2;
+        finals[0].delivery.replayed = 7;
+        finals[1].delivery.gaps = 1;
+        finals[1].gaps.record("channel", "load:g1");
+        finals[1].delivery.out_of_order = 3;
+        finals[1].delivery.connections_out_of_order = 1;
+        let publish = PublishOutcome::nothing(plan.streams.streams());
+        let report = build(&Measurements {
+            args: &args,
+            plan: &plan,
+            connected: &sample_connected(),
+            finals: &finals,
+            publish: &publish,
+            servers: Vec::new(),
+            cpu: None,
+            parent_cpu: Duration::ZERO,
+            parent_rss_kib: 0,
+        })?;
+        // 10/s personal + 2/s to each of 3 channels.
+        assert!((report.publish.target_rate - 16.0).abs() < 1e-9);
+        let text = report.to_string();
+        assert!(
+            text.contains("scenario      mixed: channels load:all, load:g0, load:g1 (2/s each); 10% of connections resume after 1.0 s away"),
+            "{text}"
+        );
+        assert!(
+            text.contains("out of order 3; connections with loss 0"),
+            "{text}"
+        );
+        assert!(text.contains("  streams     channel ×1"), "{text}");
+        assert!(
+            text.contains("resumes       2 came back (0 not resumed by the hub), 0 failed; 7"),
+            "{text}"
+        );
+        assert!(text.contains("gaps          1 hub.gap"), "{text}");
+        assert!(text.contains("channel: load:g1"), "{text}");
+        let json = serde_json::to_value(&report)?;
+        assert_eq!(json["setup"]["scenario"], "mixed");
+        assert_eq!(json["delivery"]["gap_streams"]["counts"]["channel"], 1);
+        assert_eq!(json["delivery"]["gaps"], 1);
+        assert_eq!(json["delivery"]["replayed"], 7);
         Ok(())
     }
 

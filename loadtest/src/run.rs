@@ -20,10 +20,11 @@ use tokio::time::{Instant, sleep, timeout, timeout_at};
 use crate::RunArgs;
 use crate::conn::Layout;
 use crate::cpu::{self, CpuSamples};
-use crate::ipc::{self, Command, ConnectedReport, Event, FinalReport, WorkerSpec};
+use crate::ipc::{self, Command, ConnectedReport, Event, FinalReport, ResumeSpec, WorkerSpec};
 use crate::proc;
 use crate::publish::{self, PublishConfig, PublishMode, PublishOutcome};
 use crate::report::{self, Measurements, ServerRss};
+use crate::streams::{Scenario, StreamPlan};
 use crate::target::HubAddr;
 
 /// Most connections one worker may hold: each process may have at most 20 000 open
@@ -47,6 +48,8 @@ pub struct Plan {
     pub slices: Vec<Range<usize>>,
     /// Mapping of connections to users, hubs, transports and sources.
     pub layout: Layout,
+    /// The streams: users' personal ones and the scenario's channels.
+    pub streams: StreamPlan,
     /// Limit for the whole run; workers exit when it passes.
     pub deadline: Duration,
 }
@@ -65,6 +68,30 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
         args.rate == 0.0 || args.api_key.is_some() || args.kafka_brokers.is_some(),
         "--api-key is required when --rate is above 0"
     );
+    let channels = args.scenario != Scenario::Personal;
+    ensure!(
+        args.channel_rate == 0.0 || channels,
+        "--channel-rate needs a scenario with channels (--scenario broadcast or mixed)"
+    );
+    ensure!(
+        args.channel_rate == 0.0 || args.api_key.is_some(),
+        "--api-key is required when --channel-rate is above 0"
+    );
+    ensure!(
+        !channels || args.kafka_brokers.is_none(),
+        "--scenario {} publishes to channels through the hub's API; it does not combine \
+         with --kafka-brokers",
+        args.scenario
+    );
+    let streams = StreamPlan::new(
+        args.scenario,
+        users,
+        args.groups as usize,
+        &args.channel_prefix,
+    );
+    streams
+        .check()
+        .map_err(|e| anyhow::anyhow!("--channel-prefix: {e}"))?;
     ensure!(
         args.kafka_brokers.is_none() || args.publish_mode == PublishMode::Http,
         "--publish-mode batch and grpc call the hub's APIs; they do not combine with --kafka-brokers"
@@ -88,6 +115,7 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
     let deadline = args.max_connect_time
         + args.hold
         + args.duration
+        + args.offline
         + publish::CONNECT_TIMEOUT
         + publish::REQUEST_TIMEOUT
         + args.drain
@@ -99,10 +127,13 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
             connections,
             users,
             hubs: args.hubs.len(),
-            publish_any: args.publish_any,
+            // A channel's subscribers are on every hub whatever their user: the nodes
+            // share a backplane, so connections spread by index.
+            publish_any: args.publish_any || channels,
             mode: args.transport,
             sources: args.source_ips.len(),
         },
+        streams,
         deadline,
     })
 }
@@ -542,6 +573,12 @@ async fn configure_workers(
             connect_timeout_ms: millis(args.connect_timeout),
             max_connect_ms: millis(args.max_connect_time),
             deadline_ms: millis(plan.deadline),
+            streams: plan.streams.clone(),
+            resume: ResumeSpec {
+                fraction: args.resume_fraction(),
+                offline_ms: millis(args.offline),
+                window_ms: millis(args.duration),
+            },
         };
         pool.send(worker, &Command::Configure(Box::new(spec)))
             .await?;
@@ -556,12 +593,22 @@ async fn publish_phase(
     hubs: &[HubAddr],
     publish_hubs: &[HubAddr],
 ) -> Result<PublishOutcome> {
-    let outcome = if args.rate > 0.0 {
-        eprintln!(
-            "publishing {}/s for {}",
-            args.rate,
-            humantime::format_duration(args.duration)
-        );
+    let outcome = if args.rate > 0.0 || args.channel_rate > 0.0 {
+        if args.channel_rate > 0.0 {
+            eprintln!(
+                "publishing {}/s personal and {}/s to each of {} channel(s) for {}",
+                args.rate,
+                args.channel_rate,
+                plan.streams.channels(),
+                humantime::format_duration(args.duration)
+            );
+        } else {
+            eprintln!(
+                "publishing {}/s for {}",
+                args.rate,
+                humantime::format_duration(args.duration)
+            );
+        }
         let via_any = !publish_hubs.is_empty();
         publish::run(PublishConfig {
             hubs: if via_any {
@@ -575,7 +622,7 @@ async fn publish_phase(
             rate: args.rate,
             duration: args.duration,
             concurrency: args.publish_concurrency as usize,
-            publish_any: args.publish_any || via_any,
+            publish_any: plan.layout.publish_any || via_any,
             mode: args.publish_mode,
             batch_size: args.batch_size as usize,
             kafka: args
@@ -583,13 +630,18 @@ async fn publish_phase(
                 .clone()
                 .zip(args.kafka_topic.clone())
                 .map(|(brokers, topic)| publish::KafkaTarget { brokers, topic }),
+            channels: plan.streams.channel_names(),
+            channel_rate: args.channel_rate,
+            // Order is checked per stream in the channel scenarios; each user's
+            // notifications then leave one at a time from one sender.
+            ordered: args.scenario != Scenario::Personal,
         })
         .await?
     } else {
         // Nothing to publish: keep the connections open for the same time anyway, so
         // that idle stability (pings, heartbeats, disconnects) is observed.
         sleep(args.duration).await;
-        PublishOutcome::nothing(plan.layout.users)
+        PublishOutcome::nothing(plan.streams.streams())
     };
     Ok(outcome)
 }
@@ -773,6 +825,38 @@ mod tests {
             .err()
             .context("expected an error")?;
         assert!(err.to_string().contains("worker 0 exited"), "{err:#}");
+        Ok(())
+    }
+
+    #[test]
+    fn channel_scenarios_spread_connections_and_check_their_settings() -> Result<()> {
+        let p = plan(&args(&["--scenario", "broadcast", "--connections", "10"])?)?;
+        assert!(
+            p.layout.publish_any,
+            "a channel's subscribers are on every hub"
+        );
+        assert_eq!(p.streams.channel_names(), ["load:all"]);
+        assert_eq!(p.streams.streams(), 11);
+        let p = plan(&args(&[
+            "--scenario",
+            "mixed",
+            "--users",
+            "6",
+            "--groups",
+            "3",
+        ])?)?;
+        assert_eq!(p.streams.streams(), 6 + 1 + 3);
+        assert!(!plan(&args(&[])?)?.layout.publish_any);
+        // A channel rate needs channels and a key; Kafka publishes no channels.
+        assert!(plan(&args(&["--channel-rate", "5", "--api-key", "k"])?).is_err());
+        assert!(plan(&args(&["--scenario", "broadcast", "--channel-rate", "5"])?).is_err());
+        let kafka = ["--kafka-brokers", "k:9092", "--kafka-topic", "t"];
+        let mixed_kafka = [&kafka[..], &["--scenario", "mixed"]].concat();
+        assert!(plan(&args(&mixed_kafka)?).is_err());
+        let e = plan(&args(&["--scenario", "mixed", "--channel-prefix", "a b"])?)
+            .err()
+            .context("a space is no channel character")?;
+        assert!(e.to_string().contains("--channel-prefix"), "{e}");
         Ok(())
     }
 

@@ -179,7 +179,7 @@ fn mint_tokens(args: &SagaArgs) -> Result<(Vec<String>, Vec<String>)> {
 /// Opens one SSE listener per token, each recording its user's order statuses.
 async fn listen(hub: &HubAddr, tokens: &[String], tracks: &Tracks) -> Result<()> {
     for token in tokens {
-        let conn = SseConn::connect(hub, token, None)
+        let conn = SseConn::connect(hub, token, None, None)
             .await
             .map_err(|f| anyhow!("SSE connect: {} {}", f.kind, f.detail))?;
         tokio::spawn(record_statuses(conn, tracks.clone()));

@@ -357,6 +357,31 @@ impl SseParser {
     }
 }
 
+/// The request head of `GET /sse`; an id that cannot be a header value is refused.
+fn request_head(
+    hub: &HubAddr,
+    token: &str,
+    last_event_id: Option<&str>,
+) -> Result<String, Failure> {
+    let resume = match last_event_id {
+        // The hub's ids are printable; anything that could end the header line is a bug.
+        Some(id) if id.bytes().any(|b| b.is_ascii_control()) => {
+            return Err(Failure::new(
+                "sse resume",
+                "the last event id holds control characters",
+            ));
+        }
+        Some(id) => format!("Last-Event-ID: {id}\r\n"),
+        None => String::new(),
+    };
+    Ok(format!(
+        "GET {path}?token={token} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\
+         Cache-Control: no-cache\r\nUser-Agent: hub-loadgen\r\n{resume}\r\n",
+        path = hub.path("/sse"),
+        host = hub.authority,
+    ))
+}
+
 /// An established SSE connection yielding each event's data.
 pub struct SseConn {
     stream: TcpStream,
@@ -368,19 +393,16 @@ pub struct SseConn {
 }
 
 impl SseConn {
-    /// Connects, sends `GET /sse?token=…` and checks for a 200 response.
+    /// Connects, sends `GET /sse?token=…` (with `Last-Event-ID: <last_event_id>` when
+    /// resuming) and checks for a 200 response.
     pub async fn connect(
         hub: &HubAddr,
         token: &str,
+        last_event_id: Option<&str>,
         source: Option<std::net::SocketAddr>,
     ) -> Result<Self, Failure> {
+        let request = request_head(hub, token, last_event_id)?;
         let mut stream = tcp_connect(hub.addr, source).await?;
-        let request = format!(
-            "GET {path}?token={token} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\
-             Cache-Control: no-cache\r\nUser-Agent: hub-loadgen\r\n\r\n",
-            path = hub.path("/sse"),
-            host = hub.authority,
-        );
         stream
             .write_all(request.as_bytes())
             .await
@@ -507,6 +529,26 @@ async fn read_error_body(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resume_sends_the_last_event_id_header() -> Result<()> {
+        let hub = HubAddr {
+            url: String::new(),
+            authority: "h:1".into(),
+            prefix: "/p".into(),
+            addr: "127.0.0.1:1".parse()?,
+        };
+        let fresh = request_head(&hub, "T", None)?;
+        assert!(fresh.starts_with("GET /p/sse?token=T HTTP/1.1\r\nHost: h:1\r\n"));
+        assert!(!fresh.contains("Last-Event-ID") && fresh.ends_with("\r\n\r\n"));
+        let resumed = request_head(&hub, "T", Some("c.9-1"))?;
+        assert!(
+            resumed.ends_with("\r\nLast-Event-ID: c.9-1\r\n\r\n"),
+            "{resumed}"
+        );
+        assert!(request_head(&hub, "T", Some("a\r\nX: y")).is_err());
+        Ok(())
+    }
 
     fn decode_all(
         decoder: &mut ChunkedDecoder,

@@ -240,6 +240,34 @@ pub struct DeliveryCounters {
     pub other_messages: u64,
     /// Payloads that were not a JSON envelope or had a malformed "load" body.
     pub bad_messages: u64,
+    /// Receipts of a new seq after a higher one of the same stream on the same connection.
+    #[serde(default)]
+    pub out_of_order: u64,
+    /// Connections that missed at least one notification of one of their streams.
+    #[serde(default)]
+    pub connections_missing: u64,
+    /// Connections that received at least one notification twice.
+    #[serde(default)]
+    pub connections_with_duplicates: u64,
+    /// Connections that received at least one notification out of order.
+    #[serde(default)]
+    pub connections_out_of_order: u64,
+    /// `hub.gap` envelopes received.
+    #[serde(default)]
+    pub gaps: u64,
+    /// Notifications replayed to a resumed connection (sent before it came back; their
+    /// latency is not in the histogram, it would only measure the time offline).
+    #[serde(default)]
+    pub replayed: u64,
+    /// Connections that dropped on purpose and came back.
+    #[serde(default)]
+    pub resumes: u64,
+    /// Of those, how many the hub greeted with `resumed: false`.
+    #[serde(default)]
+    pub resumes_not_resumed: u64,
+    /// Connections that dropped on purpose and could not come back.
+    #[serde(default)]
+    pub resume_failures: u64,
 }
 
 impl DeliveryCounters {
@@ -253,6 +281,15 @@ impl DeliveryCounters {
         self.out_of_range += other.out_of_range;
         self.other_messages += other.other_messages;
         self.bad_messages += other.bad_messages;
+        self.out_of_order += other.out_of_order;
+        self.connections_missing += other.connections_missing;
+        self.connections_with_duplicates += other.connections_with_duplicates;
+        self.connections_out_of_order += other.connections_out_of_order;
+        self.gaps += other.gaps;
+        self.replayed += other.replayed;
+        self.resumes += other.resumes;
+        self.resumes_not_resumed += other.resumes_not_resumed;
+        self.resume_failures += other.resume_failures;
     }
 }
 
@@ -382,9 +419,15 @@ mod tests {
             duplicates: 2,
             expected: 3,
             bad_messages: 1,
+            out_of_order: 4,
+            connections_with_duplicates: 1,
+            gaps: 2,
+            resumes: 3,
             ..Default::default()
         };
         a.merge(&b);
+        assert_eq!((a.out_of_order, a.connections_with_duplicates), (4, 1));
+        assert_eq!((a.gaps, a.resumes), (2, 3));
         assert_eq!(a.deliveries, 15);
         assert_eq!(a.duplicates, 2);
         assert_eq!(a.missing, 1);

@@ -18,6 +18,9 @@ pub struct Claims {
     /// Audience, when the receiving service checks one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aud: Option<String>,
+    /// Channels the connection holds from its handshake on (the hub's `channels` claim).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub channels: Vec<String>,
 }
 
 /// Mints HS256 tokens with one secret and lifetime.
@@ -55,13 +58,27 @@ impl TokenMinter {
         self.mint_at(user, now)
     }
 
+    /// Mints a token for `user`, issued now, that also grants `channels`.
+    pub fn mint_with_channels(&self, user: &str, channels: &[String]) -> Result<String> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .context("system clock is before 1970")?
+            .as_secs();
+        self.sign(user, now, channels)
+    }
+
     /// Mints a token for `user` issued at `iat` (Unix seconds).
     pub fn mint_at(&self, user: &str, iat: u64) -> Result<String> {
+        self.sign(user, iat, &[])
+    }
+
+    fn sign(&self, user: &str, iat: u64, channels: &[String]) -> Result<String> {
         let claims = Claims {
             sub: user.to_owned(),
             exp: iat.saturating_add(self.ttl.as_secs()),
             iat,
             aud: self.aud.clone(),
+            channels: channels.to_vec(),
         };
         jsonwebtoken::encode(&self.header, &claims, &self.key)
             .with_context(|| format!("signing token for {user}"))
@@ -98,6 +115,22 @@ mod tests {
         assert_eq!(claims.exp - claims.iat, 3600);
         let header = jsonwebtoken::decode_header(&token)?;
         assert_eq!(header.alg, Algorithm::HS256);
+        Ok(())
+    }
+
+    #[test]
+    fn channels_go_into_the_claim_only_when_there_are_some() -> Result<()> {
+        let minter = TokenMinter::new("s3cret", Duration::from_secs(60));
+        let names = ["load:all".to_owned(), "load:g3".to_owned()];
+        let claims = decode(&minter.mint_with_channels("lt-1", &names)?, "s3cret")?;
+        assert_eq!(claims.channels, names);
+        // A personal-only token has no `channels` member at all.
+        let token = minter.mint("lt-1")?;
+        let payload = token.split('.').nth(1).context("no payload")?;
+        use base64::Engine as _;
+        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload)?;
+        let claims: serde_json::Value = serde_json::from_slice(&json)?;
+        assert!(claims.get("channels").is_none(), "{claims}");
         Ok(())
     }
 

@@ -5,7 +5,13 @@
 //! `connected`) → wait for `start` → wait for `drain` → drain (report `report`) → exit.
 //! The worker exits on its own when stdin closes (the parent died) or when the run's
 //! deadline passes, so it never outlives a run.
+//!
+//! A connection listens to its streams (its user's personal stream and the channels of the
+//! scenario, see [`crate::streams`]) and checks each: every seq once, in order. With
+//! resumes, some connections drop in the publishing window, stay away a while, and come
+//! back on the next hub with the id of the last envelope they saw.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -14,18 +20,19 @@ use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
-use tokio::time::{Instant, MissedTickBehavior, interval, sleep, timeout, timeout_at};
+use tokio::time::{Instant, MissedTickBehavior, interval, sleep, sleep_until, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 
 use crate::conn::{Conn, ConnPlan, Envelope, Failure, parse_envelope};
 use crate::ipc::{self, Command, ConnectedReport, Event, FinalReport, WorkerSpec};
 use crate::proc;
 use crate::stats::{
-    DeliveryCounters, ErrorTally, SeqOutcome, SeqTracker, encode_histogram, new_histogram,
-    truncate_on_char_boundary, unix_micros,
+    DeliveryCounters, ErrorTally, encode_histogram, new_histogram, truncate_on_char_boundary,
+    unix_micros,
 };
+use crate::streams::{Arrival, StreamTracker, drop_point, resumes};
 use crate::token::{TokenMinter, user_name};
 
 /// How long a fresh worker waits for its configuration.
@@ -38,23 +45,60 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 const WIND_DOWN: Duration = Duration::from_secs(5);
 /// File descriptors a worker needs besides its connections.
 const SPARE_FDS: u64 = 64;
+/// How long a dropped connection keeps trying to come back.
+const RESUME_WITHIN: Duration = Duration::from_secs(15);
+/// Pause between failed attempts to come back.
+const RESUME_RETRY: Duration = Duration::from_millis(500);
 
 /// Lifecycle of one connection slot.
 const PENDING: u8 = 0;
 const ALIVE: u8 = 1;
 const FAILED: u8 = 2;
 const GONE: u8 = 3;
+/// Away on purpose, coming back: still owed its deliveries.
+const AWAY: u8 = 4;
+
+/// Flags of what went wrong on one connection.
+const SAW_DUPLICATE: u8 = 1;
+const SAW_DISORDER: u8 = 2;
 
 /// Per-connection figures the worker's main task reads while the connection runs.
 struct Slot {
     unique: AtomicU64,
     state: AtomicU8,
+    flags: AtomicU8,
+}
+
+/// What one connection tracks per stream.
+struct ConnStreams {
+    /// Stream indices, personal first (see [`crate::streams::StreamPlan::streams_of`]).
+    streams: Vec<usize>,
+    trackers: Vec<StreamTracker>,
+    /// Id of the last notification received, kept only by connections that resume.
+    last_id: Option<String>,
+    keep_id: bool,
+    /// Notifications sent before this moment (µs) are replays of a resume.
+    replay_before_us: u64,
+}
+
+impl ConnStreams {
+    fn new(streams: Vec<usize>, keep_id: bool) -> Self {
+        Self {
+            trackers: streams.iter().map(|_| StreamTracker::default()).collect(),
+            streams,
+            last_id: None,
+            keep_id,
+            replay_before_us: 0,
+        }
+    }
 }
 
 /// State shared by the worker's main task and all its connection tasks.
 struct Shared {
     spec: WorkerSpec,
     minter: TokenMinter,
+    /// Channel name → stream index.
+    channel_streams: HashMap<String, usize>,
     slots: Vec<Slot>,
     established: AtomicU64,
     failed: AtomicU64,
@@ -65,11 +109,20 @@ struct Shared {
     deliveries: AtomicU64,
     duplicates: AtomicU64,
     out_of_range: AtomicU64,
+    out_of_order: AtomicU64,
     other_messages: AtomicU64,
     bad_messages: AtomicU64,
+    foreign: AtomicU64,
     sse_comments: AtomicU64,
     disconnects: AtomicU64,
     disconnect_errors: Mutex<ErrorTally>,
+    gaps: Mutex<ErrorTally>,
+    gap_count: AtomicU64,
+    replayed: AtomicU64,
+    resumes: AtomicU64,
+    not_resumed: AtomicU64,
+    resume_failures: AtomicU64,
+    resume_errors: Mutex<ErrorTally>,
     latency: Mutex<Histogram<u64>>,
 }
 
@@ -84,10 +137,18 @@ impl Shared {
         let count = spec.end - spec.first;
         Self {
             minter: TokenMinter::new(&spec.jwt_secret, Duration::from_secs(spec.token_ttl_secs)),
+            channel_streams: spec
+                .streams
+                .channel_names()
+                .into_iter()
+                .enumerate()
+                .map(|(c, name)| (name, spec.streams.channel_stream(c)))
+                .collect(),
             slots: (0..count)
                 .map(|_| Slot {
                     unique: AtomicU64::new(0),
                     state: AtomicU8::new(PENDING),
+                    flags: AtomicU8::new(0),
                 })
                 .collect(),
             established: AtomicU64::new(0),
@@ -99,11 +160,20 @@ impl Shared {
             deliveries: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             out_of_range: AtomicU64::new(0),
+            out_of_order: AtomicU64::new(0),
             other_messages: AtomicU64::new(0),
             bad_messages: AtomicU64::new(0),
+            foreign: AtomicU64::new(0),
             sse_comments: AtomicU64::new(0),
             disconnects: AtomicU64::new(0),
             disconnect_errors: Mutex::new(ErrorTally::default()),
+            gaps: Mutex::new(ErrorTally::default()),
+            gap_count: AtomicU64::new(0),
+            replayed: AtomicU64::new(0),
+            resumes: AtomicU64::new(0),
+            not_resumed: AtomicU64::new(0),
+            resume_failures: AtomicU64::new(0),
+            resume_errors: Mutex::new(ErrorTally::default()),
             latency: Mutex::new(new_histogram()),
             spec,
         }
@@ -114,22 +184,27 @@ impl Shared {
         self.established.load(Relaxed) + self.failed.load(Relaxed)
     }
 
-    /// Opens the connection for `plan` and waits for its first envelope.
-    async fn open(&self, j: usize, plan: ConnPlan) -> Result<(Conn, Bytes), Failure> {
-        let hub = self
+    /// The token of user `user`, granting its channels.
+    fn token(&self, user: usize) -> Result<String, Failure> {
+        let name = user_name(&self.spec.user_prefix, user);
+        let channels: Vec<String> = self
             .spec
-            .hubs
-            .get(plan.hub)
-            .ok_or_else(|| Failure::new("config", format!("no hub #{}", plan.hub)))?;
-        let user = user_name(&self.spec.user_prefix, plan.user);
-        let token = self
-            .minter
-            .mint(&user)
-            .map_err(|e| Failure::new("token", format!("{e:#}")))?;
+            .streams
+            .channels_of(user)
+            .into_iter()
+            .map(|c| self.spec.streams.channel_name(c))
+            .collect();
+        self.minter
+            .mint_with_channels(&name, &channels)
+            .map_err(|e| Failure::new("token", format!("{e:#}")))
+    }
+
+    /// The local address connection `j` binds to, if any.
+    fn source(&self, j: usize, plan: ConnPlan) -> Result<Option<std::net::SocketAddr>, Failure> {
         let ip = plan
             .source
             .and_then(|i| self.spec.source_ips.get(i).copied());
-        let source = match self.spec.source_port_base {
+        Ok(match self.spec.source_port_base {
             // Explicit ports: connection j takes address j % S and port BASE + j / S, a
             // distinct (address, port) per connection with no kernel port search.
             Some(base) => {
@@ -144,8 +219,25 @@ impl Shared {
                 Some(std::net::SocketAddr::new(ip, port))
             }
             None => ip.map(|ip| std::net::SocketAddr::new(ip, 0)),
-        };
-        let mut conn = Conn::open(plan.transport, hub, &token, source).await?;
+        })
+    }
+
+    /// Opens the connection for `plan` on hub `hub` (resuming after `resume`, binding to
+    /// `source`) and waits for its first envelope.
+    async fn open(
+        &self,
+        plan: ConnPlan,
+        hub: usize,
+        resume: Option<&str>,
+        source: Option<std::net::SocketAddr>,
+    ) -> Result<(Conn, Bytes), Failure> {
+        let addr = self
+            .spec
+            .hubs
+            .get(hub)
+            .ok_or_else(|| Failure::new("config", format!("no hub #{hub}")))?;
+        let token = self.token(plan.user)?;
+        let mut conn = Conn::open(plan.transport, addr, &token, resume, source).await?;
         let first = conn
             .next_payload()
             .await
@@ -167,19 +259,63 @@ impl Shared {
     }
 
     /// Accounts for one received payload.
-    fn receive(&self, slot: &Slot, seqs: &mut SeqTracker, payload: &[u8]) {
+    fn receive(&self, slot: &Slot, conn: &mut ConnStreams, payload: &[u8]) {
         match parse_envelope(payload) {
-            Ok(Envelope::Load { sent_us, seq }) => {
-                let latency_us = unix_micros().saturating_sub(sent_us);
-                lock(&self.latency).saturating_record(latency_us);
-                self.deliveries.fetch_add(1, Relaxed);
-                match seqs.observe(seq) {
-                    SeqOutcome::New => slot.unique.fetch_add(1, Relaxed),
-                    SeqOutcome::Duplicate => self.duplicates.fetch_add(1, Relaxed),
-                    SeqOutcome::OutOfRange => self.out_of_range.fetch_add(1, Relaxed),
+            Ok(Envelope::Load {
+                sent_us,
+                seq,
+                channel,
+                id,
+            }) => {
+                let stream = match channel.as_deref() {
+                    None => conn.streams.first().copied(),
+                    Some(name) => self.channel_streams.get(name).copied(),
                 };
+                // A channel this connection does not hold, or a stream it is not on, is a
+                // leak between streams, not a delivery.
+                let Some(k) = stream.and_then(|s| conn.streams.iter().position(|&x| x == s)) else {
+                    self.foreign.fetch_add(1, Relaxed);
+                    return;
+                };
+                self.deliveries.fetch_add(1, Relaxed);
+                if sent_us < conn.replay_before_us {
+                    self.replayed.fetch_add(1, Relaxed);
+                } else {
+                    let latency_us = unix_micros().saturating_sub(sent_us);
+                    lock(&self.latency).saturating_record(latency_us);
+                }
+                if conn.keep_id
+                    && let Some(id) = id
+                {
+                    conn.last_id = Some(id.into_owned());
+                }
+                match conn.trackers[k].observe(seq) {
+                    Arrival::InOrder => {
+                        slot.unique.fetch_add(1, Relaxed);
+                    }
+                    Arrival::OutOfOrder => {
+                        slot.unique.fetch_add(1, Relaxed);
+                        slot.flags.fetch_or(SAW_DISORDER, Relaxed);
+                        self.out_of_order.fetch_add(1, Relaxed);
+                    }
+                    Arrival::Duplicate => {
+                        slot.flags.fetch_or(SAW_DUPLICATE, Relaxed);
+                        self.duplicates.fetch_add(1, Relaxed);
+                    }
+                    Arrival::OutOfRange => {
+                        self.out_of_range.fetch_add(1, Relaxed);
+                    }
+                }
             }
-            Ok(Envelope::Connected | Envelope::Other) => {
+            Ok(Envelope::Gap { channel }) => {
+                self.gap_count.fetch_add(1, Relaxed);
+                let (kind, detail) = match channel.as_deref() {
+                    Some(name) => ("channel", name),
+                    None => ("personal", ""),
+                };
+                lock(&self.gaps).record(kind, detail);
+            }
+            Ok(Envelope::Connected { .. } | Envelope::Other) => {
                 self.other_messages.fetch_add(1, Relaxed);
             }
             Err(_) => {
@@ -188,46 +324,133 @@ impl Shared {
         }
     }
 
-    /// User index of local slot `local`.
-    fn user_of(&self, local: usize) -> usize {
-        (self.spec.first + local) % self.spec.layout.users.max(1)
+    /// Connection index (over all workers) of local slot `local`.
+    fn index_of(&self, local: usize) -> usize {
+        self.spec.first + local
     }
 
-    /// Deliveries still owed to connections that are alive.
+    /// User index of local slot `local`.
+    fn user_of(&self, local: usize) -> usize {
+        self.index_of(local) % self.spec.layout.users.max(1)
+    }
+
+    /// Notifications published to the streams local slot `local` listens to.
+    fn owed(&self, local: usize, published: &[u64]) -> u64 {
+        self.spec
+            .streams
+            .streams_of(self.user_of(local))
+            .into_iter()
+            .map(|s| published.get(s).copied().unwrap_or(0))
+            .sum()
+    }
+
+    /// Deliveries still owed to connections that are alive (or away and coming back).
     fn outstanding(&self, published: &[u64]) -> u64 {
         self.slots
             .iter()
             .enumerate()
-            .filter(|(_, slot)| slot.state.load(Relaxed) == ALIVE)
+            .filter(|(_, slot)| matches!(slot.state.load(Relaxed), ALIVE | AWAY))
             .map(|(local, slot)| {
-                let owed = published.get(self.user_of(local)).copied().unwrap_or(0);
-                owed.saturating_sub(slot.unique.load(Relaxed))
+                self.owed(local, published)
+                    .saturating_sub(slot.unique.load(Relaxed))
             })
             .sum()
     }
 
-    /// Delivery counters against the parent's per-user publish counts.
+    /// Delivery counters against the parent's per-stream publish counts.
     fn delivery(&self, published: &[u64]) -> DeliveryCounters {
         let mut counters = DeliveryCounters {
             deliveries: self.deliveries.load(Relaxed),
             duplicates: self.duplicates.load(Relaxed),
             out_of_range: self.out_of_range.load(Relaxed),
+            out_of_order: self.out_of_order.load(Relaxed),
             other_messages: self.other_messages.load(Relaxed),
-            bad_messages: self.bad_messages.load(Relaxed),
+            bad_messages: self.bad_messages.load(Relaxed) + self.foreign.load(Relaxed),
+            gaps: self.gap_count.load(Relaxed),
+            replayed: self.replayed.load(Relaxed),
+            resumes: self.resumes.load(Relaxed),
+            resumes_not_resumed: self.not_resumed.load(Relaxed),
+            resume_failures: self.resume_failures.load(Relaxed),
             ..DeliveryCounters::default()
         };
         for (local, slot) in self.slots.iter().enumerate() {
             // Connections that dropped out still count: what they missed is lost.
-            if !matches!(slot.state.load(Relaxed), ALIVE | GONE) {
+            if !matches!(slot.state.load(Relaxed), ALIVE | GONE | AWAY) {
                 continue;
             }
-            let owed = published.get(self.user_of(local)).copied().unwrap_or(0);
+            let owed = self.owed(local, published);
             let unique = slot.unique.load(Relaxed);
             counters.expected += owed;
             counters.missing += owed.saturating_sub(unique);
             counters.unexpected += unique.saturating_sub(owed);
+            counters.connections_missing += u64::from(unique < owed);
+            let flags = slot.flags.load(Relaxed);
+            counters.connections_with_duplicates += u64::from(flags & SAW_DUPLICATE != 0);
+            counters.connections_out_of_order += u64::from(flags & SAW_DISORDER != 0);
         }
         counters
+    }
+
+    /// Connection `j`'s drop time, if it is one that resumes: a point in the middle of
+    /// the publishing window that starts at `start`.
+    fn drop_time(&self, j: usize, start: Instant) -> Option<Instant> {
+        let resume = &self.spec.resume;
+        if !resumes(j, resume.fraction) || self.spec.hubs.is_empty() {
+            return None;
+        }
+        let window = Duration::from_millis(resume.window_ms);
+        Some(start + window.mul_f64(drop_point(j)))
+    }
+
+    /// Brings a dropped connection back on the hub after `hub`, resuming from its last
+    /// id; retries for [`RESUME_WITHIN`]. None if it could not.
+    async fn come_back(
+        &self,
+        j: usize,
+        plan: ConnPlan,
+        hub: usize,
+        streams: &mut ConnStreams,
+    ) -> Option<Conn> {
+        let next_hub = (hub + 1) % self.spec.hubs.len().max(1);
+        let give_up = Instant::now() + RESUME_WITHIN;
+        let mut last = Failure::new("resume", "never tried");
+        while Instant::now() < give_up {
+            // The source port of the first connection may still be in TIME_WAIT: let the
+            // kernel choose this time.
+            let source = self
+                .source(j, plan)
+                .ok()
+                .flatten()
+                .map(|a| std::net::SocketAddr::new(a.ip(), 0));
+            let attempt = timeout_at(
+                give_up,
+                self.open(plan, next_hub, streams.last_id.as_deref(), source),
+            )
+            .await;
+            match attempt {
+                Ok(Ok((conn, first))) => {
+                    streams.replay_before_us = unix_micros();
+                    self.resumes.fetch_add(1, Relaxed);
+                    // A connection that had seen nothing yet has nothing to resume.
+                    if streams.last_id.is_some()
+                        && matches!(
+                            parse_envelope(&first),
+                            Ok(Envelope::Connected { resumed: false })
+                        )
+                    {
+                        self.not_resumed.fetch_add(1, Relaxed);
+                    }
+                    self.receive(&self.slots[j - self.spec.first], streams, &first);
+                    return Some(conn);
+                }
+                Ok(Err(failure)) => last = failure,
+                Err(_) => last = Failure::new("resume timeout", "no hub.connected in time"),
+            }
+            sleep(RESUME_RETRY).await;
+        }
+        self.resume_failures.fetch_add(1, Relaxed);
+        lock(&self.resume_errors).record(&last.kind, &last.detail);
+        None
     }
 }
 
@@ -238,14 +461,19 @@ async fn connection(
     permit: OwnedSemaphorePermit,
     stop: CancellationToken,
     connect_by: Instant,
+    mut started: watch::Receiver<Option<Instant>>,
 ) {
     let slot = &shared.slots[local];
-    let plan = shared.spec.layout.plan(shared.spec.first + local);
+    let j = shared.index_of(local);
+    let plan = shared.spec.layout.plan(j);
     shared.first_attempt_us.fetch_min(unix_micros(), Relaxed);
 
     let limit =
         connect_by.min(Instant::now() + Duration::from_millis(shared.spec.connect_timeout_ms));
-    let opened = timeout_at(limit, shared.open(shared.spec.first + local, plan)).await;
+    let opened = match shared.source(j, plan) {
+        Ok(source) => timeout_at(limit, shared.open(plan, plan.hub, None, source)).await,
+        Err(failure) => Ok(Err(failure)),
+    };
     // The permit bounds handshakes in flight, not open connections.
     drop(permit);
     let (mut conn, first) = match opened {
@@ -264,14 +492,52 @@ async fn connection(
     shared.last_connected_us.fetch_max(unix_micros(), Relaxed);
     shared.established.fetch_add(1, Relaxed);
 
-    let mut seqs = SeqTracker::default();
-    shared.receive(slot, &mut seqs, &first);
+    let will_resume = resumes(j, shared.spec.resume.fraction);
+    let mut streams = ConnStreams::new(shared.spec.streams.streams_of(plan.user), will_resume);
+    shared.receive(slot, &mut streams, &first);
+    // When to drop, once publishing has started (never, for most connections).
+    let mut drop_at: Option<Instant> = None;
+    let mut waiting_for_start = will_resume;
     let ended = loop {
+        let drop_due = async {
+            match drop_at {
+                Some(at) => sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
             () = stop.cancelled() => break None,
+            changed = started.changed(), if waiting_for_start => {
+                if changed.is_err() {
+                    waiting_for_start = false;
+                } else if let Some(start) = *started.borrow_and_update() {
+                    waiting_for_start = false;
+                    drop_at = shared.drop_time(j, start);
+                }
+            }
+            () = drop_due => {
+                drop_at = None;
+                if let Conn::Sse(sse) = &conn {
+                    shared.sse_comments.fetch_add(sse.comments(), Relaxed);
+                }
+                slot.state.store(AWAY, Relaxed);
+                // Dropping the socket is what a client losing its network does.
+                drop(conn);
+                sleep(Duration::from_millis(shared.spec.resume.offline_ms)).await;
+                match shared.come_back(j, plan, plan.hub, &mut streams).await {
+                    Some(back) => {
+                        conn = back;
+                        slot.state.store(ALIVE, Relaxed);
+                    }
+                    None => {
+                        slot.state.store(GONE, Relaxed);
+                        return;
+                    }
+                }
+            }
             payload = conn.next_payload() => match payload {
-                Ok(payload) => shared.receive(slot, &mut seqs, &payload),
+                Ok(payload) => shared.receive(slot, &mut streams, &payload),
                 Err(e) => break Some(e),
             },
         }
@@ -363,13 +629,24 @@ async fn run_phases(id: usize) -> Result<()> {
     let shared = Arc::new(Shared::new(spec));
     let stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
+    // When publishing started: connections that drop and resume time their drop from it.
+    let (start_tx, start_rx) = watch::channel(None);
 
-    let spawned = connect_phase(id, &shared, connect_by, &parent_gone, &stop, &mut tasks).await?;
+    let phase = ConnectPhase {
+        id,
+        connect_by,
+        parent_gone: &parent_gone,
+        stop: &stop,
+        started: start_rx,
+    };
+    let spawned = connect_phase(&shared, phase, &mut tasks).await?;
     report_connected(id, &shared, spawned)?;
 
     // Hold and publish phases: the connection tasks do the work; we wait for orders.
     match next_command(&mut commands, deadline).await? {
-        Command::Start => {}
+        Command::Start => {
+            start_tx.send_replace(Some(Instant::now()));
+        }
         other => bail!("expected start, got {other:?}"),
     }
     let (published, drain_timeout) = match next_command(&mut commands, deadline).await? {
@@ -419,18 +696,31 @@ async fn receive_spec(
     Ok(spec)
 }
 
+/// What the connect phase hands each connection task, and its limits.
+struct ConnectPhase<'a> {
+    id: usize,
+    connect_by: Instant,
+    parent_gone: &'a CancellationToken,
+    stop: &'a CancellationToken,
+    started: watch::Receiver<Option<Instant>>,
+}
+
 /// Opens the worker's connections; returns how many attempts were started.
 ///
 /// Attempts are spawned as handshake permits free up, until all are resolved or the
 /// phase's time is up.
 async fn connect_phase(
-    id: usize,
     shared: &Arc<Shared>,
-    connect_by: Instant,
-    parent_gone: &CancellationToken,
-    stop: &CancellationToken,
+    phase: ConnectPhase<'_>,
     tasks: &mut JoinSet<()>,
 ) -> Result<usize> {
+    let ConnectPhase {
+        id,
+        connect_by,
+        parent_gone,
+        stop,
+        started,
+    } = phase;
     let count = shared.slots.len();
     let permits = Arc::new(Semaphore::new(shared.spec.connect_concurrency.max(1)));
     let mut tick = interval(POLL);
@@ -459,7 +749,14 @@ async fn connect_phase(
             () = parent_gone.cancelled() => bail!("parent closed stdin during the connect phase"),
             permit = permits.clone().acquire_owned(), if spawned < count && now < connect_by => {
                 let permit = permit.context("connect semaphore closed")?;
-                tasks.spawn(connection(shared.clone(), spawned, permit, stop.clone(), connect_by));
+                tasks.spawn(connection(
+                    shared.clone(),
+                    spawned,
+                    permit,
+                    stop.clone(),
+                    connect_by,
+                    started.clone(),
+                ));
                 spawned += 1;
             }
             _ = tick.tick() => {}
@@ -538,6 +835,8 @@ fn report_final(id: usize, shared: &Shared, published: &[u64], drain_ms: u64) ->
         delivery: shared.delivery(published),
         disconnects: shared.disconnects.load(Relaxed),
         disconnect_errors: lock(&shared.disconnect_errors).clone(),
+        gaps: lock(&shared.gaps).clone(),
+        resume_errors: lock(&shared.resume_errors).clone(),
         sse_comments: shared.sse_comments.load(Relaxed),
         drain_ms,
         cpu_ms: cpu_ms(),
@@ -550,9 +849,17 @@ fn report_final(id: usize, shared: &Shared, published: &[u64], drain_ms: u64) ->
 mod tests {
     use super::*;
     use crate::conn::{Layout, TransportMode};
+    use crate::ipc::ResumeSpec;
+    use crate::streams::{Scenario, StreamPlan};
     use crate::target::HubAddr;
 
-    fn shared(first: usize, end: usize, users: usize) -> Result<Shared> {
+    fn shared_with(
+        first: usize,
+        end: usize,
+        users: usize,
+        streams: StreamPlan,
+        resume: ResumeSpec,
+    ) -> Result<Shared> {
         Ok(Shared::new(WorkerSpec {
             worker: 0,
             first,
@@ -580,7 +887,14 @@ mod tests {
             connect_timeout_ms: 1,
             max_connect_ms: 1,
             deadline_ms: 1,
+            streams,
+            resume,
         }))
+    }
+
+    fn shared(first: usize, end: usize, users: usize) -> Result<Shared> {
+        let streams = StreamPlan::new(Scenario::Personal, users, 0, "load:");
+        shared_with(first, end, users, streams, ResumeSpec::default())
     }
 
     fn load(seq: u64) -> Vec<u8> {
@@ -589,6 +903,19 @@ mod tests {
             unix_micros()
         )
         .into_bytes()
+    }
+
+    fn on_channel(channel: &str, seq: u64, id: &str) -> Vec<u8> {
+        format!(
+            r#"{{"id":"{id}","type":"load","channel":"{channel}","data":{{"sent_us":{},"seq":{seq}}}}}"#,
+            unix_micros()
+        )
+        .into_bytes()
+    }
+
+    /// The streams local slot `local` of `s` listens to.
+    fn streams_of(s: &Shared, local: usize, keep_id: bool) -> ConnStreams {
+        ConnStreams::new(s.spec.streams.streams_of(s.user_of(local)), keep_id)
     }
 
     #[test]
@@ -605,11 +932,11 @@ mod tests {
         }
         s.slots[3].state.store(FAILED, Relaxed);
 
-        let mut seqs = SeqTracker::default();
+        let mut seqs = streams_of(&s, 0, false);
         for seq in [1, 2, 2, 3] {
             s.receive(&s.slots[0], &mut seqs, &load(seq));
         }
-        let mut seqs = SeqTracker::default();
+        let mut seqs = streams_of(&s, 1, false);
         s.receive(&s.slots[1], &mut seqs, &load(3));
         s.receive(&s.slots[1], &mut seqs, b"{not json");
         s.receive(
@@ -632,7 +959,89 @@ mod tests {
         assert_eq!(d.unexpected, 1);
         assert_eq!(d.bad_messages, 1);
         assert_eq!(d.other_messages, 1);
+        assert_eq!(d.connections_missing, 2);
+        assert_eq!(d.connections_with_duplicates, 1);
+        assert_eq!(d.out_of_order, 0);
         assert_eq!(lock(&s.latency).len(), 5);
+        Ok(())
+    }
+
+    #[test]
+    fn each_stream_is_checked_on_its_own() -> Result<()> {
+        // Mixed, 4 users in 2 groups: user 1 holds lt-1, load:all and load:g1.
+        let plan = StreamPlan::new(Scenario::Mixed, 4, 2, "load:");
+        let s = shared_with(1, 2, 4, plan, ResumeSpec::default())?;
+        s.slots[0].state.store(ALIVE, Relaxed);
+        let mut conn = streams_of(&s, 0, true);
+        assert_eq!(conn.streams, [1, 4, 6]);
+        // Streams: 4 users, then load:all (4), load:g0 (5), load:g1 (6).
+        let mut published = vec![0; 7];
+        published[1] = 2;
+        published[4] = 3;
+        published[6] = 1;
+        published[5] = 9; // the other group: not owed to this connection
+
+        s.receive(&s.slots[0], &mut conn, &load(1));
+        s.receive(&s.slots[0], &mut conn, &on_channel("load:all", 1, "a"));
+        // Each stream has its own seq 1: no duplicate across streams.
+        s.receive(&s.slots[0], &mut conn, &on_channel("load:g1", 1, "b"));
+        s.receive(&s.slots[0], &mut conn, &on_channel("load:all", 3, "c"));
+        s.receive(&s.slots[0], &mut conn, &on_channel("load:all", 2, "d"));
+        s.receive(&s.slots[0], &mut conn, &load(2));
+        assert_eq!(conn.last_id.as_deref(), Some("x"));
+        // A channel the connection does not hold is not a delivery.
+        s.receive(&s.slots[0], &mut conn, &on_channel("load:g0", 1, "e"));
+        s.receive(&s.slots[0], &mut conn, &on_channel("nobody", 1, "f"));
+        s.receive(
+            &s.slots[0],
+            &mut conn,
+            br#"{"type":"hub.gap","data":{"channel":"load:g1"}}"#,
+        );
+
+        assert_eq!(s.outstanding(&published), 0);
+        let d = s.delivery(&published);
+        assert_eq!((d.deliveries, d.expected, d.missing), (6, 6, 0));
+        assert_eq!((d.out_of_order, d.connections_out_of_order), (1, 1));
+        assert_eq!(d.bad_messages, 2, "two notifications of foreign streams");
+        assert_eq!(d.gaps, 1);
+        assert_eq!(lock(&s.gaps).counts.get("channel"), Some(&1));
+        assert!(lock(&s.gaps).samples[0].contains("load:g1"));
+        Ok(())
+    }
+
+    #[test]
+    fn replays_after_a_resume_stay_out_of_the_latency() -> Result<()> {
+        let s = shared(0, 1, 1)?;
+        s.slots[0].state.store(AWAY, Relaxed);
+        let mut conn = streams_of(&s, 0, true);
+        conn.replay_before_us = unix_micros() + 1_000_000;
+        s.receive(&s.slots[0], &mut conn, &load(1));
+        conn.replay_before_us = 0;
+        s.receive(&s.slots[0], &mut conn, &load(2));
+        let d = s.delivery(&[3]);
+        assert_eq!((d.deliveries, d.replayed, d.missing), (2, 1, 1));
+        assert_eq!(lock(&s.latency).len(), 1);
+        // Away connections are still owed what they have not had.
+        assert_eq!(s.outstanding(&[3]), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn only_the_chosen_fraction_drops_in_the_window() -> Result<()> {
+        let resume = ResumeSpec {
+            fraction: 0.5,
+            offline_ms: 100,
+            window_ms: 10_000,
+        };
+        let plan = StreamPlan::new(Scenario::Mixed, 4, 2, "load:");
+        let s = shared_with(0, 4, 4, plan, resume)?;
+        let start = Instant::now();
+        let drops: Vec<Option<Instant>> = (0..4).map(|j| s.drop_time(j, start)).collect();
+        assert_eq!(drops.iter().filter(|d| d.is_some()).count(), 2);
+        for at in drops.into_iter().flatten() {
+            let into = at - start;
+            assert!(into >= Duration::from_millis(2500) && into < Duration::from_millis(7500));
+        }
         Ok(())
     }
 }

@@ -9,7 +9,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use crate::conn::{Failure, tcp_connect};
+use crate::conn::{Failure, query_escape, tcp_connect};
 use crate::target::HubAddr;
 
 /// Largest envelope accepted; the hub's are well under a kilobyte.
@@ -31,14 +31,19 @@ pub struct WsConn {
 }
 
 impl WsConn {
-    /// Connects and performs the upgrade handshake for `GET /ws?token=…`.
+    /// Connects and performs the upgrade handshake for `GET /ws?token=…[&since=…]`.
     pub async fn connect(
         hub: &HubAddr,
         token: &str,
+        since: Option<&str>,
         source: Option<std::net::SocketAddr>,
     ) -> Result<Self, Failure> {
         let tcp = tcp_connect(hub.addr, source).await?;
-        let url = format!("ws://{}{}?token={token}", hub.authority, hub.path("/ws"));
+        let mut url = format!("ws://{}{}?token={token}", hub.authority, hub.path("/ws"));
+        if let Some(id) = since {
+            url.push_str("&since=");
+            url.push_str(&query_escape(id));
+        }
         match tokio_tungstenite::client_async_with_config(url, tcp, Some(config())).await {
             Ok((stream, _response)) => Ok(Self { stream }),
             Err(WsError::Http(response)) => {

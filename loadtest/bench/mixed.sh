@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The mixed-streams benchmark (docs/benchmarks.md): a private Redis, two hub nodes on it,
+# CONNECTIONS connections (half on each node), each listening to its user's personal stream,
+# the shared channel and its group's channel (CHANNEL_GROUPS groups); RATE personal notifications/s
+# and CHANNEL_RATE publishes/s to each channel, interleaved, through node B. RESUME of the
+# connections drop mid-run, stay away OFFLINE and come back on the other node with the last
+# envelope id they saw (WS since=, SSE Last-Event-ID). Every stream is checked per
+# connection: each notification once, in order, across the resume; hub.gap reported.
+#
+#   loadtest/bench/mixed.sh TRANSPORT [extra hub-loadgen args...]
+#     TRANSPORT  ws | sse | mixed
+#   Environment: CONNECTIONS (2000), RATE (1000), CHANNEL_RATE (5), CHANNEL_GROUPS (10),
+#                RESUME (0.2), OFFLINE (2s), DURATION (20s), REDIS_PORT (6392),
+#                PORT_A (9131), PORT_B (9132), BIN_DIR (target/release)
+#
+# Needs release builds (`cargo build --release -p hub -p loadtest`) and redis-server. Stops
+# everything it started, also on failure.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+TRANSPORT=${1:?usage: mixed.sh ws|sse|mixed}
+shift
+CONNECTIONS=${CONNECTIONS:-2000} RATE=${RATE:-1000} CHANNEL_RATE=${CHANNEL_RATE:-5}
+CHANNEL_GROUPS=${CHANNEL_GROUPS:-10} RESUME=${RESUME:-0.2} OFFLINE=${OFFLINE:-2s} DURATION=${DURATION:-20s}
+REDIS_PORT=${REDIS_PORT:-6392} PORT_A=${PORT_A:-9131} PORT_B=${PORT_B:-9132}
+BIN=${BIN_DIR:-target/release}
+[[ -x $BIN/hub && -x $BIN/hub-loadgen ]] || { echo "build first: cargo build --release -p hub -p loadtest" >&2; exit 1; }
+
+dir=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$dir" \
+  --loglevel warning >/dev/null &
+redis=$!; pids+=("$redis")
+until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.1; done
+
+export HUB_REDIS_URL=redis://127.0.0.1:$REDIS_PORT HUB_REDIS_PREFIX=bench HUB_LOG=warn
+export HUB_JWT_SECRET=benchsecretbenchsecretbenchsecret01 HUB_API_KEY=benchkeybenchkey01
+# One client address holds every connection here; resumes reconnect from it too.
+export HUB_MAX_CONNECTIONS_PER_IP=1000000
+HUB_ADDR=127.0.0.1:$PORT_A "$BIN/hub" serve & a=$!; pids+=("$a")
+HUB_ADDR=127.0.0.1:$PORT_B "$BIN/hub" serve & b=$!; pids+=("$b")
+for port in "$PORT_A" "$PORT_B"; do
+  until curl -fs "http://127.0.0.1:$port/readyz" >/dev/null; do sleep 0.1; done
+done
+
+"$BIN/hub-loadgen" run --hub "http://127.0.0.1:$PORT_A" --hub "http://127.0.0.1:$PORT_B" \
+  --publish-via "http://127.0.0.1:$PORT_B" \
+  --scenario mixed --groups "$CHANNEL_GROUPS" --rate "$RATE" --channel-rate "$CHANNEL_RATE" \
+  --resume-fraction "$RESUME" --offline "$OFFLINE" \
+  --jwt-secret "$HUB_JWT_SECRET" --api-key "$HUB_API_KEY" --transport "$TRANSPORT" \
+  --connections "$CONNECTIONS" --duration "$DURATION" --hold 3s --drain 10s \
+  --source-port-base 14000 --server-pid "$a" --server-pid "$b" \
+  --cpu-pid "node-a=$a" --cpu-pid "node-b=$b" --cpu-pid "redis=$redis" "$@"
