@@ -117,13 +117,19 @@ impl FromRequestParts<ApiState> for ApiKey {
     }
 }
 
-/// One notification to publish.
+/// One notification to publish, to a user or to a channel (exactly one of the two).
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PublishRequest {
     /// The recipient: 1–256 bytes, no `{`, `}` or control characters.
+    #[serde(default)]
     #[schema(example = "alice")]
-    user_id: String,
+    user_id: Option<String>,
+    /// The channel: 1–128 characters of `[A-Za-z0-9_.:@/-]`; every connection subscribed to
+    /// it receives the notification.
+    #[serde(default)]
+    #[schema(example = "announcements")]
+    channel: Option<String>,
     /// The notification type: 1–256 bytes, not starting with `hub.`.
     #[serde(rename = "type")]
     #[schema(example = "order.status")]
@@ -156,6 +162,15 @@ struct DisconnectResponse {
     disconnected: usize,
 }
 
+/// A channel's presence over every node.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct ChannelPresenceBody {
+    /// Users with a subscribed connection, sorted, at most 1 000.
+    users: Vec<String>,
+    /// How many users in all.
+    count: usize,
+}
+
 /// A user's presence over every node.
 #[derive(serde::Serialize, utoipa::ToSchema)]
 struct UserPresence {
@@ -183,6 +198,7 @@ struct TokenResponse {
         publish_batch,
         disconnect,
         user_presence,
+        channel_presence,
         healthz,
         readyz,
         metrics,
@@ -195,6 +211,8 @@ struct TokenResponse {
         BatchResponse,
         DisconnectRequest,
         DisconnectResponse,
+        UserPresence,
+        ChannelPresenceBody,
         DevLogin,
         TokenResponse,
         ErrorBody
@@ -274,37 +292,53 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
 }
 
 /// Reads and checks one publish body.
-fn parse_publish(body: &[u8]) -> Result<PublishRequest, ApiError> {
+fn parse_publish(body: &[u8]) -> Result<Publish, ApiError> {
     check_publish(parse_json(body)?)
 }
 
 /// Checks one notification's parts as the HTTP API does (for the gRPC API); the error text is
 /// the reason to send back.
 pub(crate) fn publish_from_parts(
-    user_id: String,
+    user_id: Option<String>,
+    channel: Option<String>,
     kind: String,
     data: Box<RawValue>,
     idempotency_key: Option<String>,
 ) -> Result<Publish, String> {
-    let req = check_publish(PublishRequest {
+    check_publish(PublishRequest {
         user_id,
+        channel,
         kind,
         data,
         idempotency_key,
     })
-    .map_err(|e| e.to_string())?;
-    Ok(Publish {
-        user: req.user_id,
-        kind: req.kind,
-        data: req.data,
-        dedupe: Dedupe::key(req.idempotency_key),
-    })
+    .map_err(|e| e.to_string())
 }
 
-/// Checks one publish request's fields.
-fn check_publish(req: PublishRequest) -> Result<PublishRequest, ApiError> {
-    crate::envelope::check_user_id(&req.user_id)
-        .map_err(|e| ApiError::BadRequest(format!("user_id: {e}")))?;
+/// Checks one publish request's fields; the notification to publish.
+fn check_publish(req: PublishRequest) -> Result<Publish, ApiError> {
+    let stream = match (req.user_id, req.channel) {
+        (Some(user), None) => {
+            crate::envelope::check_user_id(&user)
+                .map_err(|e| ApiError::BadRequest(format!("user_id: {e}")))?;
+            user
+        }
+        (None, Some(channel)) => {
+            crate::envelope::check_channel(&channel)
+                .map_err(|e| ApiError::BadRequest(format!("channel: {e}")))?;
+            crate::envelope::channel_stream(&channel)
+        }
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "name either user_id or channel, not both".to_owned(),
+            ));
+        }
+        (None, None) => {
+            return Err(ApiError::BadRequest(
+                "missing field: user_id or channel".to_owned(),
+            ));
+        }
+    };
     check_field("type", &req.kind)?;
     if !req.data.get().starts_with('{') {
         return Err(ApiError::BadRequest(
@@ -319,7 +353,12 @@ fn check_publish(req: PublishRequest) -> Result<PublishRequest, ApiError> {
     if let Some(key) = &req.idempotency_key {
         check_field("idempotency_key", key)?;
     }
-    Ok(req)
+    Ok(Publish {
+        user: stream,
+        kind: req.kind,
+        data: req.data,
+        dedupe: Dedupe::key(req.idempotency_key),
+    })
 }
 
 /// Publishes one notification to a user.
@@ -344,17 +383,8 @@ async fn publish(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let body = read_body(&headers, body, || ApiError::TooLarge)?;
-    let req = parse_publish(&body)?;
-    let published = state
-        .inner
-        .backplane
-        .publish(Publish {
-            user: req.user_id,
-            kind: req.kind,
-            data: req.data,
-            dedupe: Dedupe::key(req.idempotency_key),
-        })
-        .await?;
+    let msg = parse_publish(&body)?;
+    let published = state.inner.backplane.publish(msg).await?;
     if published.duplicate {
         state.inner.metrics.publish_duplicates().inc();
     } else {
@@ -416,18 +446,13 @@ async fn publish_batch(
                 "notifications[{index}]: data larger than 64 KiB"
             )));
         }
-        let req = check_publish(item).map_err(|e| match e {
+        let msg = check_publish(item).map_err(|e| match e {
             ApiError::BadRequest(why) => {
                 ApiError::BadRequest(format!("notifications[{index}]: {why}"))
             }
             other => other,
         })?;
-        msgs.push(Publish {
-            user: req.user_id,
-            kind: req.kind,
-            data: req.data,
-            dedupe: Dedupe::key(req.idempotency_key),
-        });
+        msgs.push(msg);
     }
     let published = state.inner.backplane.publish_batch(msgs).await?;
     let duplicates = published.iter().filter(|p| p.duplicate).count() as u64;
@@ -571,10 +596,44 @@ async fn user_presence(
     let Path(user) = user.map_err(|e| ApiError::BadRequest(format!("user_id: {e}")))?;
     crate::envelope::check_user_id(&user)
         .map_err(|e| ApiError::BadRequest(format!("user_id: {e}")))?;
+    state.inner.metrics.presence_requested("user");
     let connections = state.inner.backplane.presence(&user).await?;
     Ok(Json(UserPresence {
         online: connections > 0,
         connections,
+    }))
+}
+
+/// `GET /api/presence/channels/{channel}`: who is subscribed to a channel over every node.
+#[utoipa::path(
+    get,
+    path = "/api/presence/channels/{channel}",
+    params(("channel" = String, Path, description = "The channel: 1–128 characters of [A-Za-z0-9_.:@/-]")),
+    responses(
+        (status = 200, description = "The channel's users over every node (at most 1 000 listed) and their count", body = ChannelPresenceBody),
+        (status = 400, description = "Bad channel name", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 503, description = "Backplane unreachable", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+async fn channel_presence(
+    State(state): State<ApiState>,
+    _key: ApiKey,
+    channel: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<ChannelPresenceBody>, ApiError> {
+    let Path(channel) = channel.map_err(|e| ApiError::BadRequest(format!("channel: {e}")))?;
+    crate::envelope::check_channel(&channel)
+        .map_err(|e| ApiError::BadRequest(format!("channel: {e}")))?;
+    state.inner.metrics.presence_requested("channel");
+    let presence = state
+        .inner
+        .backplane
+        .channel_presence(&crate::envelope::channel_stream(&channel))
+        .await?;
+    Ok(Json(ChannelPresenceBody {
+        users: presence.users,
+        count: presence.count,
     }))
 }
 
@@ -587,6 +646,12 @@ struct DevLogin {
     /// `HUB_JWT_AUDIENCE` when absent.
     #[serde(default)]
     audience: Option<String>,
+    /// Channels the token subscribes its connection to (`channels` claim).
+    #[serde(default)]
+    channels: Vec<String>,
+    /// The channel a WebSocket `subscribe` may join with this token (`channel` claim).
+    #[serde(default)]
+    channel: Option<String>,
 }
 
 /// `POST /api/dev/token` (only with `--dev`): answers loopback clients only, so a dev node
@@ -615,7 +680,7 @@ async fn dev_token(
     }
     let login: DevLogin = serde_json::from_slice(&body).map_err(|e| {
         ApiError::BadRequest(format!(
-            "expected {{\"user_id\": \"...\", \"audience\": \"optional\"}}: {e}"
+            "expected {{\"user_id\": \"...\", \"audience\", \"channels\", \"channel\": optional}}: {e}"
         ))
     })?;
     crate::envelope::check_user_id(&login.user_id)
@@ -627,14 +692,23 @@ async fn dev_token(
         .audience
         .as_deref()
         .or(state.inner.audience.as_deref());
-    let token = crate::auth::sign_hs256_for(
-        secret,
-        &login.user_id,
-        Duration::from_secs(3600),
-        audience,
-        state.inner.issuer.as_deref(),
-    )
-    .map_err(|_| ApiError::Unavailable("cannot sign".to_owned()))?;
+    for c in login.channels.iter().chain(&login.channel) {
+        crate::envelope::check_channel(c)
+            .map_err(|e| ApiError::BadRequest(format!("channel: {e}")))?;
+    }
+    let now = crate::envelope::now_micros() / 1_000_000;
+    let claims = crate::auth::Claims {
+        sub: login.user_id,
+        exp: now.saturating_add(3600),
+        nbf: None,
+        iat: Some(now),
+        aud: audience.map(str::to_owned),
+        iss: state.inner.issuer.clone(),
+        channels: login.channels,
+        channel: login.channel,
+    };
+    let token = crate::auth::sign_hs256_claims(secret, &claims)
+        .map_err(|_| ApiError::Unavailable("cannot sign".to_owned()))?;
     Ok(Json(serde_json::json!({ "token": token })))
 }
 
@@ -669,6 +743,7 @@ pub fn router(state: ApiState) -> axum::Router {
             post(disconnect).layer(DefaultBodyLimit::max(MAX_BODY)),
         )
         .route("/api/presence/users/{user_id}", get(user_presence))
+        .route("/api/presence/channels/{channel}", get(channel_presence))
         .route("/api/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -743,14 +818,16 @@ mod tests {
             "/readyz",
             "/metrics",
             "/api/dev/token",
+            "/api/presence/users/{user_id}",
+            "/api/presence/channels/{channel}",
         ] {
             assert!(doc["paths"][path].is_object(), "{path} missing");
         }
         let publish = &doc["components"]["schemas"]["PublishRequest"];
-        assert_eq!(
-            publish["required"],
-            serde_json::json!(["user_id", "type", "data"])
-        );
+        assert_eq!(publish["required"], serde_json::json!(["type", "data"]));
+        for field in ["user_id", "channel", "idempotency_key"] {
+            assert!(publish["properties"][field].is_object(), "{field} missing");
+        }
         assert_eq!(
             doc["paths"]["/api/publish"]["post"]["security"][0]["api_key"],
             serde_json::json!([])
@@ -797,7 +874,7 @@ mod tests {
                     serde_json::to_string(&user).unwrap_or_default()
                 );
                 if let Ok(req) = parse_publish(body.as_bytes()) {
-                    prop_assert!(crate::envelope::check_user_id(&req.user_id).is_ok());
+                    prop_assert!(crate::envelope::check_user_id(&req.user).is_ok());
                     let object = req.data.get().starts_with('{');
                     prop_assert!(object, "data must be an object");
                 }

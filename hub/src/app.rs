@@ -62,9 +62,9 @@ struct FanoutSink {
 }
 
 impl Sink for FanoutSink {
-    fn deliver(&self, user: &str, n: &Arc<Notification>) {
+    fn deliver(&self, stream: &str, n: &Arc<Notification>) {
         // A connection whose queue was full is dropped here; its session counts it.
-        self.fanout.deliver(user, n);
+        self.fanout.deliver(stream, n);
     }
 
     fn disconnect(&self, user: &str) -> usize {
@@ -73,6 +73,10 @@ impl Sink for FanoutSink {
 
     fn connections(&self, user: &str) -> usize {
         self.fanout.user_connections(user)
+    }
+
+    fn channel_members(&self, stream: &str) -> Vec<(Arc<str>, usize)> {
+        self.fanout.channel_members(stream)
     }
 }
 
@@ -226,6 +230,7 @@ fn client_context(
             settings.user_handshake_burst,
         ),
         ws_inbound: crate::transport::ws_inbound(settings.ws_messages_per_second),
+        max_channels: settings.max_channels_per_connection,
         timing: Timing {
             ping_interval: settings.ping_interval,
             pong_timeout: settings.pong_timeout,
@@ -366,7 +371,12 @@ impl Application {
             max_connections: settings.max_connections,
             max_per_user: settings.max_connections_per_user,
             queue: settings.send_queue,
-        });
+            max_channel_subscribers: settings.max_channel_subscribers,
+        })
+        .with_gauges(
+            metrics.channels().clone(),
+            metrics.channel_subscriptions().clone(),
+        );
         let sink = Arc::new(FanoutSink {
             fanout: fanout.clone(),
         });

@@ -164,6 +164,11 @@ pub struct Settings {
     pub max_connections: usize,
     /// Open client connections per user on one node (over it: 429).
     pub max_connections_per_user: usize,
+    /// Channels one connection may follow (token claim and WebSocket subscriptions), at
+    /// most 64 (the one cursor's capacity).
+    pub max_channels_per_connection: usize,
+    /// Connections subscribed to one channel on one node.
+    pub max_channel_subscribers: usize,
     /// Open TCP connections from one client address, counted from accept (before any auth);
     /// beyond it a new connection is closed at once.
     pub max_connections_per_ip: usize,
@@ -243,6 +248,8 @@ impl Default for Settings {
             send_queue: 256,
             max_connections: 100_000,
             max_connections_per_user: 32,
+            max_channels_per_connection: 16,
+            max_channel_subscribers: 100_000,
             max_connections_per_ip: 1000,
             max_pending_handshakes: 1024,
             user_handshakes_per_second: 10,
@@ -536,6 +543,18 @@ impl Settings {
             self.max_connections_per_user,
             1,
             100_000,
+        )?;
+        within(
+            "HUB_MAX_CHANNELS_PER_CONNECTION",
+            self.max_channels_per_connection,
+            0,
+            crate::cursor::MAX_ENTRIES,
+        )?;
+        within(
+            "HUB_MAX_CHANNEL_SUBSCRIBERS",
+            self.max_channel_subscribers,
+            1,
+            10_000_000,
         )?;
         within(
             "HUB_MAX_CONNECTIONS_PER_IP",

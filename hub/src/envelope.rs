@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -38,6 +39,19 @@ impl fmt::Display for Id {
 #[error("malformed notification id")]
 pub struct BadId;
 
+impl Id {
+    /// "Before the first notification": the position of a stream the connection joined when
+    /// the stream had no history. Resuming from it replays everything retained, and is a gap
+    /// only when entries were already trimmed from the start.
+    pub const START: Id = Id { epoch: 0, seq: 0 };
+
+    /// What an unreadable resume id stands for: a position no history has (a gap).
+    pub const UNKNOWN: Id = Id {
+        epoch: 0,
+        seq: u64::MAX,
+    };
+}
+
 impl FromStr for Id {
     type Err = BadId;
 
@@ -54,6 +68,45 @@ impl FromStr for Id {
 
 pub use proto::user_id::{MAX_LEN as MAX_USER_ID, check as check_user_id};
 
+/// Longest channel name, in bytes.
+pub const MAX_CHANNEL: usize = 128;
+
+/// What starts a channel's stream name. Every stream (a user's personal one, or a channel)
+/// is named by one string: the user id itself, or this mark and the channel's name. No user
+/// id holds a `{`, so the two never meet; in Redis keys the stream name sits inside the hash
+/// tag (`P:m:{{announcements}`), whose tag is then `{announcements`, a tag no user has.
+pub const CHANNEL_MARK: char = '{';
+
+/// Checks a channel name: 1–128 characters of `[A-Za-z0-9_.:@/-]`.
+pub fn check_channel(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("channel name must not be empty");
+    }
+    if name.len() > MAX_CHANNEL {
+        return Err("channel name longer than 128 characters");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"_.:@/-".contains(&b))
+    {
+        return Err("channel name may hold only A-Z, a-z, 0-9 and _ . : @ / -");
+    }
+    Ok(())
+}
+
+/// The stream name of a channel.
+pub fn channel_stream(name: &str) -> String {
+    let mut s = String::with_capacity(name.len() + 1);
+    s.push(CHANNEL_MARK);
+    s.push_str(name);
+    s
+}
+
+/// The channel a stream name stands for; `None` for a user's personal stream.
+pub fn channel_of(stream: &str) -> Option<&str> {
+    stream.strip_prefix(CHANNEL_MARK)
+}
+
 /// Microseconds since the Unix epoch, the hub's acceptance clock.
 pub fn now_micros() -> u64 {
     SystemTime::now()
@@ -65,12 +118,17 @@ pub fn now_micros() -> u64 {
 /// One accepted notification, pre-rendered for every transport.
 #[derive(Debug)]
 pub struct Notification {
-    /// Its position in the user's history.
+    /// Its position in its stream's history.
     pub id: Id,
+    /// The channel it was published to; `None` for a user's personal notification.
+    pub channel: Option<Arc<str>>,
     /// When the hub accepted it (µs since the Unix epoch).
     pub accepted_us: u64,
     /// The envelope JSON, ready to be a WebSocket text frame.
     pub json: Utf8Bytes,
+    /// The id written on the wire when it is not `id` itself: a connection's cursor (see
+    /// [`crate::cursor`]), for the copy rendered for one connection with channels.
+    cursor: Option<Box<str>>,
     /// `id: ..\ndata: ..\n\n`, made on first use (only nodes with SSE clients of the user
     /// pay for it), then shared.
     sse_event: std::sync::OnceLock<Bytes>,
@@ -85,6 +143,8 @@ pub struct Notification {
 struct Envelope<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channel: Option<&'a str>,
     #[serde(rename = "type")]
     kind: &'a str,
     data: &'a RawValue,
@@ -92,29 +152,67 @@ struct Envelope<'a> {
 }
 
 impl Notification {
-    /// Renders a notification once; `data` is the caller's JSON, embedded unchanged.
-    pub fn render(id: Id, kind: &str, data: &RawValue, accepted_us: u64) -> Self {
-        let json = envelope_json(Some(id), kind, data, accepted_us / 1000);
-        Self::from_json(id, json, accepted_us)
+    /// Renders a notification of `stream` (a user id or a channel's stream name) once;
+    /// `data` is the caller's JSON, embedded unchanged.
+    pub fn render(stream: &str, id: Id, kind: &str, data: &RawValue, accepted_us: u64) -> Self {
+        let json = envelope_json(Some(id), channel_of(stream), kind, data, accepted_us / 1000);
+        Self::from_json(stream, id, json, accepted_us)
     }
 
-    /// Wraps an envelope rendered elsewhere (by the backplane's store) with its id.
-    pub fn from_json(id: Id, json: String, accepted_us: u64) -> Self {
+    /// Wraps an envelope of `stream` rendered elsewhere (by the backplane's store) with its id.
+    pub fn from_json(stream: &str, id: Id, json: String, accepted_us: u64) -> Self {
         Notification {
             id,
+            channel: channel_of(stream).map(Arc::from),
             accepted_us,
             json: Utf8Bytes::from(json),
+            cursor: None,
             sse_event: std::sync::OnceLock::new(),
             sse_chunk: std::sync::OnceLock::new(),
             gap: false,
         }
     }
 
+    /// This notification as one connection sees it: the same envelope with `cursor` as its
+    /// `id` (a connection with channels resumes all its streams from any envelope's id).
+    /// A gap marker has no id and is shared as it is.
+    pub fn with_cursor(self: &Arc<Self>, cursor: String) -> Arc<Self> {
+        if self.gap {
+            return self.clone();
+        }
+        let json = self.json.as_str();
+        // The stored envelope starts with `{"id":"<id>",`; an id holds no quote.
+        let tail = json
+            .strip_prefix("{\"id\":\"")
+            .and_then(|rest| rest.split_once("\","))
+            .map_or("", |(_, tail)| tail);
+        let mut out = String::with_capacity(cursor.len() + tail.len() + 9);
+        out.push_str("{\"id\":\"");
+        out.push_str(&cursor);
+        out.push_str("\",");
+        out.push_str(tail);
+        Arc::new(Notification {
+            id: self.id,
+            channel: self.channel.clone(),
+            accepted_us: self.accepted_us,
+            json: Utf8Bytes::from(out),
+            cursor: Some(cursor.into_boxed_str()),
+            sse_event: std::sync::OnceLock::new(),
+            sse_chunk: std::sync::OnceLock::new(),
+            gap: false,
+        })
+    }
+
     /// The SSE event: `id:` and `data:` lines (a gap marker has no `id:` line).
     pub fn sse_event(&self) -> &Bytes {
         self.sse_event.get_or_init(|| {
-            let id = (!self.gap).then_some(self.id);
-            sse_event(id, self.json.as_str())
+            if self.gap {
+                return sse_event(None, self.json.as_str());
+            }
+            match &self.cursor {
+                Some(cursor) => sse_event(Some(cursor), self.json.as_str()),
+                None => sse_event(Some(&self.id.to_string()), self.json.as_str()),
+            }
         })
     }
 
@@ -125,26 +223,29 @@ impl Notification {
 
     /// The envelope minus its opening `{"id":"..",`: what the store prefixes with the id it
     /// assigns, so the id and the stored bytes come from one atomic step.
-    pub fn envelope_tail(kind: &str, data: &RawValue, accepted_us: u64) -> String {
+    pub fn envelope_tail(stream: &str, kind: &str, data: &RawValue, accepted_us: u64) -> String {
         let full = envelope_json(
             Some(Id { epoch: 0, seq: 0 }),
+            channel_of(stream),
             kind,
             data,
             accepted_us / 1000,
         );
-        // `{"id":"0-0",` is 12 bytes; the rest starts with `"type"`.
+        // `{"id":"0-0",` is 12 bytes; the rest starts with `"channel"` or `"type"`.
         full.get(12..).unwrap_or_default().to_owned()
     }
 
     /// A `hub.gap` marker for the user's connections, positioned at `id`: just before the
     /// first retained notification, so a connection that already has everything up to there
     /// drops it (seam filter) and any other is told and then takes what follows.
-    pub fn gap_marker(id: Id, reason: &str) -> Self {
-        let control = Control::gap(reason);
+    pub fn gap_marker(stream: &str, id: Id, reason: &str) -> Self {
+        let control = Control::gap(reason, channel_of(stream));
         Notification {
             id,
+            channel: channel_of(stream).map(Arc::from),
             accepted_us: now_micros(),
             json: Utf8Bytes::from(control.json),
+            cursor: None,
             sse_event: std::sync::OnceLock::new(),
             sse_chunk: std::sync::OnceLock::new(),
             gap: true,
@@ -168,10 +269,17 @@ fn one_line(data: &RawValue) -> std::borrow::Cow<'_, RawValue> {
     }
 }
 
-fn envelope_json(id: Option<Id>, kind: &str, data: &RawValue, ts_ms: u64) -> String {
+fn envelope_json(
+    id: Option<Id>,
+    channel: Option<&str>,
+    kind: &str,
+    data: &RawValue,
+    ts_ms: u64,
+) -> String {
     let data = one_line(data);
     let envelope = Envelope {
         id: id.map(|id| id.to_string()),
+        channel,
         kind,
         data: &data,
         ts: ts_ms,
@@ -182,10 +290,12 @@ fn envelope_json(id: Option<Id>, kind: &str, data: &RawValue, ts_ms: u64) -> Str
 
 /// One SSE event: an `id:` line when there is an id, one `data:` line (the JSON has no
 /// newline), and the blank line that ends the event.
-pub fn sse_event(id: Option<Id>, json: &str) -> Bytes {
+pub fn sse_event(id: Option<&str>, json: &str) -> Bytes {
     let mut out = BytesMut::with_capacity(json.len() + 40);
     if let Some(id) = id {
-        out.put_slice(format!("id: {id}\n").as_bytes());
+        out.put_slice(b"id: ");
+        out.put_slice(id.as_bytes());
+        out.put_slice(b"\n");
     }
     out.put_slice(b"data: ");
     out.put_slice(json.as_bytes());
@@ -228,17 +338,44 @@ impl Control {
         }
     }
 
-    /// `hub.connected`: the first message on every connection.
-    pub fn connected(user: &str, resumed: bool) -> Self {
+    /// `hub.connected`: the first message on every connection; a connection with channels
+    /// from its token lists them.
+    pub fn connected(user: &str, resumed: bool, channels: &[&str]) -> Self {
+        if channels.is_empty() {
+            return Self::new(
+                "hub.connected",
+                serde_json::json!({ "user": user, "resumed": resumed }),
+            );
+        }
         Self::new(
             "hub.connected",
-            serde_json::json!({ "user": user, "resumed": resumed }),
+            serde_json::json!({ "user": user, "resumed": resumed, "channels": channels }),
         )
     }
 
-    /// `hub.gap`: the resume point is not in the retained history; refetch state.
-    pub fn gap(reason: &str) -> Self {
-        Self::new("hub.gap", serde_json::json!({ "reason": reason }))
+    /// `hub.gap`: the resume point is not in the retained history; refetch state. A
+    /// channel's gap names the channel (a personal stream's has no `channel`).
+    pub fn gap(reason: &str, channel: Option<&str>) -> Self {
+        match channel {
+            Some(channel) => Self::new(
+                "hub.gap",
+                serde_json::json!({ "reason": reason, "channel": channel }),
+            ),
+            None => Self::new("hub.gap", serde_json::json!({ "reason": reason })),
+        }
+    }
+
+    /// `hub.subscribed`: a WebSocket `subscribe` was accepted.
+    pub fn subscribed(channel: &str) -> Self {
+        Self::new("hub.subscribed", serde_json::json!({ "channel": channel }))
+    }
+
+    /// `hub.unsubscribed`: a WebSocket `unsubscribe` took effect.
+    pub fn unsubscribed(channel: &str) -> Self {
+        Self::new(
+            "hub.unsubscribed",
+            serde_json::json!({ "channel": channel }),
+        )
     }
 
     /// `hub.closing`: the server is about to end the stream or close the socket on purpose.
@@ -292,6 +429,7 @@ mod tests {
     fn rendering_embeds_data_unchanged_and_frames_sse() {
         let data = RawValue::from_string(r#"{"a":[1,2],"s":"x\ny"}"#.to_owned()).unwrap();
         let n = Notification::render(
+            "u",
             Id { epoch: 1, seq: 2 },
             "promo",
             &data,
@@ -314,11 +452,13 @@ mod tests {
             epoch: 0xab,
             seq: 7,
         };
-        let tail = Notification::envelope_tail("t", &data, 5_000);
+        let tail = Notification::envelope_tail("u", "t", &data, 5_000);
         let joined = format!("{{\"id\":\"{id}\",{tail}");
         assert_eq!(
             joined,
-            Notification::render(id, "t", &data, 5_000).json.as_str()
+            Notification::render("u", id, "t", &data, 5_000)
+                .json
+                .as_str()
         );
     }
 
@@ -326,7 +466,7 @@ mod tests {
     fn line_breaks_in_data_become_spaces_and_the_value_is_kept() {
         let raw = "{\r\n  \"a\": [1,\n2],\n  \"s\": \"x\\ny\"\n}";
         let data = RawValue::from_string(raw.to_owned()).unwrap();
-        let n = Notification::render(Id { epoch: 1, seq: 1 }, "t", &data, 0);
+        let n = Notification::render("u", Id { epoch: 1, seq: 1 }, "t", &data, 0);
         assert!(!n.json.as_str().contains(['\n', '\r']));
         let event = std::str::from_utf8(n.sse_event()).unwrap();
         assert_eq!(
@@ -337,7 +477,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(n.json.as_str()).unwrap();
         let original: serde_json::Value = serde_json::from_str(raw).unwrap();
         assert_eq!(v["data"], original);
-        let tail = Notification::envelope_tail("t", &data, 0);
+        let tail = Notification::envelope_tail("u", "t", &data, 0);
         assert!(!tail.contains('\n'));
     }
 
@@ -354,7 +494,7 @@ mod tests {
 
     #[test]
     fn control_messages_have_no_id() {
-        let c = Control::connected("alice", false);
+        let c = Control::connected("alice", false, &[]);
         let v: serde_json::Value = serde_json::from_str(&c.json).unwrap();
         assert_eq!(v["type"], "hub.connected");
         assert_eq!(v["data"]["user"], "alice");
@@ -408,7 +548,7 @@ mod tests {
                     value.get(3).cloned().unwrap_or_default(),
                 );
                 let data = RawValue::from_string(pretty).expect("valid JSON");
-                let n = Notification::render(Id { epoch: 1, seq: 1 }, "t", &data, 0);
+                let n = Notification::render("u", Id { epoch: 1, seq: 1 }, "t", &data, 0);
                 prop_assert!(!n.json.as_str().contains(['\n', '\r']));
                 let v: serde_json::Value = serde_json::from_str(n.json.as_str()).expect("JSON");
                 prop_assert_eq!(&v["data"]["k"], &serde_json::Value::String(text));

@@ -102,11 +102,6 @@ fn to_publish(req: PublishRequest, index: Option<usize>) -> Result<Publish, Stat
         Some(i) => format!("notifications[{i}]: {why}"),
         None => why,
     };
-    if !req.channel.is_empty() {
-        return Err(Status::invalid_argument(at(
-            "channel publishing is not available on this node".to_owned(),
-        )));
-    }
     if req.data.len() > MAX_BODY {
         return Err(Status::resource_exhausted(at(
             "data larger than 64 KiB".to_owned()
@@ -117,7 +112,9 @@ fn to_publish(req: PublishRequest, index: Option<usize>) -> Result<Publish, Stat
     let data = RawValue::from_string(text)
         .map_err(|e| Status::invalid_argument(at(format!("data is not JSON: {e}"))))?;
     let key = (!req.idempotency_key.is_empty()).then_some(req.idempotency_key);
-    crate::api::publish_from_parts(req.user_id, req.r#type, data, key)
+    let user = (!req.user_id.is_empty()).then_some(req.user_id);
+    let channel = (!req.channel.is_empty()).then_some(req.channel);
+    crate::api::publish_from_parts(user, channel, req.r#type, data, key)
         .map_err(|why| Status::invalid_argument(at(why)))
 }
 

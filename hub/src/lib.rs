@@ -5,10 +5,12 @@
 //!
 //! - [`config`]: typed settings from `HUB_*` variables and an optional TOML file.
 //! - [`auth`]: JWT verification (secret, PEM key, JWKS) and the origin policy.
-//! - [`envelope`]: the wire envelope and notification ids, rendered once per notification.
+//! - [`envelope`]: the wire envelope, notification ids and stream names (users, channels),
+//!   rendered once per notification.
+//! - [`cursor`]: the one cursor, a connection's position in every stream it follows.
 //! - [`sharded`]: the map in independently locked shards that the registry and the in-process
 //!   history share.
-//! - [`fanout`]: the local registry user → connections and bounded per-connection queues.
+//! - [`fanout`]: the local registry stream → connections and bounded per-connection queues.
 //! - [`backplane`]: where notifications are accepted, stored and routed (in memory for one
 //!   node, Redis for many).
 //! - [`transport`]: the front door, the handshake, and WebSocket / SSE connections.
@@ -25,6 +27,7 @@ pub mod app;
 pub mod auth;
 pub mod backplane;
 pub mod config;
+pub mod cursor;
 pub mod envelope;
 pub mod fanout;
 pub mod grpc;

@@ -46,6 +46,10 @@ struct Inner {
     backplane_lag: prometheus::Gauge,
     backplane_shard_up: IntGaugeVec,
     presence_reports: IntCounter,
+    channels: IntGauge,
+    channel_subscriptions: IntGauge,
+    channel_refusals: IntCounterVec,
+    presence_requests: IntCounterVec,
     backplane_shard_recoveries: IntCounterVec,
     ingest: IngestFamilies,
 }
@@ -119,6 +123,10 @@ pub mod reason {
     pub const USER_RATE: &str = "user_rate";
     /// The user's tokens issued before a time were revoked (disconnect API).
     pub const REVOKED: &str = "revoked";
+    /// The token grants more channels than a connection may follow.
+    pub const CHANNEL_LIMIT: &str = "channel_limit";
+    /// A channel of the token has its maximum of subscribers on this node.
+    pub const CHANNEL_FULL: &str = "channel_full";
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -146,6 +154,12 @@ fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Hi
         .unwrap_or_else(|e| panic!("metric {name}: {e}"));
     register(registry, Box::new(h.clone()));
     h
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    register(registry, Box::new(g.clone()));
+    g
 }
 
 fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
@@ -206,6 +220,8 @@ fn rejection_counter(registry: &Registry) -> IntCounterVec {
         reason::PENDING_LIMIT,
         reason::USER_RATE,
         reason::REVOKED,
+        reason::CHANNEL_LIMIT,
+        reason::CHANNEL_FULL,
     ] {
         rejections.with_label_values(&[r]);
     }
@@ -333,7 +349,29 @@ impl Metrics {
             ),
             presence_reports: counter(
                 "hub_presence_reports_total",
-                "Users whose connection count on this node was written to the backplane's presence",
+                "Users (and channel members) whose connection count on this node was written to the backplane's presence",
+            ),
+            channels: gauge(
+                &registry,
+                "hub_channels",
+                "Channels with at least one subscribed connection on this node",
+            ),
+            channel_subscriptions: gauge(
+                &registry,
+                "hub_channel_subscriptions",
+                "Channel subscriptions of this node's connections",
+            ),
+            channel_refusals: counter_vec(
+                &registry,
+                "hub_channel_refusals_total",
+                "Channel subscriptions refused, by reason",
+                &["reason"],
+            ),
+            presence_requests: counter_vec(
+                &registry,
+                "hub_presence_requests_total",
+                "Presence API requests, by kind (user, channel)",
+                &["kind"],
             ),
             ingest: IngestFamilies::new(&registry),
             registry,
@@ -406,6 +444,34 @@ impl Metrics {
     /// Presence counts this node wrote to Redis.
     pub fn presence_reports(&self) -> &IntCounter {
         &self.inner.presence_reports
+    }
+
+    /// `hub_channels` (handed to the fan-out, which keeps it).
+    pub fn channels(&self) -> &IntGauge {
+        &self.inner.channels
+    }
+
+    /// `hub_channel_subscriptions` (handed to the fan-out, which keeps it).
+    pub fn channel_subscriptions(&self) -> &IntGauge {
+        &self.inner.channel_subscriptions
+    }
+
+    /// Counts a refused channel subscription: `token` (no grant, bad or foreign token),
+    /// `limit` (channels per connection), `full` (subscribers per channel on this node),
+    /// `unavailable` (backplane).
+    pub fn channel_refused(&self, reason: &str) {
+        self.inner
+            .channel_refusals
+            .with_label_values(&[reason])
+            .inc();
+    }
+
+    /// Counts a presence request of `kind` (`user` or `channel`).
+    pub fn presence_requested(&self, kind: &str) {
+        self.inner
+            .presence_requests
+            .with_label_values(&[kind])
+            .inc();
     }
 
     /// Per Redis Cluster master: answered the last probe.

@@ -80,6 +80,10 @@ pub struct Identity {
     pub exp: u64,
     /// Issued at (`iat`), when the token has it.
     pub iat: Option<u64>,
+    /// Channels the token subscribes its connection to (`channels`), each named once.
+    pub channels: Vec<String>,
+    /// The channel a WebSocket `subscribe` token grants (`channel`).
+    pub channel: Option<String>,
 }
 
 /// Claims the hub signs (`hub token`, the dev login, tests).
@@ -101,6 +105,12 @@ pub struct Claims {
     /// Issuer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
+    /// Channels the connection is subscribed to at the handshake.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub channels: Vec<String>,
+    /// The channel a WebSocket `subscribe` message may join with this token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
 }
 
 enum Keys {
@@ -269,10 +279,39 @@ fn identity_from_claims(
         Some(_) => return Err(AuthError::Claim("sub must be a string")),
     };
     crate::envelope::check_user_id(sub).map_err(AuthError::Claim)?;
+    const CHANNELS: &str =
+        "channels must be a list of channel names (1-128 of A-Z a-z 0-9 _ . : @ / -)";
+    let mut channels: Vec<String> = Vec::new();
+    match claims.get("channels") {
+        None | Some(serde_json::Value::Null) => {}
+        Some(serde_json::Value::Array(list)) => {
+            for v in list {
+                let name = v.as_str().ok_or(AuthError::Claim(CHANNELS))?;
+                crate::envelope::check_channel(name).map_err(|_| AuthError::Claim(CHANNELS))?;
+                if !channels.iter().any(|c| c == name) {
+                    channels.push(name.to_owned());
+                }
+            }
+        }
+        Some(_) => return Err(AuthError::Claim(CHANNELS)),
+    }
+    let channel = match claims.get("channel") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(name)) if crate::envelope::check_channel(name).is_ok() => {
+            Some(name.clone())
+        }
+        Some(_) => {
+            return Err(AuthError::Claim(
+                "channel must be a channel name (1-128 of A-Z a-z 0-9 _ . : @ / -)",
+            ));
+        }
+    };
     Ok(Identity {
         user: sub.clone(),
         exp,
         iat,
+        channels,
+        channel,
     })
 }
 
@@ -357,10 +396,20 @@ pub fn sign_hs256_for(
         iat: Some(now),
         aud: aud.map(str::to_owned),
         iss: iss.map(str::to_owned),
+        channels: Vec::new(),
+        channel: None,
     };
+    sign_hs256_claims(secret, &claims)
+}
+
+/// Signs any [`Claims`] with HS256.
+pub fn sign_hs256_claims(
+    secret: &str,
+    claims: &Claims,
+) -> Result<String, jsonwebtoken::errors::Error> {
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
-        &claims,
+        claims,
         &EncodingKey::from_secret(secret.as_bytes()),
     )
 }

@@ -14,7 +14,8 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::{
-    Backplane, BackplaneError, Dedupe, Publish, Published, Replay, Revocation, Revocations, Sink,
+    Backplane, BackplaneError, ChannelPresence, Dedupe, Publish, Published, Replay, Revocation,
+    Revocations, Sink, contiguous,
 };
 use crate::envelope::{Id, Notification, now_micros};
 use crate::sharded::ShardedMap;
@@ -189,7 +190,13 @@ impl Backplane for MemoryBackplane {
             epoch: history.epoch,
             seq: history.last_seq,
         };
-        let n = Arc::new(Notification::render(id, &msg.kind, &msg.data, now_micros()));
+        let n = Arc::new(Notification::render(
+            &msg.user,
+            id,
+            &msg.kind,
+            &msg.data,
+            now_micros(),
+        ));
         history.items.push_back(n.clone());
         while history.items.len() > shared.size {
             history.items.pop_front();
@@ -205,12 +212,12 @@ impl Backplane for MemoryBackplane {
         })
     }
 
-    async fn subscribe(&self, _user: &Arc<str>) -> Result<(), BackplaneError> {
+    async fn subscribe(&self, _stream: &Arc<str>, _user: &Arc<str>) -> Result<(), BackplaneError> {
         // Every publish on this node reaches the sink; there is nothing to route.
         Ok(())
     }
 
-    fn unsubscribe(&self, _user: &str) {}
+    fn unsubscribe(&self, _stream: &str, _user: &Arc<str>) {}
 
     async fn history_after(&self, user: &str, after: Id) -> Result<Replay, BackplaneError> {
         let now = Instant::now();
@@ -220,7 +227,7 @@ impl Backplane for MemoryBackplane {
             .filter(|h| now.duration_since(h.touched) < self.shared.ttl)
         else {
             return Ok(Replay {
-                gap: true,
+                gap: after != Id::START,
                 items: Vec::new(),
             });
         };
@@ -228,10 +235,7 @@ impl Backplane for MemoryBackplane {
             .items
             .front()
             .map_or(history.last_seq + 1, |n| n.id.seq);
-        let contiguous = after.epoch == history.epoch
-            && after.seq <= history.last_seq
-            && after.seq.saturating_add(1) >= first_seq;
-        if !contiguous {
+        if !contiguous(after, history.epoch, first_seq, history.last_seq) {
             return Ok(Replay {
                 gap: true,
                 items: history.items.iter().cloned().collect(),
@@ -246,6 +250,27 @@ impl Backplane for MemoryBackplane {
                 .cloned()
                 .collect(),
         })
+    }
+
+    async fn head(&self, stream: &str) -> Result<Option<Id>, BackplaneError> {
+        // A publish hands its notification to the sink under the same lock: whatever the
+        // head is, the sink has it.
+        let now = Instant::now();
+        let shard = self.shared.users.lock(stream);
+        Ok(shard
+            .get(stream)
+            .filter(|h| now.duration_since(h.touched) < self.shared.ttl && h.last_seq > 0)
+            .map(|h| Id {
+                epoch: h.epoch,
+                seq: h.last_seq,
+            }))
+    }
+
+    async fn channel_presence(&self, stream: &str) -> Result<ChannelPresence, BackplaneError> {
+        let members = self.shared.sink.channel_members(stream);
+        Ok(ChannelPresence::from_counts(
+            members.iter().map(|(u, n)| (&**u, *n)),
+        ))
     }
 
     async fn ready(&self) -> bool {

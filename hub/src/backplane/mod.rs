@@ -1,5 +1,9 @@
-//! The backplane: where a notification is accepted (appended to the user's history, which
-//! assigns its id) and from where it reaches every node holding that user's connections.
+//! The backplane: where a notification is accepted (appended to its stream's history, which
+//! assigns its id) and from where it reaches every node holding that stream's connections.
+//!
+//! A stream is a user's personal one or a channel, named by one string (the user id, or
+//! [`crate::envelope::channel_stream`] of the channel): the backplanes store and route both
+//! alike.
 //!
 //! [`Backplane`] is implemented in-process by [`memory::MemoryBackplane`] (one node, the
 //! embedded default). A Redis implementation fills the same trait so that nodes share one
@@ -16,10 +20,10 @@ use serde_json::value::RawValue;
 
 use crate::envelope::{Id, Notification};
 
-/// Receives every notification for users this node subscribed to, per user in id order.
+/// Receives every notification of the streams this node subscribed to, per stream in id order.
 pub trait Sink: Send + Sync + 'static {
-    /// Called once per notification; must not block.
-    fn deliver(&self, user: &str, notification: &Arc<Notification>);
+    /// Called once per notification of `stream`; must not block.
+    fn deliver(&self, stream: &str, notification: &Arc<Notification>);
 
     /// Closes every local connection of `user` (the disconnect API); returns how many.
     fn disconnect(&self, user: &str) -> usize;
@@ -29,6 +33,56 @@ pub trait Sink: Send + Sync + 'static {
     fn connections(&self, _user: &str) -> usize {
         0
     }
+
+    /// The users subscribed to a channel's `stream` on this node, with their connection
+    /// counts.
+    fn channel_members(&self, _stream: &str) -> Vec<(Arc<str>, usize)> {
+        Vec::new()
+    }
+}
+
+/// Who is in a channel over every node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChannelPresence {
+    /// Users with at least one subscribed connection, sorted, at most [`PRESENCE_LIST`].
+    pub users: Vec<String>,
+    /// How many users there are in all.
+    pub count: usize,
+}
+
+/// Most users a channel's presence lists.
+pub const PRESENCE_LIST: usize = 1000;
+
+impl ChannelPresence {
+    /// Presence from per-user connection counts (a user may appear more than once: the
+    /// counts of several nodes).
+    pub fn from_counts<'a>(counts: impl IntoIterator<Item = (&'a str, usize)>) -> Self {
+        let mut users: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
+        for (user, n) in counts {
+            if n > 0 {
+                users.insert(user);
+            }
+        }
+        ChannelPresence {
+            count: users.len(),
+            users: users
+                .into_iter()
+                .take(PRESENCE_LIST)
+                .map(str::to_owned)
+                .collect(),
+        }
+    }
+}
+
+/// Whether a client positioned at `after` missed nothing that is gone from a history of
+/// `epoch` whose retained entries run from `first` to `last` (`first` is `last + 1` when
+/// none is retained). [`Id::START`] ("before the first") is contiguous while the history
+/// still holds its first entry.
+pub fn contiguous(after: Id, epoch: u64, first: u64, last: u64) -> bool {
+    if after == Id::START {
+        return first <= 1;
+    }
+    after.epoch == epoch && after.seq <= last && after.seq.saturating_add(1) >= first
 }
 
 /// A sink that drops everything (unit tests).
@@ -56,7 +110,8 @@ pub struct Revocation {
 /// A notification to accept.
 #[derive(Debug, Clone)]
 pub struct Publish {
-    /// Recipient.
+    /// Its stream: the recipient user id, or a channel's stream name
+    /// ([`crate::envelope::channel_stream`]).
     pub user: String,
     /// Notification type (never `hub.*`).
     pub kind: String,
@@ -133,15 +188,26 @@ pub trait Backplane: Send + Sync + 'static {
         Ok(out)
     }
 
-    /// Makes this node receive the user's notifications; returns once the subscription is live.
-    /// Reference-counted: one call per local connection.
-    async fn subscribe(&self, user: &Arc<str>) -> Result<(), BackplaneError>;
+    /// Makes this node receive the notifications of `stream` for a connection of `user`;
+    /// returns once the subscription is live. Reference-counted: one call per local
+    /// connection and stream.
+    async fn subscribe(&self, stream: &Arc<str>, user: &Arc<str>) -> Result<(), BackplaneError>;
 
     /// Releases one [`Backplane::subscribe`]; the last release stops routing to this node.
-    fn unsubscribe(&self, user: &str);
+    fn unsubscribe(&self, stream: &str, user: &Arc<str>);
 
     /// Retained notifications after `after` (see [`Replay`]).
-    async fn history_after(&self, user: &str, after: Id) -> Result<Replay, BackplaneError>;
+    async fn history_after(&self, stream: &str, after: Id) -> Result<Replay, BackplaneError>;
+
+    /// The id of the last notification in the stream's history (`None`: it has none). When
+    /// this node is subscribed to the stream, it returns once the node has handed every
+    /// notification up to that id to its sink, so a connection positioned there has all of
+    /// them in its queue.
+    async fn head(&self, stream: &str) -> Result<Option<Id>, BackplaneError>;
+
+    /// Who is subscribed to the channel `stream` over every node (this node's exactly, the
+    /// others' as they last reported them, a node that stopped reporting counted out).
+    async fn channel_presence(&self, stream: &str) -> Result<ChannelPresence, BackplaneError>;
 
     /// Whether the backing store is reachable (for readiness).
     async fn ready(&self) -> bool;

@@ -9,12 +9,18 @@
 //! | `P:i:{u}:<key>` | string | the id an API idempotency key was first published under (`HUB_IDEMPOTENCY_TTL`) |
 //! | `P:e:{u}` | sorted set | the user's recent ingested events (hash of route + event id), scored by sequence, about `HUB_DEDUPE_WINDOW` of them |
 //! | `P:c:{u}` | channel | `<id> <µs> <envelope JSON>` for every accepted notification |
+//! | `P:p:{u}` | hash | presence: each node's count of the user's connections |
+//! | `P:q:{{c}` | hash | channel presence: `<node> <user>` → that user's connections to channel `c` on that node |
 //! | `P:r:{u}` | string | `<issued before> <until>`: the user's revoked tokens (disconnect API) |
 //! | `P:ctl` | channel | `d <request> <issued before> <until> <user>`: disconnect requests to every node |
 //! | `P:dr:<request>` | list | each node's count of connections it closed for that request |
 //!
 //! User ids hold no `{` or `}` (see [`crate::envelope::check_user_id`]), so the hash tag is
 //! exactly the user and `P:i:{u}:<key>` names one (user, key) pair whatever the key holds.
+//!
+//! A channel `c` is a stream like a user's, named `{c` ([`crate::envelope::channel_stream`]):
+//! its keys and pub/sub channel are the same with `{c` for `u` (`P:m:{{c}`, `P:c:{{c}`, ...),
+//! whose hash tag `{c` no user can have.
 //!
 //! Every key and the channel of one user share the hash tag `{u}`, so in a Redis Cluster they
 //! live in one slot, and a later move to sharded pub/sub (`SSUBSCRIBE`/`SPUBLISH`) needs no
@@ -53,7 +59,8 @@ use service_kit::Backoff;
 use tokio::sync::{mpsc, watch};
 
 use super::{
-    Backplane, BackplaneError, Dedupe, Publish, Published, Replay, Revocation, Revocations, Sink,
+    Backplane, BackplaneError, ChannelPresence, Dedupe, Publish, Published, Replay, Revocation,
+    Revocations, Sink,
 };
 use crate::envelope::{Id, Notification, now_micros};
 
@@ -282,6 +289,9 @@ struct Inner {
     node: String,
     /// Users whose local connection count changed since the presence task last wrote it.
     presence_dirty: Mutex<HashSet<Arc<str>>>,
+    /// (channel stream, user) pairs whose local count changed since the presence task last
+    /// wrote them.
+    channel_dirty: Mutex<HashSet<(Arc<str>, Arc<str>)>>,
 }
 
 struct SubState {
@@ -547,6 +557,7 @@ impl RedisBackplane {
                 revocations: Revocations::default(),
                 node: format!("{:016x}", rand::random::<u64>()),
                 presence_dirty: Mutex::new(HashSet::new()),
+                channel_dirty: Mutex::new(HashSet::new()),
             }),
         };
         this.ping().await?;
@@ -637,6 +648,7 @@ impl RedisBackplane {
             cmd.arg(format!("{:x}", (rand::random::<u64>() >> 16).max(1)))
                 .arg(accepted_us)
                 .arg(Notification::envelope_tail(
+                    &msg.user,
                     &msg.kind,
                     &msg.data,
                     accepted_us,
@@ -940,7 +952,7 @@ impl RedisBackplane {
         Ok(self
             .read(user, "-")
             .await?
-            .map(|read| (read.epoch, to_notifications(read.epoch, read.items))))
+            .map(|read| (read.epoch, to_notifications(user, read.epoch, read.items))))
     }
 
     /// Reads only what follows `after` (plus where the history starts and ends, to tell a
@@ -952,15 +964,14 @@ impl RedisBackplane {
     ) -> Result<Option<Vec<Arc<Notification>>>, BackplaneError> {
         let from = format!("{}-0", after.seq.saturating_add(1));
         let Some(read) = self.read(user, &from).await? else {
-            return Ok(None);
+            // No history: nothing was missed by a client positioned before the first.
+            return Ok((after == Id::START).then(Vec::new));
         };
-        let first_seq = to_notifications(read.epoch, read.first)
+        let first_seq = to_notifications(user, read.epoch, read.first)
             .first()
             .map_or(read.last.saturating_add(1), |n| n.id.seq);
-        let contiguous = after.epoch == read.epoch
-            && after.seq <= read.last
-            && after.seq.saturating_add(1) >= first_seq;
-        Ok(contiguous.then(|| to_notifications(read.epoch, read.items)))
+        Ok(super::contiguous(after, read.epoch, first_seq, read.last)
+            .then(|| to_notifications(user, read.epoch, read.items)))
     }
 
     /// One atomic read of a user's history through [`READ_SCRIPT`] (a single command, so a
@@ -1120,6 +1131,18 @@ impl RedisBackplane {
         format!("{}:rv", self.inner.settings.prefix)
     }
 
+    /// Marks a stream's local count of `user` as changed for the presence task.
+    fn presence_changed(&self, stream: &Arc<str>, user: &Arc<str>) {
+        if crate::envelope::channel_of(stream).is_some() {
+            self.inner
+                .channel_dirty
+                .lock()
+                .insert((stream.clone(), user.clone()));
+        } else {
+            self.inner.presence_dirty.lock().insert(user.clone());
+        }
+    }
+
     /// The sorted set of nodes reporting presence, scored by their last heartbeat (ms).
     fn presence_nodes_key(&self) -> String {
         format!("{}:pn", self.inner.settings.prefix)
@@ -1149,7 +1172,32 @@ impl RedisBackplane {
             if now.duration_since(last_refresh) >= PRESENCE_REFRESH {
                 last_refresh = now;
                 let all: Vec<Arc<str>> = self.inner.subs.lock().keys().cloned().collect();
-                self.inner.presence_dirty.lock().extend(all);
+                for stream in all {
+                    if crate::envelope::channel_of(&stream).is_some() {
+                        let members = self.inner.sink.channel_members(&stream);
+                        let mut dirty = self.inner.channel_dirty.lock();
+                        for (user, _) in members {
+                            dirty.insert((stream.clone(), user));
+                        }
+                    } else {
+                        self.inner.presence_dirty.lock().insert(stream);
+                    }
+                }
+            }
+            let channels: Vec<(Arc<str>, Arc<str>)> =
+                self.inner.channel_dirty.lock().drain().collect();
+            if !channels.is_empty() {
+                match self.write_channel_presence(&channels).await {
+                    Ok(()) => self
+                        .inner
+                        .telemetry
+                        .presence_reports
+                        .inc_by(channels.len() as u64),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "writing channel presence failed; retrying");
+                        self.inner.channel_dirty.lock().extend(channels);
+                    }
+                }
             }
             let dirty: Vec<Arc<str>> = self.inner.presence_dirty.lock().drain().collect();
             if dirty.is_empty() {
@@ -1230,6 +1278,55 @@ impl RedisBackplane {
             .map_err(unavailable)
     }
 
+    /// Writes this node's current connection count of each (channel, user) pair into the
+    /// channel's `P:q:{{c}` (field `<node> <user>`; removed at zero); one pipeline per
+    /// channel, all in flight at once.
+    async fn write_channel_presence(
+        &self,
+        pairs: &[(Arc<str>, Arc<str>)],
+    ) -> Result<(), BackplaneError> {
+        const IN_FLIGHT: usize = 256;
+        let ttl_ms = (PRESENCE_REFRESH * 2).as_millis() as u64;
+        let mut by_channel: HashMap<&Arc<str>, Vec<&Arc<str>>> = HashMap::new();
+        for (stream, user) in pairs {
+            by_channel.entry(stream).or_default().push(user);
+        }
+        let mut writes = Vec::with_capacity(by_channel.len());
+        for (stream, users) in by_channel {
+            let members: HashMap<Arc<str>, usize> = self
+                .inner
+                .sink
+                .channel_members(stream)
+                .into_iter()
+                .collect();
+            let key = self.key("q", stream);
+            let mut pipe = redis::pipe();
+            for user in users {
+                let field = format!("{} {user}", self.inner.node);
+                match members.get(user) {
+                    Some(n) if *n > 0 => pipe.cmd("HSET").arg(&key).arg(field).arg(*n).ignore(),
+                    _ => pipe.cmd("HDEL").arg(&key).arg(field).ignore(),
+                };
+            }
+            pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms).ignore();
+            let mut conn = self.conn();
+            writes.push(async move { pipe.query_async::<()>(&mut conn).await });
+        }
+        let results: Vec<redis::RedisResult<()>> = self
+            .bounded(async {
+                Ok(futures_util::stream::iter(writes)
+                    .buffer_unordered(IN_FLIGHT)
+                    .collect()
+                    .await)
+            })
+            .await?;
+        results
+            .into_iter()
+            .collect::<Result<Vec<()>, _>>()
+            .map(drop)
+            .map_err(unavailable)
+    }
+
     /// A connection of its own, for a command that blocks.
     async fn own_connection(&self) -> Result<Conn, BackplaneError> {
         let timeout = self.inner.settings.timeout;
@@ -1277,9 +1374,12 @@ impl RedisBackplane {
                 return;
             };
             if state.catching_up {
-                state
-                    .held
-                    .push(Arc::new(Notification::from_json(id, json.to_owned(), us)));
+                state.held.push(Arc::new(Notification::from_json(
+                    user,
+                    id,
+                    json.to_owned(),
+                    us,
+                )));
                 return;
             }
             if let Some(last) = state.last
@@ -1290,7 +1390,7 @@ impl RedisBackplane {
             }
             state.last = Some(id);
         }
-        let n = Arc::new(Notification::from_json(id, json.to_owned(), us));
+        let n = Arc::new(Notification::from_json(user, id, json.to_owned(), us));
         self.inner.sink.deliver(user, &n);
     }
 
@@ -1334,6 +1434,7 @@ impl RedisBackplane {
                         // What was missed is unknown: the client must refetch.
                         tracing::warn!(error = %e, "catch-up read failed");
                         deliver.push(Arc::new(Notification::gap_marker(
+                            &user,
                             Id { epoch: 0, seq: 0 },
                             "history unavailable after reconnect",
                         )));
@@ -1356,6 +1457,7 @@ impl RedisBackplane {
                             // filter), any other is told and takes what follows.
                             let before = items.first().map_or(0, |f| f.id.seq.saturating_sub(1));
                             deliver.push(Arc::new(Notification::gap_marker(
+                                &user,
                                 Id { epoch, seq: before },
                                 "history lost while connected",
                             )));
@@ -1977,8 +2079,9 @@ fn refresh_interval(ttl: Duration) -> Duration {
     (ttl / 100).min(Duration::from_secs(60))
 }
 
-/// Stream entries → notifications of `epoch`.
+/// Stream entries of `stream` → notifications of `epoch`.
 fn to_notifications(
+    stream: &str,
     epoch: u64,
     entries: redis::streams::StreamRangeReply,
 ) -> Vec<Arc<Notification>> {
@@ -1992,6 +2095,7 @@ fn to_notifications(
         let us: Option<u64> = entry.get("u");
         if let (Some(seq), Some(json)) = (seq, json) {
             items.push(Arc::new(Notification::from_json(
+                stream,
                 Id { epoch, seq },
                 json,
                 us.unwrap_or(0),
@@ -2070,11 +2174,11 @@ impl Backplane for RedisBackplane {
         self.run_scripts(&msgs).await
     }
 
-    async fn subscribe(&self, user: &Arc<str>) -> Result<(), BackplaneError> {
+    async fn subscribe(&self, stream: &Arc<str>, user: &Arc<str>) -> Result<(), BackplaneError> {
         let mut live = self.inner.live.subscribe();
         {
             let mut subs = self.inner.subs.lock();
-            let state = subs.entry(user.clone()).or_insert(SubState {
+            let state = subs.entry(stream.clone()).or_insert(SubState {
                 refs: 0,
                 live: false,
                 last: None,
@@ -2082,7 +2186,7 @@ impl Backplane for RedisBackplane {
                 held: Vec::new(),
             });
             state.refs += 1;
-            self.inner.presence_dirty.lock().insert(user.clone());
+            self.presence_changed(stream, user);
             if state.live {
                 return Ok(());
             }
@@ -2090,7 +2194,7 @@ impl Backplane for RedisBackplane {
         let _ = self.inner.changed.try_send(());
         let wait = async {
             loop {
-                if self.inner.subs.lock().get(user).is_some_and(|s| s.live) {
+                if self.inner.subs.lock().get(stream).is_some_and(|s| s.live) {
                     return Ok(());
                 }
                 if live.changed().await.is_err() {
@@ -2101,31 +2205,96 @@ impl Backplane for RedisBackplane {
         match tokio::time::timeout(self.inner.settings.timeout, wait).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
-                self.unsubscribe(user);
+                self.unsubscribe(stream, user);
                 Err(e)
             }
             Err(_) => {
-                self.unsubscribe(user);
+                self.unsubscribe(stream, user);
                 Err(unavailable("subscribe timed out"))
             }
         }
     }
 
-    fn unsubscribe(&self, user: &str) {
+    fn unsubscribe(&self, stream: &str, user: &Arc<str>) {
         let mut subs = self.inner.subs.lock();
-        let Some(state) = subs.get_mut(user) else {
+        let Some(state) = subs.get_mut(stream) else {
             return;
         };
         state.refs = state.refs.saturating_sub(1);
         if state.refs == 0 {
-            if let Some((user, _)) = subs.remove_entry(user) {
-                self.inner.presence_dirty.lock().insert(user);
+            if let Some((stream, _)) = subs.remove_entry(stream) {
+                self.presence_changed(&stream, user);
             }
             drop(subs);
             let _ = self.inner.changed.try_send(());
-        } else if let Some((user, _)) = subs.get_key_value(user) {
-            self.inner.presence_dirty.lock().insert(user.clone());
+        } else if let Some((stream, _)) = subs.get_key_value(stream) {
+            self.presence_changed(stream, user);
         }
+    }
+
+    async fn head(&self, stream: &str) -> Result<Option<Id>, BackplaneError> {
+        let (epoch, seq): (Option<String>, Option<u64>) = self
+            .bounded(async {
+                let mut conn = self.conn();
+                redis::cmd("HMGET")
+                    .arg(self.key("m", stream))
+                    .arg("epoch")
+                    .arg("seq")
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(unavailable)
+            })
+            .await?;
+        let Some(epoch) = epoch.and_then(|e| u64::from_str_radix(&e, 16).ok()) else {
+            return Ok(None);
+        };
+        let head = Id {
+            epoch,
+            seq: seq.unwrap_or(0),
+        };
+        // Everything up to the head was published before it was read; its pub/sub messages
+        // may still be on their way to this node. Wait (briefly) until the node has them.
+        let deadline = tokio::time::Instant::now() + self.inner.settings.timeout;
+        loop {
+            let handed = match self.inner.subs.lock().get(stream) {
+                None => true,
+                Some(state) => {
+                    !state.catching_up
+                        && state
+                            .last
+                            .is_some_and(|l| l.epoch == head.epoch && l.seq >= head.seq)
+                }
+            };
+            if handed || tokio::time::Instant::now() >= deadline {
+                return Ok(Some(head));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    async fn channel_presence(&self, stream: &str) -> Result<ChannelPresence, BackplaneError> {
+        let local = self.inner.sink.channel_members(stream);
+        let key = self.key("q", stream);
+        let since = (now_micros() / 1000)
+            .saturating_sub(self.inner.settings.presence_timeout.as_millis() as u64);
+        let (counts, alive): (HashMap<String, usize>, Vec<String>) = self
+            .bounded(async {
+                let (mut a, mut b) = (self.conn(), self.conn());
+                let mut counts = redis::cmd("HGETALL");
+                counts.arg(&key);
+                let mut alive = redis::cmd("ZRANGEBYSCORE");
+                alive.arg(self.presence_nodes_key()).arg(since).arg("+inf");
+                futures_util::try_join!(counts.query_async(&mut a), alive.query_async(&mut b))
+                    .map_err(unavailable)
+            })
+            .await?;
+        let remote = counts.iter().filter_map(|(field, n)| {
+            let (node, user) = field.split_once(' ')?;
+            (node != self.inner.node && alive.iter().any(|a| a == node)).then_some((user, *n))
+        });
+        Ok(ChannelPresence::from_counts(
+            local.iter().map(|(u, n)| (&**u, *n)).chain(remote),
+        ))
     }
 
     async fn history_after(&self, user: &str, after: Id) -> Result<Replay, BackplaneError> {

@@ -17,9 +17,11 @@ use super::Transport;
 use super::front::ConnSlot;
 use super::gate::IpSlot;
 use super::http1::{self, Head};
+use super::streams::{self, Streams};
 use super::{Context, sse};
 use crate::auth::{self, AuthError, OriginCheck};
 use crate::backplane::{Backplane, Replay};
+use crate::cursor::{self, Cursor};
 use crate::envelope::{Id, Notification};
 use crate::fanout::{Queue, RegisterError, Registration};
 use crate::metrics::reason;
@@ -94,6 +96,9 @@ pub struct Session {
     pub origin: OriginCheck,
     /// Last id the client has (resume point), to drop duplicates at the replay/live seam.
     pub resume_from: Option<Id>,
+    /// The channels followed and the position in every stream, for a connection with
+    /// channels (boxed: a connection without carries one pointer).
+    pub streams: Option<Box<Streams>>,
     guard: Guard,
     /// The client address's connection slot, released when the session ends.
     ip: Option<IpSlot>,
@@ -136,6 +141,11 @@ impl Session {
     pub fn hold(&mut self, slot: IpSlot) {
         self.ip = Some(slot);
     }
+
+    /// The connection's entry in the fan-out (to join and leave channels).
+    pub fn registration(&mut self) -> &mut Registration {
+        &mut self.guard.registration
+    }
 }
 
 /// Releases everything the handshake took, whatever way the connection ends.
@@ -150,7 +160,10 @@ struct Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         self.gauge.dec();
-        self.backplane.unsubscribe(&self.user);
+        self.backplane.unsubscribe(&self.user, &self.user);
+        for stream in self.registration.joined() {
+            self.backplane.unsubscribe(stream, &self.user);
+        }
     }
 }
 
@@ -346,6 +359,24 @@ async fn checks(
     resume: Option<&str>,
 ) -> Result<Session, Rejection> {
     let (origin, identity) = identify(ctx, req).await?;
+    // A resume id is a plain id or a cursor; one this hub never issued resumes nothing (a gap).
+    let resume = resume.map(|raw| {
+        Cursor::parse(raw).unwrap_or(Cursor {
+            personal: Some(Id::UNKNOWN),
+            channels: Vec::new(),
+        })
+    });
+    if identity.channels.len() > ctx.max_channels {
+        return Err(Rejection::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "the token grants {} channels, at most {} per connection (HUB_MAX_CHANNELS_PER_CONNECTION)",
+                identity.channels.len(),
+                ctx.max_channels
+            ),
+            reason::CHANNEL_LIMIT,
+        ));
+    }
     let user: Arc<str> = identity.user.into();
     if ctx.user_rate.check_key(&user).is_err() {
         return Err(Rejection::new(
@@ -395,29 +426,39 @@ async fn checks(
             reason::UNAVAILABLE,
         )
     };
-    ctx.backplane.subscribe(&user).await.map_err(unavailable)?;
+    ctx.backplane
+        .subscribe(&user, &user)
+        .await
+        .map_err(unavailable)?;
     let gauge = transport.metrics(&ctx.metrics).connections.clone();
     gauge.inc();
     transport.metrics(&ctx.metrics).connections_total.inc();
-    let guard = Guard {
+    let mut guard = Guard {
         registration,
         user: user.clone(),
         backplane: ctx.backplane.clone(),
         gauge,
         transport,
     };
-    let (replay, resume_from) = match resume {
-        None => (None, None),
-        Some(raw) => {
-            // An id this hub never issued reads as epoch 0, which no history has: a gap.
-            let id = raw.parse::<Id>().unwrap_or(Id { epoch: 0, seq: 0 });
-            let replay = ctx
-                .backplane
-                .history_after(&user, id)
-                .await
-                .map_err(unavailable)?;
-            let from = (!replay.gap).then_some(id);
-            (Some(replay), from)
+    let with_channels =
+        !identity.channels.is_empty() || resume.as_ref().is_some_and(|c| !c.channels.is_empty());
+    let (replay, resume_from, streams) = if with_channels {
+        let (replay, streams) =
+            Box::pin(follow(ctx, &mut guard, &identity.channels, resume)).await?;
+        (replay, None, Some(streams))
+    } else {
+        match resume {
+            None => (None, None, None),
+            Some(cursor) => {
+                let id = cursor.personal.unwrap_or(Id::UNKNOWN);
+                let replay = ctx
+                    .backplane
+                    .history_after(&user, id)
+                    .await
+                    .map_err(unavailable)?;
+                let from = (!replay.gap).then_some(id);
+                (Some(replay), from, None)
+            }
         }
     };
     if let Some(r) = &replay {
@@ -430,9 +471,72 @@ async fn checks(
         replay,
         origin,
         resume_from,
+        streams,
         guard,
         ip: None,
     })
+}
+
+/// A connection with channels: joins the token's channels and positions every stream, from
+/// the resume cursor where it has a position, at the stream's head where not. Returns the
+/// personal replay (when resuming) and the streams.
+async fn follow(
+    ctx: &Context,
+    guard: &mut Guard,
+    channels: &[String],
+    resume: Option<Cursor>,
+) -> Result<(Option<Replay>, Box<Streams>), Rejection> {
+    let user = guard.user.clone();
+    let mut followed = Vec::with_capacity(channels.len());
+    let mut replays = Vec::new();
+    for name in channels {
+        let after = resume.as_ref().and_then(|c| c.channel(cursor::tag(name)));
+        let (f, replay) = streams::join(ctx, &mut guard.registration, &user, name, after)
+            .await
+            .map_err(|refusal| {
+                ctx.metrics.channel_refused(refusal.metric());
+                let (status, metric) = match refusal {
+                    streams::Refusal::Full => {
+                        (StatusCode::SERVICE_UNAVAILABLE, reason::CHANNEL_FULL)
+                    }
+                    _ => (StatusCode::SERVICE_UNAVAILABLE, reason::UNAVAILABLE),
+                };
+                Rejection::new(status, refusal.reason(name), metric)
+            })?;
+        if let Some(r) = replay {
+            ctx.metrics.resumed(r.gap);
+            replays.push((f.name.clone(), r));
+        }
+        followed.push(f);
+    }
+    let after = resume.as_ref().map(|c| c.personal.unwrap_or(Id::UNKNOWN));
+    let (personal, replay) = streams::start(&*ctx.backplane, &user, after)
+        .await
+        .map_err(|_| {
+            Rejection::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "backplane unavailable",
+                reason::UNAVAILABLE,
+            )
+        })?;
+    // The cursor's other channels wait for a WebSocket `subscribe`, within the limit.
+    let room = ctx.max_channels.saturating_sub(followed.len());
+    let pending = resume
+        .map(|c| c.channels)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(tag, _)| !followed.iter().any(|f| f.tag == *tag))
+        .take(room)
+        .collect();
+    Ok((
+        replay,
+        Box::new(Streams {
+            personal,
+            channels: followed,
+            pending,
+            replays,
+        }),
+    ))
 }
 
 /// The seam filter: true for a notification the client does not have yet (it is after the

@@ -1,5 +1,6 @@
 //! What a client may say to its session (over WebSocket): `refresh` with a new token of the
-//! same user; anything else is answered with `hub.error`.
+//! same user, `subscribe` to a channel with a token granting it, `unsubscribe`; anything else
+//! is answered with `hub.error`.
 
 use serde::Deserialize;
 
@@ -13,6 +14,8 @@ struct ClientMessage {
     kind: String,
     #[serde(default)]
     token: Option<String>,
+    #[serde(default)]
+    channel: Option<String>,
 }
 
 /// The session's answer to one client message.
@@ -23,6 +26,15 @@ pub enum Inbound {
     Refused,
     /// A reply to send (`hub.error`).
     Reply(Control),
+    /// Join `channel`, which `token` must grant (checked by the session).
+    Subscribe {
+        /// The channel (a valid name).
+        channel: String,
+        /// The channel token.
+        token: String,
+    },
+    /// Leave `channel`.
+    Unsubscribe(String),
 }
 
 /// Reads one client message; the error is the reason sent back in `hub.error`.
@@ -59,6 +71,27 @@ pub async fn answer(ctx: &Context, session: &Session, text: &str) -> Inbound {
             }
         },
         ("refresh", None) => Inbound::Reply(Control::error("refresh needs a token")),
+        ("subscribe" | "unsubscribe", _) if msg.channel.is_none() => {
+            Inbound::Reply(Control::error("subscribe and unsubscribe need a channel"))
+        }
+        ("subscribe" | "unsubscribe", _)
+            if msg
+                .channel
+                .as_deref()
+                .is_some_and(|c| crate::envelope::check_channel(c).is_err()) =>
+        {
+            Inbound::Reply(Control::error(
+                "channel name must be 1-128 characters of A-Z a-z 0-9 _ . : @ / -",
+            ))
+        }
+        ("subscribe", None) => Inbound::Reply(Control::error(
+            "subscribe needs a token granting the channel",
+        )),
+        ("subscribe", Some(token)) => Inbound::Subscribe {
+            channel: msg.channel.unwrap_or_default(),
+            token,
+        },
+        ("unsubscribe", _) => Inbound::Unsubscribe(msg.channel.unwrap_or_default()),
         _ => Inbound::Reply(Control::error("unknown message type")),
     }
 }

@@ -15,6 +15,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::handshake::{Session, is_new};
 use super::inbound::{self, Inbound};
+use super::streams::{self, Streams};
 use super::{Context, Timing, drain_delay, expiry_instant};
 use crate::envelope::{Control, Id, Notification, now_micros};
 
@@ -201,7 +202,8 @@ async fn serve<C: Connection>(
                     awaiting_answer = false;
                     heartbeat.as_mut().reset(Instant::now() + timing.ping_interval);
                 }
-                let refreshed = answer(ctx, conn, session, heard, &mut inbound_rate).await?;
+                let refreshed =
+                    answer(ctx, conn, session, heard, &mut inbound_rate, &mut last).await?;
                 if let Some(exp) = refreshed
                     && !draining
                 {
@@ -248,9 +250,19 @@ async fn greet_and_replay<C: Connection>(
         .replay
         .as_ref()
         .map_or((false, false), |r| (!r.gap, r.gap));
-    let connected = Control::connected(&session.user, resumed);
-    let gap = gap.then(|| Control::gap("resume point not in history"));
+    let connected = {
+        let channels: Vec<&str> = session
+            .streams
+            .as_ref()
+            .map(|s| s.channels.iter().map(|c| &*c.name).collect())
+            .unwrap_or_default();
+        Control::connected(&session.user, resumed, &channels)
+    };
+    let gap = gap.then(|| Control::gap("resume point not in history", None));
     write_within(limit, session, conn.greet(&ctx.timing, connected, gap)).await?;
+    if session.streams.is_some() {
+        return Box::pin(replay_streams(ctx, conn, session)).await;
+    }
     // Taken only now: the greeting's state need not sit beside it.
     let Some(replay) = session.replay.take() else {
         return Ok(());
@@ -270,6 +282,54 @@ async fn greet_and_replay<C: Connection>(
     Ok(())
 }
 
+/// The replays of a connection with channels: the personal one, then each channel's (its
+/// `hub.gap` first when its position was lost), every notification with the cursor.
+async fn replay_streams<C: Connection>(
+    ctx: &Context,
+    conn: &mut C,
+    session: &mut Session,
+) -> Result<(), SessionEnd> {
+    let Some(mut streams) = session.streams.take() else {
+        return Ok(());
+    };
+    let personal = session.replay.take().map(|r| r.items).unwrap_or_default();
+    let result = async {
+        write_accepted(ctx, conn, session, &mut streams, &personal).await?;
+        for (name, replay) in std::mem::take(&mut streams.replays) {
+            if replay.gap {
+                let gap = Control::gap("resume point not in history", Some(&name));
+                write_within(ctx.timing.write_timeout, session, conn.control(gap)).await?;
+            }
+            write_accepted(ctx, conn, session, &mut streams, &replay.items).await?;
+        }
+        Ok(())
+    }
+    .await;
+    session.streams = Some(streams);
+    result
+}
+
+/// Writes the notifications of `items` the connection does not have yet, each with its
+/// cursor, in runs of up to [`BATCH`].
+async fn write_accepted<C: Connection>(
+    ctx: &Context,
+    conn: &mut C,
+    session: &Session,
+    streams: &mut Streams,
+    items: &[Arc<Notification>],
+) -> Result<(), SessionEnd> {
+    let delivered = &session.transport().metrics(&ctx.metrics).delivered;
+    for run in items.chunks(BATCH) {
+        let out: Vec<Arc<Notification>> = run.iter().filter_map(|n| streams.accept(n)).collect();
+        if out.is_empty() {
+            continue;
+        }
+        write_within(ctx.timing.write_timeout, session, conn.notifications(&out)).await?;
+        delivered.inc_by(out.iter().filter(|n| !n.gap).count() as u64);
+    }
+    Ok(())
+}
+
 /// Writes `first` and whatever else is queued (up to [`BATCH`]) that the client does not
 /// have yet, and counts the deliveries and their latency from acceptance to the write.
 async fn deliver<C: Connection>(
@@ -281,7 +341,14 @@ async fn deliver<C: Connection>(
     last: &mut Option<Id>,
 ) -> Result<(), SessionEnd> {
     session.fill_batch(first, batch, BATCH);
-    batch.retain(|n| is_new(last, n));
+    match session.streams.as_deref_mut() {
+        Some(streams) => {
+            let accepted: Vec<Arc<Notification>> =
+                batch.drain(..).filter_map(|n| streams.accept(&n)).collect();
+            *batch = accepted;
+        }
+        None => batch.retain(|n| is_new(last, n)),
+    }
     write_within(ctx.timing.write_timeout, session, conn.notifications(batch)).await?;
     let now = now_micros();
     let delivered = &session.transport().metrics(&ctx.metrics).delivered;
@@ -305,6 +372,7 @@ async fn answer<C: Connection>(
     session: &mut Session,
     heard: Heard,
     rate: &mut Option<Box<governor::DefaultDirectRateLimiter>>,
+    last: &mut Option<Id>,
 ) -> Result<Option<u64>, SessionEnd> {
     if matches!(heard, Heard::Text(_) | Heard::Binary | Heard::Ping) {
         let limiter =
@@ -314,19 +382,10 @@ async fn answer<C: Connection>(
         }
     }
     let limit = ctx.timing.write_timeout;
-    let mut refreshed = None;
     let reply = match heard {
         // Boxed: client messages are rare and a refresh may fetch keys; its state should not
         // size every connection's task.
-        Heard::Text(text) => match Box::pin(inbound::answer(ctx, session, text.as_str())).await {
-            Inbound::Refreshed(exp) => {
-                session.exp = exp;
-                refreshed = Some(exp);
-                Control::refreshed(exp)
-            }
-            Inbound::Refused => return Err(SessionEnd::RefreshRefused),
-            Inbound::Reply(c) => c,
-        },
+        Heard::Text(text) => return Box::pin(answer_text(ctx, conn, session, text, last)).await,
         Heard::Binary => Control::error("binary messages are not accepted"),
         Heard::Ping => {
             write_within(limit, session, conn.flush()).await?;
@@ -336,7 +395,178 @@ async fn answer<C: Connection>(
         Heard::End(end) => return Err(end),
     };
     write_within(limit, session, conn.control(reply)).await?;
+    Ok(None)
+}
+
+/// Answers a client's text message.
+async fn answer_text<C: Connection>(
+    ctx: &Context,
+    conn: &mut C,
+    session: &mut Session,
+    text: Utf8Bytes,
+    last: &mut Option<Id>,
+) -> Result<Option<u64>, SessionEnd> {
+    let mut refreshed = None;
+    let reply = match inbound::answer(ctx, session, text.as_str()).await {
+        Inbound::Refreshed(exp) => {
+            session.exp = exp;
+            refreshed = Some(exp);
+            Control::refreshed(exp)
+        }
+        Inbound::Refused => return Err(SessionEnd::RefreshRefused),
+        Inbound::Reply(c) => c,
+        Inbound::Subscribe { channel, token } => {
+            subscribe(ctx, conn, session, last, channel, token).await?;
+            return Ok(None);
+        }
+        Inbound::Unsubscribe(channel) => unsubscribe(ctx, session, &channel),
+    };
+    write_within(ctx.timing.write_timeout, session, conn.control(reply)).await?;
     Ok(refreshed)
+}
+
+/// A WebSocket `subscribe`: the token must be the connection user's, unrevoked, and grant
+/// the channel in its `channel` claim. The connection then follows the channel from the
+/// position its resume cursor held for it (replayed after `hub.subscribed`), or from now.
+async fn subscribe<C: Connection>(
+    ctx: &Context,
+    conn: &mut C,
+    session: &mut Session,
+    last: &mut Option<Id>,
+    channel: String,
+    token: String,
+) -> Result<(), SessionEnd> {
+    let limit = ctx.timing.write_timeout;
+    let refuse = |reason: String, metric: &str| {
+        ctx.metrics.channel_refused(metric);
+        Control::error(&reason)
+    };
+    let verdict = match ctx.verifier.verify(&token).await {
+        Err(e) => Err(refuse(format!("subscribe token refused: {e}"), "token")),
+        Ok(id) if *id.user != *session.user => Err(refuse(
+            "the subscribe token is for another user".to_owned(),
+            "token",
+        )),
+        Ok(id)
+            if ctx
+                .backplane
+                .revoked_before(&session.user)
+                .is_some_and(|before| id.iat.is_none_or(|iat| iat < before)) =>
+        {
+            Err(refuse("subscribe token revoked".to_owned(), "token"))
+        }
+        Ok(id) if id.channel.as_deref() != Some(channel.as_str()) => Err(refuse(
+            format!("the token does not grant channel {channel}"),
+            "token",
+        )),
+        Ok(_) => Ok(()),
+    };
+    if let Err(reply) = verdict {
+        return write_within(limit, session, conn.control(reply)).await;
+    }
+    if session
+        .streams
+        .as_ref()
+        .is_some_and(|s| s.followed(&channel).is_some())
+    {
+        let again = Control::subscribed(&channel);
+        return write_within(limit, session, conn.control(again)).await;
+    }
+    if session.streams.is_none()
+        && let Err(reply) = with_cursor(ctx, conn, session, last).await?
+    {
+        return write_within(limit, session, conn.control(reply)).await;
+    }
+    let Some(mut streams) = session.streams.take() else {
+        return Ok(());
+    };
+    let result = async {
+        if streams.channels.len() >= ctx.max_channels {
+            let refusal = streams::Refusal::Limit(ctx.max_channels);
+            let reply = refuse(refusal.reason(&channel), refusal.metric());
+            return write_within(limit, session, conn.control(reply)).await;
+        }
+        let tag = crate::cursor::tag(&channel);
+        let after = streams.take_pending(tag);
+        let user = session.user.clone();
+        match streams::join(ctx, session.registration(), &user, &channel, after).await {
+            Err(refusal) => {
+                if let Some(at) = after {
+                    streams.pending.push((tag, at));
+                }
+                let reply = refuse(refusal.reason(&channel), refusal.metric());
+                write_within(limit, session, conn.control(reply)).await
+            }
+            Ok((followed, replay)) => {
+                streams.channels.push(followed);
+                while streams.count() > ctx.max_channels && !streams.pending.is_empty() {
+                    streams.pending.remove(0);
+                }
+                let ok = Control::subscribed(&channel);
+                write_within(limit, session, conn.control(ok)).await?;
+                let Some(replay) = replay else { return Ok(()) };
+                ctx.metrics.resumed(replay.gap);
+                if replay.gap {
+                    let gap = Control::gap("resume point not in history", Some(&channel));
+                    write_within(limit, session, conn.control(gap)).await?;
+                }
+                write_accepted(ctx, conn, session, &mut streams, &replay.items).await
+            }
+        }
+    }
+    .await;
+    session.streams = Some(streams);
+    result
+}
+
+/// Turns a connection without channels into one with a cursor: its personal position is
+/// the history's head, once everything up to it that reached the connection's queue is
+/// written (so no cursor ever claims a notification the client was not sent).
+async fn with_cursor<C: Connection>(
+    ctx: &Context,
+    conn: &mut C,
+    session: &mut Session,
+    last: &mut Option<Id>,
+) -> Result<Result<(), Control>, SessionEnd> {
+    let Ok(head) = ctx.backplane.head(&session.user).await else {
+        ctx.metrics.channel_refused("unavailable");
+        return Ok(Err(Control::error("backplane unavailable")));
+    };
+    let mut batch = Vec::new();
+    while let Ok(first) = session.queue.try_recv() {
+        deliver(ctx, conn, session, first, &mut batch, last).await?;
+    }
+    let personal = match (*last, head) {
+        (Some(l), Some(h)) if l.epoch == h.epoch && l.seq > h.seq => l,
+        (_, Some(h)) => h,
+        (Some(l), None) => l,
+        (None, None) => Id::START,
+    };
+    session.streams = Some(Box::new(Streams {
+        personal,
+        channels: Vec::new(),
+        pending: Vec::new(),
+        replays: Vec::new(),
+    }));
+    Ok(Ok(()))
+}
+
+/// A WebSocket `unsubscribe`.
+fn unsubscribe(ctx: &Context, session: &mut Session, channel: &str) -> Control {
+    let Some(mut streams) = session.streams.take() else {
+        return Control::error(&format!("not subscribed to {channel}"));
+    };
+    let reply = match streams.channels.iter().position(|c| &*c.name == channel) {
+        Some(i) => {
+            let followed = streams.channels.remove(i);
+            let user = session.user.clone();
+            streams::leave(ctx, session.registration(), &user, &followed);
+            Control::unsubscribed(channel)
+        }
+        None => Control::error(&format!("not subscribed to {channel}")),
+    };
+    session.streams = Some(streams);
+    reply
 }
 
 /// Runs one write with the write timeout, cut short when the fan-out drops the connection

@@ -70,7 +70,9 @@ async fn delivered(rec: &Recorder, user: &str, n: usize) -> Vec<(String, Id, Str
 }
 
 async fn ids_increase_and_reach_subscribers(bp: &dyn Backplane, rec: &Recorder) {
-    bp.subscribe(&Arc::from("a")).await.expect("subscribe");
+    bp.subscribe(&Arc::from("a"), &Arc::from("a"))
+        .await
+        .expect("subscribe");
     // Not subscribed here: published and stored, but not routed to this node.
     bp.publish(msg("elsewhere", 0, None))
         .await
@@ -139,7 +141,9 @@ async fn trimmed_or_foreign_resume_points_are_gaps(bp: &dyn Backplane, size: usi
 }
 
 async fn idempotency_keys_publish_once(bp: &dyn Backplane, rec: &Recorder) {
-    bp.subscribe(&Arc::from("i")).await.expect("subscribe");
+    bp.subscribe(&Arc::from("i"), &Arc::from("i"))
+        .await
+        .expect("subscribe");
     let before = of(rec, "i").len();
     let a = bp.publish(msg("i", 1, Some("k1"))).await.expect("publish");
     let b = bp.publish(msg("i", 2, Some("k1"))).await.expect("publish");
@@ -166,7 +170,9 @@ fn event(user: &str, n: u32, event: &str) -> Publish {
 /// from API keys of the same text; beyond the window a repeat is published again (the
 /// documented limit).
 async fn events_are_recognized_within_the_window(bp: &dyn Backplane, rec: &Recorder) {
-    bp.subscribe(&Arc::from("ev")).await.expect("subscribe");
+    bp.subscribe(&Arc::from("ev"), &Arc::from("ev"))
+        .await
+        .expect("subscribe");
     let before = of(rec, "ev").len();
     let first = bp
         .publish(event("ev", 0, "route:e0"))
@@ -260,9 +266,8 @@ async fn redis_cluster_backplane_scenarios() {
     // user's items in order, the answers in the batch's order.
     let users: Vec<String> = (0..30).map(|i| format!("spread-{i}")).collect();
     for u in &users {
-        bp.subscribe(&Arc::from(u.as_str()))
-            .await
-            .expect("subscribe");
+        let u: Arc<str> = Arc::from(u.as_str());
+        bp.subscribe(&u, &u).await.expect("subscribe");
     }
     let batch: Vec<Publish> = (0..3)
         .flat_map(|n| users.iter().map(move |u| msg(u, n, None)))
@@ -289,9 +294,8 @@ async fn on_a_cluster_a_publish_right_after_its_slot_moved_is_accepted_once() {
     let (bp, _task) = redis_backplane_on(endpoint, rec.clone(), 100, &redis_prefix()).await;
     let users: Vec<String> = (0..12).map(|i| format!("mover-{i}")).collect();
     for u in &users {
-        bp.subscribe(&Arc::from(u.as_str()))
-            .await
-            .expect("subscribe");
+        let u: Arc<str> = Arc::from(u.as_str());
+        bp.subscribe(&u, &u).await.expect("subscribe");
     }
     let batch = |n: u32| -> Vec<Publish> { users.iter().map(|u| msg(u, n, None)).collect() };
     // Wait until the node knows which master serves which slot (its first probe), so the

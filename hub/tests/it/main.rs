@@ -3,6 +3,7 @@
 mod admission;
 mod auth;
 mod backplane;
+mod channels;
 mod cli;
 mod cluster;
 mod drain;
