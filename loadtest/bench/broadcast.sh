@@ -55,5 +55,5 @@ via=(--publish-via "http://127.0.0.1:$PORT_B")
   --scenario broadcast --channel-rate "$RATE" \
   --jwt-secret "$HUB_JWT_SECRET" --api-key "$HUB_API_KEY" --transport "$TRANSPORT" \
   --connections "$CONNECTIONS" --duration "$DURATION" --hold 3s --drain 5s \
-  --source-port-base 12000 --server-pid "$a" --server-pid "$b" \
+  --source-port-base 18000 --server-pid "$a" --server-pid "$b" \
   --cpu-pid "node-a=$a" --cpu-pid "node-b=$b" --cpu-pid "redis=$redis" "${args[@]}" "$@"

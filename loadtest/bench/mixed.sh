@@ -55,5 +55,5 @@ done
   --resume-fraction "$RESUME" --offline "$OFFLINE" \
   --jwt-secret "$HUB_JWT_SECRET" --api-key "$HUB_API_KEY" --transport "$TRANSPORT" \
   --connections "$CONNECTIONS" --duration "$DURATION" --hold 3s --drain 10s \
-  --source-port-base 14000 --server-pid "$a" --server-pid "$b" \
+  --source-port-base 28500 --server-pid "$a" --server-pid "$b" \
   --cpu-pid "node-a=$a" --cpu-pid "node-b=$b" --cpu-pid "redis=$redis" "$@"
