@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backplane::{Backplane, BackplaneError, Dedupe, Publish, Published};
 use crate::envelope::now_micros;
 use crate::metrics::IngestMetrics;
-pub use routes::{RouteError, Routed, Routes, RoutesError};
+pub use routes::{Recipient, RouteError, Routed, Routes, RoutesError};
 
 /// Most records of one partition processed (and published) together.
 const MAX_BATCH: usize = 256;
@@ -291,14 +291,21 @@ impl Ingest {
         let routed = self.routes.route(record.topic(), payload, json)?;
         let mut out = Vec::with_capacity(routed.len());
         for r in routed {
-            if let Err(bad) = crate::envelope::check_user_id(&r.user) {
-                return Err(RouteError::Unroutable(format!("recipient: {bad}")));
-            }
+            // A channel's name was checked when the route rendered it.
+            let stream = match r.to {
+                Recipient::User(user) => {
+                    if let Err(bad) = crate::envelope::check_user_id(&user) {
+                        return Err(RouteError::Unroutable(format!("recipient: {bad}")));
+                    }
+                    user
+                }
+                Recipient::Channel(channel) => crate::envelope::channel_stream(&channel),
+            };
             let Ok(data) = RawValue::from_string(r.data.to_string()) else {
                 return Err(RouteError::Decode("data is not JSON".to_owned()));
             };
             out.push(Publish {
-                user: r.user,
+                user: stream,
                 kind: r.kind,
                 data,
                 dedupe: Some(Dedupe::Event(r.idempotency_key)),

@@ -2,8 +2,9 @@
 //!
 //! A route names a topic, how its records are decoded (a protobuf message type from the
 //! contract crate's descriptors, which also reads proto3 JSON records, or plain JSON), where
-//! the recipient user id(s) sit, an optional filter, the notification `type`, and which fields
-//! go into `data`. Two routes are built in (order status changes; moderation results to the
+//! the recipient user id(s) sit and/or which channels it publishes to (name templates such as
+//! `order:{order_id}`), an optional filter, the notification `type`, and which fields go into
+//! `data`. Two routes are built in (order status changes; moderation results to the
 //! reporter and, when the target was removed, to its owner); a TOML file adds more without
 //! code. Every route is checked against the message descriptors at start, so a typo in a field
 //! path stops the process with one line instead of sending records to the DLQ at run time.
@@ -51,7 +52,11 @@ pub struct RouteSpec {
     #[serde(rename = "type")]
     pub kind: String,
     /// Field paths holding recipient user ids (a string, or a list of strings).
+    #[serde(default)]
     pub recipients: Vec<String>,
+    /// Channel name templates: text with field paths in braces, e.g. `order:{order_id}`.
+    #[serde(default)]
+    pub channels: Vec<String>,
     /// Field path of the event id that deduplicates redeliveries.
     #[serde(default = "default_event_id")]
     pub event_id: String,
@@ -84,13 +89,133 @@ pub struct Route {
     pub spec: RouteSpec,
     /// Decoder.
     pub format: Format,
+    /// The spec's channel templates, parsed.
+    pub channels: Vec<ChannelTemplate>,
+}
+
+/// One piece of a channel name template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    /// Text taken as it is.
+    Text(String),
+    /// A field path whose value (as text) goes here.
+    Field(String),
+}
+
+/// A channel name made from a record: `order:{order_id}` → `order:o-123`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelTemplate {
+    source: String,
+    pieces: Vec<Piece>,
+}
+
+/// Whether `c` may be in a channel name (the literal parts of a template are checked at start;
+/// whole names with [`crate::envelope::check_channel`]).
+fn channel_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "_.:@/-".contains(c)
+}
+
+impl ChannelTemplate {
+    /// Parses `text`: literal parts must be channel characters, `{path}` names a field.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let bad = |what: String| format!("channel template {text:?}: {what}");
+        let mut pieces = Vec::new();
+        let mut rest = text;
+        while !rest.is_empty() {
+            match rest.find(['{', '}']) {
+                Some(i) if rest[i..].starts_with('}') => {
+                    return Err(bad("a '}' without its '{'".to_owned()));
+                }
+                Some(i) => {
+                    if i > 0 {
+                        pieces.push(Piece::Text(rest[..i].to_owned()));
+                    }
+                    let after = &rest[i + 1..];
+                    let end = after
+                        .find(['{', '}'])
+                        .filter(|&j| after[j..].starts_with('}'))
+                        .ok_or_else(|| bad("a '{' without its '}'".to_owned()))?;
+                    let path = after[..end].trim();
+                    if path.is_empty() || path.split('.').any(str::is_empty) {
+                        return Err(bad(format!("{{{}}} is not a field path", &after[..end])));
+                    }
+                    pieces.push(Piece::Field(path.to_owned()));
+                    rest = &after[end + 1..];
+                }
+                None => {
+                    pieces.push(Piece::Text(rest.to_owned()));
+                    rest = "";
+                }
+            }
+        }
+        if !pieces.iter().any(|p| matches!(p, Piece::Field(_))) {
+            // A fixed channel is allowed: every record of the topic goes to it.
+            crate::envelope::check_channel(text).map_err(|e| bad(e.to_owned()))?;
+        }
+        for piece in &pieces {
+            if let Piece::Text(t) = piece
+                && let Some(c) = t.chars().find(|&c| !channel_char(c))
+            {
+                return Err(bad(format!(
+                    "{c:?} cannot be in a channel name ([A-Za-z0-9_.:@/-])"
+                )));
+            }
+        }
+        Ok(Self {
+            source: text.to_owned(),
+            pieces,
+        })
+    }
+
+    /// The field paths the template reads.
+    pub fn fields(&self) -> impl Iterator<Item = &String> {
+        self.pieces.iter().filter_map(|p| match p {
+            Piece::Field(path) => Some(path),
+            Piece::Text(_) => None,
+        })
+    }
+
+    /// The channel name for `doc`; a missing or empty field, or a name the hub would refuse,
+    /// makes the record unroutable.
+    fn render(&self, doc: &Value) -> Result<String, RouteError> {
+        let mut name = String::new();
+        for piece in &self.pieces {
+            match piece {
+                Piece::Text(t) => name.push_str(t),
+                Piece::Field(path) => {
+                    let value = get(doc, path)
+                        .and_then(as_text)
+                        .filter(|v| !v.is_empty())
+                        .ok_or_else(|| {
+                            RouteError::Unroutable(format!(
+                                "no {path} for channel {:?}",
+                                self.source
+                            ))
+                        })?;
+                    name.push_str(&value);
+                }
+            }
+        }
+        crate::envelope::check_channel(&name)
+            .map_err(|e| RouteError::Unroutable(format!("channel {name:?}: {e}")))?;
+        Ok(name)
+    }
+}
+
+/// Who a routed notification goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recipient {
+    /// A user's personal stream.
+    User(String),
+    /// A channel.
+    Channel(String),
 }
 
 /// One notification a record produces.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Routed {
-    /// Recipient.
-    pub user: String,
+    /// Recipient: a user or a channel.
+    pub to: Recipient,
     /// Notification type.
     pub kind: String,
     /// Payload.
@@ -151,6 +276,8 @@ pub fn builtin() -> Vec<RouteSpec> {
             message: "notifications.orders.v1.OrderStatusChanged".to_owned(),
             kind: "order.status".to_owned(),
             recipients: vec!["user_id".to_owned()],
+            // Everyone following the order (its page, a support agent) as well as its owner.
+            channels: vec!["order:{order_id}".to_owned()],
             event_id: default_event_id(),
             filter: Vec::new(),
             data: map(&[
@@ -166,6 +293,7 @@ pub fn builtin() -> Vec<RouteSpec> {
             message: "notifications.moderation.v1.ModerationResult".to_owned(),
             kind: "moderation.result".to_owned(),
             recipients: vec!["reporter_id".to_owned()],
+            channels: Vec::new(),
             event_id: default_event_id(),
             filter: Vec::new(),
             data: moderation_data.clone(),
@@ -177,6 +305,7 @@ pub fn builtin() -> Vec<RouteSpec> {
             message: "notifications.moderation.v1.ModerationResult".to_owned(),
             kind: "moderation.result".to_owned(),
             recipients: vec!["target_owner_id".to_owned()],
+            channels: Vec::new(),
             event_id: default_event_id(),
             filter: vec![Filter {
                 field: "decision".to_owned(),
@@ -245,9 +374,17 @@ impl Routes {
                     "type must be non-empty and not start with \"hub.\"".to_owned()
                 ));
             }
-            if spec.recipients.is_empty() {
-                return Err(bad("recipients must name at least one field".to_owned()));
+            if spec.recipients.is_empty() && spec.channels.is_empty() {
+                return Err(bad(
+                    "recipients or channels must name at least one field or channel".to_owned(),
+                ));
             }
+            let channels = spec
+                .channels
+                .iter()
+                .map(|t| ChannelTemplate::parse(t))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(&bad)?;
             let format = if spec.message == "json" {
                 Format::Json
             } else {
@@ -257,6 +394,7 @@ impl Routes {
                 let paths = spec
                     .recipients
                     .iter()
+                    .chain(channels.iter().flat_map(ChannelTemplate::fields))
                     .chain(std::iter::once(&spec.event_id))
                     .chain(spec.filter.iter().map(|f| &f.field))
                     .chain(spec.data.values());
@@ -265,7 +403,11 @@ impl Routes {
                 }
                 Format::Protobuf(desc)
             };
-            routes.push(Route { spec, format });
+            routes.push(Route {
+                spec,
+                format,
+                channels,
+            });
         }
         Ok(Routes { routes })
     }
@@ -528,12 +670,19 @@ fn apply(route: &Route, doc: &Value) -> Result<Vec<Routed>, RouteError> {
     users.retain(|u| !u.is_empty() && u.len() <= 256);
     users.sort();
     users.dedup();
-    if users.is_empty() {
+    if users.is_empty() && !route.spec.recipients.is_empty() {
         return Err(RouteError::Unroutable(format!(
             "no recipient in {}",
             route.spec.recipients.join(", ")
         )));
     }
+    let mut channels = route
+        .channels
+        .iter()
+        .map(|t| t.render(doc))
+        .collect::<Result<Vec<_>, _>>()?;
+    channels.sort();
+    channels.dedup();
     let mut data = Map::new();
     for (key, path) in &route.spec.data {
         data.insert(key.clone(), get(doc, path).cloned().unwrap_or(Value::Null));
@@ -542,13 +691,17 @@ fn apply(route: &Route, doc: &Value) -> Result<Vec<Routed>, RouteError> {
         data.insert(key.clone(), Value::from(value.clone()));
     }
     let data = Value::Object(data);
+    // The same key for every recipient: keys are scoped to their user or channel.
+    let key = format!("{}:{event_id}", route.spec.name);
     Ok(users
         .into_iter()
-        .map(|user| Routed {
-            user,
+        .map(Recipient::User)
+        .chain(channels.into_iter().map(Recipient::Channel))
+        .map(|to| Routed {
+            to,
             kind: route.spec.kind.clone(),
             data: data.clone(),
-            idempotency_key: format!("{}:{event_id}", route.spec.name),
+            idempotency_key: key.clone(),
         })
         .collect())
 }
@@ -594,7 +747,7 @@ mod tests {
         let doc = br#"{"id":"e1","kind":"flash","title":"50% off","window":{"end":99},"audience":{"users":["u1","u2","u1"]}}"#;
         let out = routes.route("promotions", doc, true).unwrap();
         assert_eq!(out.len(), 2);
-        assert_eq!(out[0].user, "u1");
+        assert_eq!(out[0].to, Recipient::User("u1".into()));
         assert_eq!(
             out[0].data,
             serde_json::json!({"title":"50% off","until":99,"source":"marketing"})
@@ -630,7 +783,7 @@ mod tests {
         let doc = br#"{"eventId":"e1","orderId":"o1","userId":"u1","status":"ORDER_STATUS_PAID",
             "carrier":{"name":"x","legs":[1,"two"]},"occurredAt":"2026-01-01T00:00:00Z"}"#;
         let out = routes.route("order.status.changed", doc, true).unwrap();
-        assert_eq!(out.len(), 1);
+        assert_eq!(out.len(), 2, "the owner and the order's channel");
         assert_eq!(out[0].data["status"], "PAID");
         let unknown =
             br#"{"eventId":"e2","orderId":"o1","userId":"u1","status":"ORDER_STATUS_TELEPORTED"}"#;
@@ -673,6 +826,7 @@ mod tests {
                 message: "no.such.Message".into(),
                 kind: "k".into(),
                 recipients: vec!["u".into()],
+                channels: Vec::new(),
                 event_id: "event_id".into(),
                 filter: vec![],
                 data: BTreeMap::new(),
@@ -681,6 +835,134 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("unknown message type"), "{e}");
+    }
+
+    #[test]
+    fn channel_templates_parse_and_refuse_with_the_template_named() {
+        let t = ChannelTemplate::parse("order:{order_id}").unwrap();
+        assert_eq!(t.fields().collect::<Vec<_>>(), ["order_id"]);
+        let t = ChannelTemplate::parse("{shop.id}/orders/{ order_id }").unwrap();
+        assert_eq!(t.fields().collect::<Vec<_>>(), ["shop.id", "order_id"]);
+        assert!(ChannelTemplate::parse("announcements").is_ok());
+        for (bad, why) in [
+            ("order:{order_id", "without its '}'"),
+            ("order:order_id}", "without its '{'"),
+            ("order:{}", "is not a field path"),
+            ("order:{a..b}", "is not a field path"),
+            ("order:{a{b}}", "without its '}'"),
+            ("order {order_id}", "' ' cannot be in a channel name"),
+            ("", "must not be empty"),
+            ("caf\u{e9}", "may hold only"),
+        ] {
+            let e = ChannelTemplate::parse(bad).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_route_publishes_to_rendered_channels_and_refuses_bad_names() {
+        let routes = json_route(
+            r#"
+            [[route]]
+            name = "rooms"
+            topic = "chat"
+            message = "json"
+            type = "chat.message"
+            channels = ["room:{room}", "room:{room}", "lobby"]
+            event_id = "id"
+            data = { text = "text" }
+            "#,
+        )
+        .unwrap();
+        let out = routes
+            .route("chat", br#"{"id":"m1","room":42,"text":"hi"}"#, true)
+            .unwrap();
+        let to: Vec<_> = out.iter().map(|r| r.to.clone()).collect();
+        assert_eq!(
+            to,
+            [
+                Recipient::Channel("lobby".into()),
+                Recipient::Channel("room:42".into())
+            ]
+        );
+        assert!(out.iter().all(|r| r.idempotency_key == "rooms:m1"));
+        for bad in [
+            br#"{"id":"m2","text":"no room"}"#.as_slice(),
+            br#"{"id":"m3","room":""}"#,
+            br#"{"id":"m4","room":"a b"}"#,
+            br#"{"id":"m5","room":{"nested":1}}"#,
+        ] {
+            match routes.route("chat", bad, true) {
+                Err(RouteError::Unroutable(e)) => assert!(e.contains("channel"), "{e}"),
+                other => panic!(
+                    "{} must be unroutable, got {other:?}",
+                    String::from_utf8_lossy(bad)
+                ),
+            }
+        }
+        let long = format!(r#"{{"id":"m6","room":"{}"}}"#, "x".repeat(200));
+        assert!(matches!(
+            routes.route("chat", long.as_bytes(), true),
+            Err(RouteError::Unroutable(_))
+        ));
+    }
+
+    #[test]
+    fn the_order_route_also_publishes_to_the_orders_channel() {
+        let routes = order_routes();
+        let doc =
+            br#"{"eventId":"e1","orderId":"o-7","userId":"alice","status":"ORDER_STATUS_PAID"}"#;
+        let out = routes.route("order.status.changed", doc, true).unwrap();
+        let to: Vec<_> = out.iter().map(|r| r.to.clone()).collect();
+        assert_eq!(
+            to,
+            [
+                Recipient::User("alice".into()),
+                Recipient::Channel("order:o-7".into())
+            ]
+        );
+        assert_eq!(out[0].data, out[1].data);
+        assert!(out.iter().all(|r| r.idempotency_key == "order-status:e1"));
+        // An order id the hub cannot name a channel after sends the record to the DLQ.
+        let bad =
+            br#"{"eventId":"e2","orderId":"o 7","userId":"alice","status":"ORDER_STATUS_PAID"}"#;
+        assert!(matches!(
+            routes.route("order.status.changed", bad, true),
+            Err(RouteError::Unroutable(_))
+        ));
+    }
+
+    #[test]
+    fn protobuf_routes_check_template_fields_at_start() {
+        let pool = DescriptorPool::decode(proto::FILE_DESCRIPTOR_SET).unwrap();
+        let mut spec = builtin().remove(0);
+        spec.channels = vec!["order:{order_idd}".into()];
+        let e = Routes::from_specs(&pool, vec![spec])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("config: HUB_INGEST_ROUTES: route \"order-status\""),
+            "{e}"
+        );
+        assert!(e.contains("order_idd"), "{e}");
+        let mut spec = builtin().remove(0);
+        spec.recipients.clear();
+        spec.channels.clear();
+        let e = Routes::from_specs(&pool, vec![spec])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("recipients or channels"), "{e}");
+        let mut spec = builtin().remove(0);
+        spec.channels = vec!["order:{order_id".into()];
+        let e = Routes::from_specs(&pool, vec![spec])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("channel template"), "{e}");
+        // Channels alone are enough.
+        let mut spec = builtin().remove(0);
+        spec.recipients.clear();
+        assert!(Routes::from_specs(&pool, vec![spec]).is_ok());
     }
 
     mod fuzz {

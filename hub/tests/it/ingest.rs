@@ -1020,6 +1020,136 @@ constants = {{ source = "marketing" }}
 }
 
 #[tokio::test]
+async fn a_route_publishes_to_rendered_channels_once_and_sends_bad_channel_names_to_the_dlq() {
+    use test_support::clients::{SseClient, WsClient};
+
+    let routes = |topic: &str| {
+        format!(
+            r#"
+[[route]]
+name = "rooms"
+topic = "{topic}"
+message = "json"
+type = "chat"
+recipients = ["to"]
+channels = ["room:{{room}}"]
+event_id = "id"
+data = {{ text = "text" }}
+"#
+        )
+    };
+    let setup = Setup::new(redis_url(), "it-rooms", routes).await;
+    let topic = setup.topic.name.clone();
+    let node = setup.ingest_node().await;
+    let app = node.as_app();
+    // Watchers of room 1 (by their token's claim), on both transports; the author gets every
+    // message of theirs as its recipient.
+    let watch = |user: &str| {
+        crate::helpers::tokens::hs256(
+            &app.secret,
+            &json!({"sub": user, "exp": crate::helpers::tokens::now_s() + 600, "channels": ["room:1"]}),
+        )
+    };
+    let mut ws = WsClient::connect(&app, &watch("room-ws"), "")
+        .await
+        .expect("ws");
+    assert_eq!(ws.envelope().await["type"], "hub.connected");
+    let mut sse = SseClient::connect(&app, &watch("room-sse"), "")
+        .await
+        .expect("sse");
+    assert_eq!(sse.event().await.data["type"], "hub.connected");
+    let mut author = Conn::open(Kind::Ws, &app, "room-author", None).await.0;
+
+    let m1 = json!({"id": "m1", "room": 1, "text": "hello", "to": "room-author"});
+    let records = [
+        m1.clone(),
+        // Another room: not to the watchers.
+        json!({"id": "m2", "room": "2", "text": "elsewhere", "to": "room-author"}),
+        // The same event again: nothing new on the user or the channel.
+        m1,
+        // Names the hub would refuse, or none: the DLQ, nothing published (the author included).
+        json!({"id": "m3", "room": "a b", "text": "space", "to": "room-author"}),
+        json!({"id": "m4", "text": "no room", "to": "room-author"}),
+        json!({"id": "m5", "room": "x".repeat(130), "text": "long", "to": "room-author"}),
+        json!({"id": "m6", "room": "1", "text": "bye", "to": "room-author"}),
+    ];
+    let lines: Vec<(String, Vec<u8>)> = records
+        .iter()
+        .map(|r| ("rooms".to_owned(), r.to_string().into_bytes()))
+        .collect();
+    kcat_produce(&topic, &lines).await;
+
+    let texts = |notes: &[Value]| -> Vec<(String, String)> {
+        notes
+            .iter()
+            .map(|n| {
+                (
+                    n["channel"].as_str().unwrap_or_default().to_owned(),
+                    n["data"]["text"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let room1 = vec![
+        ("room:1".to_owned(), "hello".to_owned()),
+        ("room:1".to_owned(), "bye".to_owned()),
+    ];
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        got.push(ws.envelope().await);
+    }
+    assert_eq!(texts(&got), room1, "the WebSocket watcher");
+    assert!(got.iter().all(|n| n["type"] == "chat"));
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        got.push(sse.event().await.data);
+    }
+    assert_eq!(texts(&got), room1, "the SSE watcher");
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(author.envelope().await);
+    }
+    let personal = |t: &str| (String::new(), t.to_owned());
+    assert_eq!(
+        texts(&got),
+        [personal("hello"), personal("elsewhere"), personal("bye")],
+        "the author, as recipient"
+    );
+    // Nothing else arrives before a marker published after everything.
+    let (status, body) = app
+        .publish_raw(&json!({"channel": "room:1", "type": END, "data": {}}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(ws.envelope().await["type"], END);
+    assert_eq!(sse.event().await.data["type"], END);
+    app.publish("room-author", END, json!({})).await;
+    assert_eq!(author.envelope().await["type"], END);
+
+    let dead = consume(&setup.topic.dlq(), 3).await;
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|r| r.headers.get("dlq-error").cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(reasons.len(), 3, "m3, m4, m5: {reasons:?}");
+    assert!(
+        reasons
+            .iter()
+            .all(|r| r.starts_with("unroutable: ") && r.contains("room")),
+        "{reasons:?}"
+    );
+    // The outcome is counted once the DLQ has the record.
+    let deadline = Instant::now() + STEP;
+    while ingested(&app, &topic, "dlq").await < 3.0 {
+        assert!(Instant::now() < deadline, "three records counted as dlq");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ingested(&app, &topic, "dlq").await, 3.0);
+    assert!(ingested(&app, &topic, "duplicate").await >= 1.0, "m1 again");
+    drop(node);
+    setup.topic.delete().await;
+}
+
+#[tokio::test]
 async fn a_broken_routes_file_stops_the_hub_with_exit_code_2_and_one_line_naming_the_setting() {
     let dir = temp_dir("hub-it-ingest");
     let cases = [
