@@ -72,7 +72,7 @@ start_proc() {
     hub-b) launch "$name" HUB_ADDR=127.0.0.1:$port HUB_REDIS_URL="$REDIS" HUB_JWT_AUDIENCE=hub HUB_LOG=info \
              nohup "$BIN/hub" serve --dev ;;
     order) launch "$name" ORDER_ADDR=127.0.0.1:$port ORDER_DATABASE_URL="$($PG url orders)" \
-             $(kafka_env ORDER_ services) ORDER_JWT_SECRET="$HUB_JWT_SECRET" ORDER_ALLOWED_ORIGINS="$ORIGINS" \
+             $(kafka_env ORDER_ services) ORDER_JWT_SECRET="$HUB_JWT_SECRET" ORDER_HUB_AUDIENCE=hub ORDER_ALLOWED_ORIGINS="$ORIGINS" \
              nohup "$BIN/order-service" ;;
     payment) launch "$name" PAYMENT_ADDR=127.0.0.1:$port PAYMENT_DATABASE_URL="$($PG url payments)" \
                $(kafka_env PAYMENT_ services) nohup "$BIN/payment-service" ;;

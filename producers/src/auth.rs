@@ -2,13 +2,17 @@
 //! `Authorization: Bearer`, its `sub` the user. The body never names the user. Each service
 //! has its own audience: a token must carry the service's `aud` (`orders`, `moderation`), so a
 //! token minted for the hub (or another service) is refused.
+//!
+//! The other way round, a service that knows who may follow a channel issues the hub tokens
+//! for it ([`ChannelTokens`]): the order service knows an order's owner, so it alone grants
+//! `order:<id>`.
 
 use std::sync::Arc;
 
 use axum::extract::{FromRef, FromRequestParts};
 use axum::http::request::Parts;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode};
-use serde::Deserialize;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, decode, encode};
+use serde::{Deserialize, Serialize};
 
 use crate::http::ApiError;
 
@@ -61,6 +65,72 @@ impl Verifier {
             ));
         }
         Ok(data.claims.sub)
+    }
+}
+
+/// Issues hub tokens that grant one channel; cheap to clone.
+#[derive(Clone)]
+pub struct ChannelTokens {
+    shared: Arc<ChannelTokensInner>,
+}
+
+struct ChannelTokensInner {
+    key: EncodingKey,
+    audience: Option<String>,
+    ttl: std::time::Duration,
+}
+
+/// The claims of a channel token, as the hub reads them (contract §8).
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChannelClaims {
+    /// The user: the hub accepts a WebSocket `subscribe` only from a connection of the same one.
+    pub sub: String,
+    /// The channel a WebSocket `subscribe` may join with this token.
+    pub channel: String,
+    /// The same channel, so the token also opens an SSE stream of it (with the personal one).
+    pub channels: Vec<String>,
+    /// Issued at, unix seconds.
+    pub iat: u64,
+    /// Expiry, unix seconds.
+    pub exp: u64,
+    /// The hub's audience, when it checks one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+}
+
+impl ChannelTokens {
+    /// Signs with the HS256 `secret` shared with the hub; tokens live `ttl` and carry `aud`
+    /// `audience` when the hub wants one (`HUB_JWT_AUDIENCE`).
+    pub fn hs256(secret: &str, audience: Option<String>, ttl: std::time::Duration) -> Self {
+        ChannelTokens {
+            shared: Arc::new(ChannelTokensInner {
+                key: EncodingKey::from_secret(secret.as_bytes()),
+                audience,
+                ttl,
+            }),
+        }
+    }
+
+    /// A token of `user` for `channel`, and its expiry (unix seconds).
+    pub fn issue(
+        &self,
+        user: &str,
+        channel: &str,
+    ) -> Result<(String, u64), jsonwebtoken::errors::Error> {
+        let iat = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let exp = iat + self.shared.ttl.as_secs();
+        let claims = ChannelClaims {
+            sub: user.to_owned(),
+            channel: channel.to_owned(),
+            channels: vec![channel.to_owned()],
+            iat,
+            exp,
+            aud: self.shared.audience.clone(),
+        };
+        let token = encode(&Header::new(Algorithm::HS256), &claims, &self.shared.key)?;
+        Ok((token, exp))
     }
 }
 
@@ -117,6 +187,45 @@ mod tests {
             .duration_since(std::time::UNIX_EPOCH)
             .expect("after 1970")
             .as_secs()
+    }
+
+    #[test]
+    fn a_channel_token_grants_its_channel_to_its_user_for_the_hub() {
+        let issuer = ChannelTokens::hs256(
+            SECRET,
+            Some("hub".into()),
+            std::time::Duration::from_secs(600),
+        );
+        let (token, exp) = issuer.issue("alice", "order:o-1").expect("signs");
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_audience(&["hub"]);
+        let claims = decode::<ChannelClaims>(
+            &token,
+            &DecodingKey::from_secret(SECRET.as_bytes()),
+            &validation,
+        )
+        .expect("the hub's key verifies it")
+        .claims;
+        assert_eq!(claims.sub, "alice");
+        assert_eq!(claims.channel, "order:o-1");
+        assert_eq!(claims.channels, ["order:o-1"]);
+        assert_eq!((claims.exp, claims.exp - claims.iat), (exp, 600));
+        // Not a token for the order API itself.
+        assert!(Verifier::hs256(SECRET, "orders").verify(&token).is_err());
+        // Without an audience the claim is absent.
+        let (token, _) = ChannelTokens::hs256(SECRET, None, std::time::Duration::from_secs(60))
+            .issue("bob", "order:o-2")
+            .expect("signs");
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.validate_aud = false;
+        let claims = decode::<serde_json::Value>(
+            &token,
+            &DecodingKey::from_secret(SECRET.as_bytes()),
+            &validation,
+        )
+        .expect("verifies")
+        .claims;
+        assert!(claims.get("aud").is_none(), "{claims}");
     }
 
     #[test]

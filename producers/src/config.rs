@@ -77,6 +77,7 @@ impl Service {
             Service::Order => &[
                 "jwt_secret",
                 "jwt_audience",
+                "hub_audience",
                 "allowed_origins",
                 "orders_per_minute",
                 "orders_burst",
@@ -156,6 +157,10 @@ pub struct Settings {
     /// The `aud` a token must carry (default: `orders` / `moderation`).
     #[serde(default, deserialize_with = "settings::opt_text")]
     pub jwt_audience: Option<String>,
+    /// The `aud` of the hub tokens the order service issues for an order's channel: the hub's
+    /// `HUB_JWT_AUDIENCE` (none by default, for a hub that checks none).
+    #[serde(default, deserialize_with = "settings::opt_text")]
+    pub hub_audience: Option<String>,
     /// Orders one user may place per minute, sustained (order service).
     pub orders_per_minute: u32,
     /// Orders one user may place at once before the per-minute pace applies (order service).
@@ -213,6 +218,7 @@ impl Default for Settings {
             outbox_poll: Duration::from_millis(500),
             jwt_secret: None,
             jwt_audience: None,
+            hub_audience: None,
             orders_per_minute: 30,
             orders_burst: 10,
             reports_per_minute: 10,
@@ -342,10 +348,13 @@ impl Settings {
                 return Err(("jwt_secret", "must be at least 32 bytes".to_owned()));
             }
         }
-        if let Some(aud) = &self.jwt_audience
-            && aud.len() > 256
-        {
-            return Err(("jwt_audience", "at most 256 bytes".to_owned()));
+        for (key, aud) in [
+            ("jwt_audience", &self.jwt_audience),
+            ("hub_audience", &self.hub_audience),
+        ] {
+            if aud.as_ref().is_some_and(|a| a.len() > 256) {
+                return Err((key, "at most 256 bytes".to_owned()));
+            }
         }
         for (key, value) in [
             ("orders_per_minute", self.orders_per_minute),
@@ -486,6 +495,37 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "config: PAYMENT_STEP_INTERVAL: not a setting of the payment-service"
+        );
+    }
+
+    #[test]
+    fn the_hub_audience_of_channel_tokens_is_the_order_services() {
+        let s = load(
+            Service::Order,
+            &[("JWT_SECRET", SECRET), ("HUB_AUDIENCE", "hub")],
+        )
+        .expect("valid");
+        assert_eq!(s.hub_audience.as_deref(), Some("hub"));
+        let s = load(Service::Order, &[("JWT_SECRET", SECRET)]).expect("valid");
+        assert_eq!(s.hub_audience, None, "none unless the hub checks one");
+        let long = "a".repeat(257);
+        let e = load(
+            Service::Order,
+            &[("JWT_SECRET", SECRET), ("HUB_AUDIENCE", &long)],
+        )
+        .expect_err("too long");
+        assert_eq!(
+            e.to_string(),
+            "config: ORDER_HUB_AUDIENCE: at most 256 bytes"
+        );
+        let e = load(
+            Service::Moderation,
+            &[("JWT_SECRET", SECRET), ("HUB_AUDIENCE", "hub")],
+        )
+        .expect_err("misplaced");
+        assert_eq!(
+            e.to_string(),
+            "config: MODERATION_HUB_AUDIENCE: not a setting of the moderation-service"
         );
     }
 

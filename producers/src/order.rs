@@ -22,7 +22,7 @@ use proto::delivery::v1::{DeliveryStatus, DeliveryStatusUpdated};
 use proto::orders::v1::{OrderCreated, OrderItem, OrderStatus, OrderStatusChanged};
 use proto::payments::v1::{PaymentCompleted, PaymentStatus};
 
-use crate::auth::{User, Verifier};
+use crate::auth::{ChannelTokens, User, Verifier};
 use crate::consumer::{HandleError, Handler, Record};
 use crate::http::{ApiError, body};
 use crate::limit::PerUser;
@@ -44,6 +44,11 @@ pub async fn build(builder: Builder) -> anyhow::Result<Builder> {
     let state = ApiState {
         pool: ctx.pool.clone(),
         verifier: Verifier::hs256(&secret, &ctx.settings.jwt_audience(ctx.service)),
+        channel_tokens: ChannelTokens::hs256(
+            &secret,
+            ctx.settings.hub_audience.clone(),
+            CHANNEL_TOKEN_TTL,
+        ),
         prefix: ctx.settings.topic_prefix.clone(),
         limit: limit.clone(),
     };
@@ -61,11 +66,16 @@ pub async fn build(builder: Builder) -> anyhow::Result<Builder> {
         )
 }
 
+/// How long a hub token for an order's channel lives: it is used once, to subscribe (a
+/// client asks for a fresh one whenever it subscribes again).
+const CHANNEL_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// State of the REST handlers.
 #[derive(Clone)]
 pub struct ApiState {
     pool: PgPool,
     verifier: Verifier,
+    channel_tokens: ChannelTokens,
     prefix: String,
     limit: PerUser,
 }
@@ -81,6 +91,7 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/orders", post(create).get(list))
         .route("/orders/{id}", get(fetch))
+        .route("/orders/{id}/subscription", post(subscription))
         .with_state(state)
 }
 
@@ -180,8 +191,9 @@ struct OrderList {
         title = "order service HTTP API",
         description = "Places and shows orders. The order's statuses then reach its user through the hub as `order.status` notifications (docs/asyncapi.yaml)."
     ),
-    paths(create, fetch, list),
+    paths(create, fetch, list, subscription),
     components(schemas(
+        Subscription,
         NewOrder,
         NewItem,
         Status,
@@ -459,6 +471,68 @@ async fn fetch(
         .ok_or(ApiError::NotFound("no such order"))
 }
 
+/// A hub token that lets the order's owner follow the order's channel.
+#[derive(Serialize, utoipa::ToSchema)]
+struct Subscription {
+    /// The order's channel on the hub, `order:<order id>`.
+    #[schema(example = "order:0193a0c2-7d4e-7b7a-9c1e-2f4b8a6d5e10")]
+    channel: String,
+    /// A hub token of the user with the `channel` claim (for a WebSocket `subscribe`) and the
+    /// `channels` claim (to open an SSE stream of the order and the personal stream).
+    token: String,
+    /// When the token expires, unix seconds.
+    expires_at: u64,
+}
+
+/// The hub channel of order `id`.
+pub fn order_channel(id: &str) -> String {
+    format!("order:{id}")
+}
+
+/// `POST /orders/{id}/subscription`: a hub token for the order's channel, for its owner only.
+#[utoipa::path(
+    post,
+    path = "/orders/{id}/subscription",
+    tag = "orders",
+    params(("id" = String, Path, description = "The order id")),
+    responses(
+        (status = 200, description = "A hub token for the order's channel", body = Subscription),
+        (status = 401, description = "No, bad or expired token, or a token for another audience", body = ErrorBody),
+        (status = 404, description = "No such order of this user (another user's order is answered the same way)", body = ErrorBody),
+        (status = 408, description = "The request was not completed in time", body = ErrorBody),
+        (status = 503, description = "The database did not answer", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+async fn subscription(
+    State(state): State<ApiState>,
+    User(user): User,
+    Path(id): Path<String>,
+) -> Result<Json<Subscription>, ApiError> {
+    // The channel exists for everyone who may see the order: its owner, and nobody else
+    // (another user's order is answered exactly like a missing one).
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound("no such order"))?;
+    let owned = sqlx::query("SELECT 1 FROM orders WHERE id = $1 AND user_id = $2")
+        .bind(id)
+        .bind(&user)
+        .fetch_optional(&state.pool)
+        .await?
+        .is_some();
+    if !owned {
+        return Err(ApiError::NotFound("no such order"));
+    }
+    let channel = order_channel(&id.to_string());
+    let (token, expires_at) = state.channel_tokens.issue(&user, &channel).map_err(|e| {
+        tracing::error!(error = %e, "signing a channel token");
+        ApiError::Unavailable("could not sign the token".to_owned())
+    })?;
+    Ok(Json(Subscription {
+        channel,
+        token,
+        expires_at,
+    }))
+}
+
 /// The order `id` if `user` owns it, with its status history.
 async fn load(pool: &PgPool, id: Uuid, user: &str) -> Result<Option<OrderView>, sqlx::Error> {
     let Some(row) = sqlx::query(
@@ -717,6 +791,7 @@ mod tests {
             ("/orders", "post"),
             ("/orders", "get"),
             ("/orders/{id}", "get"),
+            ("/orders/{id}/subscription", "post"),
             ("/healthz", "get"),
             ("/readyz", "get"),
             ("/metrics", "get"),
@@ -762,6 +837,7 @@ mod tests {
             "HistoryEntry",
             "Status",
             "ErrorBody",
+            "Subscription",
         ] {
             assert!(schemas[name].is_object(), "schema {name} missing");
         }

@@ -309,3 +309,86 @@ async fn both_apis_serve_their_openapi_document_and_answer_errors_in_json_with_a
     }
     stack.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_an_orders_owner_gets_a_hub_token_for_the_orders_channel() {
+    use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode};
+
+    let mut stack = Stack::prepare("edge-subscription").await;
+    stack.start_service(Kind::Order);
+    let id = stack.place_order("nora", 100).await;
+    let url = stack
+        .service(Kind::Order)
+        .url(&format!("/orders/{id}/subscription"));
+    let claims_of = |token: &str, secret: &str| {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.validate_aud = false;
+        decode::<Value>(
+            token,
+            &DecodingKey::from_secret(secret.as_bytes()),
+            &validation,
+        )
+        .map(|d| d.claims)
+    };
+
+    let (status, answer) = post(&url, Some(&stack.token(Kind::Order, "nora")), &json!({})).await;
+    assert_eq!(status, 200, "{answer}");
+    let channel = format!("order:{id}");
+    assert_eq!(answer["channel"], channel.as_str());
+    let token = answer["token"].as_str().expect("a token");
+    // Signed with the key the hub shares, for the owner, granting the order's channel.
+    let claims = claims_of(token, &stack.secret).expect("the hub's key verifies it");
+    assert_eq!(claims["sub"], "nora");
+    assert_eq!(claims["channel"], channel.as_str());
+    assert_eq!(claims["channels"], json!([channel]));
+    assert_eq!(claims["exp"], answer["expires_at"]);
+    assert!(
+        claims.get("aud").is_none(),
+        "no hub audience configured: {claims}"
+    );
+    assert!(claims_of(token, "another-secret-another-secret-0123").is_err());
+
+    // Another user's order is answered like a missing one; no token, no answer.
+    let (status, _) = post(&url, Some(&stack.token(Kind::Order, "otto")), &json!({})).await;
+    assert_eq!(status, 404);
+    let missing = stack
+        .service(Kind::Order)
+        .url("/orders/0193a0c2-7d4e-7b7a-9c1e-2f4b8a6d5e10/subscription");
+    let (status, _) = post(
+        &missing,
+        Some(&stack.token(Kind::Order, "nora")),
+        &json!({}),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let garbage = stack
+        .service(Kind::Order)
+        .url("/orders/not-a-uuid/subscription");
+    let (status, _) = post(
+        &garbage,
+        Some(&stack.token(Kind::Order, "nora")),
+        &json!({}),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, _) = post(&url, None, &json!({})).await;
+    assert_eq!(status, 401);
+    // A hub token is not an order-API token.
+    let (status, _) = post(&url, Some(token), &json!({})).await;
+    assert_eq!(status, 401);
+
+    // ORDER_HUB_AUDIENCE: the tokens carry the hub's audience.
+    stack.take_service(Kind::Order).terminate().await;
+    stack
+        .extra
+        .insert("order", vec![("HUB_AUDIENCE".into(), "hub".into())]);
+    stack.start_service(Kind::Order);
+    let url = stack
+        .service(Kind::Order)
+        .url(&format!("/orders/{id}/subscription"));
+    let (status, answer) = post(&url, Some(&stack.token(Kind::Order, "nora")), &json!({})).await;
+    assert_eq!(status, 200, "{answer}");
+    let claims = claims_of(answer["token"].as_str().expect("token"), &stack.secret).expect("valid");
+    assert_eq!(claims["aud"], "hub");
+    stack.cleanup().await;
+}
