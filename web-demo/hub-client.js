@@ -9,23 +9,34 @@
 //   import { HubClient } from "/hub-client.js";
 //   const client = new HubClient({
 //     transport: "ws",                      // or "sse"
-//     getToken: async () => "<jwt>",        // called before every (re)connect
-//     onNotification: (n) => render(n),     // {id, type, data, ts}
-//     onGap: (g) => refetchState(),         // g.data.reason
+//     getToken: async ({ transport, channels }) => "<jwt>",  // before every (re)connect
+//     onNotification: (n) => render(n),     // {id, type, data, ts, channel?}
+//     onGap: (g) => refetchState(g.data.channel),  // a channel's, or (no channel) the personal stream's
 //     onState: (s) => show(s),              // "connecting" | "connected" | "disconnected"
 //   });
 //   client.connect();
+//
+// Channels (contract §8). A channel in the connection token's `channels` claim comes with the
+// connection; its notifications carry `channel`. Others are joined with
+//   client.subscribe("order:o-1", async () => "<jwt of the same user with claim channel=order:o-1>")
+// and left with client.unsubscribe("order:o-1"). Over WebSocket the client sends `subscribe` with
+// a fresh token from that function now and again after every reconnect (the hub resumes the
+// channel from the same cursor as the rest). Over SSE, which cannot send, subscribing reconnects
+// at once (resuming) with a token from getToken({transport: "sse", channels}) that must grant
+// those channels in its `channels` claim. One id resumes every stream: whatever the channels,
+// the client keeps only the id of the last notification.
 //
 // Also: client.disconnect() (stays down until connect(); the resume point is kept),
 // client.setTransport("sse") (reconnects at once over the other transport, resuming),
 // client.dropConnection() (drops the connection as a network failure would; resumes by itself).
 // Options: baseUrl (the hub; default this page's origin), lastId (resume point for the first
-// connect, e.g. one the app stored), onControl (every `hub.*` message, hub.connected included).
-// Properties: state, transport, lastId.
+// connect, e.g. one the app stored), onControl (every `hub.*` message, hub.connected included),
+// onSubscription(channel, state, reason) (state "subscribed" | "refused" | "unsubscribed").
+// Properties: state, transport, lastId, channels() (the subscribed channels and their states).
 
 export class HubClient {
   constructor({ baseUrl, transport = "ws", getToken, lastId = null,
-                onNotification, onGap, onState, onControl } = {}) {
+                onNotification, onGap, onState, onControl, onSubscription } = {}) {
     if (typeof getToken !== "function") throw new TypeError("HubClient: getToken is required");
     this.baseUrl = (baseUrl || location.origin).replace(/\/+$/, "");
     this.transport = checkTransport(transport);
@@ -35,6 +46,11 @@ export class HubClient {
     this.onGap = onGap || noop;
     this.onState = onState || noop;
     this.onControl = onControl || noop;
+    this.onSubscription = onSubscription || noop;
+    // channel → {getToken, state: "pending" | "subscribed" | "refused"}, in subscription order.
+    this.subscriptions = new Map();
+    this.sendQueue = [];   // WebSocket frames waiting for the client's own pace
+    this.sendTimer = null;
     this.state = "disconnected";
     this.running = false;  // true between connect() and disconnect()
     this.socket = null;
@@ -70,6 +86,83 @@ export class HubClient {
     }
   }
 
+  // Joins `channel` (see the header); getChannelToken returns a token of this user whose
+  // `channel` claim is the channel. Subscribing again replaces the token function.
+  subscribe(channel, getChannelToken) {
+    if (typeof getChannelToken !== "function") throw new TypeError("HubClient.subscribe: a token function is required");
+    const known = this.subscriptions.get(channel);
+    this.subscriptions.set(channel, { getToken: getChannelToken, state: known ? known.state : "pending" });
+    if (known || !this.running) return;
+    if (this.transport === "ws") {
+      if (this.state === "connected") this.sendSubscribe(channel, this.generation);
+    } else {
+      // EventSource cannot send: reconnect now with a token that grants the new set.
+      this.teardown();
+      this.open();
+    }
+  }
+
+  unsubscribe(channel) {
+    if (!this.subscriptions.delete(channel)) return;
+    this.onSubscription(channel, "unsubscribed");
+    if (!this.running) return;
+    if (this.transport === "ws") {
+      if (this.state === "connected") this.send({ type: "unsubscribe", channel });
+    } else {
+      this.teardown();
+      this.open();
+    }
+  }
+
+  channels() {
+    return [...this.subscriptions].map(([channel, s]) => ({ channel, state: s.state }));
+  }
+
+  async sendSubscribe(channel, gen) {
+    const sub = this.subscriptions.get(channel);
+    if (!sub) return;
+    let token;
+    try {
+      token = await sub.getToken();
+    } catch (e) {
+      if (this.subscriptions.get(channel) === sub) {
+        sub.state = "refused";
+        this.onSubscription(channel, "refused", `no token: ${e.message || e}`);
+      }
+      return;
+    }
+    if (gen !== this.generation || this.subscriptions.get(channel) !== sub) return;
+    this.send({ type: "subscribe", channel, token });
+  }
+
+  // The hub allows a WebSocket client a few messages a second (bursts of twice that): after a
+  // reconnect with many channels, the subscribes go out at that pace instead of all at once.
+  send(message) {
+    this.sendQueue.push(JSON.stringify(message));
+    this.flush();
+  }
+
+  flush() {
+    if (this.sendTimer) return;
+    const ws = this.socket;
+    if (!(ws instanceof WebSocket) || ws.readyState !== WebSocket.OPEN) {
+      this.sendQueue = [];
+      return;
+    }
+    const now = Date.now();
+    this.sent = (this.sent || []).filter((t) => now - t < 1000);
+    while (this.sendQueue.length && this.sent.length < 8) {
+      ws.send(this.sendQueue.shift());
+      this.sent.push(now);
+    }
+    if (this.sendQueue.length) {
+      this.sendTimer = setTimeout(() => {
+        this.sendTimer = null;
+        this.flush();
+      }, 1000 - (now - this.sent[0]) + 10);
+    }
+  }
+
   setState(state) {
     if (state === this.state) return;
     this.state = state;
@@ -80,6 +173,10 @@ export class HubClient {
     this.generation += 1;
     clearTimeout(this.reconnectTimer);
     clearTimeout(this.refreshTimer);
+    clearTimeout(this.sendTimer);
+    this.sendTimer = null;
+    this.sendQueue = [];
+    for (const sub of this.subscriptions.values()) sub.state = "pending";
     const s = this.socket;
     this.socket = null;
     if (!s) return;
@@ -93,7 +190,9 @@ export class HubClient {
     this.setState("connecting");
     let token;
     try {
-      token = await this.getToken();
+      // Over SSE the connection token must carry the subscribed channels.
+      const channels = this.transport === "sse" ? [...this.subscriptions.keys()] : [];
+      token = await this.getToken({ transport: this.transport, channels });
     } catch (e) {
       if (gen === this.generation) this.reconnect();
       return;
@@ -141,8 +240,32 @@ export class HubClient {
       if (n.type === "hub.connected") {
         this.attempt = 0;
         this.setState("connected");
+        if (this.transport === "ws") {
+          for (const channel of this.subscriptions.keys()) this.sendSubscribe(channel, this.generation);
+        } else {
+          // The token granted them all: nothing to confirm.
+          for (const [channel, sub] of this.subscriptions) {
+            sub.state = "subscribed";
+            this.onSubscription(channel, "subscribed");
+          }
+        }
       } else if (n.type === "hub.gap") {
         this.onGap(n);
+      } else if (n.type === "hub.subscribed" || n.type === "hub.unsubscribed") {
+        const sub = this.subscriptions.get(n.data?.channel);
+        if (sub && n.type === "hub.subscribed") {
+          sub.state = "subscribed";
+          this.onSubscription(n.data.channel, "subscribed");
+        }
+      } else if (n.type === "hub.error") {
+        // A refused subscribe names its channel in data.channel or in the reason.
+        const reason = String(n.data?.reason || "");
+        for (const [channel, sub] of this.subscriptions) {
+          if (sub.state === "pending" && (n.data?.channel === channel || reason.includes(channel))) {
+            sub.state = "refused";
+            this.onSubscription(channel, "refused", reason);
+          }
+        }
       }
       this.onControl(n);
       return;
@@ -171,9 +294,9 @@ export class HubClient {
     const ms = Math.max(1000, (exp * 1000 - Date.now()) * 0.8);
     this.refreshTimer = setTimeout(async () => {
       try {
-        const fresh = await this.getToken();
+        const fresh = await this.getToken({ transport: "ws", channels: [] });
         if (gen !== this.generation || ws.readyState !== WebSocket.OPEN) return;
-        ws.send(JSON.stringify({ type: "refresh", token: fresh }));
+        this.send({ type: "refresh", token: fresh });
         this.scheduleRefresh(fresh, ws, gen);
       } catch (e) {
         /* the close at expiry reconnects */

@@ -16,12 +16,19 @@
 //   OWNER_USER  posts the reported ad on a second page and is told of its removal there
 //               (default DEMO_USER-owner)
 //   TIMEOUT_MS  deadline of every single wait (default 30000)
+//   HUB_API_KEY the hub's API key, to publish announcements through its API (POST /api/publish
+//               with "channel": "announcements"); without it the banner steps are skipped
 // Exit 0 with one summary line on stdout; exit 1 with the reason. Progress goes to stderr.
 //
-// Steps: (1) sign in, WebSocket, connected; (2) an order reaches DELIVERED with exactly CREATED,
-// PAID, IN_TRANSIT, OUT_FOR_DELIVERY, DELIVERED, each once; (3) over SSE, Disconnect once PAID
-// shows, Connect again (resume), same check; then over WebSocket "Simulate network drop" mid-flow
-// (the client resumes by itself), same check; (4) user `broke`: CREATED, PAYMENT_FAILED;
+// Steps: (1) sign in, WebSocket, connected; an announcement published through the hub's API
+// shows in the banner; (2) an order reaches DELIVERED with exactly CREATED, PAID, IN_TRANSIT,
+// OUT_FOR_DELIVERY, DELIVERED, each once, and its card follows the order's channel
+// (`order:<id>`, subscribed with a token from the order service): every status after the
+// subscription arrives on the channel too, once; (3) over SSE, Disconnect once PAID shows, an
+// announcement published while away, Connect again (resume): same checks, the missed statuses
+// replayed on both streams and the missed announcement in the banner, once; then over WebSocket
+// "Simulate network drop" mid-flow (the client resumes and subscribes again by itself), same
+// checks; (4) user `broke`: CREATED, PAYMENT_FAILED;
 // (5) the owner posts an ad on their page; a report on it (naming only the ad) whose reason says
 // "scam": REMOVED for the reporter and, on the owner's page, for the owner; a harmless reason:
 // DISMISSED; (6) no status was ever received twice, no page error.
@@ -38,10 +45,16 @@
 //   #place-order               POST /orders with the default cart (#qty-p1.., #address)
 //   #order-note                outcome of the last order request (.error on failure)
 //   #orders[data-last-order-id]   id of the order the last #place-order created
-//   #orders .order[data-order-id=ID]   one card per order (data-current: the last status)
+//   #orders .order[data-order-id=ID]   one card per order (data-current: the last status;
+//                                      data-channel: order:ID; data-channel-state: pending |
+//                                      subscribed | refused)
 //     ol.timeline li[data-status=S]    one row per status in arrival order; data-count counts
-//                                      every order.status received for (ID, S), duplicates too;
-//                                      data-replayed="true" when it was missed while disconnected
+//                                      every order.status received for (ID, S) on the personal
+//                                      stream, duplicates too; data-channel-count the same on the
+//                                      order's channel; data-replayed="true" when it was missed
+//                                      while disconnected
+//   #announcement              the banner (hidden until the first announcement): .text the last
+//                              one's data.text; data-count announcements received; data-id
 //   #report-form: #report-target-type (ad|user), #report-target-id (the ad's or the user's id;
 //                 the owner is never sent: the moderation service looks it up),
 //                 #report-reason, #submit-report; #report-note (.error on failure)
@@ -66,6 +79,7 @@ const OUT_DIR = path.resolve(process.env.OUT_DIR || path.join(here, "../../test-
 const DEMO_USER = process.env.DEMO_USER || `demo-${randomBytes(4).toString("hex")}`;
 const OWNER_USER = process.env.OWNER_USER || `${DEMO_USER}-owner`;
 const TIMEOUT = Number(process.env.TIMEOUT_MS || 30000);
+const HUB_API_KEY = process.env.HUB_API_KEY || "";
 const FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
   "--disable-background-networking", "--disable-component-update", "--disable-sync"];
 
@@ -176,14 +190,73 @@ async function placeOrder(p) {
 
 async function timeline(p, orderId) {
   return p.page.$$eval(`#orders .order[data-order-id=${sq(orderId)}] li[data-status]`, (rows) =>
-    rows.map((r) => ({ status: r.dataset.status, count: Number(r.dataset.count), replayed: r.dataset.replayed === "true" })));
+    rows.map((r) => ({ status: r.dataset.status, count: Number(r.dataset.count),
+      channel: Number(r.dataset.channelCount || 0), replayed: r.dataset.replayed === "true" })));
+}
+
+// Waits until the order's card follows its channel; returns the statuses shown by then.
+async function waitFollowing(p, orderId) {
+  const r = await until(p, `order ${orderId} to follow its channel`, (id) => {
+    const card = [...document.querySelectorAll("#orders .order")].find((o) => o.dataset.orderId === id);
+    const state = card?.dataset.channelState;
+    if (state === "refused") return { error: `the hub refused ${card.dataset.channel}` };
+    return state === "subscribed" && card.dataset.channel === `order:${id}` &&
+      { shown: [...card.querySelectorAll("li[data-status]")].map((l) => l.dataset.status) };
+  }, orderId);
+  if (r.error) fail(r.error);
+  return r.shown;
+}
+
+// Checks the order's channel: no status twice, and each of `expected` (those published after
+// the page subscribed) exactly once; waits for the last of them first.
+async function expectChannel(p, orderId, expected, label) {
+  if (!expected.length) return;
+  await until(p, `${expected.at(-1)} of order ${orderId} on its channel`, ([id, s]) => {
+    const card = [...document.querySelectorAll("#orders .order")].find((o) => o.dataset.orderId === id);
+    const row = card && [...card.querySelectorAll("li[data-status]")].find((l) => l.dataset.status === s);
+    return row && Number(row.dataset.channelCount) > 0;
+  }, [orderId, expected.at(-1)]);
+  const rows = await timeline(p, orderId);
+  const twice = rows.filter((r) => r.channel > 1);
+  if (twice.length) fail(`${label}: order ${orderId} on its channel: ${twice.map((r) => `${r.status} ${r.channel} times`).join(", ")}`);
+  const missing = expected.filter((s) => !rows.some((r) => r.status === s && r.channel === 1));
+  if (missing.length) fail(`${label}: order ${orderId} on its channel lacks ${missing.join(", ")} (rows ${JSON.stringify(rows)})`);
+}
+
+// The statuses of HAPPY after `last` (all of them for null).
+const after = (last) => HAPPY.slice(last ? HAPPY.indexOf(last) + 1 : 0);
+
+// Publishes an announcement through the hub's API; returns its text.
+async function announce(text) {
+  const r = await fetch(new URL("/api/publish", DEMO_URL), {
+    method: "POST",
+    headers: { "content-type": "application/json", authorization: `Bearer ${HUB_API_KEY}` },
+    body: JSON.stringify({ channel: "announcements", type: "announcement", data: { text } }),
+  });
+  if (!r.ok) fail(`POST /api/publish to announcements answered ${r.status}: ${await r.text()}`);
+  return text;
+}
+
+async function bannerCount(p) {
+  return Number(await p.page.getAttribute("#announcement", "data-count"));
+}
+
+// Waits until the banner shows `text` as announcement number `count`.
+async function expectBanner(p, text, count) {
+  const got = await until(p, `the banner to show "${text}"`, (t) => {
+    const b = document.querySelector("#announcement");
+    return !b.hidden && b.querySelector(".text").textContent === t && { count: Number(b.dataset.count) };
+  }, text);
+  if (got.count !== count) fail(`the banner counted ${got.count} announcements, expected ${count} (one missed, none twice)`);
 }
 
 async function waitStatus(p, orderId, statuses, what) {
   return until(p, `order ${orderId} to show ${what}`, ([id, wanted]) => {
     const card = [...document.querySelectorAll("#orders .order")].find((o) => o.dataset.orderId === id);
     if (!card) return false;
-    const shown = [...card.querySelectorAll("li[data-status]")].map((l) => l.dataset.status);
+    // Arrivals on the personal stream (a row may have been made by the order channel's copy).
+    const shown = [...card.querySelectorAll("li[data-status]")].filter((l) => Number(l.dataset.count) > 0)
+      .map((l) => l.dataset.status);
     return wanted.some((s) => shown.includes(s)) && shown;
   }, [orderId, statuses]);
 }
@@ -226,8 +299,11 @@ async function midFlowDisconnect(p, transport, how) {
   const orderId = await placeOrder(p);
   progress(`${label}: order ${orderId} placed; waiting for PAID`);
   await waitStatus(p, orderId, ["PAID", "IN_TRANSIT"], "PAID or IN_TRANSIT");
+  const subscribedAt = (await waitFollowing(p, orderId)).at(-1) || null;
   const connects = Number(await p.page.getAttribute("#state", "data-connects"));
   let shownAtCut;
+  let announced = null;
+  const banner = await bannerCount(p);
   const checkMidFlow = () => {
     if (shownAtCut.includes("DELIVERED")) {
       fail(`${label}: the order was already DELIVERED when the connection was cut, so resume was not exercised ` +
@@ -245,6 +321,7 @@ async function midFlowDisconnect(p, transport, how) {
       const s = await serverStatus(orderId);
       return s === null ? "unknown" : HAPPY.indexOf(s) > last && s;
     });
+    if (HUB_API_KEY) announced = await announce(`Announced while ${DEMO_USER} was away (${label})`);
     progress(`${label}: disconnected at ${shownAtCut.at(-1)}; the order service says ${ahead}; reconnecting`);
     await p.page.click("#connect");
   } else {
@@ -256,9 +333,13 @@ async function midFlowDisconnect(p, transport, how) {
   const st = await waitConnected(p, transport, connects + 1);
   if (st.resumed !== "true") fail(`${label}: the reconnect was not a resume (hub.connected resumed=${st.resumed})`);
   const rows = await expectFlow(p, orderId, HAPPY, label);
+  // The statuses missed on the channel come back from the same cursor as the personal ones.
+  await expectChannel(p, orderId, after(subscribedAt), `${label}, order channel`);
+  if (announced) await expectBanner(p, announced, banner + 1);
   const missed = rows.filter((r) => r.replayed).length;
-  facts.push(`${label} at ${shownAtCut.at(-1)}: ${missed} missed status${missed === 1 ? "" : "es"} replayed`);
-  progress(`${label}: DELIVERED, each status once (${missed} replayed after the reconnect)`);
+  facts.push(`${label} at ${shownAtCut.at(-1)}: ${missed} missed status${missed === 1 ? "" : "es"} replayed, ` +
+    `on the order channel too${announced ? ", and the missed announcement" : ""}`);
+  progress(`${label}: DELIVERED, each status once on both streams (${missed} replayed after the reconnect)`);
 }
 
 async function postAd(p, title) {
@@ -312,11 +393,20 @@ async function main() {
     step = "1 sign in over WebSocket";
     progress(`${step} as ${DEMO_USER} at ${DEMO_URL}`);
     const main = await openPage(browser, "main", DEMO_USER, "ws");
+    if (HUB_API_KEY) {
+      const text = await announce(`Welcome, ${DEMO_USER}: maintenance tonight at 23:00`);
+      await expectBanner(main, text, 1);
+      facts.push("announcements shown in the banner");
+    } else {
+      progress("HUB_API_KEY is not set: the announcement banner is not checked");
+    }
 
-    step = "2 order delivered over WebSocket";
+    step = "2 order delivered over WebSocket, on the personal stream and the order's channel";
     progress(step);
     const first = await placeOrder(main);
+    const subscribedAt = (await waitFollowing(main, first)).at(-1) || null;
     await expectFlow(main, first, HAPPY, "WebSocket");
+    await expectChannel(main, first, after(subscribedAt), "WebSocket, order channel");
 
     step = "3a SSE, disconnect and reconnect mid-flow";
     progress(step);
@@ -355,7 +445,7 @@ async function main() {
     step = "6 final checks";
     for (const p of pages) {
       const counts = await p.page.$$eval("#orders li[data-status], #moderation-results li[data-report-id]", (rows) =>
-        rows.filter((r) => r.dataset.count !== "1" && r.dataset.decision !== "PENDING")
+        rows.filter((r) => (r.dataset.count !== "1" && r.dataset.decision !== "PENDING") || Number(r.dataset.channelCount || 0) > 1)
           .map((r) => `${r.closest("[data-order-id]")?.dataset.orderId || r.dataset.reportId} ${r.dataset.status || r.dataset.role} ×${r.dataset.count}`));
       if (counts.length) fail(`page "${p.name}": received more than once: ${counts.join(", ")}`);
       if (p.errors.length) fail(`page "${p.name}" threw: ${p.errors.join(" | ")}`);
@@ -363,7 +453,8 @@ async function main() {
 
     await main.page.screenshot({ path: path.join(OUT_DIR, "demo.png"), fullPage: true });
     console.log(`web-demo browser test: OK in ${since()} as ${DEMO_USER}: 3 orders delivered with each status once ` +
-      `(WebSocket; ${facts.join("; ")}), broke → PAYMENT_FAILED, report REMOVED for reporter and owner, ` +
+      `on the personal stream and the order channel (WebSocket; ${facts.join("; ")}), broke → PAYMENT_FAILED, ` +
+      `report REMOVED for reporter and owner, ` +
       `DISMISSED otherwise; screenshot ${path.join(OUT_DIR, "demo.png")}`);
   } catch (e) {
     await report(e);

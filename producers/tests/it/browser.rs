@@ -1,7 +1,8 @@
 //! The demo page in headless Chromium (Debian's `chromium`, driven by playwright-core from
-//! npm): sign in, place orders and watch them reach DELIVERED over WebSocket and over SSE,
-//! press the disconnect button mid-flow and still see every status once, file a report and see
-//! its result. The script is `web-demo/tests/browser.mjs`; its screenshot lands in
+//! npm): sign in, see an announcement published through the hub's API in the banner, place
+//! orders and watch them reach DELIVERED over WebSocket and over SSE on the personal stream and
+//! on each order's channel, press the disconnect button mid-flow and still see every status
+//! (and the announcement made meanwhile) once, file a report and see its result. The script is `web-demo/tests/browser.mjs`; its screenshot lands in
 //! `target/test-output/browser/`.
 
 use std::process::Command;
@@ -35,6 +36,7 @@ async fn the_demo_page_shows_every_status_once_over_ws_and_sse_across_a_forced_d
         stack.service(Kind::Moderation).url(""),
     );
     let out = stack.out.clone();
+    let api_key = stack.hub().api_key.clone();
     let user = format!("lena-{}", hex(3));
     let owner = format!("max-{}", hex(3));
     let status = tokio::task::spawn_blocking(move || {
@@ -45,6 +47,7 @@ async fn the_demo_page_shows_every_status_once_over_ws_and_sse_across_a_forced_d
             .env("OUT_DIR", &out)
             .env("DEMO_USER", &user)
             .env("OWNER_USER", &owner)
+            .env("HUB_API_KEY", &api_key)
             .status()
     })
     .await

@@ -25,6 +25,15 @@ data = {{ order_id = "order_id", status = "status", previous_status = "previous_
     )
 }
 
+/// As [`order_status_route`], also publishing to each order's channel `order:<order_id>` as
+/// the built-in route does.
+pub fn order_status_route_with_channel(name: &str, topic: &str) -> String {
+    order_status_route(name, topic).replace(
+        "recipients = [\"user_id\"]\n",
+        "recipients = [\"user_id\"]\nchannels = [\"order:{order_id}\"]\n",
+    )
+}
+
 /// A running node; dropping it stops the node without waiting for it.
 pub struct InProcessHub {
     /// Listener address.

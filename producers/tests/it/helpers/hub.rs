@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use hub::app::Options;
-use test_support::app::{InProcessHub, order_status_route};
+use test_support::app::{InProcessHub, order_status_route_with_channel};
 use test_support::clients::Endpoint;
 use test_support::files::{TempDir, temp_dir, write};
 use test_support::hex;
@@ -15,12 +15,17 @@ use crate::helpers::kafka::Topics;
 /// The node and the routes file it reads.
 pub struct Hub {
     node: InProcessHub,
+    /// The key of its publish API.
+    pub api_key: String,
     _routes: TempDir,
 }
 
 /// The hub's built-in routes, on the test's prefixed topics.
 fn routes(prefix: &str) -> String {
-    let orders = order_status_route("it-order-status", &format!("{prefix}order.status.changed"));
+    let orders = order_status_route_with_channel(
+        "it-order-status",
+        &format!("{prefix}order.status.changed"),
+    );
     let moderation = format!(
         r#"
 [[route]]
@@ -70,7 +75,11 @@ impl Hub {
             Options { dev },
         )
         .await;
-        Hub { node, _routes: dir }
+        Hub {
+            node,
+            api_key,
+            _routes: dir,
+        }
     }
 
     /// `http://127.0.0.1:port`.
