@@ -1180,6 +1180,30 @@ data = { when = "order_id.seconds" }
         ),
         ("bad TOML", "[[route]\nname = \"x\"\n", "routes.toml"),
         (
+            "a channel template with an unclosed brace",
+            r#"
+[[route]]
+name = "rooms"
+topic = "it-typo"
+message = "json"
+type = "chat"
+channels = ["room:{room"]
+"#,
+            "room:{room",
+        ),
+        (
+            "a channel template naming no field of the message",
+            r#"
+[[route]]
+name = "follow"
+topic = "it-typo"
+message = "notifications.orders.v1.OrderStatusChanged"
+type = "order.status"
+channels = ["order:{order_idd}"]
+"#,
+            "order_idd",
+        ),
+        (
             "an unknown key",
             "[[route]]\nname = \"x\"\ntopic = \"t\"\nmessage = \"json\"\ntype = \"t\"\nrecipients = [\"to\"]\nrecipient = \"to\"\n",
             "recipient",
