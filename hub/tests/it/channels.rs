@@ -4,6 +4,8 @@
 //! change, on WS and SSE; a lost channel history's own `hub.gap`; channel presence over two
 //! nodes and a killed node; limits and refusals.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -14,7 +16,7 @@ use test_support::wait::Deadline;
 
 use crate::helpers::app::{Credentials, TestApp, spawn_app_with, wait_status};
 use crate::helpers::processes::HubProcess;
-use crate::helpers::redis::{redis_prefix, redis_url};
+use crate::helpers::redis::{RedisServer, redis_cluster_urls, redis_prefix, redis_url};
 use crate::helpers::tokens::{hs256, now_s};
 
 /// A token of `user` whose connection follows `channels`.
@@ -165,12 +167,35 @@ fn redis_env<'a>(url: &'a str, prefix: &'a str) -> Vec<(&'a str, &'a str)> {
     ]
 }
 
+fn cluster_env<'a>(urls: &'a str, prefix: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("HUB_REDIS_CLUSTER_URLS", urls),
+        ("HUB_REDIS_PREFIX", prefix),
+        ("HUB_PRESENCE_TIMEOUT", "2s"),
+        ("HUB_LOG", "warn"),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_reaches_its_subscribers_on_every_node_once_and_no_one_else() {
     let (url, prefix) = (redis_url(), redis_prefix());
+    channel_over_two_nodes(&redis_env(&url, &prefix)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_a_channel_reaches_its_subscribers_on_every_node() {
+    let (urls, prefix) = (redis_cluster_urls(), redis_prefix());
+    channel_over_two_nodes(&cluster_env(&urls, &prefix)).await;
+}
+
+/// Two nodes on `env`: three connections (one WS with a channel, one SSE with two, one
+/// WS without any), channel publishes by single and batch requests through both nodes;
+/// each connection gets exactly its streams; presence of the channels over both nodes and
+/// after one is killed.
+async fn channel_over_two_nodes(env: &[(&str, &str)]) {
     let creds = Credentials::random();
-    let a = HubProcess::start_with_credentials(&creds, &redis_env(&url, &prefix)).await;
-    let mut b = HubProcess::start_with_credentials(&creds, &redis_env(&url, &prefix)).await;
+    let a = HubProcess::start_with_credentials(&creds, env).await;
+    let mut b = HubProcess::start_with_credentials(&creds, env).await;
     let (a_app, b_app) = (a.as_app(), b.as_app());
     wait_status(&a_app, "/readyz", 200, STEP).await;
     wait_status(&b_app, "/readyz", 200, STEP).await;
@@ -254,11 +279,10 @@ async fn a_channel_reaches_its_subscribers_on_every_node_once_and_no_one_else() 
 /// The one cursor: notifications of the personal stream and two channels interleaved, a
 /// disconnect, more of each while away, a reconnect to the other node with the last id (and
 /// with an earlier one): each missed notification once, in its stream's order, then live.
-async fn one_cursor_resumes_every_stream(sse: bool) {
-    let (url, prefix) = (redis_url(), redis_prefix());
+async fn one_cursor_resumes_every_stream(env: &[(&str, &str)], sse: bool) {
     let creds = Credentials::random();
-    let a = HubProcess::start_with_credentials(&creds, &redis_env(&url, &prefix)).await;
-    let b = HubProcess::start_with_credentials(&creds, &redis_env(&url, &prefix)).await;
+    let a = HubProcess::start_with_credentials(&creds, env).await;
+    let b = HubProcess::start_with_credentials(&creds, env).await;
     let (a_app, b_app) = (a.as_app(), b.as_app());
     wait_status(&a_app, "/readyz", 200, STEP).await;
     wait_status(&b_app, "/readyz", 200, STEP).await;
@@ -316,12 +340,78 @@ async fn one_cursor_resumes_every_stream(sse: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_cursor_resumes_every_stream_over_websocket() {
-    one_cursor_resumes_every_stream(false).await;
+    let (url, prefix) = (redis_url(), redis_prefix());
+    one_cursor_resumes_every_stream(&redis_env(&url, &prefix), false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_cursor_resumes_every_stream_over_sse() {
-    one_cursor_resumes_every_stream(true).await;
+    let (url, prefix) = (redis_url(), redis_prefix());
+    one_cursor_resumes_every_stream(&redis_env(&url, &prefix), true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_one_cursor_resumes_every_stream() {
+    let (urls, prefix) = (redis_cluster_urls(), redis_prefix());
+    one_cursor_resumes_every_stream(&cluster_env(&urls, &prefix), false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_subscribers_get_everything_once_across_pubsub_connection_losses() {
+    const PER_CHANNEL: u64 = 200;
+    let redis = RedisServer::start().await;
+    let (url, prefix) = (redis.url(), redis_prefix());
+    let node = HubProcess::start(&redis_env(&url, &prefix)).await;
+    let app = Arc::new(node.as_app());
+    wait_status(&app, "/readyz", 200, STEP).await;
+    let mut readers = Vec::new();
+    for i in 0..6 {
+        let token = channels_token(&app, &format!("reader{i}"), &["burst", "side"]);
+        let mut c = Client::connect(&app, &token, i % 2 == 1, None).await;
+        assert_eq!(c.envelope().await["type"], "hub.connected");
+        readers.push(tokio::spawn(async move {
+            let want = 2 * PER_CHANNEL as usize;
+            c.notes(want).await
+        }));
+    }
+    let published = Arc::new(AtomicU64::new(0));
+    let publishers: Vec<_> = ["burst", "side"]
+        .into_iter()
+        .map(|channel| {
+            let (app, published) = (app.clone(), published.clone());
+            tokio::spawn(async move {
+                for n in 0..PER_CHANNEL {
+                    to_channel(&app, channel, n).await;
+                    published.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    for k in 1..=2u64 {
+        let deadline = Deadline::after(STEP);
+        while published.load(Ordering::SeqCst) < k * 2 * PER_CHANNEL / 3 {
+            deadline.retry(|| "the burst progressed").await;
+        }
+        let killed = redis
+            .cmd(&["CLIENT", "KILL", "TYPE", "pubsub"])
+            .expect("CLIENT KILL");
+        assert_eq!(
+            killed,
+            redis::Value::Int(1),
+            "the node's pub/sub connection"
+        );
+        app.wait_metric("hub_backplane_reconnects_total", k as f64)
+            .await;
+    }
+    for p in publishers {
+        p.await.expect("publisher");
+    }
+    let want: Vec<(&str, u64)> = (0..PER_CHANNEL)
+        .flat_map(|n| [("burst", n), ("side", n)])
+        .collect();
+    for r in readers {
+        same_per_stream(&r.await.expect("reader"), &want);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
