@@ -469,7 +469,29 @@ async fn a_channel_whose_history_was_lost_gets_its_own_gap_and_the_other_streams
 #[tokio::test]
 async fn a_websocket_subscribe_needs_a_token_of_its_user_granting_the_channel() {
     let app = spawn_app_with(&[("HUB_MAX_CHANNELS_PER_CONNECTION", "2")]).await;
-    let mut ws = WsClient::connect(&app, &app.token("eve"), "")
+    subscribe_scenario(&app, &app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_two_nodes_a_websocket_subscribe_follows_publishes_of_the_other_and_resumes_there() {
+    let (url, prefix) = (redis_url(), redis_prefix());
+    let mut env = redis_env(&url, &prefix);
+    env.push(("HUB_MAX_CHANNELS_PER_CONNECTION", "2"));
+    let creds = Credentials::random();
+    let a = HubProcess::start_with_credentials(&creds, &env).await;
+    let b = HubProcess::start_with_credentials(&creds, &env).await;
+    let (a_app, b_app) = (a.as_app(), b.as_app());
+    wait_status(&a_app, "/readyz", 200, STEP).await;
+    wait_status(&b_app, "/readyz", 200, STEP).await;
+    subscribe_scenario(&a_app, &b_app).await;
+}
+
+/// WebSocket `subscribe` and `unsubscribe` on a connection to `app`, with publishes (and
+/// presence reads) through `other`, and the reconnect to `other`: the grant rules, isolation,
+/// the per-connection limit, and a channel joined by `subscribe` resumed from the cursor when
+/// it is subscribed again on the new connection.
+async fn subscribe_scenario(app: &TestApp, other: &TestApp) {
+    let mut ws = WsClient::connect(app, &app.token("eve"), "")
         .await
         .expect("ws");
     ws.envelope().await;
@@ -480,11 +502,11 @@ async fn a_websocket_subscribe_needs_a_token_of_its_user_granting_the_channel() 
     let refused = [
         (json!({"type": "subscribe", "channel": "news"}), "token"),
         (
-            json!({"type": "subscribe", "channel": "news", "token": channel_token(&app, "mallory", "news")}),
+            json!({"type": "subscribe", "channel": "news", "token": channel_token(app, "mallory", "news")}),
             "another user",
         ),
         (
-            json!({"type": "subscribe", "channel": "news", "token": channel_token(&app, "eve", "other")}),
+            json!({"type": "subscribe", "channel": "news", "token": channel_token(app, "eve", "other")}),
             "does not grant",
         ),
         (
@@ -492,7 +514,7 @@ async fn a_websocket_subscribe_needs_a_token_of_its_user_granting_the_channel() 
             "refused",
         ),
         (
-            json!({"type": "subscribe", "channel": "a b", "token": channel_token(&app, "eve", "news")}),
+            json!({"type": "subscribe", "channel": "a b", "token": channel_token(app, "eve", "news")}),
             "channel name",
         ),
         (
@@ -511,35 +533,35 @@ async fn a_websocket_subscribe_needs_a_token_of_its_user_granting_the_channel() 
         );
     }
     // Nothing of a channel reaches a connection without a grant.
-    to_channel(&app, "news", 0).await;
-    to_user(&app, "eve", 0).await;
+    to_channel(other, "news", 0).await;
+    to_user(other, "eve", 0).await;
     assert_eq!(key(&ws.envelope().await), (String::new(), 0));
 
     let ok = ask(
         &mut ws,
-        json!({"type": "subscribe", "channel": "news", "token": channel_token(&app, "eve", "news")}),
+        json!({"type": "subscribe", "channel": "news", "token": channel_token(app, "eve", "news")}),
     )
     .await;
     assert_eq!(
         ok,
         json!({"type": "hub.subscribed", "data": {"channel": "news"}, "ts": ok["ts"]})
     );
-    to_channel(&app, "news", 1).await;
+    to_channel(other, "news", 1).await;
     let v = ws.envelope().await;
     assert_eq!(key(&v), ("news".to_owned(), 1));
     assert!(v["id"].as_str().is_some_and(|id| id.contains('.')), "{v}");
-    wait_channel_presence(&app, "news", &["eve"], Duration::from_secs(2)).await;
+    wait_channel_presence(other, "news", &["eve"], Duration::from_secs(2)).await;
 
     // The limit: two channels per connection here.
     let n2 = ask(
         &mut ws,
-        json!({"type": "subscribe", "channel": "n2", "token": channel_token(&app, "eve", "n2")}),
+        json!({"type": "subscribe", "channel": "n2", "token": channel_token(app, "eve", "n2")}),
     )
     .await;
     assert_eq!(n2["type"], "hub.subscribed");
     let over = ask(
         &mut ws,
-        json!({"type": "subscribe", "channel": "n3", "token": channel_token(&app, "eve", "n3")}),
+        json!({"type": "subscribe", "channel": "n3", "token": channel_token(app, "eve", "n3")}),
     )
     .await;
     assert_eq!(over["type"], "hub.error");
@@ -553,30 +575,30 @@ async fn a_websocket_subscribe_needs_a_token_of_its_user_granting_the_channel() 
     let bye = ask(&mut ws, json!({"type": "unsubscribe", "channel": "news"})).await;
     assert_eq!(bye["type"], "hub.unsubscribed");
     assert_eq!(bye["data"]["channel"], "news");
-    to_channel(&app, "news", 2).await;
-    to_user(&app, "eve", 1).await;
+    to_channel(other, "news", 2).await;
+    to_user(other, "eve", 1).await;
     let v = ws.envelope().await;
     assert_eq!(key(&v), (String::new(), 1), "no news after unsubscribe");
-    wait_channel_presence(&app, "news", &[], Duration::from_secs(2)).await;
+    wait_channel_presence(other, "news", &[], Duration::from_secs(2)).await;
 
     // The cursor carries n2: a new connection resumes it when it subscribes again.
     let cursor = v["id"].as_str().expect("id").to_owned();
     ws.close().await;
-    to_channel(&app, "n2", 0).await;
-    let mut back = WsClient::connect(&app, &app.token("eve"), &format!("since={cursor}"))
+    to_channel(other, "n2", 0).await;
+    let mut back = WsClient::connect(other, &app.token("eve"), &format!("since={cursor}"))
         .await
         .expect("ws");
     assert_eq!(back.envelope().await["type"], "hub.connected");
     let again = ask(
         &mut back,
-        json!({"type": "subscribe", "channel": "n2", "token": channel_token(&app, "eve", "n2")}),
+        json!({"type": "subscribe", "channel": "n2", "token": channel_token(app, "eve", "n2")}),
     )
     .await;
     assert_eq!(again["type"], "hub.subscribed");
     assert_eq!(key(&back.envelope().await), ("n2".to_owned(), 0));
 
     // More channels in a token than a connection may follow: refused at the handshake.
-    match WsClient::connect(&app, &channels_token(&app, "eve", &["a", "b", "c"]), "").await {
+    match WsClient::connect(app, &channels_token(app, "eve", &["a", "b", "c"]), "").await {
         Err(r) => {
             assert_eq!(r.status, 403, "{}", r.body);
             assert!(r.body.contains("at most 2"), "{}", r.body);
@@ -588,7 +610,7 @@ async fn a_websocket_subscribe_needs_a_token_of_its_user_granting_the_channel() 
         &app.secret,
         &json!({"sub": "eve", "exp": now_s() + 600, "channels": ["ok", "no way"]}),
     );
-    match SseClient::connect(&app, &bad, "").await {
+    match SseClient::connect(app, &bad, "").await {
         Err(r) => assert_eq!(r.status, 401, "{}", r.body),
         Ok(_) => panic!("a bad channels claim accepted"),
     }
