@@ -2435,6 +2435,12 @@ mod tests {
         assert_eq!(user_slot("a"), 15495);
         assert_eq!(user_slot("b"), 3300);
         assert_eq!(user_slot("h"), 11694);
+        // A channel's keys (`P:m:{{news}`): the tag is `{news`, the channel's stream name.
+        assert_eq!(user_slot(&crate::envelope::channel_stream("news")), 9552);
+        assert_eq!(
+            user_slot(&crate::envelope::channel_stream("order:o-1")),
+            10702
+        );
     }
 
     #[test]
