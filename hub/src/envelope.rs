@@ -493,6 +493,56 @@ mod tests {
     }
 
     #[test]
+    fn a_channel_notification_names_its_channel_and_takes_a_cursor_as_its_id() {
+        let data = RawValue::from_string(r#"{"k":"v"}"#.to_owned()).unwrap();
+        let stream = channel_stream("room:1");
+        let id = Id { epoch: 0xa, seq: 3 };
+        let n = Arc::new(Notification::render(&stream, id, "chat", &data, 7_000));
+        assert_eq!(n.channel.as_deref(), Some("room:1"));
+        assert_eq!(
+            n.json.as_str(),
+            r#"{"id":"a-3","channel":"room:1","type":"chat","data":{"k":"v"},"ts":7}"#
+        );
+        // The store's form (tail + id) is the same envelope.
+        let tail = Notification::envelope_tail(&stream, "chat", &data, 7_000);
+        assert_eq!(format!("{{\"id\":\"{id}\",{tail}"), n.json.as_str());
+        let mine = n.with_cursor("a-3.0000abcd~b-9".to_owned());
+        assert_eq!(
+            mine.json.as_str(),
+            r#"{"id":"a-3.0000abcd~b-9","channel":"room:1","type":"chat","data":{"k":"v"},"ts":7}"#
+        );
+        assert_eq!(
+            std::str::from_utf8(mine.sse_event()).unwrap(),
+            format!("id: a-3.0000abcd~b-9\ndata: {}\n\n", mine.json.as_str())
+        );
+        assert_eq!((mine.id, mine.accepted_us), (n.id, n.accepted_us));
+        // A personal notification of the same connection keeps its own fields.
+        let personal = Arc::new(Notification::render("u", id, "t", &data, 0));
+        assert!(personal.channel.is_none());
+        assert!(!personal.json.as_str().contains("channel"));
+        // A gap marker has no id to replace.
+        let gap = Arc::new(Notification::gap_marker(&stream, id, "lost"));
+        assert!(Arc::ptr_eq(&gap.with_cursor("x".to_owned()), &gap));
+        assert!(gap.json.as_str().contains(r#""channel":"room:1""#));
+    }
+
+    #[test]
+    fn channel_names_follow_the_rule() {
+        for ok in ["a", "announcements", "order:o-123", "room/42", "u@x.y_z-1"] {
+            assert!(check_channel(ok).is_ok(), "{ok}");
+            assert_eq!(channel_of(&channel_stream(ok)), Some(ok));
+        }
+        for bad in ["", "a b", "a{b", "é", "a\n"] {
+            assert!(check_channel(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_channel(&"x".repeat(128)).is_ok());
+        assert!(check_channel(&"x".repeat(129)).is_err());
+        // No user id is a channel's stream name.
+        assert_eq!(channel_of("alice"), None);
+        assert!(check_user_id(&channel_stream("a")).is_err());
+    }
+
+    #[test]
     fn control_messages_have_no_id() {
         let c = Control::connected("alice", false, &[]);
         let v: serde_json::Value = serde_json::from_str(&c.json).unwrap();

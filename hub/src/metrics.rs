@@ -198,6 +198,14 @@ fn transport_metrics(registry: &Registry) -> (TransportMetrics, TransportMetrics
     (per("ws"), per("sse"))
 }
 
+/// A one-label counter family with each of `values` present (at zero) from the start.
+fn labelled_from_start(c: IntCounterVec, values: &[&str]) -> IntCounterVec {
+    for v in values {
+        c.with_label_values(&[v]);
+    }
+    c
+}
+
 /// `hub_handshake_rejections_total`, every reason present from the start.
 fn rejection_counter(registry: &Registry) -> IntCounterVec {
     let rejections = counter_vec(
@@ -361,17 +369,23 @@ impl Metrics {
                 "hub_channel_subscriptions",
                 "Channel subscriptions of this node's connections",
             ),
-            channel_refusals: counter_vec(
-                &registry,
-                "hub_channel_refusals_total",
-                "Channel subscriptions refused, by reason",
-                &["reason"],
+            channel_refusals: labelled_from_start(
+                counter_vec(
+                    &registry,
+                    "hub_channel_refusals_total",
+                    "Channel subscriptions refused, by reason",
+                    &["reason"],
+                ),
+                &["token", "limit", "full", "unavailable"],
             ),
-            presence_requests: counter_vec(
-                &registry,
-                "hub_presence_requests_total",
-                "Presence API requests, by kind (user, channel)",
-                &["kind"],
+            presence_requests: labelled_from_start(
+                counter_vec(
+                    &registry,
+                    "hub_presence_requests_total",
+                    "Presence API requests, by kind (user, channel)",
+                    &["kind"],
+                ),
+                &["user", "channel"],
             ),
             ingest: IngestFamilies::new(&registry),
             registry,

@@ -1243,7 +1243,6 @@ impl RedisBackplane {
     /// Writes this node's current connection count of each user (one small pipeline per
     /// user, as a user's key lives in its own slot; all in flight at once).
     async fn write_presence(&self, users: &[Arc<str>]) -> Result<(), BackplaneError> {
-        const IN_FLIGHT: usize = 256;
         let ttl_ms = (PRESENCE_REFRESH * 2).as_millis() as u64;
         let mut writes = Vec::with_capacity(users.len());
         for user in users {
@@ -1260,22 +1259,9 @@ impl RedisBackplane {
             } else {
                 pipe.cmd("HDEL").arg(&key).arg(&self.inner.node).ignore();
             }
-            let mut conn = self.conn();
-            writes.push(async move { pipe.query_async::<()>(&mut conn).await });
+            writes.push(pipe);
         }
-        let results: Vec<redis::RedisResult<()>> = self
-            .bounded(async {
-                Ok(futures_util::stream::iter(writes)
-                    .buffer_unordered(IN_FLIGHT)
-                    .collect()
-                    .await)
-            })
-            .await?;
-        results
-            .into_iter()
-            .collect::<Result<Vec<()>, _>>()
-            .map(drop)
-            .map_err(unavailable)
+        self.run_pipelines(writes).await
     }
 
     /// Writes this node's current connection count of each (channel, user) pair into the
@@ -1285,7 +1271,6 @@ impl RedisBackplane {
         &self,
         pairs: &[(Arc<str>, Arc<str>)],
     ) -> Result<(), BackplaneError> {
-        const IN_FLIGHT: usize = 256;
         let ttl_ms = (PRESENCE_REFRESH * 2).as_millis() as u64;
         let mut by_channel: HashMap<&Arc<str>, Vec<&Arc<str>>> = HashMap::new();
         for (stream, user) in pairs {
@@ -1309,9 +1294,18 @@ impl RedisBackplane {
                 };
             }
             pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms).ignore();
-            let mut conn = self.conn();
-            writes.push(async move { pipe.query_async::<()>(&mut conn).await });
+            writes.push(pipe);
         }
+        self.run_pipelines(writes).await
+    }
+
+    /// Runs pipelines (each of one slot's keys), up to 256 in flight, within the timeout.
+    async fn run_pipelines(&self, pipes: Vec<redis::Pipeline>) -> Result<(), BackplaneError> {
+        const IN_FLIGHT: usize = 256;
+        let writes = pipes.into_iter().map(|pipe| {
+            let mut conn = self.conn();
+            async move { pipe.query_async::<()>(&mut conn).await }
+        });
         let results: Vec<redis::RedisResult<()>> = self
             .bounded(async {
                 Ok(futures_util::stream::iter(writes)
@@ -1325,6 +1319,26 @@ impl RedisBackplane {
             .collect::<Result<Vec<()>, _>>()
             .map(drop)
             .map_err(unavailable)
+    }
+
+    /// A presence hash (field → count) and the nodes whose heartbeat is recent enough.
+    async fn read_presence(
+        &self,
+        key: &str,
+    ) -> Result<(HashMap<String, usize>, Vec<String>), BackplaneError> {
+        let since = (now_micros() / 1000)
+            .saturating_sub(self.inner.settings.presence_timeout.as_millis() as u64);
+        // Two keys of different slots: two commands, in flight together.
+        self.bounded(async {
+            let (mut a, mut b) = (self.conn(), self.conn());
+            let mut counts = redis::cmd("HGETALL");
+            counts.arg(key);
+            let mut alive = redis::cmd("ZRANGEBYSCORE");
+            alive.arg(self.presence_nodes_key()).arg(since).arg("+inf");
+            futures_util::try_join!(counts.query_async(&mut a), alive.query_async(&mut b))
+                .map_err(unavailable)
+        })
+        .await
     }
 
     /// A connection of its own, for a command that blocks.
@@ -2274,20 +2288,7 @@ impl Backplane for RedisBackplane {
 
     async fn channel_presence(&self, stream: &str) -> Result<ChannelPresence, BackplaneError> {
         let local = self.inner.sink.channel_members(stream);
-        let key = self.key("q", stream);
-        let since = (now_micros() / 1000)
-            .saturating_sub(self.inner.settings.presence_timeout.as_millis() as u64);
-        let (counts, alive): (HashMap<String, usize>, Vec<String>) = self
-            .bounded(async {
-                let (mut a, mut b) = (self.conn(), self.conn());
-                let mut counts = redis::cmd("HGETALL");
-                counts.arg(&key);
-                let mut alive = redis::cmd("ZRANGEBYSCORE");
-                alive.arg(self.presence_nodes_key()).arg(since).arg("+inf");
-                futures_util::try_join!(counts.query_async(&mut a), alive.query_async(&mut b))
-                    .map_err(unavailable)
-            })
-            .await?;
+        let (counts, alive) = self.read_presence(&self.key("q", stream)).await?;
         let remote = counts.iter().filter_map(|(field, n)| {
             let (node, user) = field.split_once(' ')?;
             (node != self.inner.node && alive.iter().any(|a| a == node)).then_some((user, *n))
@@ -2399,21 +2400,7 @@ impl Backplane for RedisBackplane {
 
     async fn presence(&self, user: &str) -> Result<usize, BackplaneError> {
         let local = self.inner.sink.connections(user);
-        let key = self.key("p", user);
-        let since = now_micros() / 1000;
-        let since = since.saturating_sub(self.inner.settings.presence_timeout.as_millis() as u64);
-        // Two keys of different slots: two commands, in flight together.
-        let (counts, alive): (HashMap<String, usize>, Vec<String>) = self
-            .bounded(async {
-                let (mut a, mut b) = (self.conn(), self.conn());
-                let mut counts = redis::cmd("HGETALL");
-                counts.arg(&key);
-                let mut alive = redis::cmd("ZRANGEBYSCORE");
-                alive.arg(self.presence_nodes_key()).arg(since).arg("+inf");
-                futures_util::try_join!(counts.query_async(&mut a), alive.query_async(&mut b))
-                    .map_err(unavailable)
-            })
-            .await?;
+        let (counts, alive) = self.read_presence(&self.key("p", user)).await?;
         let remote = counts
             .iter()
             .filter(|(node, _)| **node != self.inner.node && alive.contains(node))
@@ -2448,6 +2435,12 @@ mod tests {
         assert_eq!(user_slot("a"), 15495);
         assert_eq!(user_slot("b"), 3300);
         assert_eq!(user_slot("h"), 11694);
+        // A channel's keys (`P:m:{{news}`): the tag is `{news`, the channel's stream name.
+        assert_eq!(user_slot(&crate::envelope::channel_stream("news")), 9552);
+        assert_eq!(
+            user_slot(&crate::envelope::channel_stream("order:o-1")),
+            10702
+        );
     }
 
     #[test]

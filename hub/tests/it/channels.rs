@@ -4,6 +4,8 @@
 //! change, on WS and SSE; a lost channel history's own `hub.gap`; channel presence over two
 //! nodes and a killed node; limits and refusals.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -14,7 +16,7 @@ use test_support::wait::Deadline;
 
 use crate::helpers::app::{Credentials, TestApp, spawn_app_with, wait_status};
 use crate::helpers::processes::HubProcess;
-use crate::helpers::redis::{redis_prefix, redis_url};
+use crate::helpers::redis::{RedisServer, redis_cluster_urls, redis_prefix, redis_url};
 use crate::helpers::tokens::{hs256, now_s};
 
 /// A token of `user` whose connection follows `channels`.
@@ -165,12 +167,35 @@ fn redis_env<'a>(url: &'a str, prefix: &'a str) -> Vec<(&'a str, &'a str)> {
     ]
 }
 
+fn cluster_env<'a>(urls: &'a str, prefix: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("HUB_REDIS_CLUSTER_URLS", urls),
+        ("HUB_REDIS_PREFIX", prefix),
+        ("HUB_PRESENCE_TIMEOUT", "2s"),
+        ("HUB_LOG", "warn"),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_reaches_its_subscribers_on_every_node_once_and_no_one_else() {
     let (url, prefix) = (redis_url(), redis_prefix());
+    channel_over_two_nodes(&redis_env(&url, &prefix)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_a_channel_reaches_its_subscribers_on_every_node() {
+    let (urls, prefix) = (redis_cluster_urls(), redis_prefix());
+    channel_over_two_nodes(&cluster_env(&urls, &prefix)).await;
+}
+
+/// Two nodes on `env`: three connections (one WS with a channel, one SSE with two, one
+/// WS without any), channel publishes by single and batch requests through both nodes;
+/// each connection gets exactly its streams; presence of the channels over both nodes and
+/// after one is killed.
+async fn channel_over_two_nodes(env: &[(&str, &str)]) {
     let creds = Credentials::random();
-    let a = HubProcess::start_with_credentials(&creds, &redis_env(&url, &prefix)).await;
-    let mut b = HubProcess::start_with_credentials(&creds, &redis_env(&url, &prefix)).await;
+    let a = HubProcess::start_with_credentials(&creds, env).await;
+    let mut b = HubProcess::start_with_credentials(&creds, env).await;
     let (a_app, b_app) = (a.as_app(), b.as_app());
     wait_status(&a_app, "/readyz", 200, STEP).await;
     wait_status(&b_app, "/readyz", 200, STEP).await;
@@ -254,11 +279,10 @@ async fn a_channel_reaches_its_subscribers_on_every_node_once_and_no_one_else() 
 /// The one cursor: notifications of the personal stream and two channels interleaved, a
 /// disconnect, more of each while away, a reconnect to the other node with the last id (and
 /// with an earlier one): each missed notification once, in its stream's order, then live.
-async fn one_cursor_resumes_every_stream(sse: bool) {
-    let (url, prefix) = (redis_url(), redis_prefix());
+async fn one_cursor_resumes_every_stream(env: &[(&str, &str)], sse: bool) {
     let creds = Credentials::random();
-    let a = HubProcess::start_with_credentials(&creds, &redis_env(&url, &prefix)).await;
-    let b = HubProcess::start_with_credentials(&creds, &redis_env(&url, &prefix)).await;
+    let a = HubProcess::start_with_credentials(&creds, env).await;
+    let b = HubProcess::start_with_credentials(&creds, env).await;
     let (a_app, b_app) = (a.as_app(), b.as_app());
     wait_status(&a_app, "/readyz", 200, STEP).await;
     wait_status(&b_app, "/readyz", 200, STEP).await;
@@ -316,12 +340,78 @@ async fn one_cursor_resumes_every_stream(sse: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_cursor_resumes_every_stream_over_websocket() {
-    one_cursor_resumes_every_stream(false).await;
+    let (url, prefix) = (redis_url(), redis_prefix());
+    one_cursor_resumes_every_stream(&redis_env(&url, &prefix), false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_cursor_resumes_every_stream_over_sse() {
-    one_cursor_resumes_every_stream(true).await;
+    let (url, prefix) = (redis_url(), redis_prefix());
+    one_cursor_resumes_every_stream(&redis_env(&url, &prefix), true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_one_cursor_resumes_every_stream() {
+    let (urls, prefix) = (redis_cluster_urls(), redis_prefix());
+    one_cursor_resumes_every_stream(&cluster_env(&urls, &prefix), false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_subscribers_get_everything_once_across_pubsub_connection_losses() {
+    const PER_CHANNEL: u64 = 200;
+    let redis = RedisServer::start().await;
+    let (url, prefix) = (redis.url(), redis_prefix());
+    let node = HubProcess::start(&redis_env(&url, &prefix)).await;
+    let app = Arc::new(node.as_app());
+    wait_status(&app, "/readyz", 200, STEP).await;
+    let mut readers = Vec::new();
+    for i in 0..6 {
+        let token = channels_token(&app, &format!("reader{i}"), &["burst", "side"]);
+        let mut c = Client::connect(&app, &token, i % 2 == 1, None).await;
+        assert_eq!(c.envelope().await["type"], "hub.connected");
+        readers.push(tokio::spawn(async move {
+            let want = 2 * PER_CHANNEL as usize;
+            c.notes(want).await
+        }));
+    }
+    let published = Arc::new(AtomicU64::new(0));
+    let publishers: Vec<_> = ["burst", "side"]
+        .into_iter()
+        .map(|channel| {
+            let (app, published) = (app.clone(), published.clone());
+            tokio::spawn(async move {
+                for n in 0..PER_CHANNEL {
+                    to_channel(&app, channel, n).await;
+                    published.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    for k in 1..=2u64 {
+        let deadline = Deadline::after(STEP);
+        while published.load(Ordering::SeqCst) < k * 2 * PER_CHANNEL / 3 {
+            deadline.retry(|| "the burst progressed").await;
+        }
+        let killed = redis
+            .cmd(&["CLIENT", "KILL", "TYPE", "pubsub"])
+            .expect("CLIENT KILL");
+        assert_eq!(
+            killed,
+            redis::Value::Int(1),
+            "the node's pub/sub connection"
+        );
+        app.wait_metric("hub_backplane_reconnects_total", k as f64)
+            .await;
+    }
+    for p in publishers {
+        p.await.expect("publisher");
+    }
+    let want: Vec<(&str, u64)> = (0..PER_CHANNEL)
+        .flat_map(|n| [("burst", n), ("side", n)])
+        .collect();
+    for r in readers {
+        same_per_stream(&r.await.expect("reader"), &want);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -379,7 +469,29 @@ async fn a_channel_whose_history_was_lost_gets_its_own_gap_and_the_other_streams
 #[tokio::test]
 async fn a_websocket_subscribe_needs_a_token_of_its_user_granting_the_channel() {
     let app = spawn_app_with(&[("HUB_MAX_CHANNELS_PER_CONNECTION", "2")]).await;
-    let mut ws = WsClient::connect(&app, &app.token("eve"), "")
+    subscribe_scenario(&app, &app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_two_nodes_a_websocket_subscribe_follows_publishes_of_the_other_and_resumes_there() {
+    let (url, prefix) = (redis_url(), redis_prefix());
+    let mut env = redis_env(&url, &prefix);
+    env.push(("HUB_MAX_CHANNELS_PER_CONNECTION", "2"));
+    let creds = Credentials::random();
+    let a = HubProcess::start_with_credentials(&creds, &env).await;
+    let b = HubProcess::start_with_credentials(&creds, &env).await;
+    let (a_app, b_app) = (a.as_app(), b.as_app());
+    wait_status(&a_app, "/readyz", 200, STEP).await;
+    wait_status(&b_app, "/readyz", 200, STEP).await;
+    subscribe_scenario(&a_app, &b_app).await;
+}
+
+/// WebSocket `subscribe` and `unsubscribe` on a connection to `app`, with publishes (and
+/// presence reads) through `other`, and the reconnect to `other`: the grant rules, isolation,
+/// the per-connection limit, and a channel joined by `subscribe` resumed from the cursor when
+/// it is subscribed again on the new connection.
+async fn subscribe_scenario(app: &TestApp, other: &TestApp) {
+    let mut ws = WsClient::connect(app, &app.token("eve"), "")
         .await
         .expect("ws");
     ws.envelope().await;
@@ -390,11 +502,11 @@ async fn a_websocket_subscribe_needs_a_token_of_its_user_granting_the_channel() 
     let refused = [
         (json!({"type": "subscribe", "channel": "news"}), "token"),
         (
-            json!({"type": "subscribe", "channel": "news", "token": channel_token(&app, "mallory", "news")}),
+            json!({"type": "subscribe", "channel": "news", "token": channel_token(app, "mallory", "news")}),
             "another user",
         ),
         (
-            json!({"type": "subscribe", "channel": "news", "token": channel_token(&app, "eve", "other")}),
+            json!({"type": "subscribe", "channel": "news", "token": channel_token(app, "eve", "other")}),
             "does not grant",
         ),
         (
@@ -402,7 +514,7 @@ async fn a_websocket_subscribe_needs_a_token_of_its_user_granting_the_channel() 
             "refused",
         ),
         (
-            json!({"type": "subscribe", "channel": "a b", "token": channel_token(&app, "eve", "news")}),
+            json!({"type": "subscribe", "channel": "a b", "token": channel_token(app, "eve", "news")}),
             "channel name",
         ),
         (
@@ -421,35 +533,35 @@ async fn a_websocket_subscribe_needs_a_token_of_its_user_granting_the_channel() 
         );
     }
     // Nothing of a channel reaches a connection without a grant.
-    to_channel(&app, "news", 0).await;
-    to_user(&app, "eve", 0).await;
+    to_channel(other, "news", 0).await;
+    to_user(other, "eve", 0).await;
     assert_eq!(key(&ws.envelope().await), (String::new(), 0));
 
     let ok = ask(
         &mut ws,
-        json!({"type": "subscribe", "channel": "news", "token": channel_token(&app, "eve", "news")}),
+        json!({"type": "subscribe", "channel": "news", "token": channel_token(app, "eve", "news")}),
     )
     .await;
     assert_eq!(
         ok,
         json!({"type": "hub.subscribed", "data": {"channel": "news"}, "ts": ok["ts"]})
     );
-    to_channel(&app, "news", 1).await;
+    to_channel(other, "news", 1).await;
     let v = ws.envelope().await;
     assert_eq!(key(&v), ("news".to_owned(), 1));
     assert!(v["id"].as_str().is_some_and(|id| id.contains('.')), "{v}");
-    wait_channel_presence(&app, "news", &["eve"], Duration::from_secs(2)).await;
+    wait_channel_presence(other, "news", &["eve"], Duration::from_secs(2)).await;
 
     // The limit: two channels per connection here.
     let n2 = ask(
         &mut ws,
-        json!({"type": "subscribe", "channel": "n2", "token": channel_token(&app, "eve", "n2")}),
+        json!({"type": "subscribe", "channel": "n2", "token": channel_token(app, "eve", "n2")}),
     )
     .await;
     assert_eq!(n2["type"], "hub.subscribed");
     let over = ask(
         &mut ws,
-        json!({"type": "subscribe", "channel": "n3", "token": channel_token(&app, "eve", "n3")}),
+        json!({"type": "subscribe", "channel": "n3", "token": channel_token(app, "eve", "n3")}),
     )
     .await;
     assert_eq!(over["type"], "hub.error");
@@ -463,30 +575,30 @@ async fn a_websocket_subscribe_needs_a_token_of_its_user_granting_the_channel() 
     let bye = ask(&mut ws, json!({"type": "unsubscribe", "channel": "news"})).await;
     assert_eq!(bye["type"], "hub.unsubscribed");
     assert_eq!(bye["data"]["channel"], "news");
-    to_channel(&app, "news", 2).await;
-    to_user(&app, "eve", 1).await;
+    to_channel(other, "news", 2).await;
+    to_user(other, "eve", 1).await;
     let v = ws.envelope().await;
     assert_eq!(key(&v), (String::new(), 1), "no news after unsubscribe");
-    wait_channel_presence(&app, "news", &[], Duration::from_secs(2)).await;
+    wait_channel_presence(other, "news", &[], Duration::from_secs(2)).await;
 
     // The cursor carries n2: a new connection resumes it when it subscribes again.
     let cursor = v["id"].as_str().expect("id").to_owned();
     ws.close().await;
-    to_channel(&app, "n2", 0).await;
-    let mut back = WsClient::connect(&app, &app.token("eve"), &format!("since={cursor}"))
+    to_channel(other, "n2", 0).await;
+    let mut back = WsClient::connect(other, &app.token("eve"), &format!("since={cursor}"))
         .await
         .expect("ws");
     assert_eq!(back.envelope().await["type"], "hub.connected");
     let again = ask(
         &mut back,
-        json!({"type": "subscribe", "channel": "n2", "token": channel_token(&app, "eve", "n2")}),
+        json!({"type": "subscribe", "channel": "n2", "token": channel_token(app, "eve", "n2")}),
     )
     .await;
     assert_eq!(again["type"], "hub.subscribed");
     assert_eq!(key(&back.envelope().await), ("n2".to_owned(), 0));
 
     // More channels in a token than a connection may follow: refused at the handshake.
-    match WsClient::connect(&app, &channels_token(&app, "eve", &["a", "b", "c"]), "").await {
+    match WsClient::connect(app, &channels_token(app, "eve", &["a", "b", "c"]), "").await {
         Err(r) => {
             assert_eq!(r.status, 403, "{}", r.body);
             assert!(r.body.contains("at most 2"), "{}", r.body);
@@ -498,7 +610,7 @@ async fn a_websocket_subscribe_needs_a_token_of_its_user_granting_the_channel() 
         &app.secret,
         &json!({"sub": "eve", "exp": now_s() + 600, "channels": ["ok", "no way"]}),
     );
-    match SseClient::connect(&app, &bad, "").await {
+    match SseClient::connect(app, &bad, "").await {
         Err(r) => assert_eq!(r.status, 401, "{}", r.body),
         Ok(_) => panic!("a bad channels claim accepted"),
     }

@@ -123,6 +123,54 @@ async fn publish_batch_and_stream_reach_clients_in_order_with_ids() {
 }
 
 #[tokio::test]
+async fn the_three_calls_publish_to_a_channel_and_reach_its_subscribers_in_order() {
+    let (app, mut client) = grpc_app(&[]).await;
+    let token = crate::helpers::tokens::hs256(
+        &app.secret,
+        &json!({"sub": "g4", "exp": crate::helpers::tokens::now_s() + 600, "channels": ["room:9"]}),
+    );
+    let mut sse = SseClient::connect(&app, &token, "").await.expect("sse");
+    sse.event().await;
+    let to_room = |n: u64| PublishRequest {
+        channel: "room:9".to_owned(),
+        r#type: "chat".to_owned(),
+        data: json!({"n": n}).to_string().into_bytes(),
+        ..Default::default()
+    };
+    client
+        .publish(authed(&app, to_room(0)))
+        .await
+        .expect("publish");
+    client
+        .publish_batch(authed(
+            &app,
+            PublishBatchRequest {
+                notifications: (1..4).map(to_room).collect(),
+            },
+        ))
+        .await
+        .expect("batch");
+    let mut answers = client
+        .publish_stream(authed(
+            &app,
+            futures_util::stream::iter((4..6).map(to_room)),
+        ))
+        .await
+        .expect("stream")
+        .into_inner();
+    while answers.message().await.expect("answer").is_some() {}
+    for n in 0..6 {
+        let e = sse.event().await;
+        assert_eq!(
+            (e.data["channel"].clone(), e.data["data"]["n"].clone()),
+            (json!("room:9"), json!(n))
+        );
+        assert_eq!(e.id.as_deref(), e.data["id"].as_str());
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn the_api_key_and_the_http_rules_apply() {
     let (app, mut client) = grpc_app(&[]).await;
     let status = client
@@ -144,15 +192,19 @@ async fn the_api_key_and_the_http_rules_apply() {
     bad_json.data = b"{not json".to_vec();
     let mut big = req("g3", "t", json!({}));
     big.data = format!("{{\"pad\":\"{}\"}}", "x".repeat(70 * 1024)).into_bytes();
-    let mut channel = req("", "t", json!({}));
-    channel.channel = "room:1".to_owned();
+    let mut both = req("g3", "t", json!({}));
+    both.channel = "room:1".to_owned();
+    let mut bad_channel = req("", "t", json!({}));
+    bad_channel.channel = "room 1".to_owned();
     for (r, code) in [
         (req("g3", "hub.reserved", json!({})), Code::InvalidArgument),
         (req("g}3", "t", json!({})), Code::InvalidArgument),
         (req("g3", "t", json!("text")), Code::InvalidArgument),
         (bad_json, Code::InvalidArgument),
         (big, Code::ResourceExhausted),
-        (channel, Code::InvalidArgument),
+        (both, Code::InvalidArgument),
+        (bad_channel, Code::InvalidArgument),
+        (req("", "t", json!({})), Code::InvalidArgument),
     ] {
         let status = client.publish(authed(&app, r)).await.expect_err("refused");
         assert_eq!(status.code(), code, "{}", status.message());
