@@ -28,7 +28,8 @@
 // announcement published while away, Connect again (resume): same checks, the missed statuses
 // replayed on both streams and the missed announcement in the banner, once; then over WebSocket
 // "Simulate network drop" mid-flow (the client resumes and subscribes again by itself), same
-// checks; (4) user `broke`: CREATED, PAYMENT_FAILED;
+// checks; and over WebSocket Disconnect / Connect again, so the statuses missed on the channel
+// come back after the client's new `subscribe`, from the same cursor; (4) user `broke`: CREATED, PAYMENT_FAILED;
 // (5) the owner posts an ad on their page; a report on it (naming only the ad) whose reason says
 // "scam": REMOVED for the reporter and, on the owner's page, for the owner; a harmless reason:
 // DISMISSED; (6) no status was ever received twice, no page error.
@@ -420,6 +421,10 @@ async function main() {
     await waitConnected(main, "ws");
     await midFlowDisconnect(main, "ws", "drop");
 
+    step = "3c WebSocket, disconnect and reconnect mid-flow (the order channel resubscribed)";
+    progress(step);
+    await midFlowDisconnect(main, "ws", "disconnect");
+
     step = "4 user broke: payment fails";
     progress(step);
     const broke = await openPage(browser, "broke", "broke", "ws");
@@ -452,7 +457,7 @@ async function main() {
     }
 
     await main.page.screenshot({ path: path.join(OUT_DIR, "demo.png"), fullPage: true });
-    console.log(`web-demo browser test: OK in ${since()} as ${DEMO_USER}: 3 orders delivered with each status once ` +
+    console.log(`web-demo browser test: OK in ${since()} as ${DEMO_USER}: 4 orders delivered with each status once ` +
       `on the personal stream and the order channel (WebSocket; ${facts.join("; ")}), broke → PAYMENT_FAILED, ` +
       `report REMOVED for reporter and owner, ` +
       `DISMISSED otherwise; screenshot ${path.join(OUT_DIR, "demo.png")}`);
