@@ -24,7 +24,11 @@
 // channel from the same cursor as the rest). Over SSE, which cannot send, subscribing reconnects
 // at once (resuming) with a token from getToken({transport: "sse", channels}) that must grant
 // those channels in its `channels` claim. One id resumes every stream: whatever the channels,
-// the client keeps only the id of the last notification.
+// the client keeps only the id of the last notification. That id holds a channel's position
+// only once a notification has arrived after the channel was joined (hub.subscribed carries no
+// id): a connection cut before that comes back to the channel from the moment it subscribes
+// again, and what was published to the channel in between is not replayed (nor reported as a
+// gap); refetch the channel's state after a reconnect if that matters.
 //
 // Also: client.disconnect() (stays down until connect(); the resume point is kept),
 // client.setTransport("sse") (reconnects at once over the other transport, resuming),
