@@ -338,19 +338,25 @@ impl Control {
         }
     }
 
-    /// `hub.connected`: the first message on every connection; a connection with channels
-    /// from its token lists them.
-    pub fn connected(user: &str, resumed: bool, channels: &[&str]) -> Self {
-        if channels.is_empty() {
-            return Self::new(
+    /// `hub.connected`: the first message on every connection. A connection with a cursor
+    /// (it follows channels) also gets its channels and its cursor, which resumes every
+    /// stream from here before any notification has arrived.
+    pub fn connected(user: &str, resumed: bool, streams: Option<(&[&str], &str)>) -> Self {
+        match streams {
+            None => Self::new(
                 "hub.connected",
                 serde_json::json!({ "user": user, "resumed": resumed }),
-            );
+            ),
+            Some((channels, cursor)) => Self::new(
+                "hub.connected",
+                serde_json::json!({
+                    "user": user,
+                    "resumed": resumed,
+                    "channels": channels,
+                    "cursor": cursor,
+                }),
+            ),
         }
-        Self::new(
-            "hub.connected",
-            serde_json::json!({ "user": user, "resumed": resumed, "channels": channels }),
-        )
     }
 
     /// `hub.gap`: the resume point is not in the retained history; refetch state. A
@@ -365,9 +371,13 @@ impl Control {
         }
     }
 
-    /// `hub.subscribed`: a WebSocket `subscribe` was accepted.
-    pub fn subscribed(channel: &str) -> Self {
-        Self::new("hub.subscribed", serde_json::json!({ "channel": channel }))
+    /// `hub.subscribed`: a WebSocket `subscribe` was accepted; `cursor` resumes every stream
+    /// of the connection, the new channel included, from here.
+    pub fn subscribed(channel: &str, cursor: &str) -> Self {
+        Self::new(
+            "hub.subscribed",
+            serde_json::json!({ "channel": channel, "cursor": cursor }),
+        )
     }
 
     /// `hub.unsubscribed`: a WebSocket `unsubscribe` took effect.
@@ -544,7 +554,7 @@ mod tests {
 
     #[test]
     fn control_messages_have_no_id() {
-        let c = Control::connected("alice", false, &[]);
+        let c = Control::connected("alice", false, None);
         let v: serde_json::Value = serde_json::from_str(&c.json).unwrap();
         assert_eq!(v["type"], "hub.connected");
         assert_eq!(v["data"]["user"], "alice");

@@ -250,13 +250,13 @@ async fn greet_and_replay<C: Connection>(
         .replay
         .as_ref()
         .map_or((false, false), |r| (!r.gap, r.gap));
-    let connected = {
-        let channels: Vec<&str> = session
-            .streams
-            .as_ref()
-            .map(|s| s.channels.iter().map(|c| &*c.name).collect())
-            .unwrap_or_default();
-        Control::connected(&session.user, resumed, &channels)
+    let connected = match session.streams.as_ref() {
+        None => Control::connected(&session.user, resumed, None),
+        Some(streams) => {
+            let channels: Vec<&str> = streams.channels.iter().map(|c| &*c.name).collect();
+            let cursor = streams.cursor();
+            Control::connected(&session.user, resumed, Some((&channels, &cursor)))
+        }
     };
     let gap = gap.then(|| Control::gap("resume point not in history", None));
     write_within(limit, session, conn.greet(&ctx.timing, connected, gap)).await?;
@@ -464,12 +464,10 @@ async fn subscribe<C: Connection>(
     if let Err(reply) = verdict {
         return write_within(limit, session, conn.control(reply)).await;
     }
-    if session
-        .streams
-        .as_ref()
-        .is_some_and(|s| s.followed(&channel).is_some())
+    if let Some(streams) = session.streams.as_ref()
+        && streams.followed(&channel).is_some()
     {
-        let again = Control::subscribed(&channel);
+        let again = Control::subscribed(&channel, &streams.cursor());
         return write_within(limit, session, conn.control(again)).await;
     }
     if session.streams.is_none()
@@ -502,7 +500,7 @@ async fn subscribe<C: Connection>(
                 while streams.count() > ctx.max_channels && !streams.pending.is_empty() {
                     streams.pending.remove(0);
                 }
-                let ok = Control::subscribed(&channel);
+                let ok = Control::subscribed(&channel, &streams.cursor());
                 write_within(limit, session, conn.control(ok)).await?;
                 let Some(replay) = replay else { return Ok(()) };
                 ctx.metrics.resumed(replay.gap);
