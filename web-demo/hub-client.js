@@ -24,11 +24,9 @@
 // channel from the same cursor as the rest). Over SSE, which cannot send, subscribing reconnects
 // at once (resuming) with a token from getToken({transport: "sse", channels}) that must grant
 // those channels in its `channels` claim. One id resumes every stream: whatever the channels,
-// the client keeps only the id of the last notification. That id holds a channel's position
-// only once a notification has arrived after the channel was joined (hub.subscribed carries no
-// id): a connection cut before that comes back to the channel from the moment it subscribes
-// again, and what was published to the channel in between is not replayed (nor reported as a
-// gap); refetch the channel's state after a reconnect if that matters.
+// the client keeps only the last position it was given: the id of the last notification, or the
+// `cursor` of a later `hub.connected` / `hub.subscribed` (which holds a channel joined before
+// any of its notifications came), so a cut right after joining still resumes the channel.
 //
 // Also: client.disconnect() (stays down until connect(); the resume point is kept),
 // client.setTransport("sse") (reconnects at once over the other transport, resuming),
@@ -241,6 +239,10 @@ export class HubClient {
     }
     if (!n || typeof n.type !== "string") return;
     if (n.type.startsWith("hub.")) {
+      // The connection's position in every stream, the channels just joined included.
+      if ((n.type === "hub.connected" || n.type === "hub.subscribed") && n.data?.cursor) {
+        this.lastId = n.data.cursor;
+      }
       if (n.type === "hub.connected") {
         this.attempt = 0;
         this.setState("connected");

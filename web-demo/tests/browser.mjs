@@ -300,13 +300,9 @@ async function midFlowDisconnect(p, transport, how) {
   const orderId = await placeOrder(p);
   progress(`${label}: order ${orderId} placed; waiting for PAID`);
   await waitStatus(p, orderId, ["PAID", "IN_TRANSIT"], "PAID or IN_TRANSIT");
+  // Cut as soon as the channel is joined, maybe before any of its notifications came: the
+  // cursor of hub.subscribed (WS) or hub.connected (SSE) holds its position.
   const subscribedAt = (await waitFollowing(p, orderId)).at(-1) || null;
-  // The page resumes from the id of the last envelope it saw: only once one has come on the
-  // order's channel does that id hold the channel's position (hub.subscribed carries none).
-  await until(p, `a status of order ${orderId} on its channel`, (id) => {
-    const card = [...document.querySelectorAll("#orders .order")].find((o) => o.dataset.orderId === id);
-    return card && [...card.querySelectorAll("li[data-status]")].some((l) => Number(l.dataset.channelCount) > 0);
-  }, orderId);
   const connects = Number(await p.page.getAttribute("#state", "data-connects"));
   let shownAtCut;
   let announced = null;
