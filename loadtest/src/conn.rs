@@ -219,6 +219,9 @@ pub enum Envelope<'a> {
     Connected {
         /// Whether the hub resumed from the id the connection gave.
         resumed: bool,
+        /// The connection's position in every stream (connections with channels): the
+        /// resume id until a notification brings a newer one.
+        cursor: Option<Cow<'a, str>>,
     },
     /// A notification published by this tool.
     Load {
@@ -259,9 +262,11 @@ struct LoadData {
 }
 
 #[derive(Deserialize)]
-struct ConnectedData {
+struct ConnectedData<'a> {
     #[serde(default)]
     resumed: bool,
+    #[serde(borrow, default)]
+    cursor: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -282,15 +287,20 @@ pub fn parse_envelope(payload: &[u8]) -> Result<Envelope<'_>> {
     Ok(match envelope.kind.as_ref() {
         "hub.connected" => {
             // Older hubs sent no data here; a greeting is a greeting.
-            let resumed = match envelope.data {
+            match envelope.data {
                 Some(raw) => {
-                    serde_json::from_str::<ConnectedData>(raw.get())
-                        .context("hub.connected data is not an object")?
-                        .resumed
+                    let data: ConnectedData<'_> = serde_json::from_str(raw.get())
+                        .context("hub.connected data is not an object")?;
+                    Envelope::Connected {
+                        resumed: data.resumed,
+                        cursor: data.cursor,
+                    }
                 }
-                None => false,
-            };
-            Envelope::Connected { resumed }
+                None => Envelope::Connected {
+                    resumed: false,
+                    cursor: None,
+                },
+            }
         }
         "hub.gap" => {
             let gap: GapData<'_> = serde_json::from_str(data("hub.gap")?.get())
@@ -374,12 +384,18 @@ mod tests {
             br#"{"type":"hub.connected","data":{"user":"lt-1","resumed":false},"ts":1}"#;
         assert_eq!(
             parse_envelope(connected)?,
-            Envelope::Connected { resumed: false }
+            Envelope::Connected {
+                resumed: false,
+                cursor: None
+            }
         );
-        let resumed = br#"{"type":"hub.connected","data":{"user":"lt-1","resumed":true}}"#;
+        let resumed = br#"{"type":"hub.connected","data":{"user":"lt-1","resumed":true,"channels":["c"],"cursor":"5-1.0a0b0c0d~0-0"}}"#;
         assert_eq!(
             parse_envelope(resumed)?,
-            Envelope::Connected { resumed: true }
+            Envelope::Connected {
+                resumed: true,
+                cursor: Some("5-1.0a0b0c0d~0-0".into())
+            }
         );
 
         let load =

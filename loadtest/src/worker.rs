@@ -315,7 +315,16 @@ impl Shared {
                 };
                 lock(&self.gaps).record(kind, detail);
             }
-            Ok(Envelope::Connected { .. } | Envelope::Other) => {
+            Ok(Envelope::Connected { cursor, .. }) => {
+                // Before any notification, the greeting's cursor is the resume point.
+                if conn.keep_id
+                    && let Some(cursor) = cursor
+                {
+                    conn.last_id = Some(cursor.into_owned());
+                }
+                self.other_messages.fetch_add(1, Relaxed);
+            }
+            Ok(Envelope::Other) => {
                 self.other_messages.fetch_add(1, Relaxed);
             }
             Err(_) => {
@@ -435,7 +444,7 @@ impl Shared {
                     if streams.last_id.is_some()
                         && matches!(
                             parse_envelope(&first),
-                            Ok(Envelope::Connected { resumed: false })
+                            Ok(Envelope::Connected { resumed: false, .. })
                         )
                     {
                         self.not_resumed.fetch_add(1, Relaxed);
@@ -1006,6 +1015,27 @@ mod tests {
         assert_eq!(d.gaps, 1);
         assert_eq!(lock(&s.gaps).counts.get("channel"), Some(&1));
         assert!(lock(&s.gaps).samples[0].contains("load:g1"));
+        Ok(())
+    }
+
+    #[test]
+    fn a_greetings_cursor_is_the_resume_point_until_a_notification_comes() -> Result<()> {
+        let plan = StreamPlan::new(Scenario::Broadcast, 1, 0, "load:");
+        let s = shared_with(0, 1, 1, plan, ResumeSpec::default())?;
+        let hello = br#"{"type":"hub.connected","data":{"user":"lt-0","resumed":false,"cursor":"a-1.0a0b0c0d~0-0"}}"#;
+        let mut conn = streams_of(&s, 0, true);
+        s.receive(&s.slots[0], &mut conn, hello);
+        assert_eq!(conn.last_id.as_deref(), Some("a-1.0a0b0c0d~0-0"));
+        s.receive(
+            &s.slots[0],
+            &mut conn,
+            &on_channel("load:all", 1, "a-1.0a0b0c0d~b-1"),
+        );
+        assert_eq!(conn.last_id.as_deref(), Some("a-1.0a0b0c0d~b-1"));
+        // Only connections that resume keep ids.
+        let mut quiet = streams_of(&s, 0, false);
+        s.receive(&s.slots[0], &mut quiet, hello);
+        assert_eq!(quiet.last_id, None);
         Ok(())
     }
 
