@@ -189,6 +189,14 @@ impl Conn {
         })
     }
 
+    /// Sends a text message over a WebSocket; SSE cannot send.
+    pub async fn send_text(&mut self, text: String) -> Result<()> {
+        match self {
+            Self::Ws(ws) => ws.send_text(text).await,
+            Self::Sse(_) => anyhow::bail!("an SSE connection cannot send"),
+        }
+    }
+
     /// Waits for the next envelope payload; the connection ending is an error.
     pub async fn next_payload(&mut self) -> Result<Bytes> {
         match self {
@@ -234,6 +242,18 @@ pub enum Envelope<'a> {
         /// The envelope's id: the cursor to resume from.
         id: Option<Cow<'a, str>>,
     },
+    /// `hub.subscribed`: a WebSocket `subscribe` took effect.
+    Subscribed {
+        /// The channel joined.
+        channel: Option<Cow<'a, str>>,
+        /// The connection's position in every stream, the new channel included.
+        cursor: Option<Cow<'a, str>>,
+    },
+    /// `hub.error`: a message the client sent was refused.
+    Refused {
+        /// Why.
+        reason: String,
+    },
     /// `hub.gap`: a stream's resume point was lost.
     Gap {
         /// The channel whose position was lost; none for the personal stream.
@@ -270,6 +290,20 @@ struct ConnectedData<'a> {
 }
 
 #[derive(Deserialize)]
+struct SubscribedData<'a> {
+    #[serde(borrow, default)]
+    channel: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    cursor: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct ErrorData {
+    #[serde(default)]
+    reason: String,
+}
+
+#[derive(Deserialize)]
 struct GapData<'a> {
     #[serde(borrow, default)]
     channel: Option<Cow<'a, str>>,
@@ -300,6 +334,21 @@ pub fn parse_envelope(payload: &[u8]) -> Result<Envelope<'_>> {
                     resumed: false,
                     cursor: None,
                 },
+            }
+        }
+        "hub.subscribed" => {
+            let data: SubscribedData<'_> = serde_json::from_str(data("hub.subscribed")?.get())
+                .context("hub.subscribed data is not an object")?;
+            Envelope::Subscribed {
+                channel: data.channel,
+                cursor: data.cursor,
+            }
+        }
+        "hub.error" => {
+            let data: ErrorData = serde_json::from_str(data("hub.error")?.get())
+                .context("hub.error data is not an object")?;
+            Envelope::Refused {
+                reason: data.reason,
             }
         }
         "hub.gap" => {
@@ -436,6 +485,21 @@ mod tests {
             parse_envelope(gap)?,
             Envelope::Gap {
                 channel: Some("load:g1".into())
+            }
+        );
+        assert_eq!(
+            parse_envelope(
+                br#"{"type":"hub.subscribed","data":{"channel":"load:g1","cursor":"c"}}"#
+            )?,
+            Envelope::Subscribed {
+                channel: Some("load:g1".into()),
+                cursor: Some("c".into())
+            }
+        );
+        assert_eq!(
+            parse_envelope(br#"{"type":"hub.error","data":{"reason":"no"}}"#)?,
+            Envelope::Refused {
+                reason: "no".into()
             }
         );
         let personal_gap = br#"{"type":"hub.gap","data":{},"ts":1}"#;

@@ -209,6 +209,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "G", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub groups: u32,
 
+    /// With --scenario mixed, WebSocket connections join their group's channel with a
+    /// `subscribe` message and a channel token (and again after a resume) instead of by
+    /// their token's claim; SSE connections, which cannot send, keep the claim.
+    #[arg(long)]
+    pub subscribe_groups: bool,
+
     /// Prefix of the channel names (`<prefix>all`, `<prefix>g0`, …).
     #[arg(long, value_name = "PREFIX", default_value = "load:")]
     pub channel_prefix: String,
@@ -395,6 +401,8 @@ mod tests {
         assert_eq!(broadcast.resume_fraction(), 0.0);
         let mixed = parse(&["--scenario", "mixed", "--groups", "4", "--offline", "2s"])?;
         assert_eq!((mixed.groups, mixed.resume_fraction()), (4, 0.1));
+        assert!(!mixed.subscribe_groups);
+        assert!(parse(&["--scenario", "mixed", "--subscribe-groups"])?.subscribe_groups);
         assert_eq!(mixed.offline, Duration::from_secs(2));
         assert_eq!(mixed.channel_prefix, "load:");
         let none = parse(&["--scenario", "mixed", "--resume-fraction", "0"])?;

@@ -92,6 +92,8 @@ pub struct Setup {
     pub channels: Vec<String>,
     /// Publishes per second to each channel.
     pub channel_rate: f64,
+    /// Whether WebSocket connections joined their group channel by a `subscribe` message.
+    pub subscribe_groups: bool,
     /// Fraction of the connections that dropped and resumed.
     pub resume_fraction: f64,
     /// How long they stayed away, s.
@@ -280,6 +282,7 @@ fn setup(args: &RunArgs, plan: &Plan) -> Setup {
         scenario: args.scenario,
         channels: plan.streams.channel_names(),
         channel_rate: args.channel_rate,
+        subscribe_groups: plan.streams.subscribe_groups,
         resume_fraction: args.resume_fraction(),
         offline_secs: args.offline.as_secs_f64(),
     }
@@ -445,6 +448,12 @@ impl fmt::Display for Report {
                 s.resume_fraction * 100.0,
                 s.offline_secs
             )?;
+            if s.subscribe_groups {
+                writeln!(
+                    f,
+                    "              WebSocket connections join their group by subscribe message"
+                )?;
+            }
         }
         self.write_connections(f)?;
         self.write_servers(f)?;

@@ -83,12 +83,17 @@ pub fn plan(args: &RunArgs) -> Result<Plan> {
          with --kafka-brokers",
         args.scenario
     );
+    ensure!(
+        !args.subscribe_groups || args.scenario == Scenario::Mixed,
+        "--subscribe-groups needs --scenario mixed (the group channels)"
+    );
     let streams = StreamPlan::new(
         args.scenario,
         users,
         args.groups as usize,
         &args.channel_prefix,
-    );
+    )
+    .subscribing_groups(args.subscribe_groups);
     streams
         .check()
         .map_err(|e| anyhow::anyhow!("--channel-prefix: {e}"))?;
@@ -849,6 +854,9 @@ mod tests {
         assert!(!plan(&args(&[])?)?.layout.publish_any);
         // A channel rate needs channels and a key; Kafka publishes no channels.
         assert!(plan(&args(&["--channel-rate", "5", "--api-key", "k"])?).is_err());
+        assert!(plan(&args(&["--scenario", "broadcast", "--subscribe-groups"])?).is_err());
+        let p = plan(&args(&["--scenario", "mixed", "--subscribe-groups"])?)?;
+        assert!(p.streams.subscribe_groups);
         assert!(plan(&args(&["--scenario", "broadcast", "--channel-rate", "5"])?).is_err());
         let kafka = ["--kafka-brokers", "k:9092", "--kafka-topic", "t"];
         let mixed_kafka = [&kafka[..], &["--scenario", "mixed"]].concat();

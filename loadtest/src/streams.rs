@@ -71,6 +71,10 @@ pub struct StreamPlan {
     pub groups: usize,
     /// Prefix of the channel names.
     pub channel_prefix: String,
+    /// Whether WebSocket connections join their group channel with a `subscribe` message
+    /// (and a channel token) instead of by their token's claim.
+    #[serde(default)]
+    pub subscribe_groups: bool,
 }
 
 impl StreamPlan {
@@ -85,7 +89,36 @@ impl StreamPlan {
                 0
             },
             channel_prefix: channel_prefix.to_owned(),
+            subscribe_groups: false,
         }
+    }
+
+    /// The same plan, WebSocket connections subscribing to their group channel by message.
+    pub fn subscribing_groups(mut self, yes: bool) -> Self {
+        self.subscribe_groups = yes && self.groups > 0;
+        self
+    }
+
+    /// The channel numbers of `user` a connection over WebSocket (`ws`) or SSE joins by a
+    /// `subscribe` message (the rest come with the token's claim): its group's with
+    /// `subscribe_groups`, over WebSocket only (SSE cannot send).
+    pub fn subscribed_of(&self, user: usize, ws: bool) -> Vec<usize> {
+        if !(ws && self.subscribe_groups) {
+            return Vec::new();
+        }
+        self.channels_of(user)
+            .into_iter()
+            .filter(|&c| c >= usize::from(self.has_shared()))
+            .collect()
+    }
+
+    /// The channel numbers of `user` in a connection's token claim.
+    pub fn claimed_of(&self, user: usize, ws: bool) -> Vec<usize> {
+        let subscribed = self.subscribed_of(user, ws);
+        self.channels_of(user)
+            .into_iter()
+            .filter(|c| !subscribed.contains(c))
+            .collect()
     }
 
     /// Whether the scenario has a channel every connection holds.
@@ -270,6 +303,29 @@ mod tests {
             members[p.channels_of(user)[1] - 1] += 1;
         }
         assert_eq!(members, [2, 2, 2]);
+    }
+
+    #[test]
+    fn websocket_connections_may_subscribe_to_their_group_by_message() {
+        let p = StreamPlan::new(Scenario::Mixed, 6, 3, "load:");
+        // By default every channel is in the claim.
+        assert_eq!(p.claimed_of(4, true), [0, 2]);
+        assert!(p.subscribed_of(4, true).is_empty());
+        let p = p.subscribing_groups(true);
+        assert_eq!(
+            (p.claimed_of(4, true), p.subscribed_of(4, true)),
+            (vec![0], vec![2])
+        );
+        // SSE cannot send: its group stays in the claim.
+        assert_eq!(
+            (p.claimed_of(4, false), p.subscribed_of(4, false)),
+            (vec![0, 2], vec![])
+        );
+        // Streams tracked do not change.
+        assert_eq!(p.streams_of(4), [4, 6, 8]);
+        // Nothing to subscribe without groups.
+        let b = StreamPlan::new(Scenario::Broadcast, 2, 0, "load:").subscribing_groups(true);
+        assert!(!b.subscribe_groups);
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub struct Claims {
     /// Channels the connection holds from its handshake on (the hub's `channels` claim).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub channels: Vec<String>,
+    /// The channel a WebSocket `subscribe` may join with this token (the `channel` claim).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
 }
 
 /// Mints HS256 tokens with one secret and lifetime.
@@ -64,21 +67,37 @@ impl TokenMinter {
             .duration_since(UNIX_EPOCH)
             .context("system clock is before 1970")?
             .as_secs();
-        self.sign(user, now, channels)
+        self.sign(user, now, channels, None)
+    }
+
+    /// Mints a token for `user`, issued now, that lets a WebSocket `subscribe` to `channel`.
+    pub fn mint_for_channel(&self, user: &str, channel: &str) -> Result<String> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .context("system clock is before 1970")?
+            .as_secs();
+        self.sign(user, now, &[], Some(channel))
     }
 
     /// Mints a token for `user` issued at `iat` (Unix seconds).
     pub fn mint_at(&self, user: &str, iat: u64) -> Result<String> {
-        self.sign(user, iat, &[])
+        self.sign(user, iat, &[], None)
     }
 
-    fn sign(&self, user: &str, iat: u64, channels: &[String]) -> Result<String> {
+    fn sign(
+        &self,
+        user: &str,
+        iat: u64,
+        channels: &[String],
+        channel: Option<&str>,
+    ) -> Result<String> {
         let claims = Claims {
             sub: user.to_owned(),
             exp: iat.saturating_add(self.ttl.as_secs()),
             iat,
             aud: self.aud.clone(),
             channels: channels.to_vec(),
+            channel: channel.map(str::to_owned),
         };
         jsonwebtoken::encode(&self.header, &claims, &self.key)
             .with_context(|| format!("signing token for {user}"))
@@ -131,6 +150,9 @@ mod tests {
         let json = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload)?;
         let claims: serde_json::Value = serde_json::from_slice(&json)?;
         assert!(claims.get("channels").is_none(), "{claims}");
+        let sub = decode(&minter.mint_for_channel("lt-1", "load:g2")?, "s3cret")?;
+        assert_eq!(sub.channel.as_deref(), Some("load:g2"));
+        assert!(sub.channels.is_empty());
         Ok(())
     }
 

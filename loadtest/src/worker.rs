@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior, interval, sleep, sleep_until, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 
-use crate::conn::{Conn, ConnPlan, Envelope, Failure, parse_envelope};
+use crate::conn::{Conn, ConnPlan, Envelope, Failure, Transport, parse_envelope};
 use crate::ipc::{self, Command, ConnectedReport, Event, FinalReport, WorkerSpec};
 use crate::proc;
 use crate::stats::{
@@ -184,13 +184,13 @@ impl Shared {
         self.established.load(Relaxed) + self.failed.load(Relaxed)
     }
 
-    /// The token of user `user`, granting its channels.
-    fn token(&self, user: usize) -> Result<String, Failure> {
-        let name = user_name(&self.spec.user_prefix, user);
+    /// The token of `plan`'s user, granting the channels it does not join by message.
+    fn token(&self, plan: ConnPlan) -> Result<String, Failure> {
+        let name = user_name(&self.spec.user_prefix, plan.user);
         let channels: Vec<String> = self
             .spec
             .streams
-            .channels_of(user)
+            .claimed_of(plan.user, plan.transport == Transport::Ws)
             .into_iter()
             .map(|c| self.spec.streams.channel_name(c))
             .collect();
@@ -236,7 +236,7 @@ impl Shared {
             .hubs
             .get(hub)
             .ok_or_else(|| Failure::new("config", format!("no hub #{hub}")))?;
-        let token = self.token(plan.user)?;
+        let token = self.token(plan)?;
         let mut conn = Conn::open(plan.transport, addr, &token, resume, source).await?;
         let first = conn
             .next_payload()
@@ -250,6 +250,65 @@ impl Shared {
             return Err(Failure::new("bad first message", shown));
         }
         Ok((conn, first))
+    }
+
+    /// Sends a `subscribe` (with a channel token) for each channel `plan`'s connection joins
+    /// by message; returns their names.
+    async fn send_subscribes(
+        &self,
+        conn: &mut Conn,
+        plan: ConnPlan,
+    ) -> Result<Vec<String>, Failure> {
+        let user = user_name(&self.spec.user_prefix, plan.user);
+        let mut names = Vec::new();
+        for c in self
+            .spec
+            .streams
+            .subscribed_of(plan.user, plan.transport == Transport::Ws)
+        {
+            let channel = self.spec.streams.channel_name(c);
+            let token = self
+                .minter
+                .mint_for_channel(&user, &channel)
+                .map_err(|e| Failure::new("token", format!("{e:#}")))?;
+            let message =
+                serde_json::json!({"type": "subscribe", "channel": channel, "token": token});
+            conn.send_text(message.to_string())
+                .await
+                .map_err(|e| Failure::new("subscribe", format!("{e:#}")))?;
+            names.push(channel);
+        }
+        Ok(names)
+    }
+
+    /// Joins `plan`'s channels by message and waits until the hub confirms each, accounting
+    /// for whatever arrives meanwhile.
+    async fn join_by_message(
+        &self,
+        conn: &mut Conn,
+        plan: ConnPlan,
+        slot: &Slot,
+        streams: &mut ConnStreams,
+    ) -> Result<(), Failure> {
+        let mut pending = self.send_subscribes(conn, plan).await?;
+        while !pending.is_empty() {
+            let payload = conn
+                .next_payload()
+                .await
+                .map_err(|e| Failure::new("closed before hub.subscribed", format!("{e:#}")))?;
+            match parse_envelope(&payload) {
+                Ok(Envelope::Refused { reason }) => {
+                    return Err(Failure::new("subscribe refused", reason));
+                }
+                Ok(Envelope::Subscribed {
+                    channel: Some(channel),
+                    ..
+                }) => pending.retain(|c| *c != channel),
+                _ => {}
+            }
+            self.receive(slot, streams, &payload);
+        }
+        Ok(())
     }
 
     fn connect_failed(&self, slot: &Slot, kind: &str, detail: &str) {
@@ -315,13 +374,20 @@ impl Shared {
                 };
                 lock(&self.gaps).record(kind, detail);
             }
-            Ok(Envelope::Connected { cursor, .. }) => {
-                // Before any notification, the greeting's cursor is the resume point.
+            Ok(Envelope::Connected { cursor, .. } | Envelope::Subscribed { cursor, .. }) => {
+                // Before any notification, the greeting's (or a later subscription's) cursor
+                // is the resume point.
                 if conn.keep_id
                     && let Some(cursor) = cursor
                 {
                     conn.last_id = Some(cursor.into_owned());
                 }
+                self.other_messages.fetch_add(1, Relaxed);
+            }
+            Ok(Envelope::Refused { reason }) => {
+                // A refused resubscribe after a resume, say: the channel's notifications will
+                // show up as missing; say why.
+                lock(&self.resume_errors).record("hub.error", &reason);
                 self.other_messages.fetch_add(1, Relaxed);
             }
             Ok(Envelope::Other) => {
@@ -437,7 +503,14 @@ impl Shared {
             )
             .await;
             match attempt {
-                Ok(Ok((conn, first))) => {
+                Ok(Ok((mut conn, first))) => {
+                    // The channels joined by message come back by message (the hub resumes
+                    // them from the cursor); their confirmations arrive with the rest.
+                    if let Err(f) = self.send_subscribes(&mut conn, plan).await {
+                        last = f;
+                        sleep(RESUME_RETRY).await;
+                        continue;
+                    }
                     streams.replay_before_us = unix_micros();
                     self.resumes.fetch_add(1, Relaxed);
                     // A connection that had seen nothing yet has nothing to resume.
@@ -496,14 +569,31 @@ async fn connection(
             );
         }
     };
+    let will_resume = resumes(j, shared.spec.resume.fraction);
+    let mut streams = ConnStreams::new(shared.spec.streams.streams_of(plan.user), will_resume);
+    shared.receive(slot, &mut streams, &first);
+    // Channels joined by message count as joined once the hub has confirmed them.
+    let joined = timeout_at(
+        limit,
+        shared.join_by_message(&mut conn, plan, slot, &mut streams),
+    )
+    .await;
+    match joined {
+        Ok(Ok(())) => {}
+        Ok(Err(failure)) => return shared.connect_failed(slot, &failure.kind, &failure.detail),
+        Err(_) => {
+            return shared.connect_failed(
+                slot,
+                "timeout",
+                "no hub.subscribed within the connect timeout",
+            );
+        }
+    }
     slot.state.store(ALIVE, Relaxed);
     shared.per_hub[plan.hub].fetch_add(1, Relaxed);
     shared.last_connected_us.fetch_max(unix_micros(), Relaxed);
     shared.established.fetch_add(1, Relaxed);
 
-    let will_resume = resumes(j, shared.spec.resume.fraction);
-    let mut streams = ConnStreams::new(shared.spec.streams.streams_of(plan.user), will_resume);
-    shared.receive(slot, &mut streams, &first);
     // When to drop, once publishing has started (never, for most connections).
     let mut drop_at: Option<Instant> = None;
     let mut waiting_for_start = will_resume;

@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -59,6 +59,14 @@ impl WsConn {
             }
             Err(e) => Err(Failure::new("ws handshake", e.to_string())),
         }
+    }
+
+    /// Sends one text message (a `subscribe`, say).
+    pub async fn send_text(&mut self, text: String) -> Result<()> {
+        self.stream
+            .send(Message::text(text))
+            .await
+            .context("writing websocket")
     }
 
     /// Waits for the next text (or binary) message; pings are answered by tungstenite
