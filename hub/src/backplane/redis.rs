@@ -375,6 +375,9 @@ where
     }
 }
 
+/// Longest a head read waits for the node's pub/sub to catch up with it.
+const HEAD_WAIT: Duration = Duration::from_millis(500);
+
 /// Slots of a Redis Cluster.
 const SLOTS: u16 = 16384;
 
@@ -2268,7 +2271,8 @@ impl Backplane for RedisBackplane {
         };
         // Everything up to the head was published before it was read; its pub/sub messages
         // may still be on their way to this node. Wait (briefly) until the node has them.
-        let deadline = tokio::time::Instant::now() + self.inner.settings.timeout;
+        let deadline =
+            tokio::time::Instant::now() + self.inner.settings.timeout.min(HEAD_WAIT);
         loop {
             let handed = match self.inner.subs.lock().get(stream) {
                 None => true,
@@ -2279,6 +2283,9 @@ impl Backplane for RedisBackplane {
                             .is_some_and(|l| l.epoch == head.epoch && l.seq >= head.seq)
                 }
             };
+            // Past the wait, what is missing was published before this node's subscription
+            // went live (between its head read and `SUBSCRIBE`), so it never comes by pub/sub
+            // and no connection here is owed it.
             if handed || tokio::time::Instant::now() >= deadline {
                 return Ok(Some(head));
             }
