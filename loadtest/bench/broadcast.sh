@@ -21,31 +21,9 @@ CONNECTIONS=${CONNECTIONS:-10000} RATE=${RATE:-10} DURATION=${DURATION:-20s}
 MODE=${MODE:-http} BATCH=${BATCH:-10}
 REDIS_PORT=${REDIS_PORT:-6391} PORT_A=${PORT_A:-9121} PORT_B=${PORT_B:-9122} GRPC_B=${GRPC_B:-9222}
 BIN=${BIN_DIR:-target/release}
-[[ -x $BIN/hub && -x $BIN/hub-loadgen ]] || { echo "build first: cargo build --release -p hub -p loadtest" >&2; exit 1; }
-
-dir=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$dir"
-}
-trap cleanup EXIT
-
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$dir" \
-  --loglevel warning >/dev/null &
-redis=$!; pids+=("$redis")
-until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.1; done
-
-export HUB_REDIS_URL=redis://127.0.0.1:$REDIS_PORT HUB_REDIS_PREFIX=bench HUB_LOG=warn
-export HUB_JWT_SECRET=benchsecretbenchsecretbenchsecret01 HUB_API_KEY=benchkeybenchkey01
-# One client address holds every connection here.
-export HUB_MAX_CONNECTIONS_PER_IP=1000000
-HUB_ADDR=127.0.0.1:$PORT_A "$BIN/hub" serve & a=$!; pids+=("$a")
-HUB_ADDR=127.0.0.1:$PORT_B HUB_GRPC_ADDR=127.0.0.1:$GRPC_B "$BIN/hub" serve & b=$!; pids+=("$b")
-for port in "$PORT_A" "$PORT_B"; do
-  until curl -fs "http://127.0.0.1:$port/readyz" >/dev/null; do sleep 0.1; done
-done
+NODE_B_ENV="HUB_GRPC_ADDR=127.0.0.1:$GRPC_B"
+# shellcheck source=loadtest/bench/two-nodes.sh
+source loadtest/bench/two-nodes.sh
 
 args=(--publish-mode "$MODE")
 [[ $MODE == batch ]] && args+=(--batch-size "$BATCH")

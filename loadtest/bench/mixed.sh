@@ -23,31 +23,8 @@ CONNECTIONS=${CONNECTIONS:-2000} RATE=${RATE:-1000} CHANNEL_RATE=${CHANNEL_RATE:
 CHANNEL_GROUPS=${CHANNEL_GROUPS:-10} RESUME=${RESUME:-0.2} OFFLINE=${OFFLINE:-2s} DURATION=${DURATION:-20s}
 REDIS_PORT=${REDIS_PORT:-6392} PORT_A=${PORT_A:-9131} PORT_B=${PORT_B:-9132}
 BIN=${BIN_DIR:-target/release}
-[[ -x $BIN/hub && -x $BIN/hub-loadgen ]] || { echo "build first: cargo build --release -p hub -p loadtest" >&2; exit 1; }
-
-dir=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$dir"
-}
-trap cleanup EXIT
-
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$dir" \
-  --loglevel warning >/dev/null &
-redis=$!; pids+=("$redis")
-until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.1; done
-
-export HUB_REDIS_URL=redis://127.0.0.1:$REDIS_PORT HUB_REDIS_PREFIX=bench HUB_LOG=warn
-export HUB_JWT_SECRET=benchsecretbenchsecretbenchsecret01 HUB_API_KEY=benchkeybenchkey01
-# One client address holds every connection here; resumes reconnect from it too.
-export HUB_MAX_CONNECTIONS_PER_IP=1000000
-HUB_ADDR=127.0.0.1:$PORT_A "$BIN/hub" serve & a=$!; pids+=("$a")
-HUB_ADDR=127.0.0.1:$PORT_B "$BIN/hub" serve & b=$!; pids+=("$b")
-for port in "$PORT_A" "$PORT_B"; do
-  until curl -fs "http://127.0.0.1:$port/readyz" >/dev/null; do sleep 0.1; done
-done
+# shellcheck source=loadtest/bench/two-nodes.sh
+source loadtest/bench/two-nodes.sh
 
 "$BIN/hub-loadgen" run --hub "http://127.0.0.1:$PORT_A" --hub "http://127.0.0.1:$PORT_B" \
   --publish-via "http://127.0.0.1:$PORT_B" \
