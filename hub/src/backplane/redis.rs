@@ -9,8 +9,8 @@
 //! | `P:i:{u}:<key>` | string | the id an API idempotency key was first published under (`HUB_IDEMPOTENCY_TTL`) |
 //! | `P:e:{u}` | sorted set | the user's recent ingested events (hash of route + event id), scored by sequence, about `HUB_DEDUPE_WINDOW` of them |
 //! | `P:c:{u}` | channel | `<id> <µs> <envelope JSON>` for every accepted notification |
-//! | `P:p:{u}` | hash | presence: each node's count of the user's connections |
-//! | `P:q:{{c}` | hash | channel presence: `<node> <user>` → that user's connections to channel `c` on that node |
+//! | `P:p:{u}:<node>` | string | presence: that node's count of the user's connections (expires unless the node rewrites it) |
+//! | `P:q:{{c}:<node>` | hash | channel presence: user → that user's connections to channel `c` on that node (expires likewise) |
 //! | `P:r:{u}` | string | `<issued before> <until>`: the user's revoked tokens (disconnect API) |
 //! | `P:ctl` | channel | `d <request> <issued before> <until> <user>`: disconnect requests to every node |
 //! | `P:dr:<request>` | list | each node's count of connections it closed for that request |
@@ -1152,8 +1152,8 @@ impl RedisBackplane {
     }
 
     /// Keeps this node's part of presence in Redis: every [`PRESENCE_FLUSH`], each user
-    /// whose local connection count changed gets it written into `P:p:{u}` (field: this
-    /// node), or removed at zero; a heartbeat in `P:pn` every quarter of the presence
+    /// whose local connection count changed gets it written into `P:p:{u}:<node>`, or
+    /// removed at zero (channel members likewise into `P:q:{{c}:<node>`); a heartbeat in `P:pn` every quarter of the presence
     /// timeout tells readers this node's counts are current; every
     /// [`PRESENCE_REFRESH`] all local users are written again, so their keys (which expire
     /// after twice that) outlive no node that still holds them.
@@ -1163,16 +1163,26 @@ impl RedisBackplane {
         let heartbeat_every = (self.inner.settings.presence_timeout / 4).max(PRESENCE_FLUSH / 4);
         let mut last_heartbeat: Option<tokio::time::Instant> = None;
         let mut last_refresh = tokio::time::Instant::now();
+        let mut failing = false;
         loop {
             tick.tick().await;
             let now = tokio::time::Instant::now();
+            let mut recovered = false;
             if last_heartbeat.is_none_or(|at| now.duration_since(at) >= heartbeat_every) {
                 match self.presence_heartbeat().await {
-                    Ok(()) => last_heartbeat = Some(now),
-                    Err(e) => tracing::warn!(error = %e, "presence heartbeat failed"),
+                    Ok(()) => {
+                        last_heartbeat = Some(now);
+                        // Back after Redis was out of reach (perhaps long enough for this
+                        // node's keys to expire, or Redis lost them): write everything again.
+                        recovered = std::mem::take(&mut failing);
+                    }
+                    Err(e) => {
+                        failing = true;
+                        tracing::warn!(error = %e, "presence heartbeat failed");
+                    }
                 }
             }
-            if now.duration_since(last_refresh) >= PRESENCE_REFRESH {
+            if recovered || now.duration_since(last_refresh) >= PRESENCE_REFRESH {
                 last_refresh = now;
                 let all: Vec<Arc<str>> = self.inner.subs.lock().keys().cloned().collect();
                 for stream in all {
@@ -1250,26 +1260,54 @@ impl RedisBackplane {
         let mut writes = Vec::with_capacity(users.len());
         for user in users {
             let count = self.inner.sink.connections(user);
-            let key = self.key("p", user);
+            let key = self.node_key("p", user);
             let mut pipe = redis::pipe();
             if count > 0 {
-                pipe.cmd("HSET")
+                pipe.cmd("SET")
                     .arg(&key)
-                    .arg(&self.inner.node)
                     .arg(count)
+                    .arg("PX")
+                    .arg(ttl_ms)
                     .ignore();
-                pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms).ignore();
             } else {
-                pipe.cmd("HDEL").arg(&key).arg(&self.inner.node).ignore();
+                pipe.cmd("DEL").arg(&key).ignore();
             }
             writes.push(pipe);
         }
         self.run_pipelines(writes).await
     }
 
-    /// Writes this node's current connection count of each (channel, user) pair into the
-    /// channel's `P:q:{{c}` (field `<node> <user>`; removed at zero); one pipeline per
-    /// channel, all in flight at once.
+    /// This node's presence key of a stream: `P:<kind>:{<stream>}:<node>`, in the stream's
+    /// slot, written only by this node, so a node that dies leaves keys that expire.
+    fn node_key(&self, kind: &str, stream: &str) -> String {
+        format!("{}:{}", self.key(kind, stream), self.inner.node)
+    }
+
+    /// The nodes whose presence heartbeat is recent enough, this one left out.
+    async fn other_live_nodes(&self) -> Result<Vec<String>, BackplaneError> {
+        let since = (now_micros() / 1000)
+            .saturating_sub(self.inner.settings.presence_timeout.as_millis() as u64);
+        let alive: Vec<String> = self
+            .bounded(async {
+                let mut conn = self.conn();
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(self.presence_nodes_key())
+                    .arg(since)
+                    .arg("+inf")
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(unavailable)
+            })
+            .await?;
+        Ok(alive
+            .into_iter()
+            .filter(|node| *node != self.inner.node)
+            .collect())
+    }
+
+    /// Writes this node's current connection count of each (channel, user) pair into its
+    /// hash of the channel, `P:q:{{c}:<node>` (field: the user; removed at zero); one
+    /// pipeline per channel, all in flight at once.
     async fn write_channel_presence(
         &self,
         pairs: &[(Arc<str>, Arc<str>)],
@@ -1287,13 +1325,12 @@ impl RedisBackplane {
                 .channel_members(stream)
                 .into_iter()
                 .collect();
-            let key = self.key("q", stream);
+            let key = self.node_key("q", stream);
             let mut pipe = redis::pipe();
             for user in users {
-                let field = format!("{} {user}", self.inner.node);
                 match members.get(user) {
-                    Some(n) if *n > 0 => pipe.cmd("HSET").arg(&key).arg(field).arg(*n).ignore(),
-                    _ => pipe.cmd("HDEL").arg(&key).arg(field).ignore(),
+                    Some(n) if *n > 0 => pipe.cmd("HSET").arg(&key).arg(&**user).arg(*n).ignore(),
+                    _ => pipe.cmd("HDEL").arg(&key).arg(&**user).ignore(),
                 };
             }
             pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms).ignore();
@@ -1322,26 +1359,6 @@ impl RedisBackplane {
             .collect::<Result<Vec<()>, _>>()
             .map(drop)
             .map_err(unavailable)
-    }
-
-    /// A presence hash (field → count) and the nodes whose heartbeat is recent enough.
-    async fn read_presence(
-        &self,
-        key: &str,
-    ) -> Result<(HashMap<String, usize>, Vec<String>), BackplaneError> {
-        let since = (now_micros() / 1000)
-            .saturating_sub(self.inner.settings.presence_timeout.as_millis() as u64);
-        // Two keys of different slots: two commands, in flight together.
-        self.bounded(async {
-            let (mut a, mut b) = (self.conn(), self.conn());
-            let mut counts = redis::cmd("HGETALL");
-            counts.arg(key);
-            let mut alive = redis::cmd("ZRANGEBYSCORE");
-            alive.arg(self.presence_nodes_key()).arg(since).arg("+inf");
-            futures_util::try_join!(counts.query_async(&mut a), alive.query_async(&mut b))
-                .map_err(unavailable)
-        })
-        .await
     }
 
     /// A connection of its own, for a command that blocks.
@@ -2271,8 +2288,7 @@ impl Backplane for RedisBackplane {
         };
         // Everything up to the head was published before it was read; its pub/sub messages
         // may still be on their way to this node. Wait (briefly) until the node has them.
-        let deadline =
-            tokio::time::Instant::now() + self.inner.settings.timeout.min(HEAD_WAIT);
+        let deadline = tokio::time::Instant::now() + self.inner.settings.timeout.min(HEAD_WAIT);
         loop {
             let handed = match self.inner.subs.lock().get(stream) {
                 None => true,
@@ -2295,13 +2311,28 @@ impl Backplane for RedisBackplane {
 
     async fn channel_presence(&self, stream: &str) -> Result<ChannelPresence, BackplaneError> {
         let local = self.inner.sink.channel_members(stream);
-        let (counts, alive) = self.read_presence(&self.key("q", stream)).await?;
-        let remote = counts.iter().filter_map(|(field, n)| {
-            let (node, user) = field.split_once(' ')?;
-            (node != self.inner.node && alive.iter().any(|a| a == node)).then_some((user, *n))
-        });
+        let others = self.other_live_nodes().await?;
+        let remote: Vec<HashMap<String, usize>> = if others.is_empty() {
+            Vec::new()
+        } else {
+            // Every node's hash of the channel lives in the channel's slot: one pipeline.
+            let mut pipe = redis::pipe();
+            for node in &others {
+                pipe.cmd("HGETALL")
+                    .arg(format!("{}:{node}", self.key("q", stream)));
+            }
+            self.bounded(async {
+                let mut conn = self.conn();
+                pipe.query_async(&mut conn).await.map_err(unavailable)
+            })
+            .await?
+        };
         Ok(ChannelPresence::from_counts(
-            local.iter().map(|(u, n)| (&**u, *n)).chain(remote),
+            local.iter().map(|(u, n)| (&**u, *n)).chain(
+                remote
+                    .iter()
+                    .flat_map(|counts| counts.iter().map(|(u, n)| (u.as_str(), *n))),
+            ),
         ))
     }
 
@@ -2407,12 +2438,29 @@ impl Backplane for RedisBackplane {
 
     async fn presence(&self, user: &str) -> Result<usize, BackplaneError> {
         let local = self.inner.sink.connections(user);
-        let (counts, alive) = self.read_presence(&self.key("p", user)).await?;
-        let remote = counts
+        let others = self.other_live_nodes().await?;
+        if others.is_empty() {
+            return Ok(local);
+        }
+        // Every node's key of the user lives in the user's slot: one MGET.
+        let keys: Vec<String> = others
             .iter()
-            .filter(|(node, _)| **node != self.inner.node && alive.contains(node))
-            .fold(0usize, |sum, (_, n)| sum.saturating_add(*n));
-        Ok(local.saturating_add(remote))
+            .map(|node| format!("{}:{node}", self.key("p", user)))
+            .collect();
+        let counts: Vec<Option<usize>> = self
+            .bounded(async {
+                let mut conn = self.conn();
+                redis::cmd("MGET")
+                    .arg(&keys)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(unavailable)
+            })
+            .await?;
+        Ok(counts
+            .into_iter()
+            .flatten()
+            .fold(local, usize::saturating_add))
     }
 }
 

@@ -122,6 +122,20 @@ async fn presence_on_redis_counts_every_node_and_forgets_a_dead_one() {
         ("HUB_LOG", "warn"),
     ])
     .await;
+    // Each node's presence keys expire unless it rewrites them: a dead node's (the killed
+    // one's among them) go by themselves, and no reader has to skip past them for ever.
+    let mut conn = redis::Client::open(url.as_str())
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:p:*"))
+        .query(&mut conn)
+        .expect("KEYS");
+    assert!(!keys.is_empty(), "presence keys written");
+    for key in keys {
+        let ttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut conn).expect("PTTL");
+        assert!(ttl > 0, "{key} has no expiry ({ttl})");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
