@@ -292,6 +292,9 @@ struct Inner {
     /// (channel stream, user) pairs whose local count changed since the presence task last
     /// wrote them.
     channel_dirty: Mutex<HashSet<(Arc<str>, Arc<str>)>>,
+    /// Pub/sub channel names made once (every message is matched against them).
+    channel_prefix: String,
+    control_channel: String,
 }
 
 struct SubState {
@@ -536,6 +539,8 @@ impl RedisBackplane {
         } else {
             format!("{SINGLE_PRELUDE}{PUBLISH_SCRIPT}")
         };
+        let channel_prefix = format!("{}:c:{{", settings.prefix);
+        let control_channel = format!("{}:ctl", settings.prefix);
         let (changed, changes) = mpsc::channel(1);
         let (live, _) = watch::channel(0);
         let (coalescers, jobs): (Vec<_>, Vec<_>) =
@@ -561,6 +566,8 @@ impl RedisBackplane {
                 node: format!("{:016x}", rand::random::<u64>()),
                 presence_dirty: Mutex::new(HashSet::new()),
                 channel_dirty: Mutex::new(HashSet::new()),
+                channel_prefix,
+                control_channel,
             }),
         };
         this.ping().await?;
@@ -909,8 +916,9 @@ impl RedisBackplane {
         format!("{}:{kind}:{{{user}}}", self.inner.settings.prefix)
     }
 
-    fn channel_prefix(&self) -> String {
-        format!("{}:c:{{", self.inner.settings.prefix)
+    /// `P:c:{`, what every stream's pub/sub channel name starts with.
+    fn channel_prefix(&self) -> &str {
+        &self.inner.channel_prefix
     }
 
     async fn ping(&self) -> Result<(), BackplaneError> {
@@ -1383,8 +1391,9 @@ impl RedisBackplane {
         }
     }
 
-    fn control_channel(&self) -> String {
-        format!("{}:ctl", self.inner.settings.prefix)
+    /// `P:ctl`, the channel of disconnect requests.
+    fn control_channel(&self) -> &str {
+        &self.inner.control_channel
     }
 
     /// Hands a pub/sub message to the sink unless a catch-up read already delivered it.
@@ -1968,7 +1977,7 @@ impl RedisBackplane {
     /// The user a pub/sub channel name belongs to.
     fn user_of<'a>(&self, channel: &'a str) -> Option<&'a str> {
         channel
-            .strip_prefix(&self.channel_prefix())
+            .strip_prefix(self.channel_prefix())
             .and_then(|rest| rest.strip_suffix('}'))
     }
 
