@@ -224,6 +224,13 @@ pub trait Backplane: Send + Sync + 'static {
     /// node holds the revocations in memory).
     fn revoked_before(&self, user: &str) -> Option<u64>;
 
+    /// Whether a token of `user` issued at `iat` is revoked (one without `iat` is, when the
+    /// user has a revocation).
+    fn revokes(&self, user: &str, iat: Option<u64>) -> bool {
+        self.revoked_before(user)
+            .is_some_and(|before| iat.is_none_or(|iat| iat < before))
+    }
+
     /// How many connections `user` has over every node (presence): this node's exactly,
     /// the others' as they last reported them (within about a second), a node that stopped
     /// reporting counted out once its heartbeat is older than the presence timeout.

@@ -385,11 +385,7 @@ async fn checks(
             reason::USER_RATE,
         ));
     }
-    let revoked = |ctx: &Context| {
-        ctx.backplane
-            .revoked_before(&user)
-            .is_some_and(|before| identity.iat.is_none_or(|iat| iat < before))
-    };
+    let revoked = |ctx: &Context| ctx.backplane.revokes(&user, identity.iat);
     let refused = || {
         Rejection::new(
             StatusCode::UNAUTHORIZED,

@@ -51,12 +51,7 @@ pub async fn answer(ctx: &Context, session: &Session, text: &str) -> Inbound {
     match (msg.kind.as_str(), msg.token) {
         // Boxed: verification may fetch keys; its state stays out of the caller's.
         ("refresh", Some(token)) => match Box::pin(ctx.verifier.verify(&token)).await {
-            Ok(identity)
-                if ctx
-                    .backplane
-                    .revoked_before(&session.user)
-                    .is_some_and(|before| identity.iat.is_none_or(|iat| iat < before)) =>
-            {
+            Ok(identity) if ctx.backplane.revokes(&session.user, identity.iat) => {
                 tracing::debug!("refresh with a revoked token refused");
                 Inbound::Refused
             }

@@ -447,12 +447,7 @@ async fn subscribe<C: Connection>(
             "the subscribe token is for another user".to_owned(),
             "token",
         )),
-        Ok(id)
-            if ctx
-                .backplane
-                .revoked_before(&session.user)
-                .is_some_and(|before| id.iat.is_none_or(|iat| iat < before)) =>
-        {
+        Ok(id) if ctx.backplane.revokes(&session.user, id.iat) => {
             Err(refuse("subscribe token revoked".to_owned(), "token"))
         }
         Ok(id) if id.channel.as_deref() != Some(channel.as_str()) => Err(refuse(
