@@ -85,13 +85,15 @@ pub fn check_channel(name: &str) -> Result<(), &'static str> {
     if name.len() > MAX_CHANNEL {
         return Err("channel name longer than 128 characters");
     }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"_.:@/-".contains(&b))
-    {
+    if !name.chars().all(is_channel_char) {
         return Err("channel name may hold only A-Z, a-z, 0-9 and _ . : @ / -");
     }
     Ok(())
+}
+
+/// Whether `c` may be in a channel name.
+pub fn is_channel_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "_.:@/-".contains(c)
 }
 
 /// The stream name of a channel.

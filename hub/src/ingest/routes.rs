@@ -109,12 +109,6 @@ pub struct ChannelTemplate {
     pieces: Vec<Piece>,
 }
 
-/// Whether `c` may be in a channel name (the literal parts of a template are checked at start;
-/// whole names with [`crate::envelope::check_channel`]).
-fn channel_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || "_.:@/-".contains(c)
-}
-
 impl ChannelTemplate {
     /// Parses `text`: literal parts must be channel characters, `{path}` names a field.
     pub fn parse(text: &str) -> Result<Self, String> {
@@ -154,7 +148,7 @@ impl ChannelTemplate {
         }
         for piece in &pieces {
             if let Piece::Text(t) = piece
-                && let Some(c) = t.chars().find(|&c| !channel_char(c))
+                && let Some(c) = t.chars().find(|&c| !crate::envelope::is_channel_char(c))
             {
                 return Err(bad(format!(
                     "{c:?} cannot be in a channel name ([A-Za-z0-9_.:@/-])"
