@@ -240,6 +240,17 @@ async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], openapi_json()).into_response()
 }
 
+/// A user id of a request, or 400 naming `user_id`.
+fn valid_user(user: &str) -> Result<(), ApiError> {
+    crate::envelope::check_user_id(user).map_err(|e| ApiError::BadRequest(format!("user_id: {e}")))
+}
+
+/// A channel name of a request, or 400 naming `channel`.
+fn valid_channel(channel: &str) -> Result<(), ApiError> {
+    crate::envelope::check_channel(channel)
+        .map_err(|e| ApiError::BadRequest(format!("channel: {e}")))
+}
+
 fn check_field(name: &str, value: &str) -> Result<(), ApiError> {
     if value.is_empty() {
         return Err(ApiError::BadRequest(format!("{name} must not be empty")));
@@ -319,13 +330,11 @@ pub(crate) fn publish_from_parts(
 fn check_publish(req: PublishRequest) -> Result<Publish, ApiError> {
     let stream = match (req.user_id, req.channel) {
         (Some(user), None) => {
-            crate::envelope::check_user_id(&user)
-                .map_err(|e| ApiError::BadRequest(format!("user_id: {e}")))?;
+            valid_user(&user)?;
             user
         }
         (None, Some(channel)) => {
-            crate::envelope::check_channel(&channel)
-                .map_err(|e| ApiError::BadRequest(format!("channel: {e}")))?;
+            valid_channel(&channel)?;
             crate::envelope::channel_stream(&channel)
         }
         (Some(_), Some(_)) => {
@@ -546,8 +555,7 @@ async fn disconnect(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let body = read_body(&headers, body, || ApiError::TooLarge)?;
     let req: DisconnectRequest = parse_json(&body)?;
-    crate::envelope::check_user_id(&req.user_id)
-        .map_err(|e| ApiError::BadRequest(format!("user_id: {e}")))?;
+    valid_user(&req.user_id)?;
     let now = crate::envelope::now_micros() / 1_000_000;
     let revoke = match req.revoke_tokens_issued_before {
         None => None,
@@ -594,8 +602,7 @@ async fn user_presence(
     user: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Result<Json<UserPresence>, ApiError> {
     let Path(user) = user.map_err(|e| ApiError::BadRequest(format!("user_id: {e}")))?;
-    crate::envelope::check_user_id(&user)
-        .map_err(|e| ApiError::BadRequest(format!("user_id: {e}")))?;
+    valid_user(&user)?;
     state.inner.metrics.presence_requested("user");
     let connections = state.inner.backplane.presence(&user).await?;
     Ok(Json(UserPresence {
@@ -623,8 +630,7 @@ async fn channel_presence(
     channel: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Result<Json<ChannelPresenceBody>, ApiError> {
     let Path(channel) = channel.map_err(|e| ApiError::BadRequest(format!("channel: {e}")))?;
-    crate::envelope::check_channel(&channel)
-        .map_err(|e| ApiError::BadRequest(format!("channel: {e}")))?;
+    valid_channel(&channel)?;
     state.inner.metrics.presence_requested("channel");
     let presence = state
         .inner
@@ -683,8 +689,7 @@ async fn dev_token(
             "expected {{\"user_id\": \"...\", \"audience\", \"channels\", \"channel\": optional}}: {e}"
         ))
     })?;
-    crate::envelope::check_user_id(&login.user_id)
-        .map_err(|e| ApiError::BadRequest(format!("user_id: {e}")))?;
+    valid_user(&login.user_id)?;
     if let Some(aud) = &login.audience {
         check_field("audience", aud)?;
     }
@@ -693,19 +698,17 @@ async fn dev_token(
         .as_deref()
         .or(state.inner.audience.as_deref());
     for c in login.channels.iter().chain(&login.channel) {
-        crate::envelope::check_channel(c)
-            .map_err(|e| ApiError::BadRequest(format!("channel: {e}")))?;
+        valid_channel(c)?;
     }
-    let now = crate::envelope::now_micros() / 1_000_000;
     let claims = crate::auth::Claims {
-        sub: login.user_id,
-        exp: now.saturating_add(3600),
-        nbf: None,
-        iat: Some(now),
-        aud: audience.map(str::to_owned),
-        iss: state.inner.issuer.clone(),
         channels: login.channels,
         channel: login.channel,
+        ..crate::auth::Claims::new(
+            &login.user_id,
+            Duration::from_secs(3600),
+            audience,
+            state.inner.issuer.as_deref(),
+        )
     };
     let token = crate::auth::sign_hs256_claims(secret, &claims)
         .map_err(|_| ApiError::Unavailable("cannot sign".to_owned()))?;

@@ -388,18 +388,25 @@ pub fn sign_hs256_for(
     aud: Option<&str>,
     iss: Option<&str>,
 ) -> Result<String, jsonwebtoken::errors::Error> {
-    let now = crate::envelope::now_micros() / 1_000_000;
-    let claims = Claims {
-        sub: sub.to_owned(),
-        exp: now.saturating_add(ttl.as_secs()),
-        nbf: None,
-        iat: Some(now),
-        aud: aud.map(str::to_owned),
-        iss: iss.map(str::to_owned),
-        channels: Vec::new(),
-        channel: None,
-    };
-    sign_hs256_claims(secret, &claims)
+    sign_hs256_claims(secret, &Claims::new(sub, ttl, aud, iss))
+}
+
+impl Claims {
+    /// Claims of `sub` issued now for `ttl`, with an audience and an issuer when given, and
+    /// no channels.
+    pub fn new(sub: &str, ttl: Duration, aud: Option<&str>, iss: Option<&str>) -> Self {
+        let now = crate::envelope::now_micros() / 1_000_000;
+        Claims {
+            sub: sub.to_owned(),
+            exp: now.saturating_add(ttl.as_secs()),
+            nbf: None,
+            iat: Some(now),
+            aud: aud.map(str::to_owned),
+            iss: iss.map(str::to_owned),
+            channels: Vec::new(),
+            channel: None,
+        }
+    }
 }
 
 /// Signs any [`Claims`] with HS256.
