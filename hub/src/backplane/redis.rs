@@ -287,11 +287,9 @@ struct Inner {
     revocations: Revocations,
     /// This node's name in presence (random per process).
     node: String,
-    /// Users whose local connection count changed since the presence task last wrote it.
-    presence_dirty: Mutex<HashSet<Arc<str>>>,
-    /// (channel stream, user) pairs whose local count changed since the presence task last
-    /// wrote them.
-    channel_dirty: Mutex<HashSet<(Arc<str>, Arc<str>)>>,
+    /// (stream, user) pairs whose local connection count changed since the presence task
+    /// last wrote them (a user's personal stream is the user itself).
+    presence_dirty: Mutex<HashSet<(Arc<str>, Arc<str>)>>,
     /// Pub/sub channel names made once (every message is matched against them).
     channel_prefix: String,
     control_channel: String,
@@ -565,7 +563,6 @@ impl RedisBackplane {
                 revocations: Revocations::default(),
                 node: format!("{:016x}", rand::random::<u64>()),
                 presence_dirty: Mutex::new(HashSet::new()),
-                channel_dirty: Mutex::new(HashSet::new()),
                 channel_prefix,
                 control_channel,
             }),
@@ -1144,14 +1141,10 @@ impl RedisBackplane {
 
     /// Marks a stream's local count of `user` as changed for the presence task.
     fn presence_changed(&self, stream: &Arc<str>, user: &Arc<str>) {
-        if crate::envelope::channel_of(stream).is_some() {
-            self.inner
-                .channel_dirty
-                .lock()
-                .insert((stream.clone(), user.clone()));
-        } else {
-            self.inner.presence_dirty.lock().insert(user.clone());
-        }
+        self.inner
+            .presence_dirty
+            .lock()
+            .insert((stream.clone(), user.clone()));
     }
 
     /// The sorted set of nodes reporting presence, scored by their last heartbeat (ms).
@@ -1159,11 +1152,11 @@ impl RedisBackplane {
         format!("{}:pn", self.inner.settings.prefix)
     }
 
-    /// Keeps this node's part of presence in Redis: every [`PRESENCE_FLUSH`], each user
-    /// whose local connection count changed gets it written into `P:p:{u}:<node>`, or
-    /// removed at zero (channel members likewise into `P:q:{{c}:<node>`); a heartbeat in `P:pn` every quarter of the presence
-    /// timeout tells readers this node's counts are current; every
-    /// [`PRESENCE_REFRESH`] all local users are written again, so their keys (which expire
+    /// Keeps this node's part of presence in Redis: every [`PRESENCE_FLUSH`], each user and
+    /// channel member whose local connection count changed gets it written (see
+    /// [`Self::write_presence`]); a heartbeat in `P:pn` every quarter of the presence timeout
+    /// tells readers this node's counts are current; every [`PRESENCE_REFRESH`] (and after
+    /// Redis was out of reach) all of them are written again, so their keys (which expire
     /// after twice that) outlive no node that still holds them.
     async fn presence_task(self) {
         let mut tick = tokio::time::interval(PRESENCE_FLUSH);
@@ -1194,33 +1187,23 @@ impl RedisBackplane {
                 last_refresh = now;
                 let all: Vec<Arc<str>> = self.inner.subs.lock().keys().cloned().collect();
                 for stream in all {
-                    if crate::envelope::channel_of(&stream).is_some() {
-                        let members = self.inner.sink.channel_members(&stream);
-                        let mut dirty = self.inner.channel_dirty.lock();
-                        for (user, _) in members {
-                            dirty.insert((stream.clone(), user));
-                        }
-                    } else {
-                        self.inner.presence_dirty.lock().insert(stream);
-                    }
+                    // A user's stream is counted for the user; a channel's per member.
+                    let users: Vec<Arc<str>> = match crate::envelope::channel_of(&stream) {
+                        Some(_) => self
+                            .inner
+                            .sink
+                            .channel_members(&stream)
+                            .into_iter()
+                            .map(|(u, _)| u)
+                            .collect(),
+                        None => vec![stream.clone()],
+                    };
+                    let mut dirty = self.inner.presence_dirty.lock();
+                    dirty.extend(users.into_iter().map(|user| (stream.clone(), user)));
                 }
             }
-            let channels: Vec<(Arc<str>, Arc<str>)> =
-                self.inner.channel_dirty.lock().drain().collect();
-            if !channels.is_empty() {
-                match self.write_channel_presence(&channels).await {
-                    Ok(()) => self
-                        .inner
-                        .telemetry
-                        .presence_reports
-                        .inc_by(channels.len() as u64),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "writing channel presence failed; retrying");
-                        self.inner.channel_dirty.lock().extend(channels);
-                    }
-                }
-            }
-            let dirty: Vec<Arc<str>> = self.inner.presence_dirty.lock().drain().collect();
+            let dirty: Vec<(Arc<str>, Arc<str>)> =
+                self.inner.presence_dirty.lock().drain().collect();
             if dirty.is_empty() {
                 continue;
             }
@@ -1261,34 +1244,57 @@ impl RedisBackplane {
         .await
     }
 
-    /// Writes this node's current connection count of each user (one small pipeline per
-    /// user, as a user's key lives in its own slot; all in flight at once).
-    async fn write_presence(&self, users: &[Arc<str>]) -> Result<(), BackplaneError> {
+    /// Writes this node's current connection count of each (stream, user) pair: a user's
+    /// into `P:p:{u}:<node>`, a channel member's into the field `user` of
+    /// `P:q:{{c}:<node>` (removed at zero). One pipeline per stream, as a stream's keys live
+    /// in its own slot; all in flight at once.
+    async fn write_presence(&self, pairs: &[(Arc<str>, Arc<str>)]) -> Result<(), BackplaneError> {
         let ttl_ms = (PRESENCE_REFRESH * 2).as_millis() as u64;
-        let mut writes = Vec::with_capacity(users.len());
-        for user in users {
-            let count = self.inner.sink.connections(user);
-            let key = self.node_key("p", user);
+        let mut by_stream: HashMap<&Arc<str>, Vec<&Arc<str>>> = HashMap::new();
+        for (stream, user) in pairs {
+            by_stream.entry(stream).or_default().push(user);
+        }
+        let mut writes = Vec::with_capacity(by_stream.len());
+        for (stream, users) in by_stream {
             let mut pipe = redis::pipe();
-            if count > 0 {
-                pipe.cmd("SET")
-                    .arg(&key)
-                    .arg(count)
-                    .arg("PX")
-                    .arg(ttl_ms)
-                    .ignore();
-            } else {
-                pipe.cmd("DEL").arg(&key).ignore();
+            if crate::envelope::channel_of(stream).is_none() {
+                let key = self.presence_key("p", stream, &self.inner.node);
+                match self.inner.sink.connections(stream) {
+                    0 => pipe.cmd("DEL").arg(&key).ignore(),
+                    n => pipe
+                        .cmd("SET")
+                        .arg(&key)
+                        .arg(n)
+                        .arg("PX")
+                        .arg(ttl_ms)
+                        .ignore(),
+                };
+                writes.push(pipe);
+                continue;
             }
+            let members: HashMap<Arc<str>, usize> = self
+                .inner
+                .sink
+                .channel_members(stream)
+                .into_iter()
+                .collect();
+            let key = self.presence_key("q", stream, &self.inner.node);
+            for user in users {
+                match members.get(user) {
+                    Some(n) if *n > 0 => pipe.cmd("HSET").arg(&key).arg(&**user).arg(*n).ignore(),
+                    _ => pipe.cmd("HDEL").arg(&key).arg(&**user).ignore(),
+                };
+            }
+            pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms).ignore();
             writes.push(pipe);
         }
         self.run_pipelines(writes).await
     }
 
-    /// This node's presence key of a stream: `P:<kind>:{<stream>}:<node>`, in the stream's
-    /// slot, written only by this node, so a node that dies leaves keys that expire.
-    fn node_key(&self, kind: &str, stream: &str) -> String {
-        format!("{}:{}", self.key(kind, stream), self.inner.node)
+    /// A node's presence key of a stream: `P:<kind>:{<stream>}:<node>`, in the stream's
+    /// slot, written only by that node, so a node that dies leaves keys that expire.
+    fn presence_key(&self, kind: &str, stream: &str, node: &str) -> String {
+        format!("{}:{node}", self.key(kind, stream))
     }
 
     /// The nodes whose presence heartbeat is recent enough, this one left out.
@@ -1311,40 +1317,6 @@ impl RedisBackplane {
             .into_iter()
             .filter(|node| *node != self.inner.node)
             .collect())
-    }
-
-    /// Writes this node's current connection count of each (channel, user) pair into its
-    /// hash of the channel, `P:q:{{c}:<node>` (field: the user; removed at zero); one
-    /// pipeline per channel, all in flight at once.
-    async fn write_channel_presence(
-        &self,
-        pairs: &[(Arc<str>, Arc<str>)],
-    ) -> Result<(), BackplaneError> {
-        let ttl_ms = (PRESENCE_REFRESH * 2).as_millis() as u64;
-        let mut by_channel: HashMap<&Arc<str>, Vec<&Arc<str>>> = HashMap::new();
-        for (stream, user) in pairs {
-            by_channel.entry(stream).or_default().push(user);
-        }
-        let mut writes = Vec::with_capacity(by_channel.len());
-        for (stream, users) in by_channel {
-            let members: HashMap<Arc<str>, usize> = self
-                .inner
-                .sink
-                .channel_members(stream)
-                .into_iter()
-                .collect();
-            let key = self.node_key("q", stream);
-            let mut pipe = redis::pipe();
-            for user in users {
-                match members.get(user) {
-                    Some(n) if *n > 0 => pipe.cmd("HSET").arg(&key).arg(&**user).arg(*n).ignore(),
-                    _ => pipe.cmd("HDEL").arg(&key).arg(&**user).ignore(),
-                };
-            }
-            pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms).ignore();
-            writes.push(pipe);
-        }
-        self.run_pipelines(writes).await
     }
 
     /// Runs pipelines (each of one slot's keys), up to 256 in flight, within the timeout.
@@ -1540,15 +1512,17 @@ impl RedisBackplane {
     /// after a later reconnect knows what this node has seen. Read before `SUBSCRIBE`: a
     /// notification published in between then counts as not yet seen (the handshake's own
     /// history read covers resuming clients), never as seen-but-not-delivered.
+    /// Reads where a stream's history stands (see [`head_id`]).
+    fn head_cmd(&self, stream: &str) -> redis::Cmd {
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(self.key("m", stream)).arg("epoch").arg("seq");
+        cmd
+    }
+
     async fn record_heads(&self, users: &[Arc<str>]) -> Result<(), BackplaneError> {
         if users.is_empty() {
             return Ok(());
         }
-        let head = |user: &Arc<str>| {
-            let mut cmd = redis::cmd("HMGET");
-            cmd.arg(self.key("m", user)).arg("epoch").arg("seq");
-            cmd
-        };
         let heads: Vec<(Option<String>, Option<u64>)> = self
             .bounded(async {
                 let mut conn = self.conn();
@@ -1557,7 +1531,7 @@ impl RedisBackplane {
                     let mut reads = Vec::with_capacity(users.len());
                     for user in users {
                         let mut conn = conn.clone();
-                        let cmd = head(user);
+                        let cmd = self.head_cmd(user);
                         reads.push(async move { cmd.query_async(&mut conn).await });
                     }
                     futures_util::future::try_join_all(reads)
@@ -1566,22 +1540,16 @@ impl RedisBackplane {
                 } else {
                     let mut pipe = redis::pipe();
                     for user in users {
-                        pipe.add_command(head(user));
+                        pipe.add_command(self.head_cmd(user));
                     }
                     pipe.query_async(&mut conn).await.map_err(unavailable)
                 }
             })
             .await?;
         let mut subs = self.inner.subs.lock();
-        for (user, (epoch, seq)) in users.iter().zip(heads) {
-            let head = match epoch.and_then(|e| u64::from_str_radix(&e, 16).ok()) {
-                Some(epoch) => Id {
-                    epoch,
-                    seq: seq.unwrap_or(0),
-                },
-                // No history yet: epoch 0 matches none, so whatever comes is new.
-                None => EMPTY,
-            };
+        for (user, head) in users.iter().zip(heads) {
+            // No history yet: epoch 0 matches none, so whatever comes is new.
+            let head = head_id(head).unwrap_or(EMPTY);
             if let Some(state) = subs.get_mut(user)
                 && state.last.is_none()
             {
@@ -2122,6 +2090,16 @@ fn refresh_interval(ttl: Duration) -> Duration {
     (ttl / 100).min(Duration::from_secs(60))
 }
 
+/// The last id of a history from its meta hash's `epoch` and `seq` ([`RedisBackplane::head_cmd`]);
+/// `None` when there is no history.
+fn head_id((epoch, seq): (Option<String>, Option<u64>)) -> Option<Id> {
+    let epoch = u64::from_str_radix(&epoch?, 16).ok()?;
+    Some(Id {
+        epoch,
+        seq: seq.unwrap_or(0),
+    })
+}
+
 /// Stream entries of `stream` → notifications of `epoch`.
 fn to_notifications(
     stream: &str,
@@ -2276,24 +2254,17 @@ impl Backplane for RedisBackplane {
     }
 
     async fn head(&self, stream: &str) -> Result<Option<Id>, BackplaneError> {
-        let (epoch, seq): (Option<String>, Option<u64>) = self
+        let read = self
             .bounded(async {
                 let mut conn = self.conn();
-                redis::cmd("HMGET")
-                    .arg(self.key("m", stream))
-                    .arg("epoch")
-                    .arg("seq")
+                self.head_cmd(stream)
                     .query_async(&mut conn)
                     .await
                     .map_err(unavailable)
             })
             .await?;
-        let Some(epoch) = epoch.and_then(|e| u64::from_str_radix(&e, 16).ok()) else {
+        let Some(head) = head_id(read) else {
             return Ok(None);
-        };
-        let head = Id {
-            epoch,
-            seq: seq.unwrap_or(0),
         };
         // Everything up to the head was published before it was read; its pub/sub messages
         // may still be on their way to this node. Wait (briefly) until the node has them.
@@ -2328,7 +2299,7 @@ impl Backplane for RedisBackplane {
             let mut pipe = redis::pipe();
             for node in &others {
                 pipe.cmd("HGETALL")
-                    .arg(format!("{}:{node}", self.key("q", stream)));
+                    .arg(self.presence_key("q", stream, node));
             }
             self.bounded(async {
                 let mut conn = self.conn();
@@ -2454,7 +2425,7 @@ impl Backplane for RedisBackplane {
         // Every node's key of the user lives in the user's slot: one MGET.
         let keys: Vec<String> = others
             .iter()
-            .map(|node| format!("{}:{node}", self.key("p", user)))
+            .map(|node| self.presence_key("p", user, node))
             .collect();
         let counts: Vec<Option<usize>> = self
             .bounded(async {
