@@ -361,6 +361,9 @@ impl Control {
         }
     }
 
+    /// The reason of a `hub.gap` for a resume point the history no longer holds.
+    pub const RESUME_LOST: &str = "resume point not in history";
+
     /// `hub.gap`: the resume point is not in the retained history; refetch state. A
     /// channel's gap names the channel (a personal stream's has no `channel`).
     pub fn gap(reason: &str, channel: Option<&str>) -> Self {

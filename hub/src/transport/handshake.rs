@@ -54,6 +54,15 @@ impl Rejection {
         Self::new(StatusCode::BAD_REQUEST, reason, reason::BAD_REQUEST)
     }
 
+    /// The backplane could not be reached (whatever the error, the client retries).
+    fn unavailable<E>(_: E) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "backplane unavailable",
+            reason::UNAVAILABLE,
+        )
+    }
+
     /// The JSON body.
     pub fn body(&self) -> String {
         serde_json::json!({ "error": self.reason }).to_string()
@@ -415,17 +424,10 @@ async fn checks(
     }
     // Subscribe before reading history: a notification published in between is then both
     // in the replay and in the queue, and the session drops the copy by id.
-    let unavailable = |_| {
-        Rejection::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "backplane unavailable",
-            reason::UNAVAILABLE,
-        )
-    };
     ctx.backplane
         .subscribe(&user, &user)
         .await
-        .map_err(unavailable)?;
+        .map_err(Rejection::unavailable)?;
     let gauge = transport.metrics(&ctx.metrics).connections.clone();
     gauge.inc();
     transport.metrics(&ctx.metrics).connections_total.inc();
@@ -451,7 +453,7 @@ async fn checks(
                     .backplane
                     .history_after(&user, id)
                     .await
-                    .map_err(unavailable)?;
+                    .map_err(Rejection::unavailable)?;
                 let from = (!replay.gap).then_some(id);
                 (Some(replay), from, None)
             }
@@ -491,13 +493,17 @@ async fn follow(
             .await
             .map_err(|refusal| {
                 ctx.metrics.channel_refused(refusal.metric());
-                let (status, metric) = match refusal {
-                    streams::Refusal::Full => {
-                        (StatusCode::SERVICE_UNAVAILABLE, reason::CHANNEL_FULL)
-                    }
-                    _ => (StatusCode::SERVICE_UNAVAILABLE, reason::UNAVAILABLE),
+                // The channel limit was checked against the token before; what remains is
+                // this node's capacity or the backplane, both 503.
+                let metric = match refusal {
+                    streams::Refusal::Full => reason::CHANNEL_FULL,
+                    _ => reason::UNAVAILABLE,
                 };
-                Rejection::new(status, refusal.reason(name), metric)
+                Rejection::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    refusal.reason(name),
+                    metric,
+                )
             })?;
         if let Some(r) = replay {
             ctx.metrics.resumed(r.gap);
@@ -508,13 +514,7 @@ async fn follow(
     let after = resume.as_ref().map(|c| c.personal.unwrap_or(Id::UNKNOWN));
     let (personal, replay) = streams::start(&*ctx.backplane, &user, after)
         .await
-        .map_err(|_| {
-            Rejection::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "backplane unavailable",
-                reason::UNAVAILABLE,
-            )
-        })?;
+        .map_err(Rejection::unavailable)?;
     // The cursor's other channels wait for a WebSocket `subscribe`, within the limit.
     let room = ctx.max_channels.saturating_sub(followed.len());
     let pending = resume

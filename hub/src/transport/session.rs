@@ -258,7 +258,7 @@ async fn greet_and_replay<C: Connection>(
             Control::connected(&session.user, resumed, Some((&channels, &cursor)))
         }
     };
-    let gap = gap.then(|| Control::gap("resume point not in history", None));
+    let gap = gap.then(|| Control::gap(Control::RESUME_LOST, None));
     write_within(limit, session, conn.greet(&ctx.timing, connected, gap)).await?;
     if session.streams.is_some() {
         return Box::pin(replay_streams(ctx, conn, session)).await;
@@ -297,7 +297,7 @@ async fn replay_streams<C: Connection>(
         write_accepted(ctx, conn, session, &mut streams, &personal).await?;
         for (name, replay) in std::mem::take(&mut streams.replays) {
             if replay.gap {
-                let gap = Control::gap("resume point not in history", Some(&name));
+                let gap = Control::gap(Control::RESUME_LOST, Some(&name));
                 write_within(ctx.timing.write_timeout, session, conn.control(gap)).await?;
             }
             write_accepted(ctx, conn, session, &mut streams, &replay.items).await?;
@@ -342,11 +342,14 @@ async fn deliver<C: Connection>(
 ) -> Result<(), SessionEnd> {
     session.fill_batch(first, batch, BATCH);
     match session.streams.as_deref_mut() {
-        Some(streams) => {
-            let accepted: Vec<Arc<Notification>> =
-                batch.drain(..).filter_map(|n| streams.accept(&n)).collect();
-            *batch = accepted;
-        }
+        // Each kept one replaced, in place, by this connection's copy (its cursor as the id).
+        Some(streams) => batch.retain_mut(|n| match streams.accept(n) {
+            Some(mine) => {
+                *n = mine;
+                true
+            }
+            None => false,
+        }),
         None => batch.retain(|n| is_new(last, n)),
     }
     write_within(ctx.timing.write_timeout, session, conn.notifications(batch)).await?;
@@ -500,7 +503,7 @@ async fn subscribe<C: Connection>(
                 let Some(replay) = replay else { return Ok(()) };
                 ctx.metrics.resumed(replay.gap);
                 if replay.gap {
-                    let gap = Control::gap("resume point not in history", Some(&channel));
+                    let gap = Control::gap(Control::RESUME_LOST, Some(&channel));
                     write_within(limit, session, conn.control(gap)).await?;
                 }
                 write_accepted(ctx, conn, session, &mut streams, &replay.items).await
@@ -522,8 +525,9 @@ async fn with_cursor<C: Connection>(
     last: &mut Option<Id>,
 ) -> Result<Result<(), Control>, SessionEnd> {
     let Ok(head) = ctx.backplane.head(&session.user).await else {
-        ctx.metrics.channel_refused("unavailable");
-        return Ok(Err(Control::error("backplane unavailable")));
+        let refusal = streams::Refusal::Unavailable;
+        ctx.metrics.channel_refused(refusal.metric());
+        return Ok(Err(Control::error(&refusal.reason(""))));
     };
     let mut batch = Vec::new();
     while let Ok(first) = session.queue.try_recv() {
