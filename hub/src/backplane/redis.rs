@@ -57,6 +57,7 @@ use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use service_kit::Backoff;
 use tokio::sync::{mpsc, watch};
+use tokio_util::task::AbortOnDropHandle;
 
 use super::{
     Backplane, BackplaneError, ChannelPresence, Dedupe, Publish, Published, Replay, Revocation,
@@ -224,8 +225,11 @@ struct HistoryRead {
 /// batch goes out as several calls (pipelined) and other clients are served in between.
 const SCRIPT_BATCH: usize = 64;
 
-/// Most single publishes one coalescing round gathers into a script call.
-const COALESCE: usize = 64;
+/// Most single publishes one coalescing round gathers (its script calls are pipelined).
+const COALESCE: usize = 4 * SCRIPT_BATCH;
+
+/// Single publishes waiting for the coalescer at most; past it a publish waits to queue.
+const JOB_QUEUE: usize = 4096;
 
 /// The cluster pub/sub loop's view of its subscriptions.
 struct ShardedSubs {
@@ -262,8 +266,8 @@ struct Inner {
     /// go out pipelined; each reconnects by itself after a failure.
     conns: Vec<Conn>,
     next: std::sync::atomic::AtomicUsize,
-    /// One coalescing task per command connection (see [`RedisBackplane::coalesce`]).
-    coalescers: Vec<mpsc::Sender<Job>>,
+    /// The coalescing task's queue of single publishes (see [`RedisBackplane::coalesce`]).
+    jobs: mpsc::Sender<Job>,
     client: Client,
     /// A Redis Cluster: scripts and pipelines are split per slot, pub/sub is sharded.
     cluster: bool,
@@ -541,13 +545,12 @@ impl RedisBackplane {
         let control_channel = format!("{}:ctl", settings.prefix);
         let (changed, changes) = mpsc::channel(1);
         let (live, _) = watch::channel(0);
-        let (coalescers, jobs): (Vec<_>, Vec<_>) =
-            conns.iter().map(|_| mpsc::channel::<Job>(1024)).unzip();
+        let (jobs_tx, jobs) = mpsc::channel::<Job>(JOB_QUEUE);
         let this = RedisBackplane {
             inner: Arc::new(Inner {
                 conns,
                 next: std::sync::atomic::AtomicUsize::new(0),
-                coalescers,
+                jobs: jobs_tx,
                 client,
                 cluster,
                 owners: parking_lot::RwLock::new(None),
@@ -568,7 +571,8 @@ impl RedisBackplane {
             }),
         };
         this.ping().await?;
-        // One task for the pub/sub loop and the coalescers: aborting it stops them all.
+        // Each part in a task of its own (a wake-up of one does not poll the others), held by
+        // one task: aborting it aborts them all.
         let pubsub = {
             let this = this.clone();
             async move {
@@ -580,11 +584,13 @@ impl RedisBackplane {
                 }
             }
         };
-        let coalescers =
-            futures_util::future::join_all(jobs.into_iter().map(|rx| this.clone().coalesce(rx)));
-        let presence = this.clone().presence_task();
+        let parts = [
+            AbortOnDropHandle::new(tokio::spawn(pubsub)),
+            AbortOnDropHandle::new(tokio::spawn(this.clone().coalesce(jobs))),
+            AbortOnDropHandle::new(tokio::spawn(this.clone().presence_task())),
+        ];
         let task = tokio::spawn(async move {
-            tokio::join!(pubsub, coalescers, presence);
+            futures_util::future::join_all(parts).await;
         });
         Ok((this, task))
     }
@@ -867,13 +873,21 @@ impl RedisBackplane {
         Ok(Some(out))
     }
 
-    /// Gathers the single publishes that are waiting (up to [`COALESCE`]) into one script
-    /// call, so concurrent API requests share the script's per-call cost and one round trip.
-    /// One such task per command connection; a publish waits only for the round in flight.
+    /// Gathers the single publishes that are waiting (up to [`COALESCE`]) into one round of
+    /// script calls, so concurrent API requests share the script's per-call cost and one round
+    /// trip. Up to one round per command connection is in flight; while they all are, new
+    /// publishes wait and join the next round, so rounds grow with the load.
     async fn coalesce(self, mut jobs: mpsc::Receiver<Job>) {
-        let mut batch: Vec<Job> = Vec::with_capacity(COALESCE);
         let linger = self.inner.settings.linger;
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(self.inner.conns.len()));
+        // Dropped with this task (the backplane stopped): the rounds in flight end too.
+        let mut rounds = tokio::task::JoinSet::new();
         while let Some(first) = jobs.recv().await {
+            let Ok(slot) = in_flight.clone().acquire_owned().await else {
+                return;
+            };
+            while rounds.try_join_next().is_some() {}
+            let mut batch: Vec<Job> = Vec::with_capacity(COALESCE.min(jobs.len() + 1));
             batch.push(first);
             let until = tokio::time::Instant::now() + linger;
             while batch.len() < COALESCE {
@@ -886,18 +900,27 @@ impl RedisBackplane {
                     },
                 }
             }
-            let (msgs, dones): (Vec<Publish>, Vec<_>) =
-                batch.drain(..).map(|j| (j.msg, j.done)).unzip();
-            match self.run_scripts(&msgs).await {
-                Ok(published) => {
-                    for (done, p) in dones.into_iter().zip(published) {
-                        let _ = done.send(Ok(p));
-                    }
+            let this = self.clone();
+            rounds.spawn(async move {
+                this.round(batch).await;
+                drop(slot);
+            });
+        }
+    }
+
+    /// One coalesced round: publishes the jobs' notifications and answers each job.
+    async fn round(&self, batch: Vec<Job>) {
+        let (msgs, dones): (Vec<Publish>, Vec<_>) =
+            batch.into_iter().map(|j| (j.msg, j.done)).unzip();
+        match self.run_scripts(&msgs).await {
+            Ok(published) => {
+                for (done, p) in dones.into_iter().zip(published) {
+                    let _ = done.send(Ok(p));
                 }
-                Err(e) => {
-                    for done in dones {
-                        let _ = done.send(Err(e.clone()));
-                    }
+            }
+            Err(e) => {
+                for done in dones {
+                    let _ = done.send(Err(e.clone()));
                 }
             }
         }
@@ -2170,9 +2193,9 @@ fn parse_payload(payload: &[u8]) -> Option<(Id, u64, &str)> {
 #[async_trait]
 impl Backplane for RedisBackplane {
     async fn publish(&self, msg: Publish) -> Result<Published, BackplaneError> {
-        let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.coalescers.len();
         let (done, answer) = tokio::sync::oneshot::channel();
-        self.inner.coalescers[i]
+        self.inner
+            .jobs
             .send(Job { msg, done })
             .await
             .map_err(|_| unavailable("the publishing task stopped"))?;

@@ -10,7 +10,9 @@ use hub::envelope::{Id, Notification};
 use parking_lot::Mutex;
 use serde_json::value::RawValue;
 
-use crate::helpers::redis::{RedisCluster, redis_cluster_urls, redis_prefix, redis_url};
+use crate::helpers::redis::{
+    RedisCluster, RedisServer, redis_cluster_urls, redis_prefix, redis_url,
+};
 
 /// Records what the backplane hands to the node.
 #[derive(Default)]
@@ -447,21 +449,32 @@ async fn redis_backplane_on(
     size: usize,
     prefix: &str,
 ) -> (RedisBackplane, tokio::task::JoinHandle<()>) {
+    connect_with(test_settings(endpoint, size, prefix), sink).await
+}
+
+fn test_settings(endpoint: RedisEndpoint, size: usize, prefix: &str) -> RedisSettings {
+    RedisSettings {
+        endpoint,
+        sync_replicas: 0,
+        presence_timeout: Duration::from_secs(20),
+        ca_file: None,
+        prefix: prefix.to_owned(),
+        pool_size: 4,
+        linger: Duration::ZERO,
+        timeout: Duration::from_secs(2),
+        history_size: size,
+        history_ttl: Duration::from_secs(600),
+        idempotency_ttl: Duration::from_secs(600),
+        event_window: 8,
+    }
+}
+
+async fn connect_with(
+    settings: RedisSettings,
+    sink: Arc<Recorder>,
+) -> (RedisBackplane, tokio::task::JoinHandle<()>) {
     RedisBackplane::connect(
-        RedisSettings {
-            endpoint,
-            sync_replicas: 0,
-            presence_timeout: Duration::from_secs(20),
-            ca_file: None,
-            prefix: prefix.to_owned(),
-            pool_size: 4,
-            linger: Duration::ZERO,
-            timeout: Duration::from_secs(2),
-            history_size: size,
-            history_ttl: Duration::from_secs(600),
-            idempotency_ttl: Duration::from_secs(600),
-            event_window: 8,
-        },
+        settings,
         sink,
         RedisTelemetry {
             reconnects: prometheus::IntCounter::new("r", "r").expect("counter"),
@@ -478,6 +491,69 @@ async fn redis_backplane_on(
     )
     .await
     .expect("Redis reachable (make test starts it and the cluster; HUB_TEST_REDIS_URL and HUB_TEST_REDIS_CLUSTER_URLS override the URLs)")
+}
+
+/// Script calls a server has run (`INFO commandstats`).
+fn evalsha_calls(server: &RedisServer) -> u64 {
+    let info: String = server
+        .cmd(&["INFO", "commandstats"])
+        .ok()
+        .and_then(|v| redis::from_redis_value(v).ok())
+        .expect("INFO commandstats");
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().expect("a call count"))
+}
+
+/// Single publishes arriving together share script calls (one round per lingering window
+/// instead of a call each), and each still gets its own id: per user one epoch, sequence
+/// numbers without holes, every notification delivered once in id order.
+#[tokio::test]
+async fn concurrent_single_publishes_share_script_calls_and_each_gets_its_own_id() {
+    let server = RedisServer::start().await;
+    let rec = Arc::new(Recorder::default());
+    let mut settings = test_settings(RedisEndpoint::Single(server.url()), 100, &redis_prefix());
+    settings.linger = Duration::from_millis(50);
+    let (bp, task) = connect_with(settings, rec.clone()).await;
+    let users: Vec<String> = (0..20).map(|u| format!("co{u}")).collect();
+    for u in &users {
+        let u: Arc<str> = Arc::from(u.as_str());
+        bp.subscribe(&u, &u).await.expect("subscribe");
+    }
+    let before = evalsha_calls(&server);
+    let publishes = users
+        .iter()
+        .flat_map(|u| (0..3).map(move |n| (u.as_str(), n)))
+        .map(|(u, n)| {
+            let bp = bp.clone();
+            async move { (u, bp.publish(msg(u, n, None)).await.expect("publish").id) }
+        });
+    let ids = futures_util::future::join_all(publishes).await;
+    let calls = evalsha_calls(&server) - before;
+    // 60 publishes in one lingering window: one round, one call (a queue per connection
+    // would have made one call per connection).
+    assert!(
+        (1..=2).contains(&calls),
+        "{calls} script calls for 60 publishes made together"
+    );
+    for u in &users {
+        let mut mine: Vec<Id> = ids
+            .iter()
+            .filter(|(x, _)| x == u)
+            .map(|(_, id)| *id)
+            .collect();
+        mine.sort_by_key(|id| id.seq);
+        assert_eq!(
+            mine.iter().map(|id| id.seq).collect::<Vec<_>>(),
+            (1..=3).collect::<Vec<u64>>(),
+            "{u}'s sequence numbers"
+        );
+        assert!(mine.iter().all(|id| id.epoch == mine[0].epoch));
+        let got: Vec<Id> = delivered(&rec, u, 3).await.iter().map(|g| g.1).collect();
+        assert_eq!(got, mine, "{u} got each notification once, in id order");
+    }
+    task.abort();
 }
 
 #[tokio::test(start_paused = true)]
