@@ -249,10 +249,10 @@ enum PubSubClient {
     Cluster(ClusterClient, mpsc::UnboundedReceiver<redis::PushInfo>),
 }
 
-/// A single publish waiting for the coalescer.
+/// A publish (or a small batch, kept together and in order) waiting for the coalescer.
 struct Job {
-    msg: Publish,
-    done: tokio::sync::oneshot::Sender<Result<Published, BackplaneError>>,
+    msgs: Vec<Publish>,
+    done: tokio::sync::oneshot::Sender<Result<Vec<Published>, BackplaneError>>,
 }
 
 /// Cheap-to-clone handle on the Redis backplane.
@@ -873,9 +873,10 @@ impl RedisBackplane {
         Ok(Some(out))
     }
 
-    /// Gathers the single publishes that are waiting (up to [`COALESCE`]) into one round of
-    /// script calls, so concurrent API requests share the script's per-call cost and one round
-    /// trip. Up to one round per command connection is in flight; while they all are, new
+    /// Gathers the publishes and small batches that are waiting (up to [`COALESCE`]
+    /// notifications) into one round of script calls, so concurrent API requests, gRPC streams
+    /// and ingest partitions share the script's per-call cost and one round trip (each job's
+    /// notifications stay together and in order). Up to one round per command connection is in flight; while they all are, new
     /// publishes wait and join the next round, so rounds grow with the load.
     async fn coalesce(self, mut jobs: mpsc::Receiver<Job>) {
         let linger = self.inner.settings.linger;
@@ -887,18 +888,21 @@ impl RedisBackplane {
                 return;
             };
             while rounds.try_join_next().is_some() {}
-            let mut batch: Vec<Job> = Vec::with_capacity(COALESCE.min(jobs.len() + 1));
+            let mut count = first.msgs.len();
+            let mut batch: Vec<Job> = Vec::with_capacity(jobs.len() + 1);
             batch.push(first);
             let until = tokio::time::Instant::now() + linger;
-            while batch.len() < COALESCE {
-                match jobs.try_recv() {
-                    Ok(job) => batch.push(job),
+            while count < COALESCE {
+                let job = match jobs.try_recv() {
+                    Ok(job) => job,
                     Err(_) if linger.is_zero() => break,
                     Err(_) => match tokio::time::timeout_at(until, jobs.recv()).await {
-                        Ok(Some(job)) => batch.push(job),
+                        Ok(Some(job)) => job,
                         Ok(None) | Err(_) => break,
                     },
-                }
+                };
+                count += job.msgs.len();
+                batch.push(job);
             }
             let this = self.clone();
             rounds.spawn(async move {
@@ -908,18 +912,37 @@ impl RedisBackplane {
         }
     }
 
+    /// Hands notifications to the coalescer (kept together, in order) and waits for their
+    /// round.
+    async fn coalesced(&self, msgs: Vec<Publish>) -> Result<Vec<Published>, BackplaneError> {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        self.inner
+            .jobs
+            .send(Job { msgs, done })
+            .await
+            .map_err(|_| unavailable("the publishing task stopped"))?;
+        answer
+            .await
+            .map_err(|_| unavailable("the publishing task stopped"))?
+    }
+
     /// One coalesced round: publishes the jobs' notifications and answers each job.
     async fn round(&self, batch: Vec<Job>) {
-        let (msgs, dones): (Vec<Publish>, Vec<_>) =
-            batch.into_iter().map(|j| (j.msg, j.done)).unzip();
+        let mut msgs = Vec::with_capacity(batch.iter().map(|j| j.msgs.len()).sum());
+        let mut dones = Vec::with_capacity(batch.len());
+        for job in batch {
+            dones.push((job.msgs.len(), job.done));
+            msgs.extend(job.msgs);
+        }
         match self.run_scripts(&msgs).await {
             Ok(published) => {
-                for (done, p) in dones.into_iter().zip(published) {
-                    let _ = done.send(Ok(p));
+                let mut published = published.into_iter();
+                for (n, done) in dones {
+                    let _ = done.send(Ok(published.by_ref().take(n).collect()));
                 }
             }
             Err(e) => {
-                for done in dones {
+                for (_, done) in dones {
                     let _ = done.send(Err(e.clone()));
                 }
             }
@@ -2193,27 +2216,17 @@ fn parse_payload(payload: &[u8]) -> Option<(Id, u64, &str)> {
 #[async_trait]
 impl Backplane for RedisBackplane {
     async fn publish(&self, msg: Publish) -> Result<Published, BackplaneError> {
-        let (done, answer) = tokio::sync::oneshot::channel();
-        self.inner
-            .jobs
-            .send(Job { msg, done })
-            .await
-            .map_err(|_| unavailable("the publishing task stopped"))?;
-        answer
-            .await
-            .map_err(|_| unavailable("the publishing task stopped"))?
+        self.coalesced(vec![msg])
+            .await?
+            .pop()
+            .ok_or_else(|| unavailable("the store answered too few replies"))
     }
 
-    async fn publish_batch(
-        &self,
-        mut msgs: Vec<Publish>,
-    ) -> Result<Vec<Published>, BackplaneError> {
-        // A batch of one (an ingest partition or a gRPC stream at a low rate) goes the
+    async fn publish_batch(&self, msgs: Vec<Publish>) -> Result<Vec<Published>, BackplaneError> {
+        // A small batch (an ingest partition or a gRPC stream at a moderate rate) goes the
         // single-publish way, where it may share a script call with concurrent publishes.
-        if msgs.len() == 1
-            && let Some(only) = msgs.pop()
-        {
-            return self.publish(only).await.map(|p| vec![p]);
+        if msgs.len() < SCRIPT_BATCH {
+            return self.coalesced(msgs).await;
         }
         self.run_scripts(&msgs).await
     }
