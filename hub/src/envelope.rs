@@ -226,15 +226,13 @@ impl Notification {
     /// The envelope minus its opening `{"id":"..",`: what the store prefixes with the id it
     /// assigns, so the id and the stored bytes come from one atomic step.
     pub fn envelope_tail(stream: &str, kind: &str, data: &RawValue, accepted_us: u64) -> String {
-        let full = envelope_json(
-            Some(Id { epoch: 0, seq: 0 }),
-            channel_of(stream),
-            kind,
-            data,
-            accepted_us / 1000,
-        );
-        // `{"id":"0-0",` is 12 bytes; the rest starts with `"channel"` or `"type"`.
-        full.get(12..).unwrap_or_default().to_owned()
+        let mut tail = envelope_json(None, channel_of(stream), kind, data, accepted_us / 1000);
+        // Without an id the envelope starts `{"channel"` or `{"type"`: the tail is all but
+        // the brace (removed in place).
+        if tail.starts_with('{') {
+            tail.remove(0);
+        }
+        tail
     }
 
     /// A `hub.gap` marker for the user's connections, positioned at `id`: just before the

@@ -652,13 +652,16 @@ impl RedisBackplane {
             .arg(every.as_micros() as u64)
             .arg(settings.event_window.max(1))
             .arg(settings.idempotency_ttl.as_millis().max(1) as u64);
+        // The epoch a stream starts with when it has none (new, or its history expired): one
+        // fresh value per call serves every stream of the call.
+        let fresh_epoch = format!("{:x}", (rand::random::<u64>() >> 16).max(1));
         for msg in msgs {
             let (mode, member) = match &msg.dedupe {
                 None => ("", String::new()),
                 Some(Dedupe::Key(_)) => ("k", String::new()),
                 Some(Dedupe::Event(event)) => ("e", event_member(event)),
             };
-            cmd.arg(format!("{:x}", (rand::random::<u64>() >> 16).max(1)))
+            cmd.arg(fresh_epoch.as_str())
                 .arg(accepted_us)
                 .arg(Notification::envelope_tail(
                     &msg.user,
@@ -849,19 +852,16 @@ impl RedisBackplane {
                 return Ok(None);
             }
             for pair in reply.chunks(2) {
-                let [fresh, id] = pair else {
-                    return Err(unavailable("the store answered an odd reply"));
+                let [redis::Value::Int(fresh), redis::Value::BulkString(id)] = pair else {
+                    return Err(unavailable("store returned a malformed reply"));
                 };
-                let fresh: u8 = redis::from_redis_value(fresh.clone())
-                    .map_err(|_| unavailable("store returned a malformed reply"))?;
-                let id: String = redis::from_redis_value(id.clone())
-                    .map_err(|_| unavailable("store returned a malformed reply"))?;
-                let id = id
-                    .parse::<Id>()
-                    .map_err(|_| unavailable("store returned a malformed id"))?;
+                let id = std::str::from_utf8(id)
+                    .ok()
+                    .and_then(|id| id.parse::<Id>().ok())
+                    .ok_or_else(|| unavailable("store returned a malformed id"))?;
                 out.push(Published {
                     id,
-                    duplicate: fresh == 0,
+                    duplicate: *fresh == 0,
                 });
             }
         }
