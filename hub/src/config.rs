@@ -125,8 +125,8 @@ pub struct Settings {
     pub kafka_ssl_ca_file: Option<PathBuf>,
     /// Largest Kafka record value ingest accepts; a larger one goes to the DLQ.
     pub ingest_max_record_bytes: usize,
-    /// How long a partition's first record may wait for more to share one backplane call
-    /// (zero: what is ready at once).
+    /// How long the Kafka broker may hold a fetch for more records, so they come in groups
+    /// that share one backplane call (zero: each fetch answered as soon as a record is there).
     #[serde(with = "humantime_serde")]
     pub ingest_linger: Duration,
     /// A TOML file of routes beyond the built-in ones.

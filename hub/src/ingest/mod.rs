@@ -55,7 +55,8 @@ pub struct IngestSettings {
     pub max_record_bytes: usize,
     /// Security settings (SASL, TLS) of every client.
     pub security: Security,
-    /// How long a partition's first record may wait for more to share its batch.
+    /// How long the broker may hold a fetch for more records (records come in groups; each
+    /// partition's group is one batch).
     pub linger: Duration,
 }
 

@@ -54,9 +54,10 @@ pub struct ConsumerSettings {
     pub topics: Vec<String>,
     /// Most records of one partition handed to the handler at once.
     pub max_batch: usize,
-    /// How long a partition's first waiting record may wait for more to share its batch
-    /// (zero: a batch is what is ready at once). Fewer, larger batches cost less per record
-    /// at a steady rate, at this much latency.
+    /// How long the broker may hold a fetch for more records (zero: a fetch is answered as
+    /// soon as one record is there). Records then come in groups, one fetch round trip per
+    /// group, and each partition's group is one batch: fewer, larger batches cost less per
+    /// record at a steady rate, at up to this much latency.
     pub linger: Duration,
     /// Records waiting per partition worker; a full queue pauses intake (bounded memory).
     pub queue: usize,
@@ -85,7 +86,6 @@ pub struct Consumer {
     dlq: DlqWriter,
     observer: Arc<dyn Observer>,
     max_batch: usize,
-    linger: Duration,
     queue: usize,
 }
 
@@ -99,6 +99,18 @@ impl Consumer {
         dlq: Producer,
     ) -> Result<Self, ConsumerError> {
         let interval = settings.commit_interval.as_millis().max(1).to_string();
+        // Without a linger, a fetch is answered as soon as one record is there (within 10 ms
+        // when none is). With one, the broker holds each fetch for up to the linger unless
+        // a megabyte is waiting: records come in groups, with one fetch round trip (and one
+        // wake-up of this client's and the broker's threads) per group instead of per record.
+        let (fetch_min_bytes, fetch_wait_ms) = if settings.linger.is_zero() {
+            ("1".to_owned(), "10".to_owned())
+        } else {
+            (
+                (1 << 20).to_string(),
+                settings.linger.as_millis().clamp(1, 1000).to_string(),
+            )
+        };
         let consumer: StreamConsumer<KafkaContext> = settings
             .security
             .client_config(&settings.brokers)
@@ -110,9 +122,8 @@ impl Consumer {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
-            // Latency: answer fetches as soon as one record is there, no Nagle delay.
-            .set("fetch.wait.max.ms", "10")
-            .set("fetch.min.bytes", "1")
+            .set("fetch.wait.max.ms", &fetch_wait_ms)
+            .set("fetch.min.bytes", &fetch_min_bytes)
             .set("socket.nagle.disable", "true")
             // A member gone without leaving is noticed within 6 s (the broker's minimum), so
             // its partitions move quickly.
@@ -127,7 +138,6 @@ impl Consumer {
             dlq: DlqWriter::new(dlq, observer.clone()),
             observer,
             max_batch: settings.max_batch.max(1),
-            linger: settings.linger,
             queue: settings.queue.max(1),
         })
     }
@@ -146,7 +156,6 @@ impl Consumer {
             observer: self.observer,
             stop: stop.clone(),
             max_batch: self.max_batch,
-            linger: self.linger,
         };
         let mut failed = false;
         let mut partitions: HashMap<(String, i32), mpsc::Sender<OwnedMessage>> = HashMap::new();
@@ -212,7 +221,6 @@ struct Worker<H> {
     observer: Arc<dyn Observer>,
     stop: CancellationToken,
     max_batch: usize,
-    linger: Duration,
 }
 
 impl<H> Clone for Worker<H> {
@@ -224,7 +232,6 @@ impl<H> Clone for Worker<H> {
             observer: self.observer.clone(),
             stop: self.stop.clone(),
             max_batch: self.max_batch,
-            linger: self.linger,
         }
     }
 }
@@ -249,22 +256,16 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
 }
 
 impl<H: Handler> Worker<H> {
-    /// A partition's records in order, in batches of what is ready (up to `max_batch`, or
-    /// what arrives within `linger` of the first); the batch's last offset is stored once all
-    /// of it is done.
+    /// A partition's records in order, in batches of what is ready (up to `max_batch`); the
+    /// batch's last offset is stored once all of it is done.
     async fn partition(self, mut rx: mpsc::Receiver<OwnedMessage>) {
         let mut batch: Vec<OwnedMessage> = Vec::with_capacity(self.max_batch);
         while let Some(first) = rx.recv().await {
             batch.push(first);
-            let until = tokio::time::Instant::now() + self.linger;
             while batch.len() < self.max_batch {
                 match rx.try_recv() {
                     Ok(m) => batch.push(m),
-                    Err(_) if self.linger.is_zero() => break,
-                    Err(_) => match tokio::time::timeout_at(until, rx.recv()).await {
-                        Ok(Some(m)) => batch.push(m),
-                        Ok(None) | Err(_) => break,
-                    },
+                    Err(_) => break,
                 }
             }
             if !self.process(&batch).await {
