@@ -225,10 +225,11 @@ struct HistoryRead {
 /// batch goes out as several calls (pipelined) and other clients are served in between.
 const SCRIPT_BATCH: usize = 64;
 
-/// Most single publishes one coalescing round gathers (its script calls are pipelined).
+/// Most notifications one coalescing round gathers (its script calls are pipelined).
 const COALESCE: usize = 4 * SCRIPT_BATCH;
 
-/// Single publishes waiting for the coalescer at most; past it a publish waits to queue.
+/// Jobs (publishes and small batches) waiting for the coalescer at most; past it a publish
+/// waits to queue.
 const JOB_QUEUE: usize = 4096;
 
 /// The cluster pub/sub loop's view of its subscriptions.
@@ -266,7 +267,8 @@ struct Inner {
     /// go out pipelined; each reconnects by itself after a failure.
     conns: Vec<Conn>,
     next: std::sync::atomic::AtomicUsize,
-    /// The coalescing task's queue of single publishes (see [`RedisBackplane::coalesce`]).
+    /// The coalescing task's queue of publishes and small batches (see
+    /// [`RedisBackplane::coalesce`]).
     jobs: mpsc::Sender<Job>,
     client: Client,
     /// A Redis Cluster: scripts and pipelines are split per slot, pub/sub is sharded.
@@ -876,8 +878,9 @@ impl RedisBackplane {
     /// Gathers the publishes and small batches that are waiting (up to [`COALESCE`]
     /// notifications) into one round of script calls, so concurrent API requests, gRPC streams
     /// and ingest partitions share the script's per-call cost and one round trip (each job's
-    /// notifications stay together and in order). Up to one round per command connection is in flight; while they all are, new
-    /// publishes wait and join the next round, so rounds grow with the load.
+    /// notifications stay together and in order). Up to one round per command connection is
+    /// in flight; while they all are, new publishes wait and join the next round, so rounds
+    /// grow with the load.
     async fn coalesce(self, mut jobs: mpsc::Receiver<Job>) {
         let linger = self.inner.settings.linger;
         let in_flight = Arc::new(tokio::sync::Semaphore::new(self.inner.conns.len()));
@@ -1554,10 +1557,6 @@ impl RedisBackplane {
         }
     }
 
-    /// Records where each user's history stands before subscribing them, so a catch-up
-    /// after a later reconnect knows what this node has seen. Read before `SUBSCRIBE`: a
-    /// notification published in between then counts as not yet seen (the handshake's own
-    /// history read covers resuming clients), never as seen-but-not-delivered.
     /// Reads where a stream's history stands (see [`head_id`]).
     fn head_cmd(&self, stream: &str) -> redis::Cmd {
         let mut cmd = redis::cmd("HMGET");
@@ -1565,6 +1564,10 @@ impl RedisBackplane {
         cmd
     }
 
+    /// Records where each user's history stands before subscribing them, so a catch-up
+    /// after a later reconnect knows what this node has seen. Read before `SUBSCRIBE`: a
+    /// notification published in between then counts as not yet seen (the handshake's own
+    /// history read covers resuming clients), never as seen-but-not-delivered.
     async fn record_heads(&self, users: &[Arc<str>]) -> Result<(), BackplaneError> {
         if users.is_empty() {
             return Ok(());
