@@ -968,20 +968,7 @@ impl RedisBackplane {
     }
 
     async fn ping(&self) -> Result<(), BackplaneError> {
-        let timeout = self.inner.settings.timeout;
-        let result = tokio::time::timeout(timeout, async {
-            let mut conn = self.conn();
-            redis::cmd("PING")
-                .query_async::<String>(&mut conn)
-                .await
-                .map_err(unavailable)
-        })
-        .await;
-        match result {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(unavailable("timed out")),
-        }
+        self.query::<String>(&redis::cmd("PING")).await.map(|_| ())
     }
 
     /// Bounds a backplane operation by `HUB_REDIS_TIMEOUT`; running out of it is
@@ -993,6 +980,25 @@ impl RedisBackplane {
         tokio::time::timeout(self.inner.settings.timeout, f)
             .await
             .unwrap_or_else(|_| Err(unavailable("timed out")))
+    }
+
+    /// Runs one command on a command connection, bounded by `HUB_REDIS_TIMEOUT`.
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, BackplaneError> {
+        self.bounded(async { cmd.query_async(&mut self.conn()).await.map_err(unavailable) })
+            .await
+    }
+
+    /// Runs one pipeline (keys of one slot) on a command connection, bounded likewise.
+    async fn query_pipe<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, BackplaneError> {
+        self.bounded(async {
+            pipe.query_async(&mut self.conn())
+                .await
+                .map_err(unavailable)
+        })
+        .await
     }
 
     /// Most entries one history read returns: the stream is trimmed to about
@@ -1101,16 +1107,12 @@ impl RedisBackplane {
     async fn load_revocations(&self) -> Result<(), BackplaneError> {
         let now = now_micros() / 1_000_000;
         let found: Vec<String> = self
-            .bounded(async {
-                let mut conn = self.conn();
+            .query(
                 redis::cmd("ZRANGEBYSCORE")
                     .arg(self.revocations_key())
                     .arg(now.saturating_add(1))
-                    .arg("+inf")
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(unavailable)
-            })
+                    .arg("+inf"),
+            )
             .await?;
         for member in found {
             if let Some((user, r)) = parse_revocation_member(&member) {
@@ -1273,8 +1275,7 @@ impl RedisBackplane {
     /// This node's heartbeat, and nodes silent for an hour forgotten.
     async fn presence_heartbeat(&self) -> Result<(), BackplaneError> {
         let now_ms = now_micros() / 1000;
-        self.bounded(async {
-            let mut conn = self.conn();
+        self.query_pipe(
             redis::pipe()
                 .cmd("ZADD")
                 .arg(self.presence_nodes_key())
@@ -1285,11 +1286,8 @@ impl RedisBackplane {
                 .arg(self.presence_nodes_key())
                 .arg("-inf")
                 .arg(now_ms.saturating_sub(3_600_000))
-                .ignore()
-                .query_async::<()>(&mut conn)
-                .await
-                .map_err(unavailable)
-        })
+                .ignore(),
+        )
         .await
     }
 
@@ -1351,16 +1349,12 @@ impl RedisBackplane {
         let since = (now_micros() / 1000)
             .saturating_sub(self.inner.settings.presence_timeout.as_millis() as u64);
         let alive: Vec<String> = self
-            .bounded(async {
-                let mut conn = self.conn();
+            .query(
                 redis::cmd("ZRANGEBYSCORE")
                     .arg(self.presence_nodes_key())
                     .arg(since)
-                    .arg("+inf")
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(unavailable)
-            })
+                    .arg("+inf"),
+            )
             .await?;
         Ok(alive
             .into_iter()
@@ -2293,15 +2287,7 @@ impl Backplane for RedisBackplane {
     }
 
     async fn head(&self, stream: &str) -> Result<Option<Id>, BackplaneError> {
-        let read = self
-            .bounded(async {
-                let mut conn = self.conn();
-                self.head_cmd(stream)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(unavailable)
-            })
-            .await?;
+        let read = self.query(&self.head_cmd(stream)).await?;
         let Some(head) = head_id(read) else {
             return Ok(None);
         };
@@ -2340,11 +2326,7 @@ impl Backplane for RedisBackplane {
                 pipe.cmd("HGETALL")
                     .arg(self.presence_key("q", stream, node));
             }
-            self.bounded(async {
-                let mut conn = self.conn();
-                pipe.query_async(&mut conn).await.map_err(unavailable)
-            })
-            .await?
+            self.query_pipe(&pipe).await?
         };
         Ok(ChannelPresence::from_counts(
             local.iter().map(|(u, n)| (&**u, *n)).chain(
@@ -2385,8 +2367,7 @@ impl Backplane for RedisBackplane {
         if let Some(r) = revoke {
             let key = self.revocations_key();
             let now = now_micros() / 1_000_000;
-            self.bounded(async {
-                let mut conn = self.conn();
+            self.query_pipe::<()>(
                 redis::pipe()
                     .cmd("ZADD")
                     .arg(&key)
@@ -2397,11 +2378,8 @@ impl Backplane for RedisBackplane {
                     .arg(&key)
                     .arg("-inf")
                     .arg(now)
-                    .ignore()
-                    .query_async::<()>(&mut conn)
-                    .await
-                    .map_err(unavailable)
-            })
+                    .ignore(),
+            )
             .await?;
         }
         let publish = if self.inner.cluster {
@@ -2410,15 +2388,11 @@ impl Backplane for RedisBackplane {
             "PUBLISH"
         };
         let receivers: usize = self
-            .bounded(async {
-                let mut conn = self.conn();
+            .query(
                 redis::cmd(publish)
                     .arg(self.control_channel())
-                    .arg(&message)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(unavailable)
-            })
+                    .arg(&message),
+            )
             .await?;
         // Every subscribed node (each holds one pub/sub connection) answers with its count;
         // wait for all of them, within the command deadline.
@@ -2466,16 +2440,7 @@ impl Backplane for RedisBackplane {
             .iter()
             .map(|node| self.presence_key("p", user, node))
             .collect();
-        let counts: Vec<Option<usize>> = self
-            .bounded(async {
-                let mut conn = self.conn();
-                redis::cmd("MGET")
-                    .arg(&keys)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(unavailable)
-            })
-            .await?;
+        let counts: Vec<Option<usize>> = self.query(redis::cmd("MGET").arg(&keys)).await?;
         Ok(counts
             .into_iter()
             .flatten()
