@@ -28,14 +28,8 @@ BIN=${BIN_DIR:-target/release}
 [[ -x $BIN/hub && -x $BIN/hub-loadgen ]] || { echo "build first: cargo build --release -p hub -p loadtest" >&2; exit 1; }
 ((SHARDS >= 3)) || { echo "a Redis Cluster needs at least 3 masters (SHARDS)" >&2; exit 2; }
 
-dir=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$dir"
-}
-trap cleanup EXIT
+# shellcheck source=loadtest/bench/scratch.sh
+source loadtest/bench/scratch.sh
 
 cpu=() seeds=() addrs=()
 for ((i = 1; i <= SHARDS; i++)); do

@@ -18,27 +18,14 @@ REDIS_PORT=${REDIS_PORT:-6391} PORT=${PORT:-9103} KAFKA=${KAFKA:-127.0.0.1:9092}
 BIN=target/release
 [[ -x $BIN/hub ]] || { echo "build first: cargo build --release -p hub" >&2; exit 1; }
 
-dir=$(mktemp -d)
-pids=()
-topic="bench.ingest.$(od -An -N4 -tx4 /dev/urandom | tr -d ' ')"
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  infra/local/kafka.sh run-class kafka.admin.TopicCommand --bootstrap-server "$KAFKA" \
-    --delete --topic "$topic" >/dev/null 2>&1 || true
-  rm -rf "$dir"
-}
-trap cleanup EXIT
+# shellcheck source=loadtest/bench/scratch.sh
+source loadtest/bench/scratch.sh
 
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # clock ticks (USER_HZ = 100)
 mem() { redis-cli -p "$REDIS_PORT" info memory | awk -F: '/^used_memory:/ {print $2}' | tr -d '\r'; }
 
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$dir" \
-  --loglevel warning >/dev/null &
-redis=$!; pids+=("$redis")
-until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.1; done
-
-infra/local/kafka.sh topics-create "$topic" "$PARTITIONS" >/dev/null
+private_redis "$REDIS_PORT"
+throwaway_topic bench.ingest "$PARTITIONS"
 echo "producing $EVENTS events for $USERS users to $topic ..."
 awk -v n="$EVENTS" -v u="$USERS" 'BEGIN { for (i = 0; i < n; i++) {
   printf "u%d:{\"event_id\":\"e%d\",\"user_id\":\"u%d\",\"n\":%d}\n", i % u, i, i % u, i } }' \

@@ -26,35 +26,12 @@ REDIS_PORT=${REDIS_PORT:-6390} PORT_A=${PORT_A:-9101} PORT_B=${PORT_B:-9102} GRP
 BIN=${BIN_DIR:-target/release}
 [[ -x $BIN/hub && -x $BIN/hub-loadgen ]] || { echo "build first: cargo build --release -p hub -p loadtest" >&2; exit 1; }
 
-dir=$(mktemp -d)
-pids=()
-topic=""
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  if [[ -n $topic ]]; then
-    infra/local/kafka.sh run-class kafka.admin.TopicCommand --bootstrap-server "$KAFKA" \
-      --delete --topic "$topic" >/dev/null 2>&1 || true
-  fi
-  rm -rf "$dir"
-}
-trap cleanup EXIT
-
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$dir" \
-  --loglevel warning >/dev/null &
-redis=$!; pids+=("$redis")
-until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.1; done
-
-export HUB_REDIS_URL=redis://127.0.0.1:$REDIS_PORT HUB_REDIS_PREFIX=bench HUB_LOG=warn
-export HUB_JWT_SECRET=benchsecretbenchsecretbenchsecret01 HUB_API_KEY=benchkeybenchkey01
-# One client address holds every connection here.
-export HUB_MAX_CONNECTIONS_PER_IP=1000000
-HUB_ADDR=127.0.0.1:$PORT_A $BIN/hub serve & a=$!; pids+=("$a")
+# shellcheck source=loadtest/bench/scratch.sh
+source loadtest/bench/scratch.sh
 kafka_args=()
 if [[ $MODE == kafka ]]; then
   KAFKA=${KAFKA:-127.0.0.1:9092}
-  topic="bench.load.$(od -An -N4 -tx4 /dev/urandom | tr -d ' ')"
-  infra/local/kafka.sh topics-create "$topic" 6 >/dev/null
+  throwaway_topic bench.load 6
   cat > "$dir/routes.toml" <<TOML
 [[route]]
 name = "load"
@@ -65,18 +42,15 @@ recipients = ["user_id"]
 event_id = "event_id"
 data = { sent_us = "sent_us", seq = "seq" }
 TOML
-  HUB_KAFKA_BROKERS=$KAFKA HUB_KAFKA_GROUP="bench-$topic" HUB_INGEST_ROUTES=$dir/routes.toml \
-    HUB_INGEST_BUILTIN_ROUTES=false HUB_ADDR=127.0.0.1:$PORT_B $BIN/hub serve & b=$!
+  NODE_B_ENV="HUB_KAFKA_BROKERS=$KAFKA HUB_KAFKA_GROUP=bench-$topic HUB_INGEST_ROUTES=$dir/routes.toml HUB_INGEST_BUILTIN_ROUTES=false"
   kafka_args=(--kafka-brokers "$KAFKA" --kafka-topic "$topic")
   kafka_pid=$(pgrep -f 'kafka.Kafka' | head -1 || true)
   [[ -n $kafka_pid ]] && kafka_args+=(--cpu-pid "kafka=$kafka_pid")
 else
-  HUB_ADDR=127.0.0.1:$PORT_B HUB_GRPC_ADDR=127.0.0.1:$GRPC_B $BIN/hub serve & b=$!
+  NODE_B_ENV="HUB_GRPC_ADDR=127.0.0.1:$GRPC_B"
 fi
-pids+=("$b")
-for port in "$PORT_A" "$PORT_B"; do
-  until curl -fs "http://127.0.0.1:$port/readyz" >/dev/null; do sleep 0.1; done
-done
+# shellcheck source=loadtest/bench/two-nodes.sh
+source loadtest/bench/two-nodes.sh
 
 args=()
 [[ $MODE != kafka ]] && args+=(--publish-mode "$MODE")

@@ -1,23 +1,15 @@
-# Sourced by the two-node benchmarks (broadcast.sh, mixed.sh): a private redis-server on
-# REDIS_PORT and hub nodes A (PORT_A) and B (PORT_B) on it, from BIN, with the benchmarks'
-# secret and API key; every process started here is stopped on exit, also on failure.
-# Sets: dir (a scratch directory), redis, a, b (process ids). Node B also gets the extra
-# `VAR=value` words in NODE_B_ENV (e.g. its gRPC listener).
+# shellcheck shell=bash
+# Sourced by the two-node benchmarks (publish-path.sh, broadcast.sh, mixed.sh): a private
+# redis-server on REDIS_PORT and hub nodes A (PORT_A) and B (PORT_B) on it, from BIN, with the
+# benchmarks' secret and API key; every process started here is stopped on exit, also on
+# failure (scratch.sh, unless the caller sourced it already). Sets: dir (a scratch directory),
+# redis, a, b (process ids). Node B also gets the extra `VAR=value` words in NODE_B_ENV (e.g.
+# its gRPC listener or its Kafka ingest).
 [[ -x $BIN/hub && -x $BIN/hub-loadgen ]] || { echo "build first: cargo build --release -p hub -p loadtest" >&2; exit 1; }
 
-dir=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$dir"
-}
-trap cleanup EXIT
-
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$dir" \
-  --loglevel warning >/dev/null &
-redis=$!; pids+=("$redis")
-until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.1; done
+# shellcheck source=loadtest/bench/scratch.sh
+declare -F cleanup >/dev/null || source loadtest/bench/scratch.sh
+private_redis "$REDIS_PORT"
 
 export HUB_REDIS_URL=redis://127.0.0.1:$REDIS_PORT HUB_REDIS_PREFIX=bench HUB_LOG=warn
 export HUB_JWT_SECRET=benchsecretbenchsecretbenchsecret01 HUB_API_KEY=benchkeybenchkey01
