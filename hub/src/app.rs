@@ -126,15 +126,20 @@ pub async fn run_ingest_only(
     let (redis, task) = connect_redis(&settings, endpoint, Arc::new(Discard), &metrics).await?;
     let stop = CancellationToken::new();
     let ingest_metrics = metrics.ingest(&ingest.routes.topics());
-    let run = tokio::spawn(ingest::run(
+    let mut run = tokio::spawn(ingest::run(
         ingest,
         Arc::new(redis),
         ingest_metrics,
         stop.clone(),
     ));
-    shutdown.await;
-    stop.cancel();
-    let result = tokio::time::timeout(settings.shutdown_grace, run).await;
+    // Ingest ends on the signal, or by itself when it cannot go on (refused credentials).
+    let result = tokio::select! {
+        () = shutdown => {
+            stop.cancel();
+            tokio::time::timeout(settings.shutdown_grace, run).await
+        }
+        ended = &mut run => Ok(ended),
+    };
     task.abort();
     match result {
         Ok(Ok(r)) => r.map_err(Into::into),

@@ -10,9 +10,10 @@
 ARG BASE=debian:bookworm-slim
 
 FROM ${BASE} AS base
-# CA certificates: for TLS to PostgreSQL and Kafka.
+# CA certificates: for TLS to PostgreSQL and Kafka; libssl3: librdkafka's TLS (the services link
+# the system OpenSSL).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
+ && apt-get install -y --no-install-recommends ca-certificates libssl3 \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 hub \
  && useradd --system --uid 10001 --gid hub --no-create-home --home-dir /nonexistent \

@@ -6,6 +6,10 @@ need_apt=()
 command -v openssl >/dev/null || need_apt+=(openssl)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v cc >/dev/null || need_apt+=(build-essential)
+# librdkafka is built with OpenSSL (Kafka over TLS, SASL/SCRAM): headers and pkg-config to find
+# them; the binaries load libssl3 at run time.
+command -v pkg-config >/dev/null || need_apt+=(pkg-config)
+dpkg-query -W -f='${Status}' libssl-dev 2>/dev/null | grep -q 'ok installed' || need_apt+=(libssl-dev)
 # kcat: the independent JSON producer of the Kafka ingest tests (and handy by hand).
 command -v kcat >/dev/null || need_apt+=(kcat)
 # The browser test: headless Chromium (Debian's package, /usr/bin/chromium) and a font, so

@@ -11,6 +11,8 @@
 #                                              create a topic (replication 1) unless it exists;
 #                                              fails if it exists with another partition count
 #   infra/local/kafka.sh topics-list [--port 9092]
+#   infra/local/kafka.sh tls-ca                the path of the CA certificate that signs the TLS
+#                                              listener's (made when missing)
 #   infra/local/kafka.sh run-class CLASS [ARGS...]
 #                                              run a Kafka main class on the same classpath (what
 #                                              the distribution's kafka-run-class.sh does), e.g.
@@ -35,12 +37,17 @@
 #
 # The port is --port, else LOCAL_KAFKA_PORT, else 9092; the controller listens on the next port
 # (LOCAL_KAFKA_CONTROLLER_PORT or --controller-port to change) and a second client listener,
-# SASL_PLAINTEXT with SASL/PLAIN, on the one after (LOCAL_KAFKA_SASL_PORT or --sasl-port). All
-# bind 127.0.0.1 only. The SASL listener's users are fixed local test accounts:
+# SASL_PLAINTEXT with SASL/PLAIN, on the one after (LOCAL_KAFKA_SASL_PORT or --sasl-port), and a
+# third, SASL_SSL (TLS) with PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512, on the one after that
+# (LOCAL_KAFKA_TLS_PORT or --tls-port). All bind 127.0.0.1 only. The SASL listeners' users are
+# fixed local test accounts (the same password for every mechanism):
 #   hub / hub-secret          (the hub nodes)
 #   services / services-secret (the order, payment, delivery and moderation services)
-# A broker of ours found running without the SASL listener (started by an older version of this
-# script) is restarted by `start`, with its data.
+# The TLS listener's certificate (for 127.0.0.1 and localhost) is signed by a local CA made once
+# with openssl under .run/kafka/tls/ (ca.pem is what clients trust: `kafka.sh tls-ca` prints its
+# path; delete the folder to make new ones).
+# A broker of ours found running without the SASL or TLS listener (started by an older version of
+# this script) is restarted by `start`, with its data.
 # Our broker keeps its config, pid file, logs and data under .run/kafka/ (git-ignored):
 #   classpath.txt            runtime classpath, re-resolved when infra/kafka/pom.xml changes
 #   server-PORT.properties   broker config, rewritten at each start
@@ -72,7 +79,7 @@ say() { echo "kafka: $*"; }
 die() { echo "kafka: $*" >&2; exit 1; }
 
 usage() {
-  echo "usage: $0 start|stop|status [--port N] [--sasl-port N] | topics-create NAME PARTITIONS [--port N] | topics-list [--port N] | run-class CLASS [ARGS...] | cluster-start|cluster-stop|cluster-status|cluster-brokers [--port N] | cluster-kill NODE [--port N]" >&2
+  echo "usage: $0 start|stop|status [--port N] [--sasl-port N] [--tls-port N] | tls-ca | topics-create NAME PARTITIONS [--port N] | topics-list [--port N] | run-class CLASS [ARGS...] | cluster-start|cluster-stop|cluster-status|cluster-brokers [--port N] | cluster-kill NODE [--port N]" >&2
   exit 2
 }
 
@@ -81,6 +88,7 @@ shift || true
 PORT=${LOCAL_KAFKA_PORT:-9092}
 CPORT=${LOCAL_KAFKA_CONTROLLER_PORT:-}
 SPORT=${LOCAL_KAFKA_SASL_PORT:-}
+TPORT=${LOCAL_KAFKA_TLS_PORT:-}
 port_given=0
 args=()
 while (($#)); do
@@ -91,6 +99,8 @@ while (($#)); do
     --controller-port=*) CPORT=${1#*=}; shift ;;
     --sasl-port) SPORT=${2:?--sasl-port needs a number}; shift 2 ;;
     --sasl-port=*) SPORT=${1#*=}; shift ;;
+    --tls-port) TPORT=${2:?--tls-port needs a number}; shift 2 ;;
+    --tls-port=*) TPORT=${1#*=}; shift ;;
     *)
       # run-class passes everything after the class name through untouched.
       if [[ $cmd == run-class ]]; then args+=("$@"); break; fi
@@ -106,6 +116,8 @@ CPORT=${CPORT:-$((PORT + 1))}
 [[ $CPORT =~ ^[0-9]+$ && $CPORT != "$PORT" ]] || die "bad controller port '$CPORT'"
 SPORT=${SPORT:-$((PORT + 2))}
 [[ $SPORT =~ ^[0-9]+$ && $SPORT != "$PORT" && $SPORT != "$CPORT" ]] || die "bad SASL port '$SPORT'"
+TPORT=${TPORT:-$((PORT + 3))}
+[[ $TPORT =~ ^[0-9]+$ && $TPORT != "$PORT" && $TPORT != "$CPORT" && $TPORT != "$SPORT" ]] || die "bad TLS port '$TPORT'"
 
 PIDFILE=$DIR/kafka-$PORT.pid
 LOG=$DIR/kafka-$PORT.log
@@ -113,6 +125,7 @@ OUT=$DIR/kafka-$PORT.out
 CONF=$DIR/server-$PORT.properties
 LOG4J=$DIR/log4j2-$PORT.properties
 DATA=$DIR/data/$PORT
+TLS_DIR=$DIR/tls
 BOOTSTRAP=$HOST:$PORT
 KAFKA_VERSION=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$POM" | head -n 1)
 
@@ -285,7 +298,7 @@ wait_ready() {
   local pid=$1 deadline=$2
   while ((SECONDS < deadline)); do
     kill -0 "$pid" 2>/dev/null || { echo "kafka: the broker (pid $pid) exited during start" >&2; return 1; }
-    if speaks_kafka "$PORT" && speaks_kafka "$SPORT" && lists_topics; then return 0; fi
+    if speaks_kafka "$PORT" && speaks_kafka "$SPORT" && port_open "$TPORT" && lists_topics; then return 0; fi
     sleep 0.5
   done
   echo "kafka: not ready on $BOOTSTRAP after $START_SECONDS s" >&2
@@ -327,9 +340,9 @@ write_broker_config() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@$HOST:$CPORT
-listeners=PLAINTEXT://$HOST:$PORT,CONTROLLER://$HOST:$CPORT,SASL_PLAINTEXT://$HOST:$SPORT
-advertised.listeners=PLAINTEXT://$HOST:$PORT,SASL_PLAINTEXT://$HOST:$SPORT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT
+listeners=PLAINTEXT://$HOST:$PORT,CONTROLLER://$HOST:$CPORT,SASL_PLAINTEXT://$HOST:$SPORT,SASL_SSL://$HOST:$TPORT
+advertised.listeners=PLAINTEXT://$HOST:$PORT,SASL_PLAINTEXT://$HOST:$SPORT,SASL_SSL://$HOST:$TPORT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SASL_SSL:SASL_SSL
 inter.broker.listener.name=PLAINTEXT
 controller.listener.names=CONTROLLER
 
@@ -338,6 +351,16 @@ controller.listener.names=CONTROLLER
 sasl.enabled.mechanisms=PLAIN
 listener.name.sasl_plaintext.sasl.enabled.mechanisms=PLAIN
 listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_hub="hub-secret" user_services="services-secret";
+
+# The TLS listener: SASL over TLS with PLAIN and SCRAM (the SCRAM users are added after each
+# start, kafka.sh add_scram_users); the key and certificate chain in one PEM file, made by
+# kafka.sh with a local CA.
+listener.name.sasl_ssl.sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512
+listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_hub="hub-secret" user_services="services-secret";
+listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.ssl.keystore.type=PEM
+listener.name.sasl_ssl.ssl.keystore.location=$TLS_DIR/broker-keystore.pem
 log.dirs=$DATA
 
 # Topics are created explicitly (kafka.sh topics-create), never by a producer's typo.
@@ -360,6 +383,51 @@ num.network.threads=2
 num.io.threads=4
 EOF
   write_log4j "$LOG4J" "$LOG"
+}
+
+# Makes the local CA and the broker's key and certificate (127.0.0.1, localhost) under TLS_DIR
+# once; a half-made set (an interrupted run) is made again. Locked: private brokers on other
+# ports share the files.
+ensure_tls() {
+  mkdir -p "$TLS_DIR"
+  (
+    flock -w 60 8 || die "another kafka.sh holds $TLS_DIR/.lock"
+    [[ -s $TLS_DIR/ca.pem && -s $TLS_DIR/broker-keystore.pem ]] && exit 0
+    command -v openssl >/dev/null || apt_install openssl
+    local tmp
+    tmp=$(mktemp -d "$TLS_DIR/.new.XXXXXX")
+    # shellcheck disable=SC2064 # the path is fixed now
+    trap "rm -rf '$tmp'" EXIT
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=notification-hub local Kafka CA" \
+      -keyout "$tmp/ca.key" -out "$tmp/ca.pem" 2>/dev/null || die "openssl could not make the local CA"
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+      -keyout "$tmp/broker.key" -out "$tmp/broker.csr" 2>/dev/null || die "openssl could not make the broker key"
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' > "$tmp/ext"
+    openssl x509 -req -in "$tmp/broker.csr" -CA "$tmp/ca.pem" -CAkey "$tmp/ca.key" -CAcreateserial \
+      -days 3650 -extfile "$tmp/ext" -out "$tmp/broker.pem" 2>/dev/null || die "openssl could not sign the broker certificate"
+    # Kafka's PEM key store: the unencrypted PKCS#8 key, then the certificate chain.
+    openssl pkcs8 -topk8 -nocrypt -in "$tmp/broker.key" -out "$tmp/broker.pk8" || die "openssl could not convert the broker key"
+    cat "$tmp/broker.pk8" "$tmp/broker.pem" "$tmp/ca.pem" > "$tmp/broker-keystore.pem"
+    chmod 600 "$tmp/ca.key" "$tmp/broker-keystore.pem"
+    mv -f "$tmp/ca.key" "$TLS_DIR/ca.key"
+    mv -f "$tmp/broker-keystore.pem" "$TLS_DIR/broker-keystore.pem"
+    mv -f "$tmp/ca.pem" "$TLS_DIR/ca.pem"
+    echo "kafka: made a local CA and the TLS listener's certificate in $TLS_DIR"
+  ) 8> "$DIR/.lock-tls"
+}
+
+# Gives the local test users their SCRAM-SHA-256 and SCRAM-SHA-512 credentials (idempotent; the
+# storage keeps them, a restarted broker needs nothing).
+add_scram_users() {
+  local user mechanism
+  # One mechanism per request: the brokers refuse two credentials of a user in one.
+  for user in hub services; do
+    for mechanism in SCRAM-SHA-256 SCRAM-SHA-512; do
+      TOOL_TIMEOUT=40 run_tool org.apache.kafka.tools.ConfigCommand --bootstrap-server "$BOOTSTRAP" \
+        --command-config "$CLIENT_CONF" --alter --entity-type users --entity-name "$user" \
+        --add-config "$mechanism=[password=$user-secret]" > /dev/null 2>> "$OUT" || return 1
+    done
+  done
 }
 
 format_storage() {
@@ -408,12 +476,12 @@ start() {
     if ! speaks_kafka "$PORT"; then
       wait_ready "$pid" $((SECONDS + START_SECONDS)) || { show_log_tail; die "our broker (pid $pid) does not answer on $BOOTSTRAP"; }
     fi
-    if speaks_kafka "$SPORT"; then
-      say "already running (pid $pid) on $BOOTSTRAP (SASL on $HOST:$SPORT)"
+    if speaks_kafka "$SPORT" && port_open "$TPORT"; then
+      say "already running (pid $pid) on $BOOTSTRAP (SASL on $HOST:$SPORT, SASL over TLS on $HOST:$TPORT)"
       return 0
     fi
-    # Started by an older version of this script, before the SASL listener existed.
-    say "our broker (pid $pid) has no SASL listener on $HOST:$SPORT (started by an older kafka.sh); restarting it with its data"
+    # Started by an older version of this script, before the SASL or TLS listener existed.
+    say "our broker (pid $pid) has no SASL listener on $HOST:$SPORT or no TLS listener on $HOST:$TPORT (started by an older kafka.sh); restarting it with its data"
     terminate "$pid" "$STOP_SECONDS" || say "pid $pid still running after $STOP_SECONDS s; killed it (SIGKILL)"
     rm -f "$PIDFILE"
   fi
@@ -428,10 +496,12 @@ start() {
   fi
   port_open "$CPORT" && die "controller port $HOST:$CPORT is in use; free it or set --controller-port"
   port_open "$SPORT" && die "SASL port $HOST:$SPORT is in use; free it or set --sasl-port / LOCAL_KAFKA_SASL_PORT"
+  port_open "$TPORT" && die "TLS port $HOST:$TPORT is in use; free it or set --tls-port / LOCAL_KAFKA_TLS_PORT"
 
   find_java
   resolve_classpath
   write_tools_config
+  ensure_tls
   write_broker_config
   format_storage
 
@@ -447,8 +517,8 @@ start() {
     if ((SECONDS >= deadline)); then show_log_tail; die "the broker process did not come up"; fi
     sleep 0.1
   done
-  if wait_ready "$pid" "$deadline"; then
-    say "started Kafka $KAFKA_VERSION (pid $pid) on $BOOTSTRAP, SASL_PLAINTEXT on $HOST:$SPORT, controller $HOST:$CPORT, in $((SECONDS - t0)) s; log $LOG"
+  if wait_ready "$pid" "$deadline" && { add_scram_users || { echo "kafka: could not add the SCRAM users; see $OUT" >&2; false; }; }; then
+    say "started Kafka $KAFKA_VERSION (pid $pid) on $BOOTSTRAP, SASL_PLAINTEXT on $HOST:$SPORT, SASL_SSL on $HOST:$TPORT, controller $HOST:$CPORT, in $((SECONDS - t0)) s; log $LOG"
     if [[ -n ${INFRA_RECORD:-} ]]; then echo kafka >> "$INFRA_RECORD"; fi
     return 0
   fi
@@ -477,11 +547,11 @@ stop() {
 status() {
   local pid
   if pid=$(our_pid); then
-    if speaks_kafka "$PORT" && ! speaks_kafka "$SPORT"; then
-      say "running (pid $pid, started by this script) on $BOOTSTRAP but without the SASL listener on $HOST:$SPORT (an older kafka.sh started it): run kafka.sh start to restart it"
+    if speaks_kafka "$PORT" && ! { speaks_kafka "$SPORT" && port_open "$TPORT"; }; then
+      say "running (pid $pid, started by this script) on $BOOTSTRAP but without the SASL listener on $HOST:$SPORT or the TLS listener on $HOST:$TPORT (an older kafka.sh started it): run kafka.sh start to restart it"
       return 3
     elif speaks_kafka "$PORT"; then
-      say "running (pid $pid, started by this script, Kafka $KAFKA_VERSION) on $BOOTSTRAP, SASL_PLAINTEXT on $HOST:$SPORT, controller $HOST:$CPORT"
+      say "running (pid $pid, started by this script, Kafka $KAFKA_VERSION) on $BOOTSTRAP, SASL_PLAINTEXT on $HOST:$SPORT, SASL_SSL on $HOST:$TPORT, controller $HOST:$CPORT"
     else
       say "pid $pid (started by this script) does not answer on $BOOTSTRAP (starting, or stuck: see $LOG)"
       return 3
@@ -782,6 +852,7 @@ case $cmd in
   topics-create) topics_create ;;
   topics-list) topics_list ;;
   run-class) run_class ;;
+  tls-ca) ((${#args[@]} == 0)) || usage; ensure_tls >&2; echo "$TLS_DIR/ca.pem" ;;
   cluster-start) ((${#args[@]} == 0)) || usage; cluster_start ;;
   cluster-stop) ((${#args[@]} == 0)) || usage; cluster_stop ;;
   cluster-status) ((${#args[@]} == 0)) || usage; cluster_status ;;

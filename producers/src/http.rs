@@ -31,8 +31,8 @@ struct Ops {
     kafka_auth: crate::kafka::AuthFailure,
 }
 
-/// `/healthz`, `/readyz` (the database answers, Kafka has not refused our credentials and the
-/// process is not stopping) and `/metrics`.
+/// `/healthz`, `/readyz` (the database answers, Kafka has neither refused our credentials nor
+/// presented a certificate we do not trust, and the process is not stopping) and `/metrics`.
 pub fn ops_routes(
     pool: sqlx::PgPool,
     metrics: Metrics,
@@ -67,17 +67,14 @@ async fn healthz() -> &'static str {
 /// Readiness: the database answers, Kafka has not refused the credentials, not stopping.
 #[utoipa::path(get, path = "/readyz", tag = "operations", responses(
     (status = 200, description = "Ready", content_type = "text/plain", body = String),
-    (status = 503, description = "Stopping, the database unreachable, or Kafka refused our credentials", content_type = "text/plain", body = String),
+    (status = 503, description = "Stopping, the database unreachable, or Kafka refused our credentials or is not trusted", content_type = "text/plain", body = String),
 ))]
 async fn readyz(State(ops): State<Ops>) -> (StatusCode, &'static str) {
     if ops.stopping.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "stopping");
     }
-    if ops.kafka_auth.get().is_some() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "kafka refused our credentials",
-        );
+    if let Some(refusal) = ops.kafka_auth.get() {
+        return (StatusCode::SERVICE_UNAVAILABLE, refusal.summary());
     }
     let ping = sqlx::query("SELECT 1").execute(&ops.pool);
     match tokio::time::timeout(Duration::from_secs(2), ping).await {

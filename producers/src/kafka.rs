@@ -1,8 +1,8 @@
 //! What every Kafka client of a service shares: the bootstrap servers and the security settings
 //! (validated by [`crate::config`] with the workspace's rules), and the runtime's client context,
-//! which notices a refused authentication. A wrong password never heals by retrying, so it is
-//! reported once, clearly, and stops the service (see [`crate::service`]) instead of leaving it
-//! retrying in silence.
+//! which notices a refused authentication or an untrusted broker certificate. Neither a wrong
+//! password nor a wrong CA heals by retrying, so it is reported once, clearly, and stops the
+//! service (see [`crate::service`]) instead of leaving it retrying in silence.
 
 use rdkafka::ClientConfig;
 

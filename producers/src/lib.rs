@@ -14,7 +14,7 @@
 //!   headers.
 //! - [`limit`]: per-user rate limits of the REST APIs.
 //! - [`kafka`]: Kafka client config (brokers, security) and the runtime's context that notices a
-//!   refused authentication.
+//!   refused authentication or an untrusted broker certificate.
 //! - [`db`]: pool, migrations, the processed-events claim of idempotent consumers.
 //! - [`outbox`]: writing events in the caller's transaction; the relay that publishes them.
 //! - [`consumer`]: a service's handler on the workspace's Kafka runtime: a transaction per

@@ -196,7 +196,7 @@ impl Running {
         ));
         let refused = tokio::select! {
             () = signal => None,
-            reason = self.ctx.kafka_auth.clone().wait() => Some(reason),
+            refusal = self.ctx.kafka_auth.clone().wait() => Some(refusal),
         };
         tracing::info!("stopping");
         stop.cancel();
@@ -211,19 +211,13 @@ impl Running {
         self.ctx.pool.close().await;
         match refused {
             None => Ok(()),
-            Some(reason) => {
-                let prefix = self.ctx.service.prefix();
-                let user = self
-                    .ctx
-                    .settings
-                    .kafka_sasl_username
-                    .as_deref()
-                    .map(|u| format!(" as {u:?}"))
-                    .unwrap_or_default();
-                Err(anyhow::anyhow!(
-                    "kafka: the brokers refused authentication{user} (check {prefix}KAFKA_SASL_USERNAME, {prefix}KAFKA_SASL_PASSWORD, {prefix}KAFKA_SASL_MECHANISM, {prefix}KAFKA_SECURITY_PROTOCOL): {reason}"
-                ))
-            }
+            Some(refusal) => Err(anyhow::anyhow!(
+                "{}",
+                refusal.explain(
+                    self.ctx.service.prefix(),
+                    self.ctx.settings.kafka_sasl_username.as_deref()
+                )
+            )),
         }
     }
 }

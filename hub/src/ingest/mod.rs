@@ -82,6 +82,10 @@ pub enum IngestError {
     /// A partition worker stopped unexpectedly; ingest cannot go on safely.
     #[error("ingest: a partition worker stopped unexpectedly")]
     WorkerStopped,
+    /// The brokers refused the credentials, or their certificate is not trusted: retrying
+    /// cannot mend it (the line names the settings to check).
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl From<ConsumerError> for IngestError {
@@ -116,7 +120,7 @@ pub async fn run(
     metrics: IngestMetrics,
     stop: CancellationToken,
 ) -> Result<(), IngestError> {
-    let (context, _auth) = kafka_runtime::KafkaContext::new();
+    let (context, auth) = kafka_runtime::KafkaContext::new();
     let dlq = producer(&settings, &context)?;
     let topics = settings.routes.topics();
     let consumer = Consumer::new(
@@ -142,9 +146,23 @@ pub async fn run(
         metrics,
         max_record_bytes: settings.max_record_bytes,
     };
-    let result = consumer.run(handler, stop).await;
+    // A refusal stops ingest as the node's shutdown would: in-flight records finish, and the
+    // partitions go to the group's other members, which may have working settings.
+    let until = stop.child_token();
+    let run = consumer.run(handler, until.clone());
+    tokio::pin!(run);
+    let result = tokio::select! {
+        result = &mut run => result.map_err(IngestError::from),
+        refusal = auth.wait() => {
+            let line = refusal.explain("HUB_", settings.security.username.as_deref());
+            tracing::error!("{line}");
+            until.cancel();
+            let _ = run.await;
+            Err(IngestError::Refused(line))
+        }
+    };
     tracing::info!("ingest stopped");
-    result.map_err(IngestError::from)
+    result
 }
 
 /// The hub's handler: decode and route each record, publish a batch's notifications together.

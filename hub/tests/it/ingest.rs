@@ -1256,8 +1256,29 @@ fn sasl_brokers() -> String {
     std::env::var("HUB_TEST_KAFKA_SASL_BROKERS").unwrap_or_else(|_| "127.0.0.1:9094".to_owned())
 }
 
-#[tokio::test]
-async fn ingest_reads_through_a_sasl_listener_with_the_configured_credentials() {
+/// The broker's SASL_SSL listener (`infra/local/kafka.sh` runs one on port 9095: PLAIN and
+/// SCRAM with the same user, a certificate signed by the script's local CA).
+fn tls_brokers() -> String {
+    std::env::var("HUB_TEST_KAFKA_TLS_BROKERS").unwrap_or_else(|_| "127.0.0.1:9095".to_owned())
+}
+
+/// The local CA that signs the TLS listener's certificate (`kafka.sh tls-ca`).
+fn tls_ca() -> String {
+    if let Ok(path) = std::env::var("HUB_TEST_KAFKA_CA_FILE") {
+        return path;
+    }
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra/local/kafka.sh");
+    let out = std::process::Command::new(script)
+        .arg("tls-ca")
+        .output()
+        .expect("run infra/local/kafka.sh tls-ca");
+    assert!(out.status.success(), "kafka.sh tls-ca: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A node ingesting through `brokers` with `security` (its `HUB_KAFKA_*` settings) delivers
+/// three events produced on the plaintext listener, in order.
+async fn ingest_through(name: &str, brokers: String, security: &[(&str, &str)]) {
     let routes = |topic: &str| {
         format!(
             r#"
@@ -1271,22 +1292,18 @@ data = {{ n = "n" }}
 "#
         )
     };
-    let mut setup = Setup::new(redis_url(), "it-sasl", routes).await;
-    setup.brokers = sasl_brokers();
+    let mut setup = Setup::new(redis_url(), name, routes).await;
+    setup.brokers = brokers;
     let topic = setup.topic.name.clone();
     let mut env = setup.ingest_node_env();
-    env.extend([
-        ("HUB_KAFKA_SECURITY_PROTOCOL", "sasl_plaintext"),
-        ("HUB_KAFKA_SASL_MECHANISM", "PLAIN"),
-        ("HUB_KAFKA_SASL_USERNAME", "hub"),
-        ("HUB_KAFKA_SASL_PASSWORD", "hub-secret"),
-    ]);
+    env.extend(security.iter().copied());
     let node = HubProcess::start_with_credentials(&setup.creds, &env).await;
     let app = Arc::new(node.as_app());
-    let clients = vec![Client::connect(Kind::Ws, &app, "sasl-user").await];
+    let user = format!("{name}-user");
+    let clients = vec![Client::connect(Kind::Ws, &app, &user).await];
     let lines: Vec<(String, Vec<u8>)> = (1..=3)
         .map(|n| {
-            let v = json!({"event_id": format!("s{n}"), "to": "sasl-user", "n": n});
+            let v = json!({"event_id": format!("s{n}"), "to": user, "n": n});
             ("k".to_owned(), v.to_string().into_bytes())
         })
         .collect();
@@ -1301,6 +1318,116 @@ data = {{ n = "n" }}
         .collect();
     assert_eq!(got, vec![json!(1), json!(2), json!(3)]);
     drop(node);
+    setup.topic.delete().await;
+}
+
+#[tokio::test]
+async fn ingest_reads_through_a_sasl_listener_with_the_configured_credentials() {
+    let security = [
+        ("HUB_KAFKA_SECURITY_PROTOCOL", "sasl_plaintext"),
+        ("HUB_KAFKA_SASL_MECHANISM", "PLAIN"),
+        ("HUB_KAFKA_SASL_USERNAME", "hub"),
+        ("HUB_KAFKA_SASL_PASSWORD", "hub-secret"),
+    ];
+    ingest_through("it-sasl", sasl_brokers(), &security).await;
+}
+
+#[tokio::test]
+async fn ingest_reads_over_tls_with_scram_trusting_the_configured_ca() {
+    let ca = tls_ca();
+    let security = [
+        ("HUB_KAFKA_SECURITY_PROTOCOL", "sasl_ssl"),
+        ("HUB_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
+        ("HUB_KAFKA_SASL_USERNAME", "hub"),
+        ("HUB_KAFKA_SASL_PASSWORD", "hub-secret"),
+        ("HUB_KAFKA_SSL_CA_FILE", ca.as_str()),
+    ];
+    ingest_through("it-scram", tls_brokers(), &security).await;
+}
+
+#[tokio::test]
+async fn an_untrusted_broker_certificate_or_a_wrong_password_stops_hub_ingest_with_one_clear_line()
+{
+    // Neither heals by retrying: `hub ingest` says which settings to check and exits, instead
+    // of retrying in silence with its partitions held.
+    let mut setup = Setup::new(redis_url(), "it-refused", |topic: &str| {
+        format!(
+            "[[route]]\nname = \"r\"\ntopic = \"{topic}\"\nmessage = \"json\"\ntype = \"r\"\nrecipients = [\"to\"]\n"
+        )
+    })
+    .await;
+    setup.brokers = tls_brokers();
+    let dir = temp_dir("hub-kafka-ca");
+    let other_ca = dir.path().join("other-ca.pem");
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args([
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=not-the-brokers-ca",
+            "-keyout",
+        ])
+        .arg(dir.path().join("other-ca.key"))
+        .arg("-out")
+        .arg(&other_ca)
+        .output()
+        .expect("run openssl");
+    assert!(made.status.success(), "openssl: {made:?}");
+    let other_ca = other_ca.display().to_string();
+    let right_ca = tls_ca();
+    let secret = hex(24);
+    let cases = [
+        (
+            other_ca.as_str(),
+            "hub-secret",
+            "kafka: the brokers' certificate is not trusted (check HUB_KAFKA_SSL_CA_FILE, ",
+        ),
+        (
+            right_ca.as_str(),
+            "not-the-password",
+            "kafka: the brokers refused authentication as \"hub\" (check HUB_KAFKA_SASL_USERNAME, HUB_KAFKA_SASL_PASSWORD, ",
+        ),
+    ];
+    for (ca, password, expected) in cases {
+        let mut env = setup.kafka_env();
+        env.extend([
+            ("HUB_REDIS_URL", setup.redis.as_str()),
+            ("HUB_REDIS_PREFIX", setup.prefix.as_str()),
+            ("HUB_JWT_SECRET", secret.as_str()),
+            ("HUB_KAFKA_SECURITY_PROTOCOL", "sasl_ssl"),
+            ("HUB_KAFKA_SASL_MECHANISM", "SCRAM-SHA-256"),
+            ("HUB_KAFKA_SASL_USERNAME", "hub"),
+            ("HUB_KAFKA_SASL_PASSWORD", password),
+            ("HUB_KAFKA_SSL_CA_FILE", ca),
+            ("HUB_LOG", "warn"),
+        ]);
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_hub"))
+            .arg("ingest")
+            .env_clear()
+            .envs(env)
+            .kill_on_drop(true)
+            .output();
+        let out = timeout(Duration::from_secs(30), out)
+            .await
+            .unwrap_or_else(|_| panic!("hub ingest expecting {expected:?} still runs after 30 s"))
+            .expect("hub runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(last.starts_with(expected), "{stderr}");
+        if password != "hub-secret" {
+            assert!(!stderr.contains(password), "the password leaked: {stderr}");
+        }
+    }
     setup.topic.delete().await;
 }
 

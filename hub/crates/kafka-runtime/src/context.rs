@@ -1,7 +1,7 @@
 //! The client context of every Kafka client of a process: librdkafka's errors go to `tracing`,
-//! a refusal of the credentials is recorded once (it never heals by retrying, so the process
-//! can report it and stop), consumer lag goes to an [`Observer`], and a consumer commits what
-//! it has stored before its partitions move.
+//! a refusal of the credentials or of the brokers' certificate is recorded once (neither heals
+//! by retrying, so the process can report it and stop), consumer lag goes to an [`Observer`],
+//! and a consumer commits what it has stored before its partitions move.
 
 use std::sync::Arc;
 
@@ -26,20 +26,78 @@ pub struct Unobserved;
 
 impl Observer for Unobserved {}
 
-/// Why the brokers refused this process's credentials, once they have.
+/// A failure of the secured connection to the brokers that retrying cannot mend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// SASL: the brokers refused the user name, password or mechanism.
+    Credentials(String),
+    /// TLS: the brokers' certificate could not be verified with the trusted CAs (or does not
+    /// name the address connected to).
+    Certificate(String),
+}
+
+impl Refusal {
+    /// librdkafka's words.
+    pub fn reason(&self) -> &str {
+        match self {
+            Refusal::Credentials(r) | Refusal::Certificate(r) => r,
+        }
+    }
+
+    /// A short phrase for a readiness answer.
+    pub fn summary(&self) -> &'static str {
+        match self {
+            Refusal::Credentials(_) => "kafka refused our credentials",
+            Refusal::Certificate(_) => "kafka's certificate is not trusted",
+        }
+    }
+
+    /// One line naming the settings to check, with the process's variable prefix (`HUB_`,
+    /// `PAYMENT_`) and the SASL user when there is one.
+    pub fn explain(&self, prefix: &str, user: Option<&str>) -> String {
+        let reason = self.reason();
+        match self {
+            Refusal::Credentials(_) => {
+                let user = user.map(|u| format!(" as {u:?}")).unwrap_or_default();
+                format!(
+                    "kafka: the brokers refused authentication{user} (check {prefix}KAFKA_SASL_USERNAME, {prefix}KAFKA_SASL_PASSWORD, {prefix}KAFKA_SASL_MECHANISM, {prefix}KAFKA_SECURITY_PROTOCOL): {reason}"
+                )
+            }
+            Refusal::Certificate(_) => format!(
+                "kafka: the brokers' certificate is not trusted (check {prefix}KAFKA_SSL_CA_FILE, and that {prefix}KAFKA_BROKERS names the hosts the certificate is for): {reason}"
+            ),
+        }
+    }
+
+    /// The refusal an error of a client stands for, if any.
+    fn of(error: &KafkaError, reason: &str) -> Option<Refusal> {
+        match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed) => {
+                Some(Refusal::Credentials(reason.to_owned()))
+            }
+            // Other TLS errors (a handshake cut short by a restarting broker) heal.
+            Some(RDKafkaErrorCode::SSL) if reason.contains("certificate verify failed") => {
+                Some(Refusal::Certificate(reason.to_owned()))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Why the brokers' security refused this process, once it has.
 #[derive(Clone)]
 pub struct AuthFailure {
-    rx: watch::Receiver<Option<String>>,
+    rx: watch::Receiver<Option<Refusal>>,
 }
 
 impl AuthFailure {
-    /// The reason, when the brokers have refused the credentials.
-    pub fn get(&self) -> Option<String> {
+    /// The refusal, when there has been one.
+    pub fn get(&self) -> Option<Refusal> {
         self.rx.borrow().clone()
     }
 
-    /// Completes with the reason once the brokers refuse the credentials.
-    pub async fn wait(mut self) -> String {
+    /// Completes with the refusal once there is one.
+    pub async fn wait(mut self) -> Refusal {
         loop {
             if let Some(reason) = self.rx.borrow_and_update().clone() {
                 return reason;
@@ -54,7 +112,7 @@ impl AuthFailure {
 /// The context of every producer and consumer of one process.
 #[derive(Clone)]
 pub struct KafkaContext {
-    auth: Arc<watch::Sender<Option<String>>>,
+    auth: Arc<watch::Sender<Option<Refusal>>>,
     observer: Arc<dyn Observer>,
 }
 
@@ -86,16 +144,12 @@ pub(crate) fn is_missing_topic(e: &KafkaError) -> bool {
 
 impl ClientContext for KafkaContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        let refused = matches!(
-            error.rdkafka_error_code(),
-            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed)
-        );
-        if refused {
-            tracing::error!(%reason, "kafka: the brokers refused our credentials");
+        if let Some(refusal) = Refusal::of(&error, reason) {
+            tracing::error!(%reason, "{}", refusal.summary());
             self.auth.send_if_modified(|current| {
                 let first = current.is_none();
                 if first {
-                    *current = Some(reason.to_owned());
+                    *current = Some(refusal);
                 }
                 first
             });

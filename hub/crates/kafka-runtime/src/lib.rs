@@ -17,7 +17,8 @@
 //! # Layout
 //!
 //! - [`security`]: the Kafka client's security settings, their validation and the client config.
-//! - [`context`]: the client context (error logging, refused credentials, lag statistics).
+//! - [`context`]: the client context (error logging, refused credentials or certificates, lag
+//!   statistics).
 //! - [`record`]: a consumed record as a handler sees it, and the content-type decision.
 //! - [`dlq`]: the DLQ header scheme and writer.
 //! - [`consumer`]: the subscription, the partition workers, offset storing and the drain.
@@ -30,7 +31,7 @@ pub mod record;
 pub mod security;
 
 pub use consumer::{Consumer, ConsumerError, ConsumerSettings, Handler, Outcome};
-pub use context::{AuthFailure, KafkaContext, Observer};
+pub use context::{AuthFailure, KafkaContext, Observer, Refusal};
 pub use record::Record;
 pub use security::{SaslMechanism, Security, SecurityError, SecurityProtocol, SecuritySetting};
 

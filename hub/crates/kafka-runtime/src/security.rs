@@ -390,6 +390,25 @@ mod tests {
     }
 
     #[test]
+    fn this_build_speaks_tls_and_scram() {
+        // Every protocol and mechanism the settings accept is honoured by the linked
+        // librdkafka (built with OpenSSL), so none of them is refused at start.
+        let features = builtin_features();
+        for needed in ["ssl", "sasl_plain", "sasl_scram"] {
+            assert!(
+                features.iter().any(|f| f == needed),
+                "librdkafka lacks {needed}: {features:?}"
+            );
+        }
+        let scram_tls = Security {
+            protocol: SecurityProtocol::SaslSsl,
+            mechanism: Some(SaslMechanism::ScramSha512),
+            ..sasl(Some("hub"), Some("secret"))
+        };
+        assert_eq!(scram_tls.validate("HUB_"), Ok(()));
+    }
+
+    #[test]
     fn sasl_defaults_to_plain_in_the_client_config() {
         let security = sasl(Some("services"), Some("secret"));
         assert!(security.validate_with("HUB_", &[]).is_ok());

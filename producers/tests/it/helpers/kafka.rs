@@ -106,10 +106,10 @@ pub async fn read_topic(topic: &str, enough: impl Fn(&[Record]) -> bool) -> Vec<
     kafka::read_topic(topic, STEP, enough).await
 }
 
-/// A broker on three free ports (`infra/local/kafka.sh --port`: PLAINTEXT on `port`, the
-/// controller on `port + 1`, SASL_PLAINTEXT on `port + 2`), for a test that stops and restarts
-/// Kafka, or needs the SASL listener, without disturbing the others. Stopped, and its data
-/// removed, on drop.
+/// A broker on four free ports (`infra/local/kafka.sh --port`: PLAINTEXT on `port`, the
+/// controller on `port + 1`, SASL_PLAINTEXT on `port + 2`, SASL_SSL on `port + 3`), for a test
+/// that stops and restarts Kafka, or needs the SASL listeners, without disturbing the others.
+/// Stopped, and its data removed, on drop.
 pub struct PrivateKafka {
     pub port: u16,
 }
@@ -125,9 +125,9 @@ fn kafka_script(args: &[&str]) -> std::process::Output {
 impl PrivateKafka {
     pub async fn start() -> PrivateKafka {
         let port = loop {
-            let p = 20_000 + 3 * (rand::random::<u16>() % 10_000);
+            let p = 20_000 + 4 * (rand::random::<u16>() % 7_500);
             let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
-            if free(p) && free(p + 1) && free(p + 2) {
+            if (p..p + 4).all(free) {
                 break p;
             }
         };
@@ -143,6 +143,18 @@ impl PrivateKafka {
     /// The SASL_PLAINTEXT listener (SASL/PLAIN; users `hub`, `services`).
     pub fn sasl_brokers(&self) -> String {
         format!("127.0.0.1:{}", self.port + 2)
+    }
+
+    /// The SASL_SSL listener (PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512).
+    pub fn tls_brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port + 3)
+    }
+
+    /// The CA certificate that signs the TLS listener's (made by `kafka.sh`).
+    pub fn tls_ca(&self) -> String {
+        let out = kafka_script(&["tls-ca"]);
+        assert!(out.status.success(), "kafka.sh tls-ca: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
     /// (Re)starts the broker with its data.
