@@ -45,4 +45,5 @@ refused() {
 refused external.redis.url --set external.redis.url=
 refused hub.shutdownGraceSeconds --set hub.shutdownGraceSeconds=5
 refused secrets.jwt --set secrets.jwt.name=
+refused external.kafka.sasl.secret --set external.kafka.securityProtocol=sasl_ssl
 echo "helm check: passed"

@@ -54,7 +54,7 @@ for name, d in deployments.items():
         check(c.get("readinessProbe", {}).get("httpGet", {}).get("path") == "/readyz", f"{where}: readiness probe is not GET /readyz")
         check(c.get("livenessProbe", {}).get("httpGet", {}).get("path") == "/healthz", f"{where}: liveness probe is not GET /healthz")
         for e in c.get("env", []):
-            if any(word in e["name"] for word in ("SECRET", "API_KEY", "DATABASE_URL")):
+            if any(word in e["name"] for word in ("SECRET", "API_KEY", "DATABASE_URL", "PASSWORD")):
                 check("valueFrom" in e and "secretKeyRef" in e["valueFrom"], f"{where}: {e['name']} must come from a secretKeyRef")
     services = [s for s in of_kind("Service") if s["spec"]["selector"].items() <= labels.items()]
     check(len(services) == 1, f"{name}: expected one Service selecting its pods, got {len(services)}")
@@ -128,6 +128,31 @@ if mode == "full":
         check(set(paths.values()) <= services, f"Ingress: backends {set(paths.values()) - services} are not Services of the chart")
 else:
     check(not ingresses, "Ingress rendered although ingress.enabled is false")
+
+# Kafka security: every component's clients get the same protocol; with SASL the credentials
+# come from Secrets (the hub's own when given); with a CA Secret it is mounted where the
+# *_KAFKA_SSL_CA_FILE setting points.
+for name, d in deployments.items():
+    pod = d["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    env = {e["name"]: e for e in c.get("env", [])}
+    prefix = "HUB" if name == hub_name else name.rsplit("-", 1)[1].upper()
+    protocol = env.get(f"{prefix}_KAFKA_SECURITY_PROTOCOL", {}).get("value")
+    password = env.get(f"{prefix}_KAFKA_SASL_PASSWORD", {}).get("valueFrom", {}).get("secretKeyRef", {})
+    ca_file = env.get(f"{prefix}_KAFKA_SSL_CA_FILE", {}).get("value", "")
+    mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    if mode == "full":
+        check(protocol == "sasl_ssl", f"{name}: {prefix}_KAFKA_SECURITY_PROTOCOL is {protocol}, not sasl_ssl")
+        check(env.get(f"{prefix}_KAFKA_SASL_MECHANISM", {}).get("value") == "SCRAM-SHA-512", f"{name}: SASL mechanism not passed")
+        want = "notification-hub-kafka-hub" if name == hub_name else "notification-hub-kafka"
+        check(password.get("name") == want, f"{name}: the Kafka password does not come from the Secret {want}: {password}")
+        ca_dir = ca_file.rsplit("/", 1)[0]
+        secret = volumes.get(mounts.get(ca_dir, ""), {}).get("secret", {}).get("secretName")
+        check(secret == "kafka-ca", f"{name}: {prefix}_KAFKA_SSL_CA_FILE {ca_file!r} is not in the mounted Secret kafka-ca")
+    else:
+        check(protocol == "plaintext", f"{name}: {prefix}_KAFKA_SECURITY_PROTOCOL is {protocol}, not plaintext")
+        check(not password and not ca_file and "kafka-ca" not in volumes, f"{name}: Kafka credentials or CA rendered without being asked for")
 
 if problems:
     print(f"helm check ({mode} values):\n  " + "\n  ".join(problems), file=sys.stderr)

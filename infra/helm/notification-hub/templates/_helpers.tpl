@@ -35,6 +35,51 @@ valueFrom:
     key: {{ required (printf "%s.key is required" .what) .key }}
 {{- end -}}
 
+{{/*
+The Kafka security settings of one component as env entries: .ctx the root context, .prefix the
+variable prefix (HUB, ORDER, ...), .hub true for the hub (its own hubSecret, when set).
+*/}}
+{{- define "nh.kafkaEnv" -}}
+{{- $k := .ctx.Values.external.kafka -}}
+{{- $protocol := $k.securityProtocol | default "plaintext" -}}
+- name: {{ .prefix }}_KAFKA_SECURITY_PROTOCOL
+  value: {{ $protocol | quote }}
+{{- if hasPrefix "sasl_" $protocol }}
+{{- $secret := $k.sasl.secret }}
+{{- $what := "external.kafka.sasl.secret" }}
+{{- if and .hub $k.sasl.hubSecret.name }}
+{{- $secret = $k.sasl.hubSecret }}
+{{- $what = "external.kafka.sasl.hubSecret" }}
+{{- end }}
+- name: {{ .prefix }}_KAFKA_SASL_MECHANISM
+  value: {{ $k.sasl.mechanism | default "PLAIN" | quote }}
+- name: {{ .prefix }}_KAFKA_SASL_USERNAME
+  {{- include "nh.secretRef" (dict "what" $what "name" (required (printf "%s.name is required with external.kafka.securityProtocol %s" $what $protocol) $secret.name) "key" $secret.usernameKey) | nindent 2 }}
+- name: {{ .prefix }}_KAFKA_SASL_PASSWORD
+  {{- include "nh.secretRef" (dict "what" $what "name" $secret.name "key" $secret.passwordKey) | nindent 2 }}
+{{- end }}
+{{- if $k.caSecret.name }}
+- name: {{ .prefix }}_KAFKA_SSL_CA_FILE
+  value: /etc/notification-hub/kafka-ca/{{ $k.caSecret.key }}
+{{- end }}
+{{- end -}}
+
+{{/* The Kafka CA bundle's volume and mount (nothing without external.kafka.caSecret.name). */}}
+{{- define "nh.kafkaCaVolume" -}}
+{{- with .Values.external.kafka.caSecret.name }}
+- name: kafka-ca
+  secret:
+    secretName: {{ . }}
+{{- end }}
+{{- end -}}
+{{- define "nh.kafkaCaMount" -}}
+{{- if .Values.external.kafka.caSecret.name }}
+- name: kafka-ca
+  mountPath: /etc/notification-hub/kafka-ca
+  readOnly: true
+{{- end }}
+{{- end -}}
+
 {{/* Checks of values that would otherwise deploy a broken system. */}}
 {{- define "nh.validate" -}}
 {{- $h := .Values.hub -}}
