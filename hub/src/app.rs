@@ -500,24 +500,25 @@ impl Application {
         });
         let ingest_stop = CancellationToken::new();
         let ingest = self.ingest.map(|(settings, backplane, metrics)| {
-            tokio::spawn(ingest::run(
-                settings,
-                backplane,
-                metrics,
-                ingest_stop.clone(),
-            ))
+            let stop = ingest_stop.clone();
+            tokio::spawn(async move {
+                let result = ingest::run(settings, backplane, metrics, stop).await;
+                // Said when it happens (hub_ingest_failed turns 1), not at shutdown.
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, "ingest stopped; the node goes on serving without it");
+                }
+                result
+            })
         });
         shutdown.await;
         tracing::info!(connections = self.fanout.connections(), "draining");
         self.lifecycle.start_drain();
         // Ingest finishes its in-flight records, commits and stops while clients drain.
         ingest_stop.cancel();
-        if let Some(task) = ingest {
-            match tokio::time::timeout(self.grace, task).await {
-                Ok(Ok(Err(e))) => tracing::error!(error = %e, "ingest failed"),
-                Err(_) => tracing::warn!("ingest did not stop within the grace period"),
-                _ => {}
-            }
+        if let Some(task) = ingest
+            && tokio::time::timeout(self.grace, task).await.is_err()
+        {
+            tracing::warn!("ingest did not stop within the grace period");
         }
         let _ = tokio::time::timeout(self.grace, self.fanout.all_closed()).await;
         let left = self.fanout.connections();

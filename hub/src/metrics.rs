@@ -79,6 +79,8 @@ pub struct IngestMetrics {
     pub latency: Histogram,
     /// Notifications published from Kafka (`hub_notifications_published_total{source="kafka"}`).
     pub published: IntCounter,
+    /// 1 once ingest has stopped on a failure retrying cannot mend (`hub_ingest_failed`).
+    pub failed: IntGauge,
 }
 
 impl IngestMetrics {
@@ -242,6 +244,7 @@ struct IngestFamilies {
     dlq: IntCounterVec,
     lag: IntGaugeVec,
     latency: Histogram,
+    failed: IntGauge,
 }
 
 impl IngestFamilies {
@@ -264,6 +267,11 @@ impl IngestFamilies {
                 "hub_ingest_consumer_lag",
                 "Records behind the partition's end",
                 &["topic", "partition"],
+            ),
+            failed: gauge(
+                registry,
+                "hub_ingest_failed",
+                "1 when Kafka ingest has stopped on a failure retrying cannot mend (credentials or certificate refused, a partition worker stopped); the node goes on serving",
             ),
             latency: histogram(
                 registry,
@@ -525,6 +533,7 @@ impl Metrics {
             lag: f.lag.clone(),
             latency: f.latency.clone(),
             published: self.inner.published_kafka.clone(),
+            failed: f.failed.clone(),
         }
     }
 

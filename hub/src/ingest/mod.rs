@@ -140,6 +140,7 @@ pub async fn run(
         dlq,
     )?;
     tracing::info!(topics = ?topics, group = %settings.group, "ingest started");
+    let failed = metrics.failed.clone();
     let handler = Ingest {
         backplane,
         routes: settings.routes.clone(),
@@ -155,13 +156,15 @@ pub async fn run(
         result = &mut run => result.map_err(IngestError::from),
         refusal = auth.wait() => {
             let line = refusal.explain("HUB_", settings.security.username.as_deref());
-            tracing::error!("{line}");
             until.cancel();
             let _ = run.await;
             Err(IngestError::Refused(line))
         }
     };
     tracing::info!("ingest stopped");
+    if result.is_err() {
+        failed.set(1);
+    }
     result
 }
 

@@ -1428,6 +1428,43 @@ async fn an_untrusted_broker_certificate_or_a_wrong_password_stops_hub_ingest_wi
             assert!(!stderr.contains(password), "the password leaked: {stderr}");
         }
     }
+
+    // A serving node with the wrong password goes on serving; its ingest says it has stopped.
+    let mut env = setup.ingest_node_env();
+    env.extend([
+        ("HUB_KAFKA_SECURITY_PROTOCOL", "sasl_ssl"),
+        ("HUB_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
+        ("HUB_KAFKA_SASL_USERNAME", "hub"),
+        ("HUB_KAFKA_SASL_PASSWORD", "not-the-password"),
+        ("HUB_KAFKA_SSL_CA_FILE", right_ca.as_str()),
+    ]);
+    let node = HubProcess::start_with_credentials(&setup.creds, &env).await;
+    let app = node.as_app();
+    let failed = |text: &str| {
+        text.lines()
+            .any(|l| l.strip_prefix("hub_ingest_failed ").map(str::trim) == Some("1"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, text) = app.get("/metrics").await;
+        if failed(&text) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "hub_ingest_failed is not 1 after 30 s: {}",
+            text.lines()
+                .filter(|l| l.contains("hub_ingest_failed"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, _) = app.get("/readyz").await;
+    assert_eq!(status, 200, "the node must go on serving without ingest");
+    let client = Client::connect(Kind::Ws, &Arc::new(app), "refused-serving").await;
+    drop(client);
+    drop(node);
     setup.topic.delete().await;
 }
 
