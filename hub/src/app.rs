@@ -112,7 +112,7 @@ pub async fn run_ingest_only(
     };
     let Some(endpoint) = settings.redis_endpoint() else {
         anyhow::bail!(
-            "config: HUB_REDIS_URL: required by `hub ingest` (or HUB_REDIS_CLUSTER_URLS; nodes read history from Redis)"
+            "config: HUB_REDIS_URL: required by `hub ingest` (or HUB_REDIS_CLUSTER_URLS or HUB_REDIS_SENTINEL_URLS; nodes read history from Redis)"
         );
     };
     struct Discard;
@@ -258,6 +258,7 @@ async fn connect_redis(
     let setting = match endpoint {
         RedisEndpoint::Single(_) => "HUB_REDIS_URL",
         RedisEndpoint::Cluster(_) => "HUB_REDIS_CLUSTER_URLS",
+        RedisEndpoint::Sentinel { .. } => "HUB_REDIS_SENTINEL_URLS",
     };
     let telemetry = RedisTelemetry {
         reconnects: metrics.backplane_reconnects().clone(),
@@ -271,8 +272,9 @@ async fn connect_redis(
         .map_err(|e| anyhow::anyhow!("config: {setting}: {e}"))
 }
 
-/// The Redis backplane when `HUB_REDIS_URL` (or `HUB_REDIS_CLUSTER_URLS`) is set, else the
-/// in-process one; with the task that keeps it (pub/sub or the history sweeper).
+/// The Redis backplane when `HUB_REDIS_URL` (or `HUB_REDIS_CLUSTER_URLS`, or
+/// `HUB_REDIS_SENTINEL_URLS`) is set, else the in-process one; with the task that keeps it
+/// (pub/sub or the history sweeper).
 async fn connect_backplane(
     settings: &Settings,
     sink: Arc<FanoutSink>,

@@ -79,6 +79,17 @@ pub struct Settings {
     /// `redis_url`.
     #[serde(default, deserialize_with = "settings::text_list")]
     pub redis_cluster_urls: Vec<String>,
+    /// Redis Sentinels (comma-separated `redis://` URLs in the environment), instead of
+    /// `redis_url`: the backplane uses the master they name for `redis_sentinel_master`.
+    #[serde(default, deserialize_with = "settings::text_list")]
+    pub redis_sentinel_urls: Vec<String>,
+    /// The master's name the Sentinels monitor.
+    #[serde(default, deserialize_with = "settings::opt_text")]
+    pub redis_sentinel_master: Option<String>,
+    /// Password of the master and replicas the Sentinels name (the Sentinels' own, if any,
+    /// rides in their URLs).
+    #[serde(default, deserialize_with = "settings::opt_text")]
+    pub redis_sentinel_password: Option<String>,
     /// PEM CA bundle for a `rediss://` server certificate.
     #[serde(default)]
     pub redis_ca_file: Option<PathBuf>,
@@ -218,6 +229,9 @@ impl Default for Settings {
             allowed_origins: Vec::new(),
             redis_url: None,
             redis_cluster_urls: Vec::new(),
+            redis_sentinel_urls: Vec::new(),
+            redis_sentinel_master: None,
+            redis_sentinel_password: None,
             redis_ca_file: None,
             redis_prefix: "hub".to_owned(),
             redis_pool_size: 2,
@@ -395,6 +409,11 @@ impl Settings {
             None if !self.redis_cluster_urls.is_empty() => {
                 Some(RedisEndpoint::Cluster(self.redis_cluster_urls.clone()))
             }
+            None if !self.redis_sentinel_urls.is_empty() => Some(RedisEndpoint::Sentinel {
+                sentinels: self.redis_sentinel_urls.clone(),
+                master: self.redis_sentinel_master.clone().unwrap_or_default(),
+                password: self.redis_sentinel_password.clone(),
+            }),
             None => None,
         }
     }
@@ -422,6 +441,45 @@ impl Settings {
                     "HUB_REDIS_CLUSTER_URLS",
                     format!("{bad:?} is not a redis:// or rediss:// URL"),
                 ));
+            }
+        }
+        if !self.redis_sentinel_urls.is_empty() {
+            if self.redis_url.is_some() || !self.redis_cluster_urls.is_empty() {
+                return Err(ConfigError::new(
+                    "HUB_REDIS_SENTINEL_URLS",
+                    "cannot be combined with HUB_REDIS_URL or HUB_REDIS_CLUSTER_URLS (set one of them)",
+                ));
+            }
+            if let Some(bad) = self
+                .redis_sentinel_urls
+                .iter()
+                .find(|u| !u.starts_with("redis://"))
+            {
+                return Err(ConfigError::new(
+                    "HUB_REDIS_SENTINEL_URLS",
+                    format!("{bad:?} is not a redis:// URL (TLS to Sentinels is not supported)"),
+                ));
+            }
+            if self.redis_sentinel_master.is_none() {
+                return Err(ConfigError::new(
+                    "HUB_REDIS_SENTINEL_MASTER",
+                    "required with HUB_REDIS_SENTINEL_URLS (the master's name the Sentinels monitor)",
+                ));
+            }
+        } else {
+            for (name, set) in [
+                (
+                    "HUB_REDIS_SENTINEL_MASTER",
+                    self.redis_sentinel_master.is_some(),
+                ),
+                (
+                    "HUB_REDIS_SENTINEL_PASSWORD",
+                    self.redis_sentinel_password.is_some(),
+                ),
+            ] {
+                if set {
+                    return Err(ConfigError::new(name, "needs HUB_REDIS_SENTINEL_URLS"));
+                }
             }
         }
         if self.redis_prefix.is_empty()
@@ -667,6 +725,64 @@ mod tests {
             err.to_string(),
             "config: HUB_INGEST_BUILTIN_ROUTES: is false and HUB_INGEST_ROUTES names no file: ingest would have no route"
         );
+    }
+
+    #[test]
+    fn sentinel_settings_name_the_setting_at_fault() {
+        let s = Settings::load_from_pairs([
+            ("HUB_JWT_SECRET", SECRET),
+            (
+                "HUB_REDIS_SENTINEL_URLS",
+                "redis://10.0.0.1:26379, redis://10.0.0.2:26379",
+            ),
+            ("HUB_REDIS_SENTINEL_MASTER", "hub"),
+            ("HUB_REDIS_SENTINEL_PASSWORD", "pw"),
+        ])
+        .expect("valid");
+        let Some(crate::backplane::redis::RedisEndpoint::Sentinel {
+            sentinels,
+            master,
+            password,
+        }) = s.redis_endpoint()
+        else {
+            panic!("not a Sentinel endpoint")
+        };
+        assert_eq!(
+            sentinels,
+            ["redis://10.0.0.1:26379", "redis://10.0.0.2:26379"]
+        );
+        assert_eq!((master.as_str(), password.as_deref()), ("hub", Some("pw")));
+        let cases: [(&[(&str, &str)], &str); 4] = [
+            (
+                &[("HUB_REDIS_SENTINEL_URLS", "redis://s:26379")],
+                "config: HUB_REDIS_SENTINEL_MASTER: required with HUB_REDIS_SENTINEL_URLS (the master's name the Sentinels monitor)",
+            ),
+            (
+                &[("HUB_REDIS_SENTINEL_MASTER", "hub")],
+                "config: HUB_REDIS_SENTINEL_MASTER: needs HUB_REDIS_SENTINEL_URLS",
+            ),
+            (
+                &[
+                    ("HUB_REDIS_SENTINEL_URLS", "redis://s:26379"),
+                    ("HUB_REDIS_SENTINEL_MASTER", "hub"),
+                    ("HUB_REDIS_URL", "redis://r:6379"),
+                ],
+                "config: HUB_REDIS_SENTINEL_URLS: cannot be combined with HUB_REDIS_URL or HUB_REDIS_CLUSTER_URLS (set one of them)",
+            ),
+            (
+                &[
+                    ("HUB_REDIS_SENTINEL_URLS", "rediss://s:26379"),
+                    ("HUB_REDIS_SENTINEL_MASTER", "hub"),
+                ],
+                "config: HUB_REDIS_SENTINEL_URLS: \"rediss://s:26379\" is not a redis:// URL (TLS to Sentinels is not supported)",
+            ),
+        ];
+        for (pairs, line) in cases {
+            let mut all = vec![("HUB_JWT_SECRET", SECRET)];
+            all.extend_from_slice(pairs);
+            let e = Settings::load_from_pairs(all).expect_err(line);
+            assert_eq!(e.to_string(), line);
+        }
     }
 
     #[test]

@@ -46,4 +46,18 @@ refused external.redis.url --set external.redis.url=
 refused hub.shutdownGraceSeconds --set hub.shutdownGraceSeconds=5
 refused secrets.jwt --set secrets.jwt.name=
 refused external.kafka.sasl.secret --set external.kafka.securityProtocol=sasl_ssl
+refused external.redis.sentinel.master --set external.redis.sentinel.urls=redis://sentinel:26379
+# Behind Sentinel: the Sentinels and the master's name replace the Redis URL.
+"$HELM" template hub "$CHART" --kube-version "$KUBE" --set external.redis.sentinel.urls=redis://sentinel:26379 \
+  --set external.redis.sentinel.master=hub --set external.redis.sentinel.passwordSecret.name=redis-pw > "$out/sentinel.yaml"
+/usr/bin/python3 - "$out/sentinel.yaml" <<'PY' || die "the Sentinel settings are not rendered as expected"
+import sys, yaml
+hub = next(d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-hub"))
+env = {e["name"]: e for e in hub["spec"]["template"]["spec"]["containers"][0]["env"]}
+assert env["HUB_REDIS_SENTINEL_URLS"]["value"] == "redis://sentinel:26379", env
+assert env["HUB_REDIS_SENTINEL_MASTER"]["value"] == "hub", env
+assert env["HUB_REDIS_SENTINEL_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "redis-pw", env
+assert "HUB_REDIS_URL" not in env, env
+PY
+echo "helm check: the Sentinel settings render"
 echo "helm check: passed"

@@ -42,6 +42,10 @@
 //! drops or Redis restarts it reconnects with backoff, resubscribes every local user, and then
 //! reads each user's history after that last id and delivers what was missed; if the history
 //! is gone (a different epoch), the user's connections get `hub.gap` first.
+//!
+//! Behind Redis Sentinel the node asks the Sentinels for the master at start and then every
+//! second; when they name another one (a failover), the command connections are replaced
+//! and the pub/sub connection is made again on the new master, with the catch-up above.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -103,6 +107,33 @@ pub enum RedisEndpoint {
     /// A Redis Cluster by its seed URLs (`HUB_REDIS_CLUSTER_URLS`): commands go to the shard
     /// owning each user's slot and pub/sub is sharded (`SPUBLISH` / `SSUBSCRIBE`).
     Cluster(Vec<String>),
+    /// The master that Redis Sentinels name (`HUB_REDIS_SENTINEL_URLS`,
+    /// `HUB_REDIS_SENTINEL_MASTER`), followed through failovers.
+    Sentinel {
+        /// The Sentinels' `redis://` URLs.
+        sentinels: Vec<String>,
+        /// The master's name they monitor.
+        master: String,
+        /// The master's (and replicas') password.
+        password: Option<String>,
+    },
+}
+
+/// How often the Sentinels are asked which server is the master.
+const MASTER_CHECK: Duration = Duration::from_secs(1);
+
+/// The master behind Sentinels, and the connections to it.
+struct Master {
+    sentinel: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
+    current: parking_lot::RwLock<MasterConns>,
+    /// Bumped when the Sentinels name another master (the pub/sub task reconnects).
+    switched: watch::Sender<u64>,
+}
+
+/// The current master's client and command connections.
+struct MasterConns {
+    client: redis::Client,
+    conns: Vec<Conn>,
 }
 
 /// Observability handles the backplane updates.
@@ -271,6 +302,8 @@ struct Inner {
     /// [`RedisBackplane::coalesce`]).
     jobs: mpsc::Sender<Job>,
     client: Client,
+    /// Behind Sentinels: the master now (its connections replace `conns`).
+    master: Option<Master>,
     /// A Redis Cluster: scripts and pipelines are split per slot, pub/sub is sharded.
     cluster: bool,
     /// On a cluster: for each slot, which master serves it (an index among the masters),
@@ -497,6 +530,18 @@ fn publish_error(e: redis::RedisError) -> BackplaneError {
     }
 }
 
+/// Completes when the Sentinels have named another master (never without Sentinels).
+async fn master_switched(switched: &mut Option<watch::Receiver<u64>>) {
+    match switched {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
 impl RedisBackplane {
     /// Connects the command pool and starts the pub/sub task. Fails when Redis cannot be
     /// reached at start (so a misconfigured URL is reported at once).
@@ -505,9 +550,55 @@ impl RedisBackplane {
         sink: Arc<dyn Sink>,
         telemetry: RedisTelemetry,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), BackplaneError> {
+        let mut master = None;
         let (conns, client, pubsub) = match &settings.endpoint {
             RedisEndpoint::Single(url) => {
-                let (conns, client) = Self::single_connections(url, &settings)?;
+                let client = match &settings.ca_file {
+                    None => redis::Client::open(url.as_str()).map_err(unavailable)?,
+                    Some(path) => redis::Client::build_with_tls(url.as_str(), certificates(path)?)
+                        .map_err(unavailable)?,
+                };
+                let conns = Self::single_connections(&client, &settings)?;
+                (
+                    conns,
+                    Client::Single(client.clone()),
+                    PubSubClient::Single(client),
+                )
+            }
+            RedisEndpoint::Sentinel {
+                sentinels,
+                master: name,
+                password,
+            } => {
+                let mut node = redis::RedisConnectionInfo::default();
+                if let Some(p) = password {
+                    node = node.set_password(p);
+                }
+                let mut sentinel = redis::sentinel::SentinelClient::build(
+                    sentinels.clone(),
+                    name.as_str(),
+                    Some(
+                        redis::sentinel::SentinelNodeConnectionInfo::default()
+                            .set_redis_connection_info(node),
+                    ),
+                    redis::sentinel::SentinelServerType::Master,
+                )
+                .map_err(unavailable)?;
+                let client = tokio::time::timeout(settings.timeout, sentinel.async_get_client())
+                    .await
+                    .map_err(|_| unavailable("timed out asking the Sentinels for the master"))?
+                    .map_err(unavailable)?;
+                tracing::info!(master = %client.get_connection_info().addr(), "Redis master named by the Sentinels");
+                let conns = Self::single_connections(&client, &settings)?;
+                let (switched, _) = watch::channel(0);
+                master = Some(Master {
+                    sentinel: tokio::sync::Mutex::new(sentinel),
+                    current: parking_lot::RwLock::new(MasterConns {
+                        client: client.clone(),
+                        conns: conns.clone(),
+                    }),
+                    switched,
+                });
                 (
                     conns,
                     Client::Single(client.clone()),
@@ -554,6 +645,7 @@ impl RedisBackplane {
                 next: std::sync::atomic::AtomicUsize::new(0),
                 jobs: jobs_tx,
                 client,
+                master,
                 cluster,
                 owners: parking_lot::RwLock::new(None),
                 settings,
@@ -586,11 +678,16 @@ impl RedisBackplane {
                 }
             }
         };
-        let parts = [
+        let mut parts = vec![
             AbortOnDropHandle::new(tokio::spawn(pubsub)),
             AbortOnDropHandle::new(tokio::spawn(this.clone().coalesce(jobs))),
             AbortOnDropHandle::new(tokio::spawn(this.clone().presence_task())),
         ];
+        if this.inner.master.is_some() {
+            parts.push(AbortOnDropHandle::new(tokio::spawn(
+                this.clone().master_task(),
+            )));
+        }
         let task = tokio::spawn(async move {
             futures_util::future::join_all(parts).await;
         });
@@ -599,15 +696,9 @@ impl RedisBackplane {
 
     /// The command connections to one server (lazy: the first command connects).
     fn single_connections(
-        url: &str,
+        client: &redis::Client,
         settings: &RedisSettings,
-    ) -> Result<(Vec<Conn>, redis::Client), BackplaneError> {
-        let client = match &settings.ca_file {
-            None => redis::Client::open(url).map_err(unavailable)?,
-            Some(path) => {
-                redis::Client::build_with_tls(url, certificates(path)?).map_err(unavailable)?
-            }
-        };
+    ) -> Result<Vec<Conn>, BackplaneError> {
         // redis-rs gives every connection a 500 ms response timeout of its own; the
         // configured deadline must be the one that applies.
         let manager_config = ConnectionManagerConfig::new()
@@ -623,7 +714,67 @@ impl RedisBackplane {
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(unavailable)?;
-        Ok((conns, client))
+        Ok(conns)
+    }
+
+    /// Behind Sentinels: asks them every [`MASTER_CHECK`] which server is the master; when
+    /// they name another one, new command connections to it replace the old ones and the
+    /// pub/sub task is told to reconnect (it then catches every local user up from history).
+    /// A Sentinel or master that does not answer is skipped until the next check.
+    async fn master_task(self) {
+        let Some(master) = &self.inner.master else {
+            return;
+        };
+        let mut tick = tokio::time::interval(MASTER_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let found = {
+                let mut sentinel = master.sentinel.lock().await;
+                tokio::time::timeout(self.inner.settings.timeout, sentinel.async_get_client()).await
+            };
+            let client = match found {
+                Ok(Ok(client)) => client,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "asking the Sentinels for the master failed");
+                    continue;
+                }
+                Err(_) => {
+                    tracing::debug!("asking the Sentinels for the master timed out");
+                    continue;
+                }
+            };
+            let now = client.get_connection_info().addr().to_string();
+            let before = master
+                .current
+                .read()
+                .client
+                .get_connection_info()
+                .addr()
+                .to_string();
+            if now == before {
+                continue;
+            }
+            let conns = match Self::single_connections(&client, &self.inner.settings) {
+                Ok(conns) => conns,
+                Err(e) => {
+                    tracing::warn!(error = %e, master = %now, "connecting to the new master failed");
+                    continue;
+                }
+            };
+            tracing::warn!(from = %before, to = %now, "the Sentinels named another Redis master; switching to it");
+            *master.current.write() = MasterConns { client, conns };
+            master.switched.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// The client of the server to talk to: behind Sentinels the master now, else the one
+    /// server's.
+    fn single_client(&self, client: &redis::Client) -> redis::Client {
+        match &self.inner.master {
+            Some(m) => m.current.read().client.clone(),
+            None => client.clone(),
+        }
     }
 
     /// On a cluster: whether the node currently knows which master serves each slot (so a
@@ -955,6 +1106,12 @@ impl RedisBackplane {
     /// A command connection (cheap clone of a multiplexed one).
     fn conn(&self) -> Conn {
         let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.conns.len();
+        if let Some(m) = &self.inner.master {
+            let current = m.current.read();
+            if let Some(conn) = current.conns.get(i) {
+                return conn.clone();
+            }
+        }
         self.inner.conns[i].clone()
     }
 
@@ -1392,7 +1549,8 @@ impl RedisBackplane {
                 let config = redis::AsyncConnectionConfig::new()
                     .set_response_timeout(Some(timeout))
                     .set_connection_timeout(Some(timeout));
-                let conn = client
+                let conn = self
+                    .single_client(client)
                     .get_multiplexed_async_connection_with_config(&config)
                     .await
                     .map_err(unavailable)?;
@@ -1605,7 +1763,13 @@ impl RedisBackplane {
     async fn pubsub_task(self, client: redis::Client, mut changes: mpsc::Receiver<()>) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut first = true;
+        let mut switched = self.inner.master.as_ref().map(|m| m.switched.subscribe());
         loop {
+            // Seen before the master is read: a switch from here on ends this connection.
+            if let Some(s) = &mut switched {
+                s.mark_unchanged();
+            }
+            let client = self.single_client(&client);
             let connected =
                 tokio::time::timeout(self.inner.settings.timeout, client.get_async_pubsub()).await;
             let pubsub = match connected {
@@ -1671,6 +1835,10 @@ impl RedisBackplane {
                         if self.sync(&mut sink, &mut on_redis).await.is_err() {
                             break;
                         }
+                    }
+                    () = master_switched(&mut switched) => {
+                        tracing::info!("pub/sub moving to the new master");
+                        break;
                     }
                 }
             }

@@ -21,5 +21,6 @@ mod presence;
 mod redis_cluster;
 mod replicated;
 mod resume;
+mod sentinel;
 mod slow_consumer;
 mod tls;

@@ -38,7 +38,7 @@ fn cluster_env<'a>(
 
 /// Settings for the failure tests: an outage is noticed fast, and a publish is acknowledged
 /// only once the master's replica has it (so a promoted replica lacks nothing acknowledged).
-const FAILOVER_ENV: [(&str, &str); 2] = [
+pub(crate) const FAILOVER_ENV: [(&str, &str); 2] = [
     ("HUB_REDIS_TIMEOUT", "500ms"),
     ("HUB_REDIS_SYNC_REPLICAS", "1"),
 ];
@@ -237,7 +237,7 @@ type Published = (Vec<String>, String);
 /// WS and SSE on both nodes, publishes `per_user` notes to each distinct user through
 /// alternating nodes (retrying while the store is unavailable), runs `disrupt` once a third
 /// is published, then checks every client got exactly its user's notes, in order, no gap.
-async fn burst_through(
+pub(crate) async fn burst_through(
     nodes: [Arc<TestApp>; 2],
     followers: Vec<String>,
     per_user: usize,

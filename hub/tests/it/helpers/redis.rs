@@ -25,6 +25,8 @@ pub struct RedisServer {
     /// Its port.
     pub port: u16,
     dir: TempDir,
+    /// More arguments (a replica's `--replicaof`).
+    args: Vec<String>,
 }
 
 impl RedisServer {
@@ -35,6 +37,24 @@ impl RedisServer {
             child: None,
             port,
             dir: temp_dir(&format!("hub-test-redis-{port}")),
+            args: Vec::new(),
+        };
+        s.spawn().await;
+        s
+    }
+
+    /// Starts a replica of the server on `master`'s port.
+    async fn start_replica_of(master: u16) -> RedisServer {
+        let port = free_port();
+        let mut s = RedisServer {
+            child: None,
+            port,
+            dir: temp_dir(&format!("hub-test-redis-{port}")),
+            args: vec![
+                "--replicaof".to_owned(),
+                "127.0.0.1".to_owned(),
+                master.to_string(),
+            ],
         };
         s.spawn().await;
         s
@@ -44,6 +64,7 @@ impl RedisServer {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(&self.args)
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -96,6 +117,143 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         // Before the directory goes (the field's own drop).
         self.kill();
+    }
+}
+
+/// The name the Sentinel of [`RedisSentinel`] monitors its master under.
+pub const SENTINEL_MASTER: &str = "hub-master";
+
+/// A master, its replica and a Sentinel watching them (private processes on free ports), for
+/// tests of failovers behind Sentinel. The Sentinel alone decides (quorum 1), 1 s after it
+/// last heard from the master.
+pub struct RedisSentinel {
+    servers: Vec<RedisServer>,
+    sentinel: Option<Child>,
+    /// The Sentinel's port.
+    pub port: u16,
+    /// Its config file (the Sentinel rewrites it), removed on drop.
+    _dir: TempDir,
+}
+
+impl RedisSentinel {
+    /// Starts the three and waits until the Sentinel knows the replica.
+    pub async fn start() -> RedisSentinel {
+        let master = RedisServer::start().await;
+        let replica = RedisServer::start_replica_of(master.port).await;
+        let port = free_port();
+        let dir = temp_dir(&format!("hub-test-sentinel-{port}"));
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                 sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {} 1\n\
+                 sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
+                 sentinel failover-timeout {SENTINEL_MASTER} 10000\n",
+                dir.path().display(),
+                master.port
+            ),
+        )
+        .expect("sentinel config");
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server runs in Sentinel mode");
+        let s = RedisSentinel {
+            servers: vec![master, replica],
+            sentinel: Some(child),
+            port,
+            _dir: dir,
+        };
+        let deadline = Deadline::after(STEP);
+        loop {
+            let replicas = s.ask(&["SENTINEL", "REPLICAS", SENTINEL_MASTER]);
+            if matches!(&replicas, Ok(redis::Value::Array(r)) if r.len() == 1) {
+                return s;
+            }
+            deadline
+                .retry(|| format!("the Sentinel does not know the replica: {replicas:?}"))
+                .await;
+        }
+    }
+
+    /// `redis://127.0.0.1:port` of the Sentinel.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn ask(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
+        node_cmd(self.port, args)
+    }
+
+    /// The port of the server the Sentinel names as the master.
+    pub fn master_port(&self) -> u16 {
+        let addr = self
+            .ask(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", SENTINEL_MASTER])
+            .expect("the Sentinel answers");
+        let redis::Value::Array(parts) = addr else {
+            panic!("GET-MASTER-ADDR-BY-NAME answered {addr:?}")
+        };
+        text(&parts[1]).parse().expect("a port")
+    }
+
+    fn server(&mut self, port: u16) -> &mut RedisServer {
+        self.servers
+            .iter_mut()
+            .find(|s| s.port == port)
+            .expect("a server of this setup")
+    }
+
+    /// Kills the server on `port` (as a crash would).
+    pub fn kill(&mut self, port: u16) {
+        self.server(port).kill();
+    }
+
+    /// Waits until the Sentinel has promoted another server than `not` and that one says it
+    /// is the master.
+    pub async fn wait_promoted(&self, not: u16) {
+        let deadline = Deadline::after(STEP * 2);
+        loop {
+            let now = self.master_port();
+            if now != not
+                && node_cmd(now, &["INFO", "replication"])
+                    .map(|v| text(&v))
+                    .is_ok_and(|i| i.contains("role:master"))
+            {
+                return;
+            }
+            deadline
+                .retry(|| format!("no replica promoted after {not} died"))
+                .await;
+        }
+    }
+
+    /// Starts the killed server on `port` again, empty; the Sentinel makes it a replica of
+    /// the new master; waits until it has caught up with it.
+    pub async fn restart(&mut self, port: u16) {
+        self.server(port).spawn().await;
+        let deadline = Deadline::after(STEP * 2);
+        loop {
+            let info = node_cmd(port, &["INFO", "replication"]).map(|v| text(&v));
+            if info.is_ok_and(|i| i.contains("role:slave") && i.contains("master_link_status:up")) {
+                return;
+            }
+            deadline
+                .retry(|| format!("{port} did not come back as a replica"))
+                .await;
+        }
+    }
+}
+
+impl Drop for RedisSentinel {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.sentinel.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

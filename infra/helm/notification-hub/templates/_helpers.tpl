@@ -83,9 +83,9 @@ variable prefix (HUB, ORDER, ...), .hub true for the hub (its own hubSecret, whe
 {{/* Checks of values that would otherwise deploy a broken system. */}}
 {{- define "nh.validate" -}}
 {{- $h := .Values.hub -}}
-{{- $redis := or .Values.external.redis.url .Values.external.redis.urlSecret.name .Values.external.redis.clusterUrls -}}
+{{- $redis := or .Values.external.redis.url .Values.external.redis.urlSecret.name .Values.external.redis.clusterUrls .Values.external.redis.sentinel.urls -}}
 {{- if and (not $redis) (or (gt (int $h.replicas) 1) $h.autoscaling.enabled) -}}
-{{- fail "external.redis.url (or external.redis.urlSecret.name, or external.redis.clusterUrls) is required with more than one hub replica or autoscaling: without Redis each node has its own history" -}}
+{{- fail "external.redis.url (or external.redis.urlSecret.name, external.redis.clusterUrls or external.redis.sentinel.urls) is required with more than one hub replica or autoscaling: without Redis each node has its own history" -}}
 {{- end -}}
 {{- if lt (int $h.shutdownGraceSeconds) (int $h.drainWindowSeconds) -}}
 {{- fail "hub.shutdownGraceSeconds must be at least hub.drainWindowSeconds" -}}
