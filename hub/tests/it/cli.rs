@@ -1,6 +1,6 @@
 //! The `hub` binary's command line: `token`, `serve --dev`, and one-line configuration errors.
 
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 
 use serde_json::json;
 use test_support::STEP;
@@ -12,6 +12,27 @@ fn hub() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_hub"));
     c.env_clear();
     c
+}
+
+/// Runs `cmd` (stdout discarded, stderr kept) and returns its output once it exits; a process
+/// still running after `within` (a setting that was meant to be refused was accepted) is
+/// killed and fails the test.
+fn exits_within(cmd: &mut Command, within: std::time::Duration, what: &str) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("hub runs");
+    let deadline = std::time::Instant::now() + within;
+    while child.try_wait().expect("hub status").is_none() {
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: hub still runs after {within:?}; the setting was not refused");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("hub output")
 }
 
 #[tokio::test]
@@ -82,9 +103,16 @@ fn bad_settings_stop_the_node_with_one_line_naming_the_setting() {
             vec![
                 ("HUB_JWT_SECRET", "0123456789abcdef0123456789abcdef"),
                 ("HUB_KAFKA_BROKERS", "127.0.0.1:9"),
-                ("HUB_KAFKA_SECURITY_PROTOCOL", "ssl"),
+                ("HUB_KAFKA_SECURITY_PROTOCOL", "tls"),
             ],
             "HUB_KAFKA_SECURITY_PROTOCOL",
+        ),
+        (
+            vec![
+                ("HUB_JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+                ("HUB_REDIS_SENTINEL_URLS", "redis://127.0.0.1:26379"),
+            ],
+            "HUB_REDIS_SENTINEL_MASTER",
         ),
         (
             vec![
@@ -127,7 +155,7 @@ fn bad_settings_stop_the_node_with_one_line_naming_the_setting() {
         for (k, v) in &env {
             cmd.env(k, v);
         }
-        let out = cmd.stdout(Stdio::null()).output().expect("hub runs");
+        let out = exits_within(&mut cmd, STEP, setting);
         assert_eq!(out.status.code(), Some(2), "{setting}: exit code");
         let err = String::from_utf8_lossy(&out.stderr);
         let lines: Vec<&str> = err.lines().collect();

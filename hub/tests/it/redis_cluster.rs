@@ -36,11 +36,14 @@ fn cluster_env<'a>(
     env
 }
 
-/// Settings for the failure tests: an outage is noticed fast, and a publish is acknowledged
-/// only once the master's replica has it (so a promoted replica lacks nothing acknowledged).
-pub(crate) const FAILOVER_ENV: [(&str, &str); 2] = [
+/// Settings for the failure tests: an outage is noticed fast, a publish is acknowledged only
+/// once the master's replica has it (so a promoted replica lacks nothing acknowledged), and
+/// clients hear pings while nothing is published (they give up after 10 s of silence, and a
+/// failover on a busy machine can take that long).
+pub(crate) const FAILOVER_ENV: [(&str, &str); 3] = [
     ("HUB_REDIS_TIMEOUT", "500ms"),
     ("HUB_REDIS_SYNC_REPLICAS", "1"),
+    ("HUB_PING_INTERVAL", "1s"),
 ];
 
 /// Publishes `data` for `user` until the hub accepts it (a 503 while a shard fails over or
