@@ -21,7 +21,7 @@ use proto::orders::v1::{OrderStatus, OrderStatusChanged};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 use test_support::app::order_status_route;
-use test_support::files::{TempDir, temp_dir, write};
+use test_support::files::{TempDir, temp_dir, unrelated_ca, write};
 use test_support::kafka::{PARTITIONS, brokers};
 use test_support::process::Signal;
 use test_support::{STEP, hex};
@@ -1358,31 +1358,7 @@ async fn an_untrusted_broker_certificate_or_a_wrong_password_stops_hub_ingest_wi
     .await;
     setup.brokers = tls_brokers();
     let dir = temp_dir("hub-kafka-ca");
-    let other_ca = dir.path().join("other-ca.pem");
-    let made = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .args([
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=not-the-brokers-ca",
-            "-keyout",
-        ])
-        .arg(dir.path().join("other-ca.key"))
-        .arg("-out")
-        .arg(&other_ca)
-        .output()
-        .expect("run openssl");
-    assert!(made.status.success(), "openssl: {made:?}");
-    let other_ca = other_ca.display().to_string();
+    let other_ca = unrelated_ca(dir.path());
     let right_ca = tls_ca();
     let secret = hex(24);
     let cases = [

@@ -5,10 +5,9 @@
 //! SASL_PLAINTEXT listener on port + 2 and SASL_SSL listener on port + 3 know the user
 //! `services` / `services-secret`.
 
-use std::path::Path;
 use std::time::Duration;
 
-use test_support::files::temp_dir;
+use test_support::files::{temp_dir, unrelated_ca};
 use test_support::hex;
 
 use crate::helpers::clients::{Inbox, Transport};
@@ -35,35 +34,6 @@ fn scram_tls(kafka: &PrivateKafka, mechanism: &str, ca: &str) -> Vec<(String, St
         ("KAFKA_SASL_PASSWORD".into(), "services-secret".into()),
         ("KAFKA_SSL_CA_FILE".into(), ca.into()),
     ]
-}
-
-/// A CA that did not sign the broker's certificate.
-fn other_ca(dir: &Path) -> String {
-    let ca = dir.join("other-ca.pem");
-    let out = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .args([
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=not-the-brokers-ca",
-            "-keyout",
-        ])
-        .arg(dir.join("other-ca.key"))
-        .arg("-out")
-        .arg(&ca)
-        .output()
-        .expect("run openssl");
-    assert!(out.status.success(), "openssl: {out:?}");
-    ca.display().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,7 +63,7 @@ async fn the_saga_runs_through_sasl_and_tls_and_a_wrong_password_or_ca_stops_a_s
     // certificate: it stops within a bounded time, naming the settings to check, and its
     // readiness never claims otherwise.
     let dir = temp_dir("services-kafka-ca");
-    let untrusted = other_ca(dir.path());
+    let untrusted = unrelated_ca(dir.path());
     let cases = [
         (
             "bad-password",

@@ -120,6 +120,21 @@ impl Drop for RedisServer {
     }
 }
 
+/// Waits until the server on `port` is a replica whose link to its master is up (a restarted
+/// old master, made a replica of the promoted one, has caught up).
+async fn wait_replica(port: u16) {
+    let deadline = Deadline::after(STEP * 2);
+    loop {
+        let info = node_cmd(port, &["INFO", "replication"]).map(|v| text(&v));
+        if info.is_ok_and(|i| i.contains("role:slave") && i.contains("master_link_status:up")) {
+            return;
+        }
+        deadline
+            .retry(|| format!("{port} did not come back as a replica"))
+            .await;
+    }
+}
+
 /// The name the Sentinel of [`RedisSentinel`] monitors its master under.
 pub const SENTINEL_MASTER: &str = "hub-master";
 
@@ -235,16 +250,7 @@ impl RedisSentinel {
     /// the new master; waits until it has caught up with it.
     pub async fn restart(&mut self, port: u16) {
         self.server(port).spawn().await;
-        let deadline = Deadline::after(STEP * 2);
-        loop {
-            let info = node_cmd(port, &["INFO", "replication"]).map(|v| text(&v));
-            if info.is_ok_and(|i| i.contains("role:slave") && i.contains("master_link_status:up")) {
-                return;
-            }
-            deadline
-                .retry(|| format!("{port} did not come back as a replica"))
-                .await;
-        }
+        wait_replica(port).await;
     }
 }
 
@@ -450,16 +456,7 @@ impl RedisCluster {
     pub async fn restart(&mut self, port: u16) {
         self.spawn(port).await;
         self.wait_ok(&self.live_ports()).await;
-        let deadline = Deadline::after(STEP * 2);
-        loop {
-            let info = node_cmd(port, &["INFO", "replication"]).map(|v| text(&v));
-            if info.is_ok_and(|i| i.contains("role:slave") && i.contains("master_link_status:up")) {
-                return;
-            }
-            deadline
-                .retry(|| format!("node {port} did not rejoin as a replica"))
-                .await;
-        }
+        wait_replica(port).await;
     }
 
     /// Waits until a live master serves `slot` and the live nodes agree the cluster is ok
