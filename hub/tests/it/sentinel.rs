@@ -41,9 +41,9 @@ async fn behind_sentinel_a_killed_master_is_followed_to_its_promoted_replica_los
         let mut redis = killer.lock().await;
         redis.kill(victim);
         redis.wait_promoted(victim).await;
-        // Back as the new master's replica: until then no replica can confirm a publish
+        // Until the other replica follows the new master no replica can confirm a publish
         // (HUB_REDIS_SYNC_REPLICAS=1), and publishes answer 503.
-        redis.restart(victim).await;
+        redis.wait_replicated().await;
     })
     .await;
     assert_ne!(

@@ -138,9 +138,10 @@ async fn wait_replica(port: u16) {
 /// The name the Sentinel of [`RedisSentinel`] monitors its master under.
 pub const SENTINEL_MASTER: &str = "hub-master";
 
-/// A master, its replica and a Sentinel watching them (private processes on free ports), for
-/// tests of failovers behind Sentinel. The Sentinel alone decides (quorum 1), 1 s after it
-/// last heard from the master.
+/// A master, two replicas and a Sentinel watching them (private processes on free ports),
+/// for tests of failovers behind Sentinel. The Sentinel alone decides (quorum 1), 1 s after
+/// it last heard from the master; after a failover the other replica follows the new master,
+/// so a publish waiting for one replica (`HUB_REDIS_SYNC_REPLICAS=1`) can be confirmed again.
 pub struct RedisSentinel {
     servers: Vec<RedisServer>,
     sentinel: Option<Child>,
@@ -151,10 +152,13 @@ pub struct RedisSentinel {
 }
 
 impl RedisSentinel {
-    /// Starts the three and waits until the Sentinel knows the replica.
+    /// Starts the four and waits until the Sentinel knows both replicas.
     pub async fn start() -> RedisSentinel {
         let master = RedisServer::start().await;
-        let replica = RedisServer::start_replica_of(master.port).await;
+        let replicas = [
+            RedisServer::start_replica_of(master.port).await,
+            RedisServer::start_replica_of(master.port).await,
+        ];
         let port = free_port();
         let dir = temp_dir(&format!("hub-test-sentinel-{port}"));
         let conf = dir.path().join("sentinel.conf");
@@ -177,8 +181,10 @@ impl RedisSentinel {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server runs in Sentinel mode");
+        let mut servers = vec![master];
+        servers.extend(replicas);
         let s = RedisSentinel {
-            servers: vec![master, replica],
+            servers,
             sentinel: Some(child),
             port,
             _dir: dir,
@@ -186,11 +192,11 @@ impl RedisSentinel {
         let deadline = Deadline::after(STEP);
         loop {
             let replicas = s.ask(&["SENTINEL", "REPLICAS", SENTINEL_MASTER]);
-            if matches!(&replicas, Ok(redis::Value::Array(r)) if r.len() == 1) {
+            if matches!(&replicas, Ok(redis::Value::Array(r)) if r.len() == 2) {
                 return s;
             }
             deadline
-                .retry(|| format!("the Sentinel does not know the replica: {replicas:?}"))
+                .retry(|| format!("the Sentinel does not know both replicas: {replicas:?}"))
                 .await;
         }
     }
@@ -246,11 +252,20 @@ impl RedisSentinel {
         }
     }
 
-    /// Starts the killed server on `port` again, empty; the Sentinel makes it a replica of
-    /// the new master; waits until it has caught up with it.
-    pub async fn restart(&mut self, port: u16) {
-        self.server(port).spawn().await;
-        wait_replica(port).await;
+    /// Waits until the master the Sentinel names has a replica in sync (after a failover:
+    /// the other replica follows the promoted one).
+    pub async fn wait_replicated(&self) {
+        let deadline = Deadline::after(STEP * 2);
+        loop {
+            let master = self.master_port();
+            let info = node_cmd(master, &["INFO", "replication"]).map(|v| text(&v));
+            if info.is_ok_and(|i| i.contains("role:master") && i.contains("state=online")) {
+                return;
+            }
+            deadline
+                .retry(|| format!("the master on {master} has no replica in sync"))
+                .await;
+        }
     }
 }
 
