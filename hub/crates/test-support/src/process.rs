@@ -13,12 +13,22 @@ use tokio::net::TcpStream;
 use crate::STEP;
 use crate::wait::Deadline;
 
-/// A port nothing listens on right now.
+/// Ports [`free_port`] picks from: below Linux's ephemeral range (32768 and up), so the
+/// kernel never hands one out as the source port of a connection between the check and the
+/// server's bind, and apart from the range of the services' private Kafka brokers (20000 up).
+const PORTS: std::ops::Range<u16> = 10_000..20_000;
+
+/// A port nothing listens on right now, never given twice to one test process.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        let port = rand::random_range(PORTS);
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Sends `signal` to `child`.
