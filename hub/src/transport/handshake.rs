@@ -535,16 +535,44 @@ async fn follow(
     ))
 }
 
-/// The seam filter: true for a notification the client does not have yet (it is after the
-/// resume point and after everything replayed), and then records it as the last one sent.
-/// Within one history epoch ids only grow; a new epoch (history recreated) starts afresh.
+/// The seam filter of a connection without channels: true for a notification the client does
+/// not have yet (it is after the resume point and after everything replayed), and then records
+/// it as the last one sent. The same rule as a cursor's positions ([`streams::advance`]): a
+/// client with nothing yet is at no position, and every unpositioned gap marker is passed on.
 pub fn is_new(last: &mut Option<Id>, n: &Notification) -> bool {
-    if let Some(l) = last
-        && l.epoch == n.id.epoch
-        && n.id.seq <= l.seq
-    {
+    let mut at = last.unwrap_or(Id::UNKNOWN);
+    if !streams::advance(&mut at, n) {
         return false;
     }
-    *last = Some(n.id);
+    *last = Some(at);
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(epoch: u64, seq: u64) -> Id {
+        Id { epoch, seq }
+    }
+
+    #[test]
+    fn the_seam_filter_passes_each_unpositioned_gap_and_drops_what_the_client_has() {
+        let unreadable = || Notification::gap_marker("u", Id::UNKNOWN, "history_unavailable");
+        let at = |i: Id| Notification::gap_marker("u", i, "resume_lost");
+        let mut last = Some(id(7, 5));
+        assert!(!is_new(&mut last, &at(id(7, 5))), "already has it");
+        assert!(!is_new(&mut last, &at(id(7, 3))), "older");
+        assert!(is_new(&mut last, &at(id(7, 6))));
+        // History unreadable twice: each time the client may have missed something.
+        assert!(is_new(&mut last, &unreadable()));
+        assert!(is_new(&mut last, &unreadable()));
+        // After that, whatever the history holds next is new.
+        assert!(is_new(&mut last, &at(id(7, 2))));
+        assert_eq!(last, Some(id(7, 2)));
+        // A client with nothing yet takes the first of any epoch.
+        let mut none = None;
+        assert!(is_new(&mut none, &at(id(9, 1))));
+        assert!(!is_new(&mut none, &at(id(9, 1))));
+    }
 }
