@@ -265,6 +265,10 @@ speaks_kafka() {
   [[ ${hex:8:8} == 0000002a && (${hex:16:4} == 0000 || ${hex:16:4} == 0023) ]]
 }
 
+# True when the SASL listener speaks Kafka and the TLS listener accepts connections (a broker
+# started by an older kafka.sh has neither).
+listeners_up() { speaks_kafka "$SPORT" && port_open "$TPORT"; }
+
 # True when the broker serves metadata: the topic list comes back (one short-lived JVM).
 lists_topics() {
   TOOL_TIMEOUT=25 run_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$BOOTSTRAP" \
@@ -298,7 +302,7 @@ wait_ready() {
   local pid=$1 deadline=$2
   while ((SECONDS < deadline)); do
     kill -0 "$pid" 2>/dev/null || { echo "kafka: the broker (pid $pid) exited during start" >&2; return 1; }
-    if speaks_kafka "$PORT" && speaks_kafka "$SPORT" && port_open "$TPORT" && lists_topics; then return 0; fi
+    if speaks_kafka "$PORT" && listeners_up && lists_topics; then return 0; fi
     sleep 0.5
   done
   echo "kafka: not ready on $BOOTSTRAP after $START_SECONDS s" >&2
@@ -476,7 +480,7 @@ start() {
     if ! speaks_kafka "$PORT"; then
       wait_ready "$pid" $((SECONDS + START_SECONDS)) || { show_log_tail; die "our broker (pid $pid) does not answer on $BOOTSTRAP"; }
     fi
-    if speaks_kafka "$SPORT" && port_open "$TPORT"; then
+    if listeners_up; then
       say "already running (pid $pid) on $BOOTSTRAP (SASL on $HOST:$SPORT, SASL over TLS on $HOST:$TPORT)"
       return 0
     fi
@@ -547,7 +551,7 @@ stop() {
 status() {
   local pid
   if pid=$(our_pid); then
-    if speaks_kafka "$PORT" && ! { speaks_kafka "$SPORT" && port_open "$TPORT"; }; then
+    if speaks_kafka "$PORT" && ! listeners_up; then
       say "running (pid $pid, started by this script) on $BOOTSTRAP but without the SASL listener on $HOST:$SPORT or the TLS listener on $HOST:$TPORT (an older kafka.sh started it): run kafka.sh start to restart it"
       return 3
     elif speaks_kafka "$PORT"; then

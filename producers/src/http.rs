@@ -64,7 +64,8 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Readiness: the database answers, Kafka has not refused the credentials, not stopping.
+/// Readiness: the database answers, Kafka has neither refused the credentials nor presented an
+/// untrusted certificate, not stopping.
 #[utoipa::path(get, path = "/readyz", tag = "operations", responses(
     (status = 200, description = "Ready", content_type = "text/plain", body = String),
     (status = 503, description = "Stopping, the database unreachable, or Kafka refused our credentials or is not trusted", content_type = "text/plain", body = String),

@@ -32,29 +32,23 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts one and waits until it answers.
     pub async fn start() -> RedisServer {
-        let port = free_port();
-        let mut s = RedisServer {
-            child: None,
-            port,
-            dir: temp_dir(&format!("hub-test-redis-{port}")),
-            args: Vec::new(),
-        };
-        s.spawn().await;
-        s
+        Self::start_with(Vec::new()).await
     }
 
     /// Starts a replica of the server on `master`'s port.
     async fn start_replica_of(master: u16) -> RedisServer {
+        let args = ["--replicaof", "127.0.0.1", &master.to_string()].map(str::to_owned);
+        Self::start_with(args.to_vec()).await
+    }
+
+    /// Starts one with more arguments and waits until it answers.
+    async fn start_with(args: Vec<String>) -> RedisServer {
         let port = free_port();
         let mut s = RedisServer {
             child: None,
             port,
             dir: temp_dir(&format!("hub-test-redis-{port}")),
-            args: vec![
-                "--replicaof".to_owned(),
-                "127.0.0.1".to_owned(),
-                master.to_string(),
-            ],
+            args,
         };
         s.spawn().await;
         s
